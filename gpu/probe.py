@@ -1,0 +1,131 @@
+"""Probe synthesis and sub-pixel probe shifts.
+
+``P(k) = A(k) · exp(−i χ(k))`` with ``χ(k) = (2π/λ)(½ C10 (λk)² + ¼ C30 (λk)⁴)``,
+``C10 = −defocus_A`` (abTEM convention: positive defocus is underfocus) and a
+hard aperture ``λ|k| ≤ α``. The real-space probe is centred at pixel
+``(N//2, N//2)`` and normalised to ``Σ|P|² = 1``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from ptylive.gpu.backend import empty_aligned, get_array_module
+from ptylive.gpu.fft import fft2, ifft2
+from ptylive.gpu.physics import wavelength_A
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProbeOptics:
+    """Probe-forming optics.
+
+    Attributes
+    ----------
+    energy_eV : float
+        Beam energy.
+    convergence_semiangle_mrad : float
+        Aperture semi-angle α.
+    defocus_A : float
+        ``−C10``; positive is underfocus.
+    c30_A : float
+        Spherical aberration C30 (= Cs) in Å.
+    """
+
+    energy_eV: float
+    convergence_semiangle_mrad: float
+    defocus_A: float = 0.0
+    c30_A: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.convergence_semiangle_mrad > 0:
+            raise ValueError(
+                f"convergence_semiangle_mrad must be positive, got {self.convergence_semiangle_mrad!r}"
+            )
+        wavelength_A(self.energy_eV)  # validates the energy
+
+
+def spatial_frequencies_per_A(xp: ModuleType, n: int, pixel_size_A: float, dtype: Any) -> Any:
+    """1-D FFT frequencies (1/Å) of an ``n``-pixel axis, in FFT order."""
+    return xp.asarray(np.fft.fftfreq(n, d=pixel_size_A), dtype=dtype)
+
+
+def make_probe(
+    optics: ProbeOptics, window_px: int, pixel_size_A: float, xp: ModuleType = np,
+    dtype: Any = np.complex64,
+) -> Any:
+    """Synthesise the real-space probe.
+
+    Returns
+    -------
+    probe : (window_px, window_px) complex
+        Centred at ``(N//2, N//2)``, ``Σ|P|² = 1``.
+    """
+    if window_px < 2 or not pixel_size_A > 0:
+        raise ValueError(f"need window_px >= 2 and pixel_size_A > 0, got {window_px}, {pixel_size_A}")
+    lam = wavelength_A(optics.energy_eV)
+    k = np.fft.fftfreq(window_px, d=pixel_size_A)
+    k2 = k[:, None] ** 2 + k[None, :] ** 2
+    alpha = optics.convergence_semiangle_mrad * 1e-3
+    if alpha / lam < 1.5 * abs(k[1]):
+        raise ValueError(
+            f"aperture of {optics.convergence_semiangle_mrad} mrad spans less than 1.5 Fourier "
+            f"pixels at pixel_size_A={pixel_size_A} and window_px={window_px}; enlarge the window"
+        )
+    c10 = -optics.defocus_A
+    chi = (2 * math.pi / lam) * (0.5 * c10 * lam**2 * k2 + 0.25 * optics.c30_A * lam**4 * k2**2)
+    aperture = (lam**2 * k2 <= alpha**2).astype(np.float64)
+    spectrum = aperture * np.exp(-1j * chi)
+    probe = np.fft.fftshift(np.fft.ifft2(spectrum))
+    probe /= np.sqrt(np.sum(np.abs(probe) ** 2))
+    return xp.asarray(probe.astype(dtype))
+
+
+def shift_ramps(xp: ModuleType, n: int, shifts_px: Any, dtype: Any) -> tuple[Any, Any]:
+    """Per-axis Fourier phase ramps for shifts ``(B, 2)`` in pixels.
+
+    Returns
+    -------
+    row_ramp, col_ramp : (B, n) complex
+        ``exp(−2πi k d)`` along rows and columns; their outer product is the
+        2-D ramp.
+    """
+    k = xp.asarray(np.fft.fftfreq(n), dtype=np.float64)
+    shifts = xp.asarray(shifts_px, dtype=np.float64)
+    row = xp.exp(-2j * np.pi * shifts[:, 0:1] * k[None, :]).astype(dtype)
+    col = xp.exp(-2j * np.pi * shifts[:, 1:2] * k[None, :]).astype(dtype)
+    return row, col
+
+
+def fourier_shift(wave: Any, shifts_px: Any) -> Any:
+    """Shift ``wave`` by sub-pixel amounts with a Fourier phase ramp.
+
+    Parameters
+    ----------
+    wave : (N, N) or (B, N, N) complex
+        One wave (broadcast to every shift) or one per shift.
+    shifts_px : (B, 2) float
+        ``(row, col)`` shifts in pixels; positive moves content to larger indices.
+
+    Returns
+    -------
+    (B, N, N) complex
+        New, SIMD-aligned array. The adjoint is ``fourier_shift(·, −shifts_px)``.
+    """
+    xp = get_array_module(wave)
+    n = wave.shape[-1]
+    b = len(shifts_px)
+    out = empty_aligned(xp, (b, wave.shape[-2], n), wave.dtype)
+    out[...] = wave
+    fft2(out)
+    row, col = shift_ramps(xp, n, shifts_px, wave.dtype)
+    out *= row[:, :, None]
+    out *= col[:, None, :]
+    return ifft2(out)
