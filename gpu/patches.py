@@ -48,6 +48,23 @@ def _index_grids(xp: Any, starts: Any, n: int) -> tuple[Any, Any]:
     return rows, cols
 
 
+def window_starts(positions_px: np.ndarray, window_px: int) -> tuple[np.ndarray, np.ndarray]:
+    """Integer window start and sub-pixel shift of each probe position.
+
+    Our grid convention: object pixel centres sit at integer coordinates and the
+    probe's centre (array index ``N//2``) lands on the position, so a position
+    ``p`` gives start ``floor(p) − N//2`` and shift ``p − floor(p)`` in [0, 1).
+
+    Returns
+    -------
+    starts : (P, 2) int64
+    shifts : (P, 2) float64
+    """
+    positions = np.asarray(positions_px, dtype=np.float64)
+    base = np.floor(positions)
+    return (base.astype(np.int64) - window_px // 2), positions - base
+
+
 def check_windows(shape: tuple[int, int], starts: np.ndarray, window_px: int) -> None:
     """Raise ValueError if any window leaves an object of ``shape`` (rows, cols)."""
     starts = np.asarray(starts)

@@ -29,15 +29,8 @@ from scipy.special import k0
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "BOHR_RADIUS_A",
-    "ELECTRON_CHARGE_VA",
-    "KIRKLAND_PARAMS",
-    "SYMBOL_TO_Z",
-    "element_z",
-    "projected_potential_VA",
-    "perovskite_potential_slices",
-]
+__all__ = ["BOHR_RADIUS_A", "ELECTRON_CHARGE_VA", "KIRKLAND_PARAMS", "SYMBOL_TO_Z", "element_z",
+           "kirkland_abcd", "projected_potential_VA", "perovskite_potential_slices"]
 
 BOHR_RADIUS_A = 0.5292
 ELECTRON_CHARGE_VA = 14.4
@@ -101,7 +94,9 @@ def element_z(element: int | str) -> int:
     if isinstance(element, (bool, np.bool_)) or not isinstance(element, (int, np.integer)):
         raise ValueError(f"element must be a symbol or an int Z, got {element!r}")
     if int(element) not in KIRKLAND_PARAMS:
-        raise ValueError(f"no Kirkland parameters for Z={int(element)}; known Z: {sorted(KIRKLAND_PARAMS)}")
+        raise ValueError(
+            f"no Kirkland parameters for Z={int(element)}; known Z: {sorted(KIRKLAND_PARAMS)}"
+        )
     return int(element)
 
 
@@ -111,8 +106,10 @@ def kirkland_abcd(element: int | str) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return p[0:6:2], p[1:6:2], p[6:12:2], p[7:12:2]
 
 
-def projected_potential_VA(Z: int | str, r_A: np.ndarray, *, r_min_A: float = DEFAULT_R_MIN_A) -> np.ndarray:
-    """Projected potential v_z(r) of one neutral atom (Kirkland 2010, eq. C.20).
+def projected_potential_VA(
+    Z: int | str, r_A: np.ndarray, *, r_min_A: float = DEFAULT_R_MIN_A
+) -> np.ndarray:
+    """Projected potential v_z(r) of one neutral atom (Kirkland 2010, Appendix C).
 
     Parameters
     ----------
@@ -129,6 +126,11 @@ def projected_potential_VA(Z: int | str, r_A: np.ndarray, *, r_min_A: float = DE
     -------
     numpy.ndarray, float64, same shape as ``r_A``
         Projected potential in V A.
+
+    Raises
+    ------
+    ValueError
+        Unknown element, negative/non-finite ``r_A`` or non-positive ``r_min_A``.
     """
     a, b, c, d = kirkland_abcd(Z)
     if not (np.isfinite(r_min_A) and r_min_A > 0):
@@ -144,7 +146,8 @@ def projected_potential_VA(Z: int | str, r_A: np.ndarray, *, r_min_A: float = DE
 
 
 def _positive(name: str, value: float) -> float:
-    if not (isinstance(value, (int, float, np.integer, np.floating)) and np.isfinite(value) and value > 0):
+    real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if not (real and np.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
 
@@ -164,7 +167,8 @@ def _column_image(z: int, rows_A: np.ndarray, cols_A: np.ndarray, shape: tuple[i
     ii = np.broadcast_to(pi_, r.shape)
     jj = np.broadcast_to(pj_, r.shape)
     keep = (r < cutoff) & (ii >= 0) & (ii < ny) & (jj >= 0) & (jj < nx)
-    v = projected_potential_VA(z, r[keep], r_min_A=0.1 * p) - projected_potential_VA(z, np.array(cutoff))
+    v = projected_potential_VA(z, r[keep], r_min_A=0.1 * p)
+    v -= projected_potential_VA(z, np.array(cutoff))
     flat = ii[keep] * nx + jj[keep]
     return np.bincount(flat, weights=v, minlength=ny * nx).reshape(ny, nx)
 
@@ -210,8 +214,16 @@ def perovskite_potential_slices(
     -------
     numpy.ndarray, shape (n_slices, rows, cols), ``dtype``
         Projected potential of each slice in V A.
+
+    Raises
+    ------
+    ValueError
+        Unknown element symbol, non-positive sizes/counts, non-finite origin or
+        non-float ``dtype``; the message names the offending value.
     """
-    if len(tuple(shape_px)) != 2 or not all(isinstance(s, (int, np.integer)) and s > 0 for s in shape_px):
+    if len(tuple(shape_px)) != 2 or not all(
+        isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0 for s in shape_px
+    ):
         raise ValueError(f"shape_px must be two positive ints, got {shape_px!r}")
     ny, nx = (int(s) for s in shape_px)
     p = _positive("pixel_size_A", pixel_size_A)
@@ -239,8 +251,8 @@ def perovskite_potential_slices(
         depths = depths[depths < thickness - eps]
         if depths.size == 0:
             continue
-        counts = np.bincount(np.minimum(np.floor(depths / dz + 1e-9).astype(np.int64), n_slices - 1),
-                             minlength=n_slices)
+        idx = np.minimum(np.floor(depths / dz + 1e-9).astype(np.int64), n_slices - 1)
+        counts = np.bincount(idx, minlength=n_slices)
         key = (z, fx, fy)
         if key not in images:
             # lattice translations whose column lies within cutoff of the field

@@ -1,0 +1,109 @@
+"""The ``ptylive`` command line: simulate, reconstruct, plan, bench.
+
+Errors a user can fix (bad files, bad options) print one ``error:`` line and
+exit with status 2; they never show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+EXIT_USAGE = 2
+
+
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    from ptylive.gpu.simulate import SimulationSpec
+
+    d = SimulationSpec()
+    p = sub.add_parser("simulate", help="write a simulated perovskite scan file (HDF5)")
+    p.add_argument("out", type=Path)
+    p.add_argument("--energy-eV", type=float, default=d.energy_eV)
+    p.add_argument("--convergence-mrad", type=float, default=d.convergence_semiangle_mrad)
+    p.add_argument("--defocus-A", type=float, default=d.defocus_A)
+    p.add_argument("--detector-px", type=int, default=d.detector_px)
+    p.add_argument("--detector-pixel-mrad", type=float, default=d.detector_pixel_mrad)
+    p.add_argument("--upsampling", type=int, default=d.upsampling)
+    p.add_argument("--slices", type=int, default=d.n_slices)
+    p.add_argument("--slice-thickness-A", type=float, default=d.slice_thickness_A)
+    p.add_argument("--scan", type=int, nargs=2, default=d.scan_shape, metavar=("ROWS", "COLS"))
+    p.add_argument("--step-px", type=float, default=d.scan_step_px)
+    p.add_argument("--crystal", default="PbTiO3", help="ABX3 perovskite formula, e.g. PbTiO3, SrTiO3, BaTiO3")
+    p.add_argument("--dose", type=float, default=None, help="electrons per Å² (Poisson noise); none = noise-free")
+    p.add_argument("--seed", type=int, default=d.seed)
+
+
+def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("reconstruct", help="reconstruct a scan file on R ranks")
+    p.add_argument("scan", type=Path)
+    p.add_argument("--ranks", type=int, default=1)
+    p.add_argument("--iterations", type=int, default=30)
+    p.add_argument("--mode", choices=("sync", "async"), default="sync")
+    p.add_argument("--slices", type=int, default=None, help="default: the file's n_slices, else 1")
+    p.add_argument("--slice-thickness-A", type=float, default=None)
+    p.add_argument("--upsampling", type=int, default=None, help="default: implied by the file's pixel size")
+    p.add_argument("--precision", choices=("single", "double"), default="single")
+    p.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")
+    p.add_argument("--loss", choices=("amplitude", "poisson"), default="amplitude")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--step-size", type=float, default=1.0)
+    p.add_argument("--refine-probe", action="store_true")
+    p.add_argument("--max-staleness", type=int, default=4, help="in updates")
+    p.add_argument("--updates-per-iteration", type=int, default=16, help="global mini-batches per iteration")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--quiet", action="store_true")
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="predict memory per rank (from a scan file or from sizes)")
+    p.add_argument("scan", type=Path, nargs="?")
+    p.add_argument("--ranks", type=int, required=True)
+    p.add_argument("--slices", type=int, default=None)
+    p.add_argument("--object", type=int, nargs=2, metavar=("ROWS", "COLS"))
+    p.add_argument("--positions", type=int)
+    p.add_argument("--window", type=int)
+    p.add_argument("--detector", type=int, default=None, help="default: the window (no upsampling)")
+    p.add_argument("--upsampling", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--precision", choices=("single", "double"), default="single")
+    p.add_argument("--mode", choices=("sync", "async"), default="sync")
+    p.add_argument("--json", action="store_true")
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks (ratios against references measured in the same run)")
+    p.add_argument("what", choices=("engine",))
+    p.add_argument("--quick", action="store_true", help="small shapes only (seconds)")
+    p.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ptylive", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_simulate, _add_reconstruct, _add_plan, _add_bench):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from ptylive.daemon import commands
+
+    try:
+        return commands.run(args, argv)
+    except (ValueError, OSError) as exc:  # ScanFileError is a ValueError
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""What each ``ptylive`` sub-command does (argument parsing lives in :mod:`cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from typing import Any
+
+from ptylive.daemon.launcher import relaunch, under_mpi
+
+EXIT_USAGE = 2
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    handler = {"simulate": simulate, "reconstruct": reconstruct, "plan": plan, "bench": bench}[args.command]
+    return handler(args, argv)
+
+
+def simulate(args: argparse.Namespace, argv: list[str]) -> int:
+    from ptylive.gpu.simulate import SimulationSpec, simulate as run_simulation
+    from ptylive.streaming.scanfile import write_scan
+
+    match = re.fullmatch(r"([A-Z][a-z]?)([A-Z][a-z]?)([A-Z][a-z]?)3", args.crystal)
+    if match is None:
+        raise ValueError(f"--crystal must be an ABX3 formula such as PbTiO3, got {args.crystal!r}")
+    a_site, b_site, x_site = match.groups()
+    spec = SimulationSpec(
+        energy_eV=args.energy_eV, convergence_semiangle_mrad=args.convergence_mrad, defocus_A=args.defocus_A,
+        detector_px=args.detector_px, upsampling=args.upsampling, detector_pixel_mrad=args.detector_pixel_mrad,
+        n_slices=args.slices, slice_thickness_A=args.slice_thickness_A, scan_shape=tuple(args.scan),
+        scan_step_px=args.step_px, a_site=a_site, b_site=b_site, x_site=x_site,
+        dose_e_per_A2=args.dose, seed=args.seed,
+    )
+    if spec.n_slices < 1 or spec.detector_px < 4 or min(spec.scan_shape) < 1 or not spec.scan_step_px > 0:
+        raise ValueError("--slices, --scan and --step-px must be positive and --detector-px >= 4")
+    result = run_simulation(spec)
+    write_scan(args.out, result["metadata"], result["intensities"], result["positions_px"],
+               result["probe"], result["object_truth"])
+    truth = result["object_truth"]
+    print(f"wrote {args.out}: {len(result['positions_px'])} positions, object {truth.shape[1]}x{truth.shape[2]} px "
+          f"x {truth.shape[0]} slices, window {spec.window_px} px, pixel {spec.pixel_size_A:.4f} Å")
+    return 0
+
+
+def _engine_options(args: argparse.Namespace) -> Any:
+    from ptylive.daemon.engine import EngineOptions
+
+    return EngineOptions(iterations=args.iterations, mode=args.mode, batch_size=args.batch_size,
+                         step_size=args.step_size, loss=args.loss, refine_probe=args.refine_probe,
+                         max_staleness=args.max_staleness, updates_per_iteration=args.updates_per_iteration)
+
+
+def _validate(args: argparse.Namespace) -> Any:
+    from ptylive.daemon.reconstruct import validate
+
+    return validate(args.scan, args.out, args.ranks, args.slices, args.slice_thickness_A, args.upsampling,
+                    args.precision, args.backend, _engine_options(args), args.quiet)
+
+
+def reconstruct(args: argparse.Namespace, argv: list[str]) -> int:
+    from ptylive.daemon.reconstruct import run_rank
+
+    if not under_mpi():
+        job = _validate(args)  # one clear message before any rank starts
+        if args.ranks == 1:
+            run_rank(job, None)
+            return 0
+        return relaunch(args.ranks, argv)
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    error, job = None, None
+    if comm.Get_rank() == 0:
+        try:
+            job = _validate(args)
+            if comm.Get_size() != args.ranks:
+                raise ValueError(f"--ranks {args.ranks} but mpiexec started {comm.Get_size()} ranks")
+        except (ValueError, OSError) as exc:
+            error = str(exc)
+    error = comm.bcast(error, root=0)
+    if error is not None:
+        if comm.Get_rank() == 0:
+            print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    job = comm.bcast(job, root=0)
+    if args.backend == "cupy":  # each rank takes the GPU of its node-local rank
+        import cupy  # type: ignore[import-not-found]
+
+        local = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+        with cupy.cuda.Device(local % cupy.cuda.runtime.getDeviceCount()):
+            run_rank(job, comm)
+    else:
+        run_rank(job, comm)
+    return 0
+
+
+def plan(args: argparse.Namespace, argv: list[str]) -> int:
+    import numpy as np
+
+    from ptylive.daemon.memory_plan import format_table, plan_memory, synthetic_positions
+
+    if args.scan is not None:
+        from ptylive.daemon.reconstruct import infer_upsampling
+        from ptylive.streaming.scanfile import object_shape_for, read_metadata, read_positions
+
+        meta = read_metadata(args.scan)
+        upsampling = args.upsampling or infer_upsampling(meta)
+        detector, window = meta.detector_px, meta.detector_px * upsampling
+        positions = read_positions(args.scan)
+        shape = meta.object_shape or object_shape_for(positions, window)
+        slices = args.slices or meta.n_slices or 1
+    else:
+        if args.object is None or args.positions is None or args.window is None:
+            raise ValueError("without a scan file, give --object ROWS COLS, --positions N and --window N")
+        window = args.window
+        detector = args.detector or (window // (args.upsampling or 1))
+        shape = tuple(args.object)
+        positions = synthetic_positions(shape, args.positions, window)
+        slices = args.slices or 1
+    result = plan_memory(shape, np.asarray(positions), args.ranks, slices, window, detector,
+                         args.batch_size, args.precision, args.mode)
+    if args.json:
+        print(json.dumps({"object_shape": list(shape), "n_slices": slices, "window_px": window,
+                          "detector_px": detector, "ranks": [m.as_dict() for m in result]}, default=list))
+    else:
+        print(f"object {shape[0]}x{shape[1]} px x {slices} slices, {len(positions)} positions, "
+              f"window {window} px, detector {detector} px, {args.precision} precision, {args.mode} mode")
+        print(format_table(result))
+    return 0
+
+
+def bench(args: argparse.Namespace, argv: list[str]) -> int:
+    from ptylive.tools.bench_engine import main as bench_engine
+
+    return bench_engine(quick=args.quick, backend=args.backend)

@@ -1,0 +1,163 @@
+"""Splitting the object into tiles, probe groups and extended tiles.
+
+The object (H×W pixels, all slices) is cut into a grid of near-square tiles,
+one per rank. A probe position belongs to the tile containing its window
+centre (its *probe group*). The *extended tile* of a rank is the bounding box
+of its tile and of every window of its group::
+
+      ┌────────────── object ───────────────┐
+      │   ┌─ extended tile of rank 0 ──┐     │
+      │   │ ┌──────────┐╔══════════════╪═══╗ │ ╔═ extended tile of rank 1
+      │   │ │  tile 0  │║ exchange     │   ║ │
+      │   │ │          │║ region 0↔1   │   ║ │
+      │   │ └──────────┘╚══════════════╪═══╝ │
+      │   └────────────────────────────┘     │
+      └──────────────────────────────────────┘
+
+Two ranks are neighbours when their extended tiles intersect; the
+intersection is their exchange region. Every rank whose windows touch a
+voxel holds it, so direct neighbours suffice and nothing is forwarded.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ptylive.gpu.patches import window_starts
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Box:
+    """Half-open pixel rectangle ``[row0, row1) × [col0, col1)`` in object coordinates."""
+
+    row0: int
+    row1: int
+    col0: int
+    col1: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.row1 - self.row0, self.col1 - self.col0)
+
+    @property
+    def size(self) -> int:
+        return max(self.shape[0], 0) * max(self.shape[1], 0)
+
+    def intersect(self, other: "Box") -> "Box | None":
+        box = Box(max(self.row0, other.row0), min(self.row1, other.row1),
+                  max(self.col0, other.col0), min(self.col1, other.col1))
+        return box if box.row1 > box.row0 and box.col1 > box.col0 else None
+
+    def union(self, other: "Box") -> "Box":
+        return Box(min(self.row0, other.row0), max(self.row1, other.row1),
+                   min(self.col0, other.col0), max(self.col1, other.col1))
+
+    def relative_to(self, origin: "Box") -> tuple[slice, slice]:
+        """Slices selecting this box inside an array that covers ``origin``."""
+        return (slice(self.row0 - origin.row0, self.row1 - origin.row0),
+                slice(self.col0 - origin.col0, self.col1 - origin.col0))
+
+
+@dataclass(frozen=True)
+class RankDomain:
+    """What one rank owns.
+
+    Attributes
+    ----------
+    rank : int
+    tile : Box
+        Pixels this rank contributes to the stitched volume.
+    extended : Box
+        Tile plus halos: every pixel any window of its group touches.
+    positions : (P,) int
+        Indices (into the scan) of the rank's probe group, ascending.
+    neighbours : tuple of (int, Box)
+        ``(other rank, exchange region)`` in ascending rank order.
+    """
+
+    rank: int
+    tile: Box
+    extended: Box
+    positions: np.ndarray
+    neighbours: tuple[tuple[int, Box], ...]
+
+
+def rank_grid(shape: tuple[int, int], n_ranks: int) -> tuple[int, int]:
+    """Rows × columns of tiles for ``n_ranks`` whose tiles are closest to square."""
+    if n_ranks < 1:
+        raise ValueError(f"number of ranks must be >= 1, got {n_ranks}")
+    best = min(
+        ((r, n_ranks // r) for r in range(1, n_ranks + 1) if n_ranks % r == 0),
+        key=lambda rc: abs(math.log((shape[0] / rc[0]) / (shape[1] / rc[1]))),
+    )
+    if best[0] > shape[0] or best[1] > shape[1]:
+        raise ValueError(f"cannot split an object of {shape} pixels into {n_ranks} tiles")
+    return best
+
+
+def _edges(length: int, parts: int) -> np.ndarray:
+    return np.array([round(i * length / parts) for i in range(parts + 1)], dtype=np.int64)
+
+
+def decompose(
+    shape: tuple[int, int], positions_px: np.ndarray, window_px: int, n_ranks: int,
+) -> list[RankDomain]:
+    """Decompose an object of ``shape`` (H, W) and its scan over ``n_ranks`` ranks.
+
+    Parameters
+    ----------
+    shape : (int, int)
+    positions_px : (P, 2) float
+        Probe centres ``(row, col)`` in object pixels.
+    window_px : int
+    n_ranks : int
+
+    Returns
+    -------
+    list of RankDomain, indexed by rank (row-major over the tile grid).
+    """
+    grid_rows, grid_cols = rank_grid(shape, n_ranks)
+    row_edges, col_edges = _edges(shape[0], grid_rows), _edges(shape[1], grid_cols)
+    starts, _ = window_starts(positions_px, window_px)
+    centres = starts + window_px // 2
+    tile_row = np.clip(np.searchsorted(row_edges, centres[:, 0], side="right") - 1, 0, grid_rows - 1)
+    tile_col = np.clip(np.searchsorted(col_edges, centres[:, 1], side="right") - 1, 0, grid_cols - 1)
+    owner = tile_row * grid_cols + tile_col
+    whole = Box(0, shape[0], 0, shape[1])
+    tiles, extended, groups = [], [], []
+    for rank in range(n_ranks):
+        r, c = divmod(rank, grid_cols)
+        tile = Box(int(row_edges[r]), int(row_edges[r + 1]), int(col_edges[c]), int(col_edges[c + 1]))
+        group = np.flatnonzero(owner == rank)
+        box = tile
+        if group.size:
+            s = starts[group]
+            box = box.union(Box(int(s[:, 0].min()), int(s[:, 0].max()) + window_px,
+                                int(s[:, 1].min()), int(s[:, 1].max()) + window_px))
+        tiles.append(tile)
+        extended.append(box.intersect(whole) or tile)
+        groups.append(group)
+    domains = []
+    for rank in range(n_ranks):
+        neighbours = tuple(
+            (other, region) for other in range(n_ranks) if other != rank
+            for region in [extended[rank].intersect(extended[other])] if region is not None
+        )
+        domains.append(RankDomain(rank, tiles[rank], extended[rank], groups[rank], neighbours))
+    return domains
+
+
+def stitch(shape: tuple[int, ...], domains: list[RankDomain], extended_volumes: list[np.ndarray]) -> np.ndarray:
+    """Drop halos and assemble tiles: ``(S, H, W)`` from per-rank extended volumes."""
+    out = np.empty(shape, dtype=extended_volumes[0].dtype)
+    for domain, volume in zip(domains, extended_volumes):
+        rows, cols = domain.tile.relative_to(domain.extended)
+        t = domain.tile
+        out[..., t.row0:t.row1, t.col0:t.col1] = volume[..., rows, cols]
+    return out

@@ -1,0 +1,30 @@
+"""Collect per-rank extended tiles and statistics on rank 0 (uppercase MPI, no pickling of arrays)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ptylive.daemon.decomposition import RankDomain
+
+TAG_GATHER = 23
+
+
+def gather_to_root(comm: Any | None, domains: list[RankDomain], volume: np.ndarray,
+                   stats: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """Return (every rank's extended volume, stats stacked (R, k)) on rank 0; empty elsewhere."""
+    if comm is None or comm.Get_size() == 1:
+        return [volume], stats[None, :]
+    rank = comm.Get_rank()
+    all_stats = np.empty((comm.Get_size(), stats.size), np.float64) if rank == 0 else None
+    comm.Gather(np.ascontiguousarray(stats), all_stats, root=0)
+    if rank != 0:
+        comm.Send(np.ascontiguousarray(volume), dest=0, tag=TAG_GATHER)
+        return [], np.empty((0, stats.size))
+    volumes = [volume]
+    for other in range(1, comm.Get_size()):
+        buffer = np.empty((volume.shape[0], *domains[other].extended.shape), volume.dtype)
+        comm.Recv(buffer, source=other, tag=TAG_GATHER)
+        volumes.append(buffer)
+    return volumes, all_stats  # type: ignore[return-value]

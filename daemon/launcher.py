@@ -1,0 +1,50 @@
+"""Start ourselves under ``mpiexec`` when a command needs several ranks.
+
+``ptylive reconstruct --ranks 4`` run from a shell re-executes itself as
+``mpiexec -n 4 python -m ptylive.daemon.cli …``; under a launcher already
+(``mpiexec -n 4 ptylive reconstruct …``) it runs in place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+MPI_ENV_MARKERS = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
+
+
+def under_mpi() -> bool:
+    """True when this process was started by an MPI launcher."""
+    return any(name in os.environ for name in MPI_ENV_MARKERS)
+
+
+def find_mpiexec() -> str:
+    """``mpiexec`` beside our Python (the PyPI MPICH wheel installs it there), else on PATH."""
+    beside = Path(sys.executable).with_name("mpiexec")
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("mpiexec")
+    if found is None:
+        raise RuntimeError("mpiexec not found: install ptylive with its dependencies (mpich wheel)")
+    return found
+
+
+def relaunch(n_ranks: int, argv: list[str]) -> int:
+    """Run ``python -m ptylive.daemon.cli argv`` on ``n_ranks`` ranks; return its exit code."""
+    command = [find_mpiexec(), "-n", str(n_ranks), sys.executable, "-m", "ptylive.daemon.cli", *argv]
+    env = dict(os.environ)
+    # One compute thread per rank: ranks carry the parallelism (ARCHITECTURE §8).
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        env.setdefault(name, "1")
+    env.setdefault("OMP_WAIT_POLICY", "passive")
+    logger.debug("launching %s", " ".join(command))
+    try:
+        return subprocess.call(command, env=env)
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,106 @@
+"""Predicted memory per rank, before anything runs (``ptylive plan``).
+
+The model counts the arrays the engine allocates (see :mod:`engine`,
+:mod:`exchange`, :mod:`async_exchange`, :mod:`ptylive.gpu.multislice`):
+
+* object: the extended tile, ``S·He·We`` complex;
+* gradient: local and exchanged totals, plus the update temporary (3 complex);
+* illumination: local and total preconditioner plus two real temporaries;
+* optimiser state: none (preconditioned gradient descent keeps no moments);
+* exchange buffers: sync send/receive (gradient + illumination per region);
+  async adds the three buffers (accumulated, send, receive) and the latest
+  neighbour illumination;
+* frames: the rank's measured patterns, real;
+* batch workspace: windows, stored waves (reused for gradients), their
+  intensities and a few batch-sized temporaries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ptylive.daemon.decomposition import RankDomain, decompose
+from ptylive.gpu.backend import PRECISIONS
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """Predicted bytes of one rank, by item."""
+
+    rank: int
+    extended_shape: tuple[int, int]
+    n_positions: int
+    object: int
+    gradient: int
+    illumination: int
+    optimiser_state: int
+    exchange_buffers: int
+    frames: int
+    batch_workspace: int
+
+    @property
+    def total(self) -> int:
+        return (self.object + self.gradient + self.illumination + self.optimiser_state
+                + self.exchange_buffers + self.frames + self.batch_workspace)
+
+    def as_dict(self) -> dict[str, object]:
+        return {**asdict(self), "total": self.total}
+
+
+def rank_memory(domain: RankDomain, n_slices: int, window_px: int, detector_px: int,
+                batch_size: int, precision: str, mode: str) -> RankMemory:
+    """Predict one rank's peak array memory in bytes."""
+    real_t, complex_t = (np.dtype(t) for t in PRECISIONS[precision])
+    r, c = real_t.itemsize, complex_t.itemsize
+    voxels = n_slices * domain.extended.size
+    overlap = sum(n_slices * box.size for _, box in domain.neighbours)
+    buffers = 2 * 3 * overlap * r
+    if mode == "async":
+        buffers += overlap * c + 2 * 3 * overlap * r + overlap * r
+    batch = min(batch_size, max(len(domain.positions), 1))
+    window = batch * window_px * window_px
+    workspace = n_slices * window * (2 * c + r) + 3 * window * c + 4 * batch * detector_px**2 * c
+    return RankMemory(
+        rank=domain.rank, extended_shape=domain.extended.shape, n_positions=len(domain.positions),
+        object=voxels * c, gradient=3 * voxels * c, illumination=4 * voxels * r, optimiser_state=0,
+        exchange_buffers=buffers, frames=len(domain.positions) * detector_px**2 * r,
+        batch_workspace=workspace,
+    )
+
+
+def plan_memory(object_shape: tuple[int, int], positions_px: np.ndarray, n_ranks: int, n_slices: int,
+                window_px: int, detector_px: int, batch_size: int = 32, precision: str = "single",
+                mode: str = "sync") -> list[RankMemory]:
+    """Predicted memory of every rank of a decomposition."""
+    domains = decompose(object_shape, positions_px, window_px, n_ranks)
+    return [rank_memory(d, n_slices, window_px, detector_px, batch_size, precision, mode) for d in domains]
+
+
+def synthetic_positions(object_shape: tuple[int, int], n_positions: int, window_px: int) -> np.ndarray:
+    """A near-square raster of ``n_positions`` whose windows just fill the object."""
+    rows_span = object_shape[0] - window_px
+    cols_span = object_shape[1] - window_px
+    if rows_span < 0 or cols_span < 0:
+        raise ValueError(f"window of {window_px} px does not fit an object of {object_shape}")
+    n_rows = max(1, int(round(np.sqrt(n_positions * (rows_span + 1) / (cols_span + 1)))))
+    n_cols = int(np.ceil(n_positions / n_rows))
+    r = np.linspace(0, rows_span, n_rows) + window_px // 2
+    c = np.linspace(0, cols_span, n_cols) + window_px // 2
+    grid = np.stack(np.meshgrid(r, c, indexing="ij"), axis=-1).reshape(-1, 2)
+    return grid[:n_positions]
+
+
+def format_table(plan: list[RankMemory]) -> str:
+    """Human-readable table, MiB per item and rank."""
+    items = ("object", "gradient", "illumination", "optimiser_state", "exchange_buffers",
+             "frames", "batch_workspace", "total")
+    head = f"{'rank':>4} {'extended tile':>14} {'positions':>9} " + " ".join(f"{i[:12]:>12}" for i in items)
+    lines = [head, "-" * len(head)]
+    for m in plan:
+        d = m.as_dict()
+        cells = " ".join(f"{int(d[i]) / 2**20:12.2f}" for i in items)  # type: ignore[call-overload]
+        lines.append(f"{m.rank:>4} {str(m.extended_shape):>14} {m.n_positions:>9} {cells}")
+    lines.append("(MiB per rank; total = peak array memory predicted)")
+    return "\n".join(lines)
