@@ -72,6 +72,7 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--precision", choices=("single", "double"), default="single")
     p.add_argument("--mode", choices=("sync", "async"), default="sync")
+    p.add_argument("--updates-per-iteration", type=int, default=16)
     p.add_argument("--json", action="store_true")
 
 

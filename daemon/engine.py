@@ -123,14 +123,15 @@ def fit_scale(state: TileState, exchanger: Any, options: EngineOptions) -> None:
     xp = get_array_module(state.volume)
     window = state.probe.shape[-1]
     model_total = 0.0
-    for b in _chunks(np.arange(len(state.starts)), options.batch_size):
+    for b in (chunk for members in minibatches(state, options) for chunk in _chunks(members, options.batch_size)):
         patches = extract_patches(state.volume, state.starts[b], window)
         field_ = forward(state.probe, xp.asarray(state.shifts[b]), patches, state.propagator,
                          state.targets.shape[-1])
         model_total += float(xp.sum(field_.real**2 + field_.imag**2))
     totals = exchanger.allreduce_sum(np.array([float(xp.sum(state.targets)), model_total]))
     state.scale = fit_intensity_scale(float(totals[0]), float(totals[1]))
-    state.targets = measured_target(options.loss, state.targets / state.targets.dtype.type(state.scale))
+    state.targets /= state.targets.dtype.type(state.scale)
+    state.targets = measured_target(options.loss, state.targets)
     logger.info("fitted detector scale alpha = %.6g counts per unit probe power", state.scale)
 
 

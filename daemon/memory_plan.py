@@ -12,7 +12,8 @@ The model counts the arrays the engine allocates (see :mod:`engine`,
   neighbour illumination;
 * frames: the rank's measured patterns, real;
 * batch workspace: windows, stored waves (reused for gradients), their
-  intensities and a few batch-sized temporaries.
+  intensities, a few batch-sized temporaries, and one scratch array per
+  planned FFT shape (:func:`ptylive.gpu.fft.plan_scratch_bytes`).
 """
 
 from __future__ import annotations
@@ -50,8 +51,12 @@ class RankMemory:
 
 
 def rank_memory(domain: RankDomain, n_slices: int, window_px: int, detector_px: int,
-                batch_size: int, precision: str, mode: str) -> RankMemory:
-    """Predict one rank's peak array memory in bytes."""
+                batch_size: int, precision: str, mode: str, updates_per_iteration: int = 16) -> RankMemory:
+    """Predict one rank's peak array memory in bytes.
+
+    Batches are chunks of at most ``batch_size`` of the rank's members of each
+    global mini-batch (position ``j`` is in mini-batch ``j mod M``).
+    """
     real_t, complex_t = (np.dtype(t) for t in PRECISIONS[precision])
     r, c = real_t.itemsize, complex_t.itemsize
     voxels = n_slices * domain.extended.size
@@ -59,9 +64,14 @@ def rank_memory(domain: RankDomain, n_slices: int, window_px: int, detector_px: 
     buffers = 2 * 3 * overlap * r
     if mode == "async":
         buffers += overlap * c + 2 * 3 * overlap * r + overlap * r
-    batch = min(batch_size, max(len(domain.positions), 1))
+    chunk_sizes = set()
+    for m in range(updates_per_iteration):
+        members = int(np.count_nonzero(domain.positions % updates_per_iteration == m))
+        chunk_sizes.update({min(batch_size, members), members % batch_size} - {0})
+    batch = max(chunk_sizes, default=1)
+    fft_scratch = sum(chunk_sizes) * window_px * window_px * c
     window = batch * window_px * window_px
-    workspace = n_slices * window * (2 * c + r) + 3 * window * c + 4 * batch * detector_px**2 * c
+    workspace = n_slices * window * (2 * c + r) + 3 * window * c + 4 * batch * detector_px**2 * c + fft_scratch
     return RankMemory(
         rank=domain.rank, extended_shape=domain.extended.shape, n_positions=len(domain.positions),
         object=voxels * c, gradient=3 * voxels * c, illumination=4 * voxels * r, optimiser_state=0,
@@ -72,10 +82,11 @@ def rank_memory(domain: RankDomain, n_slices: int, window_px: int, detector_px: 
 
 def plan_memory(object_shape: tuple[int, int], positions_px: np.ndarray, n_ranks: int, n_slices: int,
                 window_px: int, detector_px: int, batch_size: int = 32, precision: str = "single",
-                mode: str = "sync") -> list[RankMemory]:
+                mode: str = "sync", updates_per_iteration: int = 16) -> list[RankMemory]:
     """Predicted memory of every rank of a decomposition."""
     domains = decompose(object_shape, positions_px, window_px, n_ranks)
-    return [rank_memory(d, n_slices, window_px, detector_px, batch_size, precision, mode) for d in domains]
+    return [rank_memory(d, n_slices, window_px, detector_px, batch_size, precision, mode, updates_per_iteration)
+            for d in domains]
 
 
 def synthetic_positions(object_shape: tuple[int, int], n_positions: int, window_px: int) -> np.ndarray:

@@ -128,7 +128,13 @@ def infer_upsampling(meta: ScanMetadata) -> int:
 
 
 def run_rank(job: ReconstructionJob, comm: Any | None) -> None:
-    """Reconstruct this rank's tile; rank 0 stitches and writes ``job.out_path``."""
+    """Reconstruct this rank's tile; rank 0 stitches and writes ``job.out_path``.
+
+    Peak memory is measured with tracemalloc (numpy reports its buffers to
+    it) from after :func:`_warm_up`, so it counts the arrays of the
+    reconstruction rather than compiled code and imported modules.
+    """
+    _warm_up(job)
     tracemalloc.start()
     rank = 0 if comm is None else comm.Get_rank()
     domains = decompose(job.object_shape, read_positions(job.scan_path), job.window_px, job.n_ranks)
@@ -148,7 +154,8 @@ def run_rank(job: ReconstructionJob, comm: Any | None) -> None:
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     predicted = rank_memory(domain, job.n_slices, job.window_px, job.metadata.detector_px,
-                            job.options.batch_size, job.precision, job.options.mode).total
+                            job.options.batch_size, job.precision, job.options.mode,
+                            job.options.updates_per_iteration).total
     stats = np.array([report.compute_s, exchanger.stats.wait_s, exchanger.stats.bytes_sent,
                       peak, predicted, _mean(exchanger.stats.staleness), max(exchanger.stats.staleness, default=0),
                       sum(report.iterations_s)], dtype=np.float64)
@@ -159,6 +166,17 @@ def run_rank(job: ReconstructionJob, comm: Any | None) -> None:
     if rank == 0:
         result = stitch((job.n_slices, *job.object_shape), domains, volumes)
         _write(job, result, to_numpy(state.probe), report, all_stats, state.scale)
+
+
+def _warm_up(job: ReconstructionJob) -> None:
+    """Compile numba kernels and import lazily loaded modules before measuring memory."""
+    from ptylive.gpu.patches import accumulate_patches, extract_patches
+
+    for dtype in PRECISIONS[job.precision]:
+        volume = np.zeros((1, 4, 4), dtype)
+        accumulate_patches(volume, np.zeros((1, 2), np.int64), extract_patches(volume, np.zeros((1, 2), np.int64), 2))
+    if job.n_ranks > 1:
+        from mpi4py import MPI  # noqa: F401
 
 
 def _mean(values: list[int]) -> float:

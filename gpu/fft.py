@@ -25,33 +25,41 @@ try:
 except ImportError:  # pragma: no cover - hard dependency, kept for clarity
     pyfftw = None
 
-_PLANS: dict[tuple[tuple[int, ...], str, str], Any] = {}
+_PLANS: dict[tuple[tuple[int, ...], str], tuple[Any, Any, Any]] = {}
 _PLAN_LOCK = threading.Lock()
 PLANNER_FLAGS = ("FFTW_MEASURE",)
 
 
-def _plan(shape: tuple[int, ...], dtype: np.dtype, direction: str) -> Any:
-    key = (shape, dtype.str, direction)
-    plan = _PLANS.get(key)
-    if plan is None:
+def _plans(shape: tuple[int, ...], dtype: np.dtype) -> tuple[Any, Any, Any]:
+    """(forward plan, backward plan, scratch) for one shape; both plans share the scratch."""
+    key = (shape, dtype.str)
+    entry = _PLANS.get(key)
+    if entry is None:
         with _PLAN_LOCK:
             scratch = pyfftw.empty_aligned(shape, dtype=dtype)
-            plan = pyfftw.FFTW(
-                scratch, scratch, axes=(-2, -1), direction=direction,
-                flags=PLANNER_FLAGS, threads=1,
-            )
-            _PLANS[key] = plan
-            logger.debug("planned FFTW %s %s %s", direction, shape, dtype)
-    return plan
+            entry = tuple(
+                pyfftw.FFTW(scratch, scratch, axes=(-2, -1), direction=direction, flags=PLANNER_FLAGS, threads=1)
+                for direction in ("FFTW_FORWARD", "FFTW_BACKWARD")
+            ) + (scratch,)
+            _PLANS[key] = entry
+            logger.debug("planned FFTW %s %s", shape, dtype)
+    return entry
+
+
+def plan_scratch_bytes() -> int:
+    """Bytes held by cached plans (one scratch array per planned shape)."""
+    return sum(entry[2].nbytes for entry in _PLANS.values())
 
 
 def _cpu_inplace(x: np.ndarray, direction: str) -> np.ndarray:
     if pyfftw is None or x.dtype not in (np.complex64, np.complex128):
         raise TypeError(f"FFT needs a complex64/complex128 array, got {x.dtype}")
     target = x if is_aligned(x) else pyfftw.byte_align(np.ascontiguousarray(x))
-    plan = _plan(target.shape, target.dtype, direction)
+    forward, backward, scratch = _plans(target.shape, target.dtype)
+    plan = forward if direction == "FFTW_FORWARD" else backward
     plan.update_arrays(target, target)
     plan.execute()
+    plan.update_arrays(scratch, scratch)  # drop the reference: the plan must not keep our array alive
     n = x.shape[-1] * x.shape[-2]
     target *= target.real.dtype.type(1.0 / np.sqrt(n))
     if target is not x:

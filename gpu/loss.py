@@ -80,9 +80,16 @@ def loss_function(name: str) -> Callable[[Any, Any], tuple[float, Any]]:
 
 
 def measured_target(name: str, intensity: Any) -> Any:
-    """What a loss compares against: ``√I`` for amplitude, ``I`` for Poisson."""
+    """Turn intensities into what a loss compares against, in place.
+
+    ``√I`` for amplitude, ``I`` for Poisson (negative counts clipped to 0);
+    ``intensity`` (real) is overwritten and returned, so frames never exist twice.
+    """
     xp = get_array_module(intensity)
-    return xp.sqrt(xp.maximum(intensity, 0)) if name == "amplitude" else intensity
+    xp.maximum(intensity, 0, out=intensity)
+    if name == "amplitude":
+        xp.sqrt(intensity, out=intensity)
+    return intensity
 
 
 def fit_intensity_scale(total_measured: float, total_model: float) -> float:

@@ -1,0 +1,250 @@
+"""``ptylive bench engine``: gradient-pass cost and exchange wait, as ratios.
+
+The machine may be shared and noisy, so every number that matters is a ratio
+against a reference measured in the same run, interleaved with it and taken
+as the minimum over several repeats:
+
+1. Gradient pass (:func:`ptylive.gpu.multislice.loss_and_gradient`) against
+   the bare batched FFTs it contains (``4 S`` transforms per batch: forward
+   shift FFT+IFFT, ``S−1`` propagation pairs, far-field FFT; backward far-field
+   IFFT and ``S−1`` propagation pairs), timed with :func:`ptylive.gpu.fft.fft2`.
+   Target: ratio ≤ 2 on the CPU.
+2. Exchange wait: fraction of iteration time that ranks of ``ptylive
+   reconstruct`` spend waiting on the halo exchange (sync and async).
+3. Part 1 on CuPy arrays against ``cupy.fft``, when CuPy has a device.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable
+
+import numpy as np
+
+from ptylive.gpu.backend import backend_module, cupy_available, empty_aligned
+from ptylive.gpu.fft import fft2, ifft2
+from ptylive.gpu.multislice import loss_and_gradient
+
+logger = logging.getLogger(__name__)
+
+BATCH = {64: 16, 128: 8, 256: 4}
+FULL_CASES = [(n, s) for n in (64, 128, 256) for s in (1, 10, 40)]
+QUICK_CASES = [(64, 1), (64, 10)]
+MIN_SAMPLE_S = 0.02  # each timed sample loops until it lasts at least this long
+
+
+def _timer(fn: Callable[[], Any], sync: Callable[[], None], loops: int) -> float:
+    """Seconds per call of ``fn`` averaged over ``loops`` back-to-back calls."""
+    sync()
+    start = time.perf_counter()
+    for _ in range(loops):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / loops
+
+
+def _loops_for(fn: Callable[[], Any], sync: Callable[[], None]) -> int:
+    """Calls per sample so that one sample lasts about :data:`MIN_SAMPLE_S` (after a warm-up)."""
+    once = _timer(fn, sync, 1)
+    return max(1, int(np.ceil(MIN_SAMPLE_S / max(_timer(fn, sync, 1), once, 1e-7))))
+
+
+def _random_case(xp: ModuleType, n: int, s: int, b: int, seed: int = 0) -> dict[str, Any]:
+    """complex64 inputs of one gradient pass (detector D = N, unit-modulus object and propagator)."""
+    rng = np.random.default_rng(seed)
+    patches = empty_aligned(xp, (s, b, n, n), np.complex64)
+    patches[...] = xp.asarray(np.exp(2j * np.pi * rng.random((s, b, n, n))).astype(np.complex64))
+    probe = rng.standard_normal((n, n)) + 1j * rng.standard_normal((n, n))
+    return {
+        "probe": xp.asarray((probe / np.linalg.norm(probe)).astype(np.complex64)),
+        "shifts": xp.asarray(rng.random((b, 2))),
+        "patches": patches,
+        "propagator": xp.asarray(np.exp(2j * np.pi * rng.random((n, n))).astype(np.complex64)),
+        "measured": xp.asarray((rng.random((b, n, n)) / n).astype(np.float32)),
+    }
+
+
+def _fft_libraries(xp: ModuleType, work: Any, sync: Callable[[], None], repeats: int) -> dict[str, float]:
+    """Seconds per single 2-D FFT of ``work`` (B, N, N) with each available library."""
+    calls: dict[str, Callable[[], Any]] = {}
+    if xp is np:
+        import pyfftw  # type: ignore[import-untyped]
+        import scipy.fft
+
+        raw = pyfftw.FFTW(work, work, axes=(-2, -1), flags=("FFTW_MEASURE",), threads=1)
+        work[...] = 1.0  # FFTW_MEASURE scribbles on the buffer
+        calls = {"fftw": lambda: fft2(work), "fftw raw": raw.execute,
+                 "scipy": lambda: scipy.fft.fft2(work, norm="ortho", workers=1),
+                 "numpy": lambda: np.fft.fft2(work, norm="ortho")}
+    else:
+        calls = {"cufft": lambda: fft2(work), "cufft raw": lambda: xp.fft.fft2(work, norm="ortho")}
+    loops = {name: _loops_for(fn, sync) for name, fn in calls.items()}
+    best = {name: float("inf") for name in calls}
+    for _ in range(repeats):  # interleaved
+        for name, fn in calls.items():
+            best[name] = min(best[name], _timer(fn, sync, loops[name]))
+    return {name: t / work.shape[0] for name, t in best.items()}
+
+
+def gradient_case(xp: ModuleType, sync: Callable[[], None], n: int, s: int, b: int,
+                  repeats: int) -> dict[str, Any]:
+    """Time one (N, S, B) gradient pass against its ``4 S`` bare FFTs, interleaved.
+
+    Returns
+    -------
+    dict
+        ``grad`` and ``fft`` (s per position·slice, minimum over repeats),
+        ``ratio`` (of the minima), ``ratio_median`` (median of per-repeat
+        ratios) and ``libs`` (s per 2-D FFT by library).
+    """
+    case = _random_case(xp, n, s, b)
+    work = empty_aligned(xp, (b, n, n), np.complex64)
+    work[...] = case["probe"]
+
+    def grad() -> Any:
+        return loss_and_gradient(case["probe"], case["shifts"], case["patches"], case["propagator"],
+                                 case["measured"], "amplitude")
+
+    def bare() -> None:
+        for _ in range(2 * s):  # 4 S transforms, as in the gradient pass
+            fft2(work)
+            ifft2(work)
+
+    loops_g, loops_f = _loops_for(grad, sync), _loops_for(bare, sync)
+    t_grad, t_fft = [], []
+    for _ in range(repeats):
+        t_grad.append(_timer(grad, sync, loops_g))
+        t_fft.append(_timer(bare, sync, loops_f))
+    per = float(b * s)
+    return {"grad": min(t_grad) / per, "fft": min(t_fft) / per, "ratio": min(t_grad) / min(t_fft),
+            "ratio_median": statistics.median(g / f for g, f in zip(t_grad, t_fft)),
+            "libs": _fft_libraries(xp, work, sync, repeats)}
+
+
+def gradient_table(xp: ModuleType, sync: Callable[[], None], cases: list[tuple[int, int]],
+                   repeats: int) -> list[str]:
+    """Markdown table of :func:`gradient_case` over ``cases``."""
+    rows: list[str] = []
+    libs: list[str] = []
+    for n, s in cases:
+        r = gradient_case(xp, sync, n, s, BATCH.get(n, 4), repeats)
+        libs = list(r["libs"])
+        lib_text = " / ".join(f"{v * 1e6:.1f}" for v in r["libs"].values())
+        rows.append(f"| {n} | {s} | {BATCH.get(n, 4)} | {r['grad'] * 1e6:.1f} | {r['fft'] * 1e6:.1f} | "
+                    f"**{r['ratio']:.2f}** | {r['ratio_median']:.2f} | {lib_text} |")
+        logger.info("gradient N=%d S=%d done", n, s)
+    head = ["| N | S | B | gradient µs / (pos·slice) | bare FFT µs / (pos·slice) | ratio (min) "
+            f"| ratio (median) | µs per 2-D FFT: {' / '.join(libs)} |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    return head + rows
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "ptylive.daemon.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, check=False)
+
+
+def exchange_table(rank_counts: tuple[int, ...], iterations: int, repeats: int) -> list[str]:
+    """Run ``ptylive reconstruct`` on a default simulated scan; tabulate exchange wait per rank.
+
+    Each (ranks, mode) is run ``repeats`` times, interleaved; the wait fraction
+    is the median over runs of the mean over ranks of
+    ``exchange_wait_s / iterations_total_s``.
+    """
+    import h5py
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    lines = ["| ranks | mode | wait fraction (median) | min–max over runs | MB sent / rank | "
+             "staleness mean / max | iteration s | finite result |",
+             "|---:|---|---:|---:|---:|---:|---:|---|"]
+    with tempfile.TemporaryDirectory(prefix="ptylive-bench-") as tmp:
+        scan = Path(tmp) / "scan.h5"
+        done = _cli("simulate", str(scan))
+        if done.returncode != 0:
+            return [f"simulate failed ({done.returncode}): {done.stderr.strip()[-400:]}"]
+        configs = [(r, m) for r in rank_counts for m in ("sync", "async")]
+        runs: dict[tuple[int, str], list[dict[str, Any]]] = {c: [] for c in configs}
+        warnings: set[str] = set()
+        for rep in range(repeats):
+            for ranks, mode in configs:
+                out = Path(tmp) / f"r{ranks}-{mode}-{rep}.h5"
+                done = _cli("reconstruct", str(scan), "--ranks", str(ranks), "--mode", mode,
+                            "--iterations", str(iterations), "--quiet", "--out", str(out))
+                if done.returncode != 0:
+                    warnings.add(f"{ranks} ranks {mode}: exit {done.returncode}: {done.stderr.strip()[-300:]}")
+                    continue
+                if "Warning" in done.stderr:
+                    warnings.add(f"{ranks} ranks {mode}: " + done.stderr.strip().splitlines()[0][-200:])
+                with h5py.File(out, "r") as f:
+                    g = f["ranks"]
+                    stats = {k: np.asarray(g[k][()], dtype=np.float64) for k in g}
+                    stats["finite"] = bool(np.isfinite(f["object"][()]).all() and np.isfinite(f["loss"][()]).all())
+                runs[(ranks, mode)].append(stats)
+        for (ranks, mode), got in runs.items():
+            if not got:
+                lines.append(f"| {ranks} | {mode} | failed | | | | | |")
+                continue
+            fractions = [float(np.mean(r["exchange_wait_s"] / r["iterations_total_s"])) for r in got]
+            last = got[-1]
+            lines.append(
+                f"| {ranks}{' (oversubscribed)' if ranks > cores else ''} | {mode} | "
+                f"**{statistics.median(fractions):.1%}** | {min(fractions):.1%}–{max(fractions):.1%} | "
+                f"{np.mean(last['bytes_sent']) / 1e6:.2f} | {np.mean(last['staleness_mean']):.2f} / "
+                f"{np.max(last['staleness_max']):.0f} | {statistics.median(float(np.mean(r['iterations_total_s'])) for r in got):.2f} | "
+                f"{'yes' if all(r['finite'] for r in got) else '**NO (NaN/inf)**'} |")
+    lines.append("")
+    lines.append(f"{cores} cores available: runs with more ranks than cores are oversubscribed, so their "
+                 "wait fraction includes time-slicing, not only exchange latency.")
+    lines.extend(f"warning: {w}" for w in sorted(warnings))
+    return lines
+
+
+def main(quick: bool = False, backend: str = "numpy") -> int:
+    """Run the engine benchmarks and print markdown tables.
+
+    Parameters
+    ----------
+    quick : bool
+        Small shapes, 2 ranks only, one reconstruction per configuration.
+    backend : {"numpy", "cupy"}
+        ``"cupy"`` adds part 3 (gradient pass on the GPU) when CuPy has a device.
+
+    Returns
+    -------
+    int
+        0.
+    """
+    cases = QUICK_CASES if quick else FULL_CASES
+    repeats = 3 if quick else 7
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    print(f"# ptylive bench engine ({'quick' if quick else 'full'}), {cores} cores, numpy {np.__version__}")
+    print("\n## 1. Gradient pass vs bare FFTW (CPU, complex64, amplitude loss, D = N, one thread)\n")
+    print(f"Times are minima over {repeats} interleaved repeats; 'bare FFT' = the 4·S ptylive.gpu.fft calls "
+          "of one pass on a (B, N, N) aligned array. Target: ratio ≤ 2.0. 'fftw raw' = plan.execute() "
+          "without the ortho scaling.\n")
+    print("\n".join(gradient_table(np, lambda: None, cases, repeats)))
+    print("\n## 2. Exchange wait (ptylive reconstruct, default simulated scan: 320 positions, 3 slices, 48 px)\n")
+    print("\n".join(exchange_table((2,) if quick else (2, 4), 3 if quick else 5, 1 if quick else 3)))
+    print("\n## 3. GPU (CuPy)\n")
+    if backend != "cupy":
+        print(f"skipped: backend {backend!r} (pass --backend cupy); cupy_available() = {cupy_available()}")
+    elif not cupy_available():
+        print("skipped: CuPy is unavailable (not installed or no CUDA device)")
+    else:
+        cp = backend_module("cupy")
+        name = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"]
+        print(f"device: {name.decode() if isinstance(name, bytes) else name}\n")
+        print("\n".join(gradient_table(cp, cp.cuda.Device().synchronize, cases, repeats)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(quick="--quick" in sys.argv, backend="cupy" if "--backend=cupy" in sys.argv else "numpy"))
