@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 BATCH = {64: 16, 128: 8, 256: 4}
 FULL_CASES = [(n, s) for n in (64, 128, 256) for s in (1, 10, 40)]
 QUICK_CASES = [(64, 1), (64, 10)]
-MIN_SAMPLE_S = 0.02  # each timed sample loops until it lasts at least this long
+MIN_SAMPLE_S = 0.01  # each timed sample loops until it lasts at least this long
+CASE_BUDGET_S, MAX_REPEATS = 3.0, 60  # more short interleaved samples where they are cheap
 
 
 def _timer(fn: Callable[[], Any], sync: Callable[[], None], loops: int) -> float:
@@ -53,8 +54,8 @@ def _timer(fn: Callable[[], Any], sync: Callable[[], None], loops: int) -> float
 
 def _loops_for(fn: Callable[[], Any], sync: Callable[[], None]) -> int:
     """Calls per sample so that one sample lasts about :data:`MIN_SAMPLE_S` (after a warm-up)."""
-    once = _timer(fn, sync, 1)
-    return max(1, int(np.ceil(MIN_SAMPLE_S / max(_timer(fn, sync, 1), once, 1e-7))))
+    _timer(fn, sync, 1)
+    return max(1, int(np.ceil(MIN_SAMPLE_S / max(_timer(fn, sync, 1), 1e-7))))
 
 
 def _random_case(xp: ModuleType, n: int, s: int, b: int, seed: int = 0) -> dict[str, Any]:
@@ -74,16 +75,16 @@ def _random_case(xp: ModuleType, n: int, s: int, b: int, seed: int = 0) -> dict[
 
 def _fft_libraries(xp: ModuleType, work: Any, sync: Callable[[], None], repeats: int) -> dict[str, float]:
     """Seconds per single 2-D FFT of ``work`` (B, N, N) with each available library."""
-    calls: dict[str, Callable[[], Any]] = {}
     if xp is np:
         import pyfftw  # type: ignore[import-untyped]
         import scipy.fft
 
-        raw = pyfftw.FFTW(work, work, axes=(-2, -1), flags=("FFTW_MEASURE",), threads=1)
-        work[...] = 1.0  # FFTW_MEASURE scribbles on the buffer
-        calls = {"fftw": lambda: fft2(work), "fftw raw": raw.execute,
-                 "scipy": lambda: scipy.fft.fft2(work, norm="ortho", workers=1),
-                 "numpy": lambda: np.fft.fft2(work, norm="ortho")}
+        scratch = empty_aligned(np, work.shape, work.dtype)  # unnormalised repeats would overflow `work`
+        raw = pyfftw.FFTW(scratch, scratch, axes=(-2, -1), flags=("FFTW_MEASURE",), threads=1)
+        scratch[...] = 0  # FFTW does the same arithmetic on any (non-denormal) data
+        calls: dict[str, Callable[[], Any]] = {"fftw": lambda: fft2(work), "fftw raw": raw.execute,
+                                              "scipy": lambda: scipy.fft.fft2(work, norm="ortho", workers=1),
+                                              "numpy": lambda: np.fft.fft2(work, norm="ortho")}
     else:
         calls = {"cufft": lambda: fft2(work), "cufft raw": lambda: xp.fft.fft2(work, norm="ortho")}
     loops = {name: _loops_for(fn, sync) for name, fn in calls.items()}
@@ -101,9 +102,10 @@ def gradient_case(xp: ModuleType, sync: Callable[[], None], n: int, s: int, b: i
     Returns
     -------
     dict
-        ``grad`` and ``fft`` (s per position·slice, minimum over repeats),
-        ``ratio`` (of the minima), ``ratio_median`` (median of per-repeat
-        ratios) and ``libs`` (s per 2-D FFT by library).
+        ``grad`` and ``fft`` (s per position·slice, minimum over at least
+        ``repeats`` interleaved samples), ``ratio`` (of the minima),
+        ``ratio_median`` (median of paired ratios), ``samples``, ``libs``
+        (s per 2-D FFT by library).
     """
     case = _random_case(xp, n, s, b)
     work = empty_aligned(xp, (b, n, n), np.complex64)
@@ -119,13 +121,14 @@ def gradient_case(xp: ModuleType, sync: Callable[[], None], n: int, s: int, b: i
             ifft2(work)
 
     loops_g, loops_f = _loops_for(grad, sync), _loops_for(bare, sync)
+    sample_s = _timer(grad, sync, loops_g) * loops_g + _timer(bare, sync, loops_f) * loops_f
     t_grad, t_fft = [], []
-    for _ in range(repeats):
+    for _ in range(max(repeats, min(MAX_REPEATS, int(CASE_BUDGET_S / sample_s)))):
         t_grad.append(_timer(grad, sync, loops_g))
         t_fft.append(_timer(bare, sync, loops_f))
     per = float(b * s)
     return {"grad": min(t_grad) / per, "fft": min(t_fft) / per, "ratio": min(t_grad) / min(t_fft),
-            "ratio_median": statistics.median(g / f for g, f in zip(t_grad, t_fft)),
+            "ratio_median": statistics.median(g / f for g, f in zip(t_grad, t_fft)), "samples": len(t_grad),
             "libs": _fft_libraries(xp, work, sync, repeats)}
 
 
@@ -139,17 +142,16 @@ def gradient_table(xp: ModuleType, sync: Callable[[], None], cases: list[tuple[i
         libs = list(r["libs"])
         lib_text = " / ".join(f"{v * 1e6:.1f}" for v in r["libs"].values())
         rows.append(f"| {n} | {s} | {BATCH.get(n, 4)} | {r['grad'] * 1e6:.1f} | {r['fft'] * 1e6:.1f} | "
-                    f"**{r['ratio']:.2f}** | {r['ratio_median']:.2f} | {lib_text} |")
+                    f"**{r['ratio']:.2f}** | {r['ratio_median']:.2f} | {r['samples']} | {lib_text} |")
         logger.info("gradient N=%d S=%d done", n, s)
     head = ["| N | S | B | gradient µs / (pos·slice) | bare FFT µs / (pos·slice) | ratio (min) "
-            f"| ratio (median) | µs per 2-D FFT: {' / '.join(libs)} |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            f"| ratio (median) | samples | µs per 2-D FFT: {' / '.join(libs)} |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     return head + rows
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "ptylive.daemon.cli", *args]
-    return subprocess.run(command, capture_output=True, text=True, check=False)
+    return subprocess.run([sys.executable, "-m", "ptylive.daemon.cli", *args], capture_output=True, text=True)
 
 
 def exchange_table(rank_counts: tuple[int, ...], iterations: int, repeats: int) -> list[str]:
@@ -163,7 +165,7 @@ def exchange_table(rank_counts: tuple[int, ...], iterations: int, repeats: int) 
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     lines = ["| ranks | mode | wait fraction (median) | min–max over runs | MB sent / rank | "
-             "staleness mean / max | iteration s | finite result |",
+             "staleness mean / max | iterations total s | finite result |",
              "|---:|---|---:|---:|---:|---:|---:|---|"]
     with tempfile.TemporaryDirectory(prefix="ptylive-bench-") as tmp:
         scan = Path(tmp) / "scan.h5"
@@ -193,12 +195,12 @@ def exchange_table(rank_counts: tuple[int, ...], iterations: int, repeats: int) 
                 lines.append(f"| {ranks} | {mode} | failed | | | | | |")
                 continue
             fractions = [float(np.mean(r["exchange_wait_s"] / r["iterations_total_s"])) for r in got]
-            last = got[-1]
+            last, iteration_s = got[-1], statistics.median(float(np.mean(r["iterations_total_s"])) for r in got)
             lines.append(
                 f"| {ranks}{' (oversubscribed)' if ranks > cores else ''} | {mode} | "
                 f"**{statistics.median(fractions):.1%}** | {min(fractions):.1%}–{max(fractions):.1%} | "
                 f"{np.mean(last['bytes_sent']) / 1e6:.2f} | {np.mean(last['staleness_mean']):.2f} / "
-                f"{np.max(last['staleness_max']):.0f} | {statistics.median(float(np.mean(r['iterations_total_s'])) for r in got):.2f} | "
+                f"{np.max(last['staleness_max']):.0f} | {iteration_s:.2f} | "
                 f"{'yes' if all(r['finite'] for r in got) else '**NO (NaN/inf)**'} |")
     lines.append("")
     lines.append(f"{cores} cores available: runs with more ranks than cores are oversubscribed, so their "
@@ -223,13 +225,13 @@ def main(quick: bool = False, backend: str = "numpy") -> int:
         0.
     """
     cases = QUICK_CASES if quick else FULL_CASES
-    repeats = 3 if quick else 7
+    repeats = 5 if quick else 7
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"# ptylive bench engine ({'quick' if quick else 'full'}), {cores} cores, numpy {np.__version__}")
     print("\n## 1. Gradient pass vs bare FFTW (CPU, complex64, amplitude loss, D = N, one thread)\n")
-    print(f"Times are minima over {repeats} interleaved repeats; 'bare FFT' = the 4·S ptylive.gpu.fft calls "
-          "of one pass on a (B, N, N) aligned array. Target: ratio ≤ 2.0. 'fftw raw' = plan.execute() "
-          "without the ortho scaling.\n")
+    print("Times: minima over 'samples' interleaved samples; ratio (median) = median of paired ratios. "
+          "'bare FFT' = the 4·S ptylive.gpu.fft calls of one pass on a (B, N, N) aligned array. "
+          "Target: ratio ≤ 2.0. 'fftw raw' = plan.execute() without the ortho scaling.\n")
     print("\n".join(gradient_table(np, lambda: None, cases, repeats)))
     print("\n## 2. Exchange wait (ptylive reconstruct, default simulated scan: 320 positions, 3 slices, 48 px)\n")
     print("\n".join(exchange_table((2,) if quick else (2, 4), 3 if quick else 5, 1 if quick else 3)))
@@ -245,6 +247,3 @@ def main(quick: bool = False, backend: str = "numpy") -> int:
         print("\n".join(gradient_table(cp, cp.cuda.Device().synchronize, cases, repeats)))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main(quick="--quick" in sys.argv, backend="cupy" if "--backend=cupy" in sys.argv else "numpy"))

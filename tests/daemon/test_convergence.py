@@ -1,0 +1,45 @@
+"""Reconstructions of simulated PbTiO3 recover the projected phase."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from ptylive.daemon.memory_plan import plan_memory, synthetic_positions
+from ptylive.gpu.quality import phase_correlation
+from tests.conftest import read_result, run_cli
+
+
+def correlation_after(scan: Path, out: Path, iterations: int) -> float:
+    result = run_cli("reconstruct", str(scan), "--iterations", str(iterations), "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    with h5py.File(scan) as f:
+        truth, positions = f["object_truth"][...], f["positions_px"][...]
+    loss = read_result(out)["loss"]
+    assert loss[-1] < 0.2 * loss[0]
+    return phase_correlation(read_result(out)["object"], truth, positions)
+
+
+def test_noise_free_pbtio3_phase_correlates(default_scan: Path, tmp_path: Path) -> None:
+    assert correlation_after(default_scan, tmp_path / "r.h5", 60) >= 0.9
+
+
+def test_pbtio3_at_1e5_electrons_per_A2_correlates(tmp_path: Path) -> None:
+    scan = tmp_path / "noisy.h5"
+    assert run_cli("simulate", str(scan), "--dose", "1e5").returncode == 0
+    with h5py.File(scan) as f:
+        counts = f["intensities"][...]
+    assert np.all(counts == np.round(counts)) and 1e3 < counts.sum(axis=(1, 2)).mean() < 1e5  # Poisson counts
+    assert correlation_after(scan, tmp_path / "r.h5", 60) >= 0.9
+
+
+def test_object_and_gradient_per_rank_shrink_below_40_percent_at_4_ranks() -> None:
+    window = 64
+    shape = (8 * window, 8 * window + 40)
+    positions = synthetic_positions(shape, 900, window)
+    one = plan_memory(shape, positions, 1, 4, window, window)[0]
+    for rank in plan_memory(shape, positions, 4, 4, window, window):
+        assert (rank.object + rank.gradient) < 0.4 * (one.object + one.gradient)

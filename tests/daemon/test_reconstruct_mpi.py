@@ -1,0 +1,71 @@
+"""``ptylive reconstruct`` under real mpiexec: sync equivalence, async accuracy, memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from ptylive.daemon.decomposition import decompose
+from ptylive.gpu.quality import phase_correlation
+from tests.conftest import read_result, run_cli
+
+pytestmark = pytest.mark.mpi
+
+
+def reconstruct(scan: Path, out: Path, ranks: int, *extra: str) -> dict[str, np.ndarray]:
+    result = run_cli("reconstruct", str(scan), "--ranks", str(ranks), "--out", str(out), "--quiet", *extra)
+    assert result.returncode == 0, result.stderr
+    return read_result(out)
+
+
+def test_problem_is_non_trivial(small_scan: Path) -> None:
+    with h5py.File(small_scan) as f:
+        positions, shape, window = f["positions_px"][...], f["object_truth"].shape, f["probe"].shape[0]
+    assert shape[0] >= 3 and shape[1] != shape[2]
+    domains = decompose(shape[1:], positions, window, 4)
+    for d in domains:
+        assert max(d.tile.shape) < window and len(d.positions) > 0
+    # the scan crosses every internal tile boundary
+    for boundary in {d.tile.row0 for d in domains} - {0}:
+        assert (positions[:, 0] < boundary).any() and (positions[:, 0] >= boundary).any()
+    for boundary in {d.tile.col0 for d in domains} - {0}:
+        assert (positions[:, 1] < boundary).any() and (positions[:, 1] >= boundary).any()
+
+
+# Float64: only summation order differs between rank counts (1e-16 per sum, a few hundred
+# updates). Float32: 6e-8 per operation through the same steps; 1e-4 per the spec.
+@pytest.mark.parametrize("precision, tolerance", [("double", 1e-10), ("single", 1e-4)])
+def test_sync_result_is_independent_of_rank_count(small_scan: Path, tmp_path: Path, precision: str,
+                                                  tolerance: float) -> None:
+    args = ("--iterations", "4", "--precision", precision)
+    volumes = {r: reconstruct(small_scan, tmp_path / f"r{r}.h5", r, *args)["object"] for r in (1, 2, 4)}
+    reference = volumes[1]
+    assert np.abs(reference - 1).max() > 0.1  # the reconstruction actually moved
+    for ranks in (2, 4):
+        difference = np.abs(volumes[ranks] - reference).max() / np.abs(reference).max()
+        assert difference < tolerance, (ranks, difference)
+
+
+@pytest.mark.xfail(reason="known gap (issue 2): after 10 iterations async lands 15-45 % above sync's loss "
+                          "on 4 oversubscribed ranks; the criterion is 5 %", strict=False)
+def test_async_loss_within_five_percent_of_sync(small_scan: Path, tmp_path: Path) -> None:
+    sync = reconstruct(small_scan, tmp_path / "sync.h5", 4, "--iterations", "10")
+    asyn = reconstruct(small_scan, tmp_path / "async.h5", 4, "--iterations", "10", "--mode", "async")
+    assert asyn["attrs"]["mode"] == "async"
+    assert asyn["ranks/bytes_sent"].min() > 0
+    assert sync["loss"][-1] < 0.5 * sync["loss"][0]  # both actually converge
+    assert abs(asyn["loss"][-1] - sync["loss"][-1]) <= 0.05 * sync["loss"][-1], (asyn["loss"], sync["loss"])
+    assert asyn["ranks/staleness_max"].max() <= 4 + 1  # bounded by --max-staleness (+ the final drain)
+    with h5py.File(small_scan) as f:
+        truth, positions = f["object_truth"][...], f["positions_px"][...]
+    assert phase_correlation(asyn["object"], truth, positions) > 0.9 * phase_correlation(sync["object"], truth, positions)
+
+
+def test_measured_peak_memory_matches_plan(small_scan: Path, tmp_path: Path) -> None:
+    for ranks, mode in ((1, "sync"), (4, "sync"), (4, "async")):
+        result = reconstruct(small_scan, tmp_path / f"m{ranks}{mode}.h5", ranks, "--iterations", "2", "--mode", mode)
+        ratio = result["ranks/peak_memory_bytes"] / result["ranks/predicted_memory_bytes"]
+        assert np.all(np.abs(ratio - 1) < 0.2), (ranks, mode, ratio)
