@@ -4,20 +4,22 @@ Per neighbour ``n`` and its exchange region ``R_n`` a rank keeps:
 
 * ``accumulated[n]`` — the sum of its own object updates over ``R_n`` since
   the last send (it applies them to its own tile at once);
-* ``send[n]`` — a packed copy of the accumulation (plus its current
-  illumination over ``R_n``) in flight in a non-blocking ``Isend``;
+* ``send[n]`` — a packed copy of the accumulation, plus the rank's
+  illumination over ``R_n`` for the latest mini-batch, in flight in a
+  non-blocking ``Isend``;
 * ``recv[n]`` — the landing buffer of a pre-posted ``Irecv``; when it
   completes, the neighbour's updates are added to the tile and its
-  illumination replaces the previous one in the preconditioner.
+  illumination is kept per mini-batch for the preconditioner.
 
 Compute never waits on the network: :meth:`AsyncExchanger.progress` only
 tests requests (non-blocking MPI does not progress while numpy computes, so
 the engine calls it between batches). The one exception is the staleness
-bound: a rank that is more than ``max_staleness`` iterations ahead of what it
-has received from a neighbour waits for that neighbour, and the wait is
-counted. At the end :meth:`finish` sends the remaining accumulation flagged
-*last* and drains every neighbour until their *last* message arrived, so all
-copies of a voxel end with the same sum of updates.
+bound: a rank more than ``max_staleness`` updates ahead of what it has
+received from a neighbour waits for it — while still flushing its own
+accumulation, so two waiting ranks cannot deadlock — and the wait is counted.
+At the end :meth:`finish` sends the remaining accumulation flagged *last*
+and drains every neighbour until their *last* message arrived, so all copies
+of a voxel end with the same sum of updates.
 """
 
 from __future__ import annotations
@@ -29,31 +31,41 @@ from typing import Any
 import numpy as np
 
 from ptylive.daemon.decomposition import RankDomain
-from ptylive.gpu.backend import get_array_module, to_numpy
 from ptylive.daemon.exchange import ExchangeStats, SyncExchanger, pack, unpack
+from ptylive.gpu.backend import get_array_module, to_numpy
 
 logger = logging.getLogger(__name__)
 
 TAG_ASYNC = 11
-HEADER = 2  # (iteration, is_last)
+HEADER = 3  # (update step, is_last, mini-batch of the illumination)
+POLL_S = 2e-4
 
 
 class AsyncExchanger(SyncExchanger):
-    """Non-blocking exchange of accumulated updates; see the module docstring."""
+    """Non-blocking exchange of accumulated updates; see the module docstring.
+
+    Inherits the blocking :meth:`reduce_gradients` (used for the first,
+    exact update) and the collectives from :class:`SyncExchanger`.
+    """
 
     def __init__(self, comm: Any, domain: RankDomain, n_slices: int, real_dtype: Any,
-                 complex_dtype: Any, max_staleness: int = 4) -> None:
+                 complex_dtype: Any, max_staleness: int = 4, n_minibatches: int = 1) -> None:
         super().__init__(comm, domain, n_slices, real_dtype)
         if max_staleness < 1:
             raise ValueError(f"max_staleness must be >= 1, got {max_staleness}")
         self.max_staleness = max_staleness
         shapes = [shape for _, _, shape in self.regions]
         self.accumulated = [np.zeros(s, complex_dtype) for s in shapes]
-        self.neighbour_illumination = [np.zeros(s, real_dtype) for s in shapes]
+        self.staged_illumination = [np.zeros(s, real_dtype) for s in shapes]
+        # A mini-batch lights the same voxels every iteration, so keeping each
+        # neighbour's illumination per mini-batch reproduces sync's preconditioner.
+        self.neighbour_illumination = [np.zeros((n_minibatches, *s), real_dtype) for s in shapes]
         self.async_send = [np.empty(HEADER + 3 * int(np.prod(s)), real_dtype) for s in shapes]
         self.async_recv = [np.empty_like(b) for b in self.async_send]
         self.send_requests: list[Any] = [None] * len(shapes)
         self.recv_requests: list[Any] = [self._post_recv(i) for i in range(len(shapes))]
+        self.pending = [False] * len(shapes)
+        self.staged = [(0, 0)] * len(shapes)  # (step, mini-batch) of the staged content
         self.last_received = [-1] * len(shapes)
         self.finished = [False] * len(shapes)
         self.stats = ExchangeStats()
@@ -61,16 +73,23 @@ class AsyncExchanger(SyncExchanger):
     def _post_recv(self, i: int) -> Any:
         return self.comm.Irecv(self.async_recv[i], source=self.regions[i][0], tag=TAG_ASYNC)
 
-    def _send(self, i: int, illumination: Any, iteration: int, last: bool) -> None:
-        _, region, _ = self.regions[i]
-        pack(self.accumulated[i], illumination[(slice(None), *region)], self.async_send[i],
-             header=(iteration, float(last)))
+    def _send_staged(self, i: int, last: bool = False) -> None:
+        step, minibatch = self.staged[i]
+        pack(self.accumulated[i], self.staged_illumination[i], self.async_send[i],
+             header=(step, float(last), minibatch))
         self.accumulated[i][...] = 0
+        self.pending[i] = False
         self.send_requests[i] = self.comm.Isend(self.async_send[i], dest=self.regions[i][0], tag=TAG_ASYNC)
         self.stats.bytes_sent += self.async_send[i].nbytes
         self.stats.messages_sent += 1
 
-    def push(self, update: Any, illumination: Any, iteration: int) -> None:
+    def _flush(self) -> None:
+        """Send every pending accumulation whose link is free."""
+        for i, request in enumerate(self.send_requests):
+            if self.pending[i] and (request is None or request.Test()):
+                self._send_staged(i)
+
+    def push(self, update: Any, illumination: Any, step: int, minibatch: int) -> None:
         """Accumulate this rank's update over each region; send where the link is free.
 
         Parameters
@@ -78,61 +97,66 @@ class AsyncExchanger(SyncExchanger):
         update : (S, He, We) complex
             What this rank just added to its extended tile.
         illumination : (S, He, We) real
-            Its own (local) illumination.
-        iteration : int
+            Its own illumination of this mini-batch.
+        step : int
+            Update counter (iteration × mini-batches + mini-batch).
+        minibatch : int
         """
         for i, (_, region, _) in enumerate(self.regions):
             self.accumulated[i] += to_numpy(update[(slice(None), *region)])
-            request = self.send_requests[i]
-            if request is None or request.Test():
-                self._send(i, illumination, iteration, last=False)
+            self.staged_illumination[i][...] = to_numpy(illumination[(slice(None), *region)])
+            self.staged[i] = (step, minibatch)
+            self.pending[i] = True
+        self._flush()
 
-    def _apply(self, i: int, volume: Any, iteration: int) -> bool:
+    def _apply(self, i: int, volume: Any, step: int) -> None:
         _, region, shape = self.regions[i]
-        sent_iteration, last = self.async_recv[i][0], self.async_recv[i][1]
+        sent_step, last, minibatch = (int(v) for v in self.async_recv[i][:HEADER])
         update, illumination = unpack(self.async_recv[i], shape, n_head=HEADER)
         xp = get_array_module(volume)
         volume[(slice(None), *region)] += xp.asarray(update)
-        self.neighbour_illumination[i][...] = illumination
-        self.last_received[i] = int(sent_iteration)
-        self.stats.staleness.append(max(iteration - int(sent_iteration), 0))
-        if last:
-            self.finished[i] = True
-            return False
-        return True
+        self.neighbour_illumination[i][minibatch] = illumination
+        self.last_received[i] = sent_step
+        self.stats.staleness.append(max(step - sent_step, 0))
+        self.finished[i] = bool(last)
+        self.recv_requests[i] = None if last else self._post_recv(i)
 
-    def progress(self, volume: Any, iteration: int) -> None:
-        """Apply every neighbour message that has arrived; never blocks."""
-        for i, request in enumerate(self.recv_requests):
-            while request is not None and request.Test():
-                request = self._post_recv(i) if self._apply(i, volume, iteration) else None
-            self.recv_requests[i] = request
+    def progress(self, volume: Any, step: int) -> None:
+        """Apply every neighbour message that has arrived and flush free links; never blocks."""
+        for i in range(len(self.regions)):
+            while self.recv_requests[i] is not None and self.recv_requests[i].Test():
+                self._apply(i, volume, step)
+        self._flush()
 
-    def enforce_staleness(self, volume: Any, iteration: int) -> None:
-        """Wait (counted) only for neighbours more than ``max_staleness`` behind."""
-        for i, _ in enumerate(self.regions):
-            while (not self.finished[i] and self.recv_requests[i] is not None
-                   and iteration - self.last_received[i] > self.max_staleness):
-                start = time.perf_counter()
-                self.recv_requests[i].Wait()
-                self.stats.wait_s += time.perf_counter() - start
-                self.recv_requests[i] = self._post_recv(i) if self._apply(i, volume, iteration) else None
+    def _behind(self, step: int) -> bool:
+        return any(not done and step - last > self.max_staleness
+                   for done, last in zip(self.finished, self.last_received))
 
-    def remember_neighbour_illumination(self) -> None:
-        """After a blocking :meth:`reduce_gradients`, keep each neighbour's illumination."""
+    def enforce_staleness(self, volume: Any, step: int) -> None:
+        """Wait (counted) only while a neighbour is more than ``max_staleness`` behind."""
+        if not self._behind(step):
+            return
+        start = time.perf_counter()
+        while self._behind(step):
+            self.progress(volume, step)
+            time.sleep(POLL_S)
+        self.stats.wait_s += time.perf_counter() - start
+
+    def remember_neighbour_illumination(self, minibatch: int, step: int) -> None:
+        """After a blocking :meth:`reduce_gradients`, keep each neighbour's illumination of it."""
         for i, (_, _, shape) in enumerate(self.regions):
-            self.neighbour_illumination[i][...] = unpack(self.recv[i], shape)[1]
-            self.last_received[i] = 0
+            self.neighbour_illumination[i][minibatch] = unpack(self.recv[i], shape)[1]
+            self.last_received[i] = step
 
-    def total_illumination(self, own: Any) -> Any:
-        """Own illumination plus the latest received from each neighbour."""
+    def total_illumination(self, own: Any, minibatch: int) -> Any:
+        """Own illumination plus each neighbour's latest for this mini-batch."""
         xp = get_array_module(own)
         total = own.copy()
         for (_, region, _), theirs in zip(self.regions, self.neighbour_illumination):
-            total[(slice(None), *region)] += xp.asarray(theirs)
+            total[(slice(None), *region)] += xp.asarray(theirs[minibatch])
         return total
 
-    def finish(self, volume: Any, illumination: Any, iteration: int) -> None:
+    def finish(self, volume: Any, step: int) -> None:
         """Flush the accumulation (flagged last) and drain all neighbours."""
         from mpi4py import MPI
 
@@ -140,10 +164,11 @@ class AsyncExchanger(SyncExchanger):
         for i in range(len(self.regions)):
             if self.send_requests[i] is not None:
                 self.send_requests[i].Wait()
-            self._send(i, illumination, iteration, last=True)
+            self.staged[i] = (step, self.staged[i][1])
+            self._send_staged(i, last=True)
         for i in range(len(self.regions)):
             while self.recv_requests[i] is not None:
                 self.recv_requests[i].Wait()
-                self.recv_requests[i] = self._post_recv(i) if self._apply(i, volume, iteration) else None
+                self._apply(i, volume, step)
         MPI.Request.Waitall([r for r in self.send_requests if r is not None])
         self.stats.wait_s += time.perf_counter() - start

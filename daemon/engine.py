@@ -1,13 +1,16 @@
 """The reconstruction engine of one rank: refine an extended tile.
 
 One iteration visits every probe position once, in ``updates_per_iteration``
-*mini-batches* that are defined globally (position ``j`` belongs to
-mini-batch ``j mod M``, so each spans the whole scan and every rank). For
+*mini-batches* that are defined globally (:func:`minibatch_of` hashes the
+position index, so each mini-batch spans the whole scan and every rank). For
 each mini-batch::
 
     g, p   = Σ over the rank's members  ∂L/∂O over windows,  |ψ_s|² over windows
     g, p   = halo exchange (sync: exact totals; async: see async_exchange)
-    O     -= step · g / (2 (p + floor)),   then |O| ≤ max_amplitude
+    O     -= step · g / (2 (p + floor_m)),   then |O| ≤ max_amplitude
+
+(``floor_m`` = ``illumination_floor`` × the largest total illumination of
+mini-batch m in the first iteration, the same on every rank.)
 
 Because mini-batches are global, the sync result does not depend on the
 number of ranks; several updates per iteration converge far faster than
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -45,7 +48,7 @@ class EngineOptions:
     iterations: int = 30
     mode: str = "sync"
     batch_size: int = 32
-    step_size: float = 1.0
+    step_size: float | None = None  # None: 1.0 in sync mode, 0.5 in async mode
     illumination_floor: float = 0.05
     loss: str = "amplitude"
     refine_probe: bool = False
@@ -61,6 +64,10 @@ class EngineOptions:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.step_size is None:
+            # Async applies neighbours' updates one or more updates late; at step 1 (a full
+            # projection per mini-batch) they over-correct and the iterations diverge.
+            object.__setattr__(self, "step_size", 1.0 if self.mode == "sync" else 0.5)
         if self.batch_size < 1 or not self.step_size > 0 or not self.illumination_floor > 0:
             raise ValueError("batch_size, step_size and illumination_floor must be positive")
         if self.updates_per_iteration < 1:
@@ -104,6 +111,7 @@ class EngineReport:
 
     loss_history: list[float] = field(default_factory=list)
     compute_s: float = 0.0
+    floors: list[float] = field(default_factory=list)
     iterations_s: list[float] = field(default_factory=list)
 
 
@@ -111,11 +119,21 @@ def _chunks(indices: np.ndarray, size: int) -> list[np.ndarray]:
     return [indices[i:i + size] for i in range(0, len(indices), size)]
 
 
+def minibatch_of(global_index: np.ndarray, n_minibatches: int) -> np.ndarray:
+    """Global mini-batch of each position: a multiplicative hash of its index.
+
+    A plain ``j mod M`` put whole raster columns into one mini-batch (heavily
+    overlapping windows); the hash (Knuth's 2654435761) scatters them over the
+    scan, and it depends on nothing but ``j``, so every rank count agrees.
+    """
+    hashed = (np.asarray(global_index, dtype=np.uint64) * np.uint64(2654435761)) % np.uint64(2**32)
+    return ((hashed >> np.uint64(12)) % np.uint64(n_minibatches)).astype(np.int64)
+
+
 def minibatches(state: TileState, options: EngineOptions) -> list[np.ndarray]:
     """Local indices of this rank's members of each global mini-batch."""
-    global_index = state.domain.positions
-    return [np.flatnonzero(global_index % options.updates_per_iteration == m)
-            for m in range(options.updates_per_iteration)]
+    labels = minibatch_of(state.domain.positions, options.updates_per_iteration)
+    return [np.flatnonzero(labels == m) for m in range(options.updates_per_iteration)]
 
 
 def fit_scale(state: TileState, exchanger: Any, options: EngineOptions) -> None:
@@ -201,22 +219,31 @@ def _finish_iteration(report: EngineReport, iteration: int, loss: float, start: 
 
 
 def run_sync(state: TileState, exchanger: Any, options: EngineOptions,
-             on_iteration: Callable[[int, float, float], None] | None = None) -> EngineReport:
-    """Synchronous iterations: exact totals at every update (any number of ranks)."""
+             on_iteration: Callable[[int, float, float], None] | None = None,
+             on_exact_update: Callable[[int, int], None] | None = None) -> EngineReport:
+    """Synchronous iterations: exact totals at every update (any number of ranks).
+
+    ``on_exact_update(minibatch, step)`` runs after each update (async mode uses
+    its sync warm-up iteration to learn every neighbour's illumination).
+    """
     report = EngineReport()
     batches = minibatches(state, options)
     n_positions = float(exchanger.allreduce_sum(np.array([float(len(state.starts))]))[0])
     xp = get_array_module(state.volume)
+    floors = report.floors = [0.0] * len(batches)
     for iteration in range(options.iterations):
         start = time.perf_counter()
         loss = 0.0
-        for members in batches:
+        for m, members in enumerate(batches):
             part, gradient, illumination, probe_gradient = local_gradient(state, options, members)
             gradient, illumination = exchanger.reduce_gradients(gradient, illumination)
-            peak = float(exchanger.allreduce_max(np.array([float(illumination.max())]))[0])
-            state.volume += object_update(gradient, illumination, options.illumination_floor * peak,
-                                          options.step_size)
+            if iteration == 0:  # fixed per mini-batch after the first pass: the same on every rank
+                floors[m] = options.illumination_floor * float(
+                    exchanger.allreduce_max(np.array([float(illumination.max())]))[0])
+            state.volume += object_update(gradient, illumination, floors[m], options.step_size)
             constrain(state.volume, options.max_amplitude)
+            if on_exact_update is not None:
+                on_exact_update(m, iteration * len(batches) + m)
             if probe_gradient is not None:
                 total = xp.asarray(exchanger.allreduce_sum(to_numpy(probe_gradient)))
                 state.probe -= (0.5 * options.probe_step_size * options.updates_per_iteration / n_positions) * total
@@ -231,44 +258,42 @@ def run_async(state: TileState, exchanger: Any, options: EngineOptions,
               on_iteration: Callable[[int, float, float], None] | None = None) -> EngineReport:
     """Asynchronous iterations with the three-buffer exchanger.
 
-    The very first update is exact (blocking), so every rank starts with its
-    neighbours' illumination; afterwards a rank applies its own update at
-    once and neighbours' updates are added when they arrive
-    (:mod:`ptylive.daemon.async_exchange`). The preconditioner uses the
-    latest illumination received from each neighbour (from whichever
-    mini-batch it last sent: mini-batches interleave the scan, so they light
-    a region alike). Staleness is counted in updates. The loss history is
-    the sum of every rank's local losses, reduced at the end.
+    The first iteration is exact (blocking, :func:`run_sync`), so every rank
+    knows each neighbour's illumination of every mini-batch and the common
+    floor; afterwards a rank applies
+    its own update at once and neighbours' updates are added when they
+    arrive (:mod:`ptylive.daemon.async_exchange`). The preconditioner uses the
+    latest illumination each neighbour sent for the same mini-batch.
+    Staleness is counted in updates. The loss history is the sum of every
+    rank's local losses, reduced at the end.
     """
-    report = EngineReport()
     batches = minibatches(state, options)
-    local_losses: list[float] = []
-    own_illumination = None
-    for iteration in range(options.iterations):
+    warm_up = replace(options, iterations=1)
+    report = run_sync(state, exchanger, warm_up, on_iteration,
+                      on_exact_update=exchanger.remember_neighbour_illumination)
+    local_losses = list(report.loss_history)  # iteration 0 is exact: already a global sum
+    sync_wait = exchanger.stats.wait_s
+    for iteration in range(1, options.iterations):
         start = time.perf_counter()
         loss = 0.0
         for m, members in enumerate(batches):
             step = iteration * len(batches) + m
             part, gradient, own_illumination, _ = local_gradient(
                 state, options, members, between_batches=lambda: exchanger.progress(state.volume, step))
-            if step == 0:
-                gradient, total_illumination = exchanger.reduce_gradients(gradient, own_illumination)
-                exchanger.remember_neighbour_illumination()
-            else:
-                total_illumination = exchanger.total_illumination(own_illumination)
-            update = object_update(gradient, total_illumination,
-                                   options.illumination_floor * float(total_illumination.max()), options.step_size)
+            update = object_update(gradient, exchanger.total_illumination(own_illumination, m),
+                                   report.floors[m], options.step_size)
             state.volume += update
             constrain(state.volume, options.max_amplitude)
-            if step > 0:
-                exchanger.push(update, own_illumination, step)
+            exchanger.push(update, own_illumination, step, m)
             exchanger.progress(state.volume, step)
             exchanger.enforce_staleness(state.volume, step)
             loss += part
         local_losses.append(loss)
         _finish_iteration(report, iteration, loss, start, on_iteration)
-    exchanger.finish(state.volume, own_illumination, options.iterations * len(batches))
+    exchanger.finish(state.volume, options.iterations * len(batches))
     constrain(state.volume, options.max_amplitude)
-    report.loss_history = [float(v) for v in exchanger.allreduce_sum(np.array(local_losses))]
+    reduced = exchanger.allreduce_sum(np.array(local_losses[1:])) if len(local_losses) > 1 else []
+    report.loss_history = local_losses[:1] + [float(v) for v in reduced]
     report.compute_s = sum(report.iterations_s) - exchanger.stats.wait_s
+    logger.debug("async: sync warm-up waited %.3f s", sync_wait)
     return report

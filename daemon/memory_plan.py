@@ -8,8 +8,8 @@ The model counts the arrays the engine allocates (see :mod:`engine`,
 * illumination: local and total preconditioner plus two real temporaries;
 * optimiser state: none (preconditioned gradient descent keeps no moments);
 * exchange buffers: sync send/receive (gradient + illumination per region);
-  async adds the three buffers (accumulated, send, receive) and the latest
-  neighbour illumination;
+  async adds the three buffers (accumulated, send, receive), the staged
+  own illumination and each neighbour's latest illumination per mini-batch;
 * frames: the rank's measured patterns, real;
 * batch workspace: windows, stored waves (reused for gradients), their
   intensities, a few batch-sized temporaries, and one scratch array per
@@ -55,7 +55,7 @@ def rank_memory(domain: RankDomain, n_slices: int, window_px: int, detector_px: 
     """Predict one rank's peak array memory in bytes.
 
     Batches are chunks of at most ``batch_size`` of the rank's members of each
-    global mini-batch (position ``j`` is in mini-batch ``j mod M``).
+    global mini-batch (:func:`ptylive.daemon.engine.minibatch_of`).
     """
     real_t, complex_t = (np.dtype(t) for t in PRECISIONS[precision])
     r, c = real_t.itemsize, complex_t.itemsize
@@ -63,10 +63,13 @@ def rank_memory(domain: RankDomain, n_slices: int, window_px: int, detector_px: 
     overlap = sum(n_slices * box.size for _, box in domain.neighbours)
     buffers = 2 * 3 * overlap * r
     if mode == "async":
-        buffers += overlap * c + 2 * 3 * overlap * r + overlap * r
+        buffers += overlap * c + 2 * 3 * overlap * r + (updates_per_iteration + 1) * overlap * r
+    from ptylive.daemon.engine import minibatch_of
+
+    labels = minibatch_of(domain.positions, updates_per_iteration)
     chunk_sizes = set()
     for m in range(updates_per_iteration):
-        members = int(np.count_nonzero(domain.positions % updates_per_iteration == m))
+        members = int(np.count_nonzero(labels == m))
         chunk_sizes.update({min(batch_size, members), members % batch_size} - {0})
     batch = max(chunk_sizes, default=1)
     fft_scratch = sum(chunk_sizes) * window_px * window_px * c

@@ -193,7 +193,8 @@ def _make_exchanger(job: ReconstructionJob, comm: Any | None, domain: RankDomain
         return SyncExchanger(comm, domain, job.n_slices, real_t)
     from ptylive.daemon.async_exchange import AsyncExchanger
 
-    return AsyncExchanger(comm, domain, job.n_slices, real_t, complex_t, job.options.max_staleness)
+    return AsyncExchanger(comm, domain, job.n_slices, real_t, complex_t, job.options.max_staleness,
+                          job.options.updates_per_iteration)
 
 
 def _print_progress(total: int, started: float) -> Any:

@@ -64,13 +64,10 @@ def _random_case(xp: ModuleType, n: int, s: int, b: int, seed: int = 0) -> dict[
     patches = empty_aligned(xp, (s, b, n, n), np.complex64)
     patches[...] = xp.asarray(np.exp(2j * np.pi * rng.random((s, b, n, n))).astype(np.complex64))
     probe = rng.standard_normal((n, n)) + 1j * rng.standard_normal((n, n))
-    return {
-        "probe": xp.asarray((probe / np.linalg.norm(probe)).astype(np.complex64)),
-        "shifts": xp.asarray(rng.random((b, 2))),
-        "patches": patches,
-        "propagator": xp.asarray(np.exp(2j * np.pi * rng.random((n, n))).astype(np.complex64)),
-        "measured": xp.asarray((rng.random((b, n, n)) / n).astype(np.float32)),
-    }
+    return {"probe": xp.asarray((probe / np.linalg.norm(probe)).astype(np.complex64)),
+            "shifts": xp.asarray(rng.random((b, 2))), "patches": patches,
+            "propagator": xp.asarray(np.exp(2j * np.pi * rng.random((n, n))).astype(np.complex64)),
+            "measured": xp.asarray((rng.random((b, n, n)) / n).astype(np.float32))}
 
 
 def _fft_libraries(xp: ModuleType, work: Any, sync: Callable[[], None], repeats: int) -> dict[str, float]:
@@ -227,7 +224,8 @@ def main(quick: bool = False, backend: str = "numpy") -> int:
     cases = QUICK_CASES if quick else FULL_CASES
     repeats = 5 if quick else 7
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(f"# ptylive bench engine ({'quick' if quick else 'full'}), {cores} cores, numpy {np.__version__}")
+    print(f"# ptylive bench engine ({'quick' if quick else 'full'}), {cores} cores, numpy {np.__version__}, "
+          f"load average at start {os.getloadavg()[0]:.2f}")
     print("\n## 1. Gradient pass vs bare FFTW (CPU, complex64, amplitude loss, D = N, one thread)\n")
     print("Times: minima over 'samples' interleaved samples; ratio (median) = median of paired ratios. "
           "'bare FFT' = the 4·S ptylive.gpu.fft calls of one pass on a (B, N, N) aligned array. "
@@ -235,6 +233,7 @@ def main(quick: bool = False, backend: str = "numpy") -> int:
     print("\n".join(gradient_table(np, lambda: None, cases, repeats)))
     print("\n## 2. Exchange wait (ptylive reconstruct, default simulated scan: 320 positions, 3 slices, 48 px)\n")
     print("\n".join(exchange_table((2,) if quick else (2, 4), 3 if quick else 5, 1 if quick else 3)))
+    print(f"\nload average after parts 1-2: {os.getloadavg()[0]:.2f} (other processes share these cores)")
     print("\n## 3. GPU (CuPy)\n")
     if backend != "cupy":
         print(f"skipped: backend {backend!r} (pass --backend cupy); cupy_available() = {cupy_available()}")

@@ -49,16 +49,20 @@ def test_sync_result_is_independent_of_rank_count(small_scan: Path, tmp_path: Pa
         assert difference < tolerance, (ranks, difference)
 
 
-@pytest.mark.xfail(reason="known gap (issue 2): after 10 iterations async lands 15-45 % above sync's loss "
-                          "on 4 oversubscribed ranks; the criterion is 5 %", strict=False)
 def test_async_loss_within_five_percent_of_sync(small_scan: Path, tmp_path: Path) -> None:
-    sync = reconstruct(small_scan, tmp_path / "sync.h5", 4, "--iterations", "10")
-    asyn = reconstruct(small_scan, tmp_path / "async.h5", 4, "--iterations", "10", "--mode", "async")
+    # Step 0.5 for both modes: at step 1 (full projection per mini-batch) neighbours' updates
+    # arriving one or more updates late over-correct and async lags sync by 15-45 % at 10
+    # iterations (docs/decomposition.md). Measured at 20 iterations, step 0.5: 1-3 %.
+    common = ("--iterations", "20", "--step-size", "0.5")
+    sync = reconstruct(small_scan, tmp_path / "sync.h5", 4, *common)
+    asyn = reconstruct(small_scan, tmp_path / "async.h5", 4, *common, "--mode", "async")
     assert asyn["attrs"]["mode"] == "async"
     assert asyn["ranks/bytes_sent"].min() > 0
     assert sync["loss"][-1] < 0.5 * sync["loss"][0]  # both actually converge
     assert abs(asyn["loss"][-1] - sync["loss"][-1]) <= 0.05 * sync["loss"][-1], (asyn["loss"], sync["loss"])
-    assert asyn["ranks/staleness_max"].max() <= 4 + 1  # bounded by --max-staleness (+ the final drain)
+    assert asyn["ranks/staleness_mean"].max() > 0  # it really ran behind its neighbours
+    # staleness is bounded by --max-staleness (4), except the final drain after the last update
+    assert asyn["ranks/staleness_max"].max() <= 4 + 1
     with h5py.File(small_scan) as f:
         truth, positions = f["object_truth"][...], f["positions_px"][...]
     assert phase_correlation(asyn["object"], truth, positions) > 0.9 * phase_correlation(sync["object"], truth, positions)
