@@ -130,7 +130,7 @@ class AsyncExchanger(SyncExchanger):
 
     def _behind(self, step: int) -> bool:
         return any(not done and step - last > self.max_staleness
-                   for done, last in zip(self.finished, self.last_received))
+                   for done, last in zip(self.finished, self.last_received, strict=True))
 
     def enforce_staleness(self, volume: Any, step: int) -> None:
         """Wait (counted) only while a neighbour is more than ``max_staleness`` behind."""
@@ -152,7 +152,7 @@ class AsyncExchanger(SyncExchanger):
         """Own illumination plus each neighbour's latest for this mini-batch."""
         xp = get_array_module(own)
         total = own.copy()
-        for (_, region, _), theirs in zip(self.regions, self.neighbour_illumination):
+        for (_, region, _), theirs in zip(self.regions, self.neighbour_illumination, strict=True):
             total[(slice(None), *region)] += xp.asarray(theirs[minibatch])
         return total
 

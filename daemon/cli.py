@@ -7,7 +7,6 @@ exit with status 2; they never show a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path

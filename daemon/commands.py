@@ -19,7 +19,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def simulate(args: argparse.Namespace, argv: list[str]) -> int:
-    from ptylive.gpu.simulate import SimulationSpec, simulate as run_simulation
+    from ptylive.gpu.simulate import SimulationSpec
+    from ptylive.gpu.simulate import simulate as run_simulation
     from ptylive.streaming.scanfile import write_scan
 
     match = re.fullmatch(r"([A-Z][a-z]?)([A-Z][a-z]?)([A-Z][a-z]?)3", args.crystal)

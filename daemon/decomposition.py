@@ -49,16 +49,16 @@ class Box:
     def size(self) -> int:
         return max(self.shape[0], 0) * max(self.shape[1], 0)
 
-    def intersect(self, other: "Box") -> "Box | None":
+    def intersect(self, other: Box) -> Box | None:
         box = Box(max(self.row0, other.row0), min(self.row1, other.row1),
                   max(self.col0, other.col0), min(self.col1, other.col1))
         return box if box.row1 > box.row0 and box.col1 > box.col0 else None
 
-    def union(self, other: "Box") -> "Box":
+    def union(self, other: Box) -> Box:
         return Box(min(self.row0, other.row0), max(self.row1, other.row1),
                    min(self.col0, other.col0), max(self.col1, other.col1))
 
-    def relative_to(self, origin: "Box") -> tuple[slice, slice]:
+    def relative_to(self, origin: Box) -> tuple[slice, slice]:
         """Slices selecting this box inside an array that covers ``origin``."""
         return (slice(self.row0 - origin.row0, self.row1 - origin.row0),
                 slice(self.col0 - origin.col0, self.col1 - origin.col0))
@@ -156,7 +156,7 @@ def decompose(
 def stitch(shape: tuple[int, ...], domains: list[RankDomain], extended_volumes: list[np.ndarray]) -> np.ndarray:
     """Drop halos and assemble tiles: ``(S, H, W)`` from per-rank extended volumes."""
     out = np.empty(shape, dtype=extended_volumes[0].dtype)
-    for domain, volume in zip(domains, extended_volumes):
+    for domain, volume in zip(domains, extended_volumes, strict=True):
         rows, cols = domain.tile.relative_to(domain.extended)
         t = domain.tile
         out[..., t.row0:t.row1, t.col0:t.col1] = volume[..., rows, cols]

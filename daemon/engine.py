@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from functools import partial
+from typing import Any
 
 import numpy as np
 
@@ -64,16 +66,23 @@ class EngineOptions:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        if self.step_size is None:
-            # Async applies neighbours' updates one or more updates late; at step 1 (a full
-            # projection per mini-batch) they over-correct and the iterations diverge.
-            object.__setattr__(self, "step_size", 1.0 if self.mode == "sync" else 0.5)
-        if self.batch_size < 1 or not self.step_size > 0 or not self.illumination_floor > 0:
+        if self.batch_size < 1 or not self.step > 0 or not self.illumination_floor > 0:
             raise ValueError("batch_size, step_size and illumination_floor must be positive")
         if self.updates_per_iteration < 1:
             raise ValueError(f"updates_per_iteration must be >= 1, got {self.updates_per_iteration}")
         if self.refine_probe and self.mode == "async":
             raise ValueError("probe refinement is only implemented in sync mode")
+
+    @property
+    def step(self) -> float:
+        """The step size in use: ``step_size``, else 1.0 in sync and 0.5 in async mode.
+
+        Async applies neighbours' updates one or more updates late; at step 1 (a
+        full projection per mini-batch) they over-correct and the iterations diverge.
+        """
+        if self.step_size is not None:
+            return self.step_size
+        return 1.0 if self.mode == "sync" else 0.5
 
 
 @dataclass
@@ -240,7 +249,7 @@ def run_sync(state: TileState, exchanger: Any, options: EngineOptions,
             if iteration == 0:  # fixed per mini-batch after the first pass: the same on every rank
                 floors[m] = options.illumination_floor * float(
                     exchanger.allreduce_max(np.array([float(illumination.max())]))[0])
-            state.volume += object_update(gradient, illumination, floors[m], options.step_size)
+            state.volume += object_update(gradient, illumination, floors[m], options.step)
             constrain(state.volume, options.max_amplitude)
             if on_exact_update is not None:
                 on_exact_update(m, iteration * len(batches) + m)
@@ -279,9 +288,9 @@ def run_async(state: TileState, exchanger: Any, options: EngineOptions,
         for m, members in enumerate(batches):
             step = iteration * len(batches) + m
             part, gradient, own_illumination, _ = local_gradient(
-                state, options, members, between_batches=lambda: exchanger.progress(state.volume, step))
+                state, options, members, between_batches=partial(exchanger.progress, state.volume, step))
             update = object_update(gradient, exchanger.total_illumination(own_illumination, m),
-                                   report.floors[m], options.step_size)
+                                   report.floors[m], options.step)
             state.volume += update
             constrain(state.volume, options.max_amplitude)
             exchanger.push(update, own_illumination, step, m)

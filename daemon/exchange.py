@@ -137,7 +137,7 @@ class SyncExchanger:
         from mpi4py import MPI
 
         requests = []
-        for (n, region, _), send, recv in zip(self.regions, self.send, self.recv):
+        for (n, region, _), send, recv in zip(self.regions, self.send, self.recv, strict=True):
             pack(gradient[(slice(None), *region)], illumination[(slice(None), *region)], send)
             requests.append(self.comm.Irecv(recv, source=n, tag=TAG_SYNC))
             requests.append(self.comm.Isend(send, dest=n, tag=TAG_SYNC))
@@ -150,7 +150,7 @@ class SyncExchanger:
         total_g = xp.zeros_like(gradient)
         total_p = xp.zeros_like(illumination)
         own_done = False
-        for (n, region, shape), recv in zip(self.regions, self.recv):
+        for (n, region, shape), recv in zip(self.regions, self.recv, strict=True):
             if n > self.rank and not own_done:
                 total_g += gradient
                 total_p += illumination

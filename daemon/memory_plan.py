@@ -19,6 +19,7 @@ The model counts the arrays the engine allocates (see :mod:`engine`,
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -46,7 +47,7 @@ class RankMemory:
         return (self.object + self.gradient + self.illumination + self.optimiser_state
                 + self.exchange_buffers + self.frames + self.batch_workspace)
 
-    def as_dict(self) -> dict[str, object]:
+    def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "total": self.total}
 
 

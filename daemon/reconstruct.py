@@ -26,7 +26,13 @@ from ptylive.gpu.physics import wavelength_A
 from ptylive.gpu.probe import ProbeOptics, make_probe
 from ptylive.gpu.propagation import fresnel_propagator
 from ptylive.streaming.scanfile import (
-    ScanFileError, ScanMetadata, object_shape_for, read_frames, read_metadata, read_optional, read_positions,
+    ScanFileError,
+    ScanMetadata,
+    object_shape_for,
+    read_frames,
+    read_metadata,
+    read_optional,
+    read_positions,
 )
 
 logger = logging.getLogger(__name__)
@@ -78,7 +84,7 @@ def validate(scan_path: Path, out_path: Path, n_ranks: int, n_slices: int | None
     window = meta.detector_px * upsampling
     expected_pixel = wavelength_A(meta.energy_eV) / (window * meta.detector_pixel_mrad * 1e-3)
     if abs(expected_pixel - meta.pixel_size_A) > 0.01 * expected_pixel:
-        implied = wavelength_A(meta.energy_eV) / (meta.detector_px * meta.detector_pixel_mrad * 1e-3 * meta.pixel_size_A)
+        implied = window * expected_pixel / (meta.detector_px * meta.pixel_size_A)
         raise ScanFileError(
             f"{scan_path}: pixel_size_A={meta.pixel_size_A:.5g} does not match lambda/(N*dtheta)="
             f"{expected_pixel:.5g} for a {window}-px window (upsampling {upsampling}); the file implies "
@@ -224,7 +230,7 @@ def _write(job: ReconstructionJob, volume: np.ndarray, probe: np.ndarray, report
                  "precision": job.precision, "n_slices": job.n_slices, "slice_thickness_A": job.slice_thickness_A,
                  "upsampling": job.upsampling, "loss_function": job.options.loss, "detector_scale": scale,
                  "pixel_size_A": job.metadata.pixel_size_A, "energy_eV": job.metadata.energy_eV,
-                 "source": str(job.scan_path), "step_size": job.options.step_size, "backend": job.backend}
+                 "source": str(job.scan_path), "step_size": job.options.step, "backend": job.backend}
         f.attrs.update(attrs)
     tmp.replace(job.out_path)
     if not job.quiet:

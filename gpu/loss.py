@@ -9,7 +9,8 @@ Measured intensities are divided once by the fitted scale ``α`` of
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ptylive.gpu.backend import get_array_module
 

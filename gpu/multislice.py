@@ -16,8 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from ptylive.gpu.backend import empty_aligned, get_array_module
 from ptylive.gpu.loss import loss_function
 from ptylive.gpu.probe import fourier_shift

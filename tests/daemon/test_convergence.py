@@ -6,7 +6,6 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import pytest
 
 from ptylive.daemon.memory_plan import plan_memory, synthetic_positions
 from ptylive.gpu.quality import phase_correlation

@@ -96,7 +96,7 @@ X_SITES = _sites([(0.5, 0.0), (0.0, 0.5)])  # pure X columns
 def _peaks(img, frac=0.05):
     mx = maximum_filter(img, size=5, mode="nearest")
     rr, cc = np.nonzero((img == mx) & (img > frac * img.max()))
-    return set(zip(rr.tolist(), cc.tolist()))
+    return set(zip(rr.tolist(), cc.tolist(), strict=True))
 
 
 def test_perovskite_columns_2x2():
