@@ -51,7 +51,7 @@ def plan_scratch_bytes() -> int:
     return sum(entry[2].nbytes for entry in _PLANS.values())
 
 
-def _cpu_inplace(x: np.ndarray, direction: str) -> np.ndarray:
+def _cpu_inplace(x: np.ndarray, direction: str, normalise: bool) -> np.ndarray:
     if pyfftw is None or x.dtype not in (np.complex64, np.complex128):
         raise TypeError(f"FFT needs a complex64/complex128 array, got {x.dtype}")
     target = x if is_aligned(x) else pyfftw.byte_align(np.ascontiguousarray(x))
@@ -60,20 +60,23 @@ def _cpu_inplace(x: np.ndarray, direction: str) -> np.ndarray:
     plan.update_arrays(target, target)
     plan.execute()
     plan.update_arrays(scratch, scratch)  # drop the reference: the plan must not keep our array alive
-    n = x.shape[-1] * x.shape[-2]
-    target *= target.real.dtype.type(1.0 / np.sqrt(n))
+    if normalise:
+        target *= target.real.dtype.type(1.0 / np.sqrt(x.shape[-1] * x.shape[-2]))
     if target is not x:
         x[...] = target
     return x
 
 
-def fft2(x: Any) -> Any:
-    """Forward orthonormal FFT over the last two axes, overwriting ``x``.
+def fft2(x: Any, normalise: bool = True) -> Any:
+    """Forward FFT over the last two axes, overwriting ``x``.
 
     Parameters
     ----------
     x : (..., N, M) complex
         Input; overwritten with the result.
+    normalise : bool
+        Orthonormal (``1/√(NM)``) when True; unscaled otherwise, for callers
+        that fold the scale into their own elementwise pass.
 
     Returns
     -------
@@ -82,18 +85,15 @@ def fft2(x: Any) -> Any:
     """
     xp = get_array_module(x)
     if xp is np:
-        return _cpu_inplace(x, "FFTW_FORWARD")
-    x[...] = xp.fft.fft2(x, norm="ortho")
+        return _cpu_inplace(x, "FFTW_FORWARD", normalise)
+    x[...] = xp.fft.fft2(x, norm="ortho" if normalise else "backward")
     return x
 
 
-def ifft2(x: Any) -> Any:
-    """Inverse orthonormal FFT over the last two axes, overwriting ``x``.
-
-    The adjoint of :func:`fft2`.
-    """
+def ifft2(x: Any, normalise: bool = True) -> Any:
+    """Inverse FFT over the last two axes, overwriting ``x``; with ``normalise`` the adjoint of :func:`fft2`."""
     xp = get_array_module(x)
     if xp is np:
-        return _cpu_inplace(x, "FFTW_BACKWARD")
-    x[...] = xp.fft.ifft2(x, norm="ortho")
+        return _cpu_inplace(x, "FFTW_BACKWARD", normalise)
+    x[...] = xp.fft.ifft2(x, norm="ortho" if normalise else "forward")
     return x

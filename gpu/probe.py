@@ -123,9 +123,15 @@ def fourier_shift(wave: Any, shifts_px: Any) -> Any:
     n = wave.shape[-1]
     b = len(shifts_px)
     out = empty_aligned(xp, (b, wave.shape[-2], n), wave.dtype)
-    out[...] = wave
-    fft2(out)
     row, col = shift_ramps(xp, n, shifts_px, wave.dtype)
-    out *= row[:, :, None]
+    row *= row.real.dtype.type(1.0 / (n * wave.shape[-2]))  # both FFTs' scale on the small ramp
+    if wave.ndim == 2:  # one probe for every position: transform it once
+        spectrum = empty_aligned(xp, wave.shape, wave.dtype)
+        spectrum[...] = wave
+        xp.multiply(fft2(spectrum, normalise=False)[None], row[:, :, None], out=out)
+    else:
+        out[...] = wave
+        fft2(out, normalise=False)
+        out *= row[:, :, None]
     out *= col[:, None, :]
-    return ifft2(out)
+    return ifft2(out, normalise=False)

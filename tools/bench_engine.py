@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -40,6 +41,8 @@ FULL_CASES = [(n, s) for n in (64, 128, 256) for s in (1, 10, 40)]
 QUICK_CASES = [(64, 1), (64, 10)]
 MIN_SAMPLE_S = 0.01  # each timed sample loops until it lasts at least this long
 CASE_BUDGET_S, MAX_REPEATS = 3.0, 60  # more short interleaved samples where they are cheap
+RUN_TIMEOUT_S = 180.0  # one reconstruction normally takes ~10 s
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _timer(fn: Callable[[], Any], sync: Callable[[], None], loops: int) -> float:
@@ -96,13 +99,8 @@ def gradient_case(xp: ModuleType, sync: Callable[[], None], n: int, s: int, b: i
                   repeats: int) -> dict[str, Any]:
     """Time one (N, S, B) gradient pass against its ``4 S`` bare FFTs, interleaved.
 
-    Returns
-    -------
-    dict
-        ``grad`` and ``fft`` (s per position·slice, minimum over at least
-        ``repeats`` interleaved samples), ``ratio`` (of the minima),
-        ``ratio_median`` (median of paired ratios), ``samples``, ``libs``
-        (s per 2-D FFT by library).
+    Returns ``grad``, ``fft`` (s per position·slice, minimum over ≥ ``repeats`` interleaved samples),
+    ``ratio`` (of the minima), ``ratio_median`` (of paired ratios), ``samples``, ``libs`` (s per 2-D FFT).
     """
     case = _random_case(xp, n, s, b)
     work = empty_aligned(xp, (b, n, n), np.complex64)
@@ -147,41 +145,45 @@ def gradient_table(xp: ModuleType, sync: Callable[[], None], cases: list[tuple[i
     return head + rows
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ptylive.daemon.cli", *args], capture_output=True, text=True)
+def _cli(*args: str) -> tuple[int | None, str]:
+    """``python -m ptylive.daemon.cli *args`` in its own process group: (status or None if hung, stderr)."""
+    proc = subprocess.Popen([sys.executable, "-m", "ptylive.daemon.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        err = proc.communicate(timeout=RUN_TIMEOUT_S)[1]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return None, f"killed after {RUN_TIMEOUT_S:.0f} s (hung) " + proc.communicate()[1][-200:]
+    return proc.returncode, err
 
 
 def exchange_table(rank_counts: tuple[int, ...], iterations: int, repeats: int) -> list[str]:
     """Run ``ptylive reconstruct`` on a default simulated scan; tabulate exchange wait per rank.
 
-    Each (ranks, mode) is run ``repeats`` times, interleaved; the wait fraction
-    is the median over runs of the mean over ranks of
-    ``exchange_wait_s / iterations_total_s``.
+    Each (ranks, mode) runs ``repeats`` times, interleaved; wait fraction = median over runs of
+    the mean over ranks of ``exchange_wait_s / iterations_total_s``.
     """
     import h5py
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     lines = ["| ranks | mode | wait fraction (median) | min–max over runs | MB sent / rank | "
              "staleness mean / max | iterations total s | finite result |",
              "|---:|---|---:|---:|---:|---:|---:|---|"]
     with tempfile.TemporaryDirectory(prefix="ptylive-bench-") as tmp:
         scan = Path(tmp) / "scan.h5"
-        done = _cli("simulate", str(scan))
-        if done.returncode != 0:
-            return [f"simulate failed ({done.returncode}): {done.stderr.strip()[-400:]}"]
+        rc, err = _cli("simulate", str(scan))
+        if rc != 0:
+            return [f"simulate failed ({rc}): {err.strip()[-400:]}"]
         configs = [(r, m) for r in rank_counts for m in ("sync", "async")]
         runs: dict[tuple[int, str], list[dict[str, Any]]] = {c: [] for c in configs}
-        warnings: set[str] = set()
+        warnings: list[str] = []
         for rep in range(repeats):
             for ranks, mode in configs:
                 out = Path(tmp) / f"r{ranks}-{mode}-{rep}.h5"
-                done = _cli("reconstruct", str(scan), "--ranks", str(ranks), "--mode", mode,
-                            "--iterations", str(iterations), "--quiet", "--out", str(out))
-                if done.returncode != 0:
-                    warnings.add(f"{ranks} ranks {mode}: exit {done.returncode}: {done.stderr.strip()[-300:]}")
+                rc, err = _cli("reconstruct", str(scan), "--ranks", str(ranks), "--mode", mode,
+                               "--iterations", str(iterations), "--quiet", "--out", str(out))
+                if rc != 0 or "Warning" in err:
+                    warnings.append(f"{ranks} ranks {mode} run {rep + 1}: exit {rc}: " + " ".join(err.split())[-300:])
+                if rc != 0:
                     continue
-                if "Warning" in done.stderr:
-                    warnings.add(f"{ranks} ranks {mode}: " + done.stderr.strip().splitlines()[0][-200:])
                 with h5py.File(out, "r") as f:
                     g = f["ranks"]
                     stats = {k: np.asarray(g[k][()], dtype=np.float64) for k in g}
@@ -189,20 +191,19 @@ def exchange_table(rank_counts: tuple[int, ...], iterations: int, repeats: int) 
                 runs[(ranks, mode)].append(stats)
         for (ranks, mode), got in runs.items():
             if not got:
-                lines.append(f"| {ranks} | {mode} | failed | | | | | |")
+                lines.append(f"| {ranks} | {mode} | all runs failed | | | | | |")
                 continue
             fractions = [float(np.mean(r["exchange_wait_s"] / r["iterations_total_s"])) for r in got]
             last, iteration_s = got[-1], statistics.median(float(np.mean(r["iterations_total_s"])) for r in got)
             lines.append(
-                f"| {ranks}{' (oversubscribed)' if ranks > cores else ''} | {mode} | "
+                f"| {ranks}{' (oversubscribed)' if ranks > CORES else ''} | {mode} | "
                 f"**{statistics.median(fractions):.1%}** | {min(fractions):.1%}–{max(fractions):.1%} | "
                 f"{np.mean(last['bytes_sent']) / 1e6:.2f} | {np.mean(last['staleness_mean']):.2f} / "
                 f"{np.max(last['staleness_max']):.0f} | {iteration_s:.2f} | "
                 f"{'yes' if all(r['finite'] for r in got) else '**NO (NaN/inf)**'} |")
-    lines.append("")
-    lines.append(f"{cores} cores available: runs with more ranks than cores are oversubscribed, so their "
-                 "wait fraction includes time-slicing, not only exchange latency.")
-    lines.extend(f"warning: {w}" for w in sorted(warnings))
+    lines += ["", f"{CORES} cores available: runs with more ranks than cores are oversubscribed, so their "
+                 "wait fraction includes time-slicing, not only exchange latency."]
+    lines.extend(f"warning: {w}" for w in warnings)
     return lines
 
 
@@ -223,8 +224,7 @@ def main(quick: bool = False, backend: str = "numpy") -> int:
     """
     cases = QUICK_CASES if quick else FULL_CASES
     repeats = 5 if quick else 7
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(f"# ptylive bench engine ({'quick' if quick else 'full'}), {cores} cores, numpy {np.__version__}, "
+    print(f"# ptylive bench engine ({'quick' if quick else 'full'}), {CORES} cores, numpy {np.__version__}, "
           f"load average at start {os.getloadavg()[0]:.2f}")
     print("\n## 1. Gradient pass vs bare FFTW (CPU, complex64, amplitude loss, D = N, one thread)\n")
     print("Times: minima over 'samples' interleaved samples; ratio (median) = median of paired ratios. "
@@ -233,8 +233,7 @@ def main(quick: bool = False, backend: str = "numpy") -> int:
     print("\n".join(gradient_table(np, lambda: None, cases, repeats)))
     print("\n## 2. Exchange wait (ptylive reconstruct, default simulated scan: 320 positions, 3 slices, 48 px)\n")
     print("\n".join(exchange_table((2,) if quick else (2, 4), 3 if quick else 5, 1 if quick else 3)))
-    print(f"\nload average after parts 1-2: {os.getloadavg()[0]:.2f} (other processes share these cores)")
-    print("\n## 3. GPU (CuPy)\n")
+    print(f"\nload average after parts 1-2: {os.getloadavg()[0]:.2f}\n\n## 3. GPU (CuPy)\n")
     if backend != "cupy":
         print(f"skipped: backend {backend!r} (pass --backend cupy); cupy_available() = {cupy_available()}")
     elif not cupy_available():
