@@ -15,6 +15,7 @@ from typing import Any
 from ptylive.gpu.backend import get_array_module
 
 LOSSES = ("amplitude", "poisson")
+AMPLITUDE_DELTA_PER_PIXEL = 1e-3  # δ = this / D, see amplitude_loss
 
 
 def amplitude_loss(field: Any, measured_amplitude: Any) -> tuple[float, Any]:
@@ -41,7 +42,7 @@ def amplitude_loss(field: Any, measured_amplitude: Any) -> tuple[float, Any]:
         ``2 (a − √I) Ψ / a`` with ``a = √(|Ψ|² + δ²)``.
     """
     xp = get_array_module(field)
-    delta = 1e-3 / field.shape[-1]
+    delta = AMPLITUDE_DELTA_PER_PIXEL / field.shape[-1]
     amplitude = xp.sqrt(field.real * field.real + field.imag * field.imag + delta * delta)
     residual = amplitude - measured_amplitude
     loss = float(xp.sum(residual * residual))

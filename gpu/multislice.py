@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ptylive.gpu.backend import empty_aligned, get_array_module
+from ptylive.gpu.fft import fft2, ifft2
+from ptylive.gpu.fused import backward_slice, detector_amplitude_in_place, transmit
 from ptylive.gpu.loss import loss_function
 from ptylive.gpu.probe import fourier_shift
 from ptylive.gpu.propagation import farfield, farfield_adjoint, propagate
@@ -97,18 +99,21 @@ def loss_and_gradient(
     illumination = xp.empty(patches.shape, dtype=patches.real.dtype)
     wave = fourier_shift(probe, shifts_px)
     for s in range(n_slices):
-        waves[s] = wave
-        wave *= patches[s]
+        transmit(wave, patches[s], waves[s])  # waves[s] = ψ_s; wave = φ_s
         if s < n_slices - 1:
             propagate(wave, propagator)
-    value, field_gradient = loss_function(loss)(farfield(wave, measured.shape[-1]), measured)
-    gradient = farfield_adjoint(field_gradient, n, out=wave)  # ∂L/∂φ_{S-1}
+    fused = None
+    if loss == "amplitude":  # one pass from exit-wave spectrum to the gradient's spectrum (CPU)
+        fused = detector_amplitude_in_place(fft2(wave, normalise=False), measured)
+    if fused is not None:
+        value, gradient = fused, ifft2(wave, normalise=False)
+    else:
+        value, field_gradient = loss_function(loss)(farfield(wave, measured.shape[-1]), measured)
+        gradient = farfield_adjoint(field_gradient, n, out=wave)  # ∂L/∂φ_{S-1}
     backward = propagator.conj()
     for s in range(n_slices - 1, -1, -1):
-        illumination[s] = waves[s].real ** 2 + waves[s].imag ** 2
-        xp.conjugate(waves[s], out=waves[s])
-        waves[s] *= gradient  # ∂L/∂O_s[window] = conj(ψ_s) ∂L/∂φ_s
-        gradient *= patches[s].conj()  # ∂L/∂ψ_s
+        # |ψ_s|², ∂L/∂O_s[window] = conj(ψ_s) ∂L/∂φ_s (into waves[s]), ∂L/∂ψ_s = conj(O_s) ∂L/∂φ_s
+        backward_slice(waves[s], gradient, patches[s], illumination[s])
         if s > 0:
             propagate(gradient, backward)  # ∂L/∂φ_{s-1}
     probe_gradient = None
