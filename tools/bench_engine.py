@@ -25,9 +25,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -125,7 +126,7 @@ def gradient_case(xp: ModuleType, sync: Callable[[], None], n: int, s: int, b: i
         t_fft.append(_timer(bare, sync, loops_f))
     per = float(b * s)
     return {"grad": min(t_grad) / per, "fft": min(t_fft) / per, "ratio": min(t_grad) / min(t_fft),
-            "ratio_median": statistics.median(g / f for g, f in zip(t_grad, t_fft)), "samples": len(t_grad),
+            "ratio_median": statistics.median(g / f for g, f in zip(t_grad, t_fft, strict=True)), "samples": len(t_grad),
             "libs": _fft_libraries(xp, work, sync, repeats)}
 
 
@@ -188,7 +189,7 @@ def exchange_table(rank_counts: tuple[int, ...], iterations: int, repeats: int) 
                     continue
                 with h5py.File(out, "r") as f:
                     g = f["ranks"]
-                    stats = {k: np.asarray(g[k][()], dtype=np.float64) for k in g}
+                    stats: dict[str, Any] = {k: np.asarray(g[k][()], dtype=np.float64) for k in g}
                     stats["finite"] = bool(np.isfinite(f["object"][()]).all() and np.isfinite(f["loss"][()]).all())
                 runs[(ranks, mode)].append(stats)
         for (ranks, mode), got in runs.items():
