@@ -74,3 +74,20 @@ def test_measured_peak_memory_matches_plan(small_scan: Path, tmp_path: Path) -> 
         result = reconstruct(small_scan, tmp_path / f"m{ranks}{mode}.h5", ranks, "--iterations", "2", "--mode", mode)
         ratio = result["ranks/peak_memory_bytes"] / result["ranks/predicted_memory_bytes"]
         assert np.all(np.abs(ratio - 1) < 0.2), (ranks, mode, ratio)
+
+
+def test_probe_refinement_is_rank_independent_and_moves_the_probe(small_scan: Path, tmp_path: Path) -> None:
+    args = ("--iterations", "3", "--precision", "double", "--refine-probe")
+    one = reconstruct(small_scan, tmp_path / "p1.h5", 1, *args)
+    two = reconstruct(small_scan, tmp_path / "p2.h5", 2, *args)
+    with h5py.File(small_scan) as f:
+        initial_probe = f["probe"][...]
+    assert np.abs(one["probe"] - initial_probe).max() > 1e-4 * np.abs(initial_probe).max()
+    assert np.abs(two["probe"] - one["probe"]).max() < 1e-10 * np.abs(one["probe"]).max()
+    assert np.abs(two["object"] - one["object"]).max() < 1e-10 * np.abs(one["object"]).max()
+
+
+def test_async_refuses_probe_refinement_clearly(small_scan: Path, tmp_path: Path) -> None:
+    result = run_cli("reconstruct", str(small_scan), "--ranks", "2", "--mode", "async", "--refine-probe",
+                     "--out", str(tmp_path / "x.h5"))
+    assert result.returncode == 2 and "only implemented in sync mode" in result.stderr
