@@ -60,7 +60,7 @@ def _detector_amplitude(spectrum: np.ndarray, target: np.ndarray, rows: np.ndarr
     return total
 
 
-def detector_amplitude_in_place(spectrum: np.ndarray, target: np.ndarray) -> float | None:
+def detector_amplitude_in_place(spectrum: np.ndarray, target: np.ndarray) -> float:
     """Far-field crop, amplitude loss and the crop's adjoint in one pass (CPU only).
 
     Parameters
@@ -73,11 +73,13 @@ def detector_amplitude_in_place(spectrum: np.ndarray, target: np.ndarray) -> flo
 
     Returns
     -------
-    The loss, or None when this path does not apply (non-numpy arrays), in
-    which case nothing was touched.
+    float
+        The loss. Numpy arrays only: other array modules take
+        :func:`ptylive.gpu.propagation.farfield` and :mod:`ptylive.gpu.loss`.
     """
-    if get_array_module(spectrum) is not np or not target.flags.c_contiguous:
-        return None
+    if get_array_module(spectrum) is not np:
+        raise TypeError("detector_amplitude_in_place is the CPU path; use farfield + amplitude_loss")
+    target = np.ascontiguousarray(target)
     n, detector = spectrum.shape[-1], target.shape[-1]
     rows = (np.arange(detector) - detector // 2) % n
     real = spectrum.real.dtype.type

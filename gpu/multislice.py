@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from ptylive.gpu.backend import empty_aligned, get_array_module
 from ptylive.gpu.fft import fft2, ifft2
 from ptylive.gpu.fused import backward_slice, detector_amplitude_in_place, transmit
@@ -102,11 +104,9 @@ def loss_and_gradient(
         transmit(wave, patches[s], waves[s])  # waves[s] = ψ_s; wave = φ_s
         if s < n_slices - 1:
             propagate(wave, propagator)
-    fused = None
-    if loss == "amplitude":  # one pass from exit-wave spectrum to the gradient's spectrum (CPU)
-        fused = detector_amplitude_in_place(fft2(wave, normalise=False), measured)
-    if fused is not None:
-        value, gradient = fused, ifft2(wave, normalise=False)
+    if loss == "amplitude" and xp is np:  # one pass from the exit wave's spectrum to the gradient's
+        value = detector_amplitude_in_place(fft2(wave, normalise=False), measured)
+        gradient = ifft2(wave, normalise=False)  # ∂L/∂φ_{S-1}
     else:
         value, field_gradient = loss_function(loss)(farfield(wave, measured.shape[-1]), measured)
         gradient = farfield_adjoint(field_gradient, n, out=wave)  # ∂L/∂φ_{S-1}
