@@ -50,7 +50,8 @@ def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")
     p.add_argument("--loss", choices=("amplitude", "poisson"), default="amplitude")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--step-size", type=float, default=None, help="default: 1.0 sync, 0.5 async; halved for --loss poisson")
+    p.add_argument("--step-size", type=float, default=None,
+                   help="default: 1.0 sync, 0.5 async; halved for --loss poisson")
     p.add_argument("--refine-probe", action="store_true")
     p.add_argument("--max-staleness", type=int, default=4, help="in updates")
     p.add_argument("--updates-per-iteration", type=int, default=16, help="global mini-batches per iteration")
