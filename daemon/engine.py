@@ -283,7 +283,6 @@ def run_async(state: TileState, exchanger: Any, options: EngineOptions,
     report = run_sync(state, exchanger, warm_up, on_iteration,
                       on_exact_update=exchanger.remember_neighbour_illumination)
     local_losses = list(report.loss_history)  # iteration 0 is exact: already a global sum
-    sync_wait = exchanger.stats.wait_s
     for iteration in range(1, options.iterations):
         start = time.perf_counter()
         loss = 0.0
@@ -306,5 +305,4 @@ def run_async(state: TileState, exchanger: Any, options: EngineOptions,
     reduced = exchanger.allreduce_sum(np.array(local_losses[1:])) if len(local_losses) > 1 else []
     report.loss_history = local_losses[:1] + [float(v) for v in reduced]
     report.compute_s = sum(report.iterations_s) - exchanger.stats.wait_s
-    logger.debug("async: sync warm-up waited %.3f s", sync_wait)
     return report

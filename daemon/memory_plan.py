@@ -13,7 +13,7 @@ The model counts the arrays the engine allocates (see :mod:`engine`,
 * frames: the rank's measured patterns, real;
 * batch workspace: windows, stored waves (reused for gradients), their
   intensities, a few batch-sized temporaries, and one scratch array per
-  planned FFT shape (:func:`ptylive.gpu.fft.plan_scratch_bytes`).
+  planned FFT shape (kept by :mod:`ptylive.gpu.fft`'s plan cache).
 """
 
 from __future__ import annotations

@@ -73,16 +73,6 @@ def to_numpy(array: Any) -> np.ndarray:
     return np.asarray(array)
 
 
-def real_dtype(complex_dtype: Any) -> np.dtype:
-    """float32 for complex64, float64 for complex128."""
-    return np.dtype(np.finfo(np.dtype(complex_dtype)).dtype)
-
-
-def complex_dtype(real_or_complex: Any) -> np.dtype:
-    """complex64 for float32/complex64, complex128 for float64/complex128."""
-    return np.result_type(np.dtype(real_or_complex), np.complex64)
-
-
 def empty_aligned(xp: ModuleType, shape: tuple[int, ...], dtype: Any) -> Any:
     """Allocate an uninitialised array, SIMD-aligned on the CPU for FFTW.
 

@@ -46,11 +46,6 @@ def _plans(shape: tuple[int, ...], dtype: np.dtype) -> tuple[Any, Any, Any]:
     return entry
 
 
-def plan_scratch_bytes() -> int:
-    """Bytes held by cached plans (one scratch array per planned shape)."""
-    return sum(entry[2].nbytes for entry in _PLANS.values())
-
-
 def _cpu_inplace(x: np.ndarray, direction: str, normalise: bool) -> np.ndarray:
     if pyfftw is None or x.dtype not in (np.complex64, np.complex128):
         raise TypeError(f"FFT needs a complex64/complex128 array, got {x.dtype}")

@@ -52,11 +52,6 @@ class ProbeOptics:
         wavelength_A(self.energy_eV)  # validates the energy
 
 
-def spatial_frequencies_per_A(xp: ModuleType, n: int, pixel_size_A: float, dtype: Any) -> Any:
-    """1-D FFT frequencies (1/Å) of an ``n``-pixel axis, in FFT order."""
-    return xp.asarray(np.fft.fftfreq(n, d=pixel_size_A), dtype=dtype)
-
-
 def make_probe(
     optics: ProbeOptics, window_px: int, pixel_size_A: float, xp: ModuleType = np,
     dtype: Any = np.complex64,
