@@ -37,6 +37,7 @@ from ptylive.gpu.backend import get_array_module, to_numpy, zeros_aligned
 from ptylive.gpu.loss import LOSSES, fit_intensity_scale, measured_target
 from ptylive.gpu.multislice import forward, loss_and_gradient
 from ptylive.gpu.patches import accumulate_patches, extract_patches
+from ptylive.gpu.update import constrain, object_update
 
 logger = logging.getLogger(__name__)
 
@@ -200,25 +201,6 @@ def local_gradient(
         if between_batches is not None:
             between_batches()
     return total, gradient, illumination, probe_gradient
-
-
-def object_update(gradient: Any, illumination: Any, floor: float, step: float) -> Any:
-    """Preconditioned step ``−step · g / (2 (p + floor))``."""
-    return gradient * (-0.5 * step / (illumination + floor))
-
-
-def constrain(volume: Any, max_amplitude: float | None) -> None:
-    """Project transmissions onto ``|O| <= max_amplitude`` in place (no gain anywhere).
-
-    Without it a multislice step that raises ``|O_s|`` amplifies every later
-    slice's wave and the iterations diverge (seen on PbTiO3 with 4 slices).
-    Voxel-wise, so all copies of a voxel stay identical.
-    """
-    if max_amplitude is None:
-        return
-    xp = get_array_module(volume)
-    amplitude = xp.abs(volume)
-    volume *= max_amplitude / xp.maximum(amplitude, max_amplitude)
 
 
 def _finish_iteration(report: EngineReport, iteration: int, loss: float, start: float,
