@@ -34,28 +34,35 @@ def transmit(wave: Any, patch: Any, stored: Any) -> None:
     wave *= patch
 
 
-@numba.njit(cache=True, nogil=True)
-def _detector_amplitude(spectrum: np.ndarray, target: np.ndarray, rows: np.ndarray, scale: float,
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
+def _detector_amplitude(spectrum: np.ndarray, target: np.ndarray, scale: float,
                         delta2: float) -> float:  # pragma: no cover
     batch, detector, _ = target.shape
     n = spectrum.shape[-1]
-    on_detector = np.zeros(n, np.bool_)
-    on_detector[rows] = True
+    half = detector // 2
+    # FFT-order index ranges of the detector's two halves along each axis (see propagation._blocks):
+    # detector [0, half) <- FFT [n - half, n); detector [half, D) <- FFT [0, D - half).
+    starts_det = (0, half)
+    starts_fft = (n - half, 0)
+    lengths = (half, detector - half)
     total = 0.0
     for b in range(batch):
-        for i in range(detector):
-            r = rows[i]
-            for j in range(detector):
-                c = rows[j]
-                z = spectrum[b, r, c] * scale
-                amplitude = np.sqrt(z.real * z.real + z.imag * z.imag + delta2)
-                residual = amplitude - target[b, i, j]
-                total += residual * residual
-                spectrum[b, r, c] = z * (2.0 * residual / amplitude * scale)
+        for rb in range(2):
+            for i in range(lengths[rb]):
+                r, ti = starts_fft[rb] + i, starts_det[rb] + i
+                for cb in range(2):
+                    c0, tj0 = starts_fft[cb], starts_det[cb]
+                    for j in range(lengths[cb]):
+                        z = spectrum[b, r, c0 + j] * scale
+                        amplitude = np.sqrt(z.real * z.real + z.imag * z.imag + delta2)
+                        residual = amplitude - target[b, ti, tj0 + j]
+                        total += residual * residual
+                        spectrum[b, r, c0 + j] = z * (2.0 * residual / amplitude * scale)
         if detector < n:  # frequencies beyond the detector get no gradient
             for r in range(n):
+                on_row = r < detector - half or r >= n - half
                 for c in range(n):
-                    if not (on_detector[r] and on_detector[c]):
+                    if not (on_row and (c < detector - half or c >= n - half)):
                         spectrum[b, r, c] = 0
     return total
 
@@ -81,10 +88,9 @@ def detector_amplitude_in_place(spectrum: np.ndarray, target: np.ndarray) -> flo
         raise TypeError("detector_amplitude_in_place is the CPU path; use farfield + amplitude_loss")
     target = np.ascontiguousarray(target)
     n, detector = spectrum.shape[-1], target.shape[-1]
-    rows = (np.arange(detector) - detector // 2) % n
     real = spectrum.real.dtype.type
     delta = AMPLITUDE_DELTA_PER_PIXEL / detector
-    return float(_detector_amplitude(spectrum, target, rows, real(1.0 / n), real(delta * delta)))
+    return float(_detector_amplitude(spectrum, target.astype(real, copy=False), real(1.0 / n), real(delta * delta)))
 
 
 @numba.njit(cache=True, nogil=True)
