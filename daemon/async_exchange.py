@@ -71,6 +71,9 @@ class AsyncExchanger(SyncExchanger):
         self.last_received = [-1] * len(shapes)
         self.finished = [False] * len(shapes)
         self.stats = ExchangeStats()
+        self.probe_send: np.ndarray | None = None
+        self.probe_total: np.ndarray | None = None
+        self.probe_request: Any = None
 
     def _post_recv(self, i: int) -> Any:
         return self.comm.Irecv(self.async_recv[i], source=self.regions[i][0], tag=TAG_ASYNC)
@@ -157,6 +160,31 @@ class AsyncExchanger(SyncExchanger):
         for (_, region, _), theirs in zip(self.regions, self.neighbour_illumination, strict=True):
             total[(slice(None), *region)] += xp.asarray(theirs[minibatch])
         return total
+
+    def start_probe_reduction(self, probe_gradient: np.ndarray) -> None:
+        """Post a non-blocking all-reduce (sum) of this rank's probe gradient.
+
+        Every rank must call it the same number of times (once per iteration);
+        :meth:`finish_probe_reduction` collects the result.
+        """
+        from mpi4py import MPI
+
+        if self.probe_request is not None:
+            raise RuntimeError("previous probe reduction still outstanding")
+        self.probe_send = np.ascontiguousarray(probe_gradient).copy()
+        self.probe_total = np.empty_like(self.probe_send)
+        self.probe_request = self.comm.Iallreduce(self.probe_send, self.probe_total, op=MPI.SUM)
+        self.stats.bytes_sent += self.probe_send.nbytes
+
+    def finish_probe_reduction(self) -> np.ndarray | None:
+        """The summed probe gradient of the outstanding reduction (waits, counted), or None."""
+        if self.probe_request is None:
+            return None
+        start = time.perf_counter()
+        self.probe_request.Wait()
+        self.stats.wait_s += time.perf_counter() - start
+        self.probe_request = None
+        return self.probe_total
 
     def finish(self, volume: Any, step: int) -> None:
         """Flush the accumulation (flagged last) and drain all neighbours.
