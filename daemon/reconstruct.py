@@ -154,7 +154,7 @@ def run_rank(job: ReconstructionJob, comm: Any | None) -> None:
     if job.options.mode == "sync" or job.n_ranks == 1:  # one rank: async has nobody to wait for
         report = run_sync(state, exchanger, job.options, progress)
     else:
-        from ptylive.daemon.engine import run_async
+        from ptylive.daemon.async_engine import run_async
 
         report = run_async(state, exchanger, job.options, progress)
     _, peak = tracemalloc.get_traced_memory()
