@@ -1,0 +1,271 @@
+"""ptylive stream v1: the wire protocol between a detector and the ingest.
+
+Every message is a ZeroMQ multipart message. Part 0 is a msgpack map with an
+``"htype"``; a frame carries its pixels as raw bytes in part 1. The schema is
+documented in ``docs/protocol.md``. Nothing is ever unpickled: msgpack maps
+of plain values only, and every field is checked before use.
+
+A message that cannot be accepted raises :class:`ProtocolError` whose
+``reason`` is one of :data:`REJECT_REASONS`, so the ingest can count
+rejections by reason (a low-cardinality metrics label).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+VERSION = 1
+MAX_HEADER_BYTES = 64 * 1024
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+MAX_DETECTOR_PX = 4096
+MAX_SCAN_POSITIONS = 16 * 1024 * 1024
+DTYPES = ("uint8", "uint16", "uint32", "int32", "float32", "float64")
+ENCODINGS = ("raw",)  # bslz4 and lz4 arrive with the DECTRIS adapters (decoded on workers)
+REJECT_REASONS = (
+    "parts", "header_too_large", "not_msgpack", "not_a_map", "unknown_htype", "missing_field",
+    "bad_field", "version", "unsupported_encoding", "payload_size", "too_large",
+)
+
+
+class ProtocolError(ValueError):
+    """A message that is rejected; ``reason`` is one of :data:`REJECT_REASONS`."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        if reason not in REJECT_REASONS:
+            raise AssertionError(f"unknown reject reason {reason!r}")
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class SeriesStart:
+    """Start of a series: scan geometry, detector and optics.
+
+    Attributes
+    ----------
+    series_id : str
+    scan_shape : (int, int)
+        Rows × columns of the raster; frame ``k`` sits at row ``k // cols``.
+    scan_step_A : (float, float)
+        Raster steps along rows and columns.
+    detector_shape : (int, int)
+    dtype : str
+    energy_eV, convergence_semiangle_mrad, defocus_A, detector_pixel_mrad : float
+    scan_rotation_deg : float
+    positions_A : (n, 2) float64 or None
+        Explicit positions; override the raster.
+    overrides : dict
+        Reconstruction settings for this series (validated by the daemon).
+    """
+
+    series_id: str
+    scan_shape: tuple[int, int]
+    scan_step_A: tuple[float, float]
+    detector_shape: tuple[int, int]
+    dtype: str
+    energy_eV: float
+    convergence_semiangle_mrad: float
+    defocus_A: float
+    detector_pixel_mrad: float
+    scan_rotation_deg: float = 0.0
+    positions_A: np.ndarray | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_positions(self) -> int:
+        return len(self.positions_A) if self.positions_A is not None else self.scan_shape[0] * self.scan_shape[1]
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One diffraction pattern; ``pixels`` is a read-only view of the received buffer."""
+
+    series_id: str
+    frame_index: int
+    pixels: np.ndarray
+    position_A: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
+class SeriesEnd:
+    series_id: str
+    n_frames: int
+
+
+Message = SeriesStart | Frame | SeriesEnd
+
+
+def _field(header: dict[str, Any], name: str, kind: type | tuple[type, ...], optional: bool = False) -> Any:
+    if name not in header:
+        if optional:
+            return None
+        raise ProtocolError("missing_field", f"{header.get('htype')!r} lacks {name!r}")
+    value = header[name]
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise ProtocolError("bad_field", f"{name!r} must be {kind}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _number(header: dict[str, Any], name: str, positive: bool = False, optional: bool = False) -> float | None:
+    value = _field(header, name, (int, float), optional)
+    if value is None:
+        return None
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ProtocolError("bad_field", f"{name!r} must be a finite{' positive' if positive else ''} number, "
+                                         f"got {value!r}")
+    return float(value)
+
+
+def _pair(header: dict[str, Any], name: str, kind: type, positive: bool) -> tuple[Any, Any]:
+    value = header.get(name)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and kind is float:
+        value = [value, value]  # a scalar step applies to both axes
+    allowed = (int, float) if kind is float else int
+    if (not isinstance(value, list) or len(value) != 2
+            or not all(isinstance(v, allowed) and not isinstance(v, bool) for v in value)):
+        if name not in header:
+            raise ProtocolError("missing_field", f"{header.get('htype')!r} lacks {name!r}")
+        raise ProtocolError("bad_field", f"{name!r} must be two {kind.__name__}s, got {value!r}")
+    if not all(math.isfinite(v) and (v > 0 or not positive) for v in value):
+        raise ProtocolError("bad_field", f"{name!r} must be finite{' and positive' if positive else ''}: {value!r}")
+    return kind(value[0]), kind(value[1])
+
+
+def _series_id(header: dict[str, Any]) -> str:
+    value = _field(header, "series_id", (str, int))
+    return str(value)
+
+
+def _decode_start(header: dict[str, Any]) -> SeriesStart:
+    if header.get("version") != VERSION:
+        raise ProtocolError("version", f"expected version {VERSION}, got {header.get('version')!r}")
+    scan_shape = _pair(header, "scan_shape", int, positive=True)
+    if scan_shape[0] * scan_shape[1] > MAX_SCAN_POSITIONS:
+        raise ProtocolError("too_large", f"scan of {scan_shape} exceeds {MAX_SCAN_POSITIONS} positions")
+    detector = _field(header, "detector", dict)
+    optics = _field(header, "optics", dict)
+    shape = _pair(detector, "shape", int, positive=True)
+    if max(shape) > MAX_DETECTOR_PX:
+        raise ProtocolError("too_large", f"detector {shape} exceeds {MAX_DETECTOR_PX} px")
+    dtype = _field(detector, "dtype", str)
+    if dtype not in DTYPES:
+        raise ProtocolError("bad_field", f"detector dtype {dtype!r} not in {DTYPES}")
+    positions = header.get("positions_A")
+    if positions is not None:
+        try:
+            positions = np.asarray(positions, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ProtocolError("bad_field", "'positions_A' must be a list of [row, col] numbers") from None
+        if positions.ndim != 2 or positions.shape[1] != 2 or not np.isfinite(positions).all():
+            raise ProtocolError("bad_field", f"'positions_A' must be finite [n, 2], got shape {positions.shape}")
+    overrides = _field(header, "reconstruction", dict, optional=True) or {}
+    return SeriesStart(
+        series_id=_series_id(header), scan_shape=scan_shape,
+        scan_step_A=_pair(header, "scan_step_A", float, positive=True), detector_shape=shape, dtype=dtype,
+        energy_eV=_number(optics, "energy_eV", positive=True),  # type: ignore[arg-type]
+        convergence_semiangle_mrad=_number(optics, "convergence_semiangle_mrad", positive=True),  # type: ignore[arg-type]
+        defocus_A=_number(optics, "defocus_A"),  # type: ignore[arg-type]
+        detector_pixel_mrad=_number(optics, "detector_pixel_mrad", positive=True),  # type: ignore[arg-type]
+        scan_rotation_deg=_number(header, "scan_rotation_deg", optional=True) or 0.0,
+        positions_A=positions, overrides=dict(overrides),
+    )
+
+
+def _decode_frame(header: dict[str, Any], payload: Any) -> Frame:
+    index = _field(header, "frame_index", int)
+    if index < 0:
+        raise ProtocolError("bad_field", f"'frame_index' must be >= 0, got {index}")
+    shape = _pair(header, "shape", int, positive=True)
+    if max(shape) > MAX_DETECTOR_PX:
+        raise ProtocolError("too_large", f"frame {shape} exceeds {MAX_DETECTOR_PX} px")
+    dtype = _field(header, "dtype", str)
+    if dtype not in DTYPES:
+        raise ProtocolError("bad_field", f"frame dtype {dtype!r} not in {DTYPES}")
+    encoding = header.get("encoding", "raw")
+    if encoding not in ENCODINGS:
+        raise ProtocolError("unsupported_encoding", f"encoding {encoding!r}; supported: {ENCODINGS}")
+    buffer = memoryview(payload).cast("B")
+    expected = shape[0] * shape[1] * np.dtype(dtype).itemsize
+    if buffer.nbytes != expected:
+        raise ProtocolError("payload_size", f"frame {index}: {buffer.nbytes} bytes for {shape} {dtype} "
+                                            f"(expected {expected})")
+    position = _pair(header, "position_A", float, positive=False) if "position_A" in header else None
+    pixels = np.frombuffer(buffer, dtype=dtype).reshape(shape)
+    return Frame(_series_id(header), index, pixels, position)
+
+
+def decode(parts: list[Any]) -> Message:
+    """Decode one multipart message (bytes, or zmq.Frame / buffer objects).
+
+    Raises
+    ------
+    ProtocolError
+        With a ``reason`` from :data:`REJECT_REASONS`.
+    """
+    if not 1 <= len(parts) <= 2:
+        raise ProtocolError("parts", f"expected 1 or 2 parts, got {len(parts)}")
+    raw_header = memoryview(parts[0]).cast("B")
+    if raw_header.nbytes > MAX_HEADER_BYTES:
+        raise ProtocolError("header_too_large", f"{raw_header.nbytes} bytes > {MAX_HEADER_BYTES}")
+    try:
+        header = msgpack.unpackb(raw_header, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # noqa: BLE001 - msgpack raises several types for bad input
+        raise ProtocolError("not_msgpack", f"header does not decode: {type(exc).__name__}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("not_a_map", f"header is a {type(header).__name__}, not a map")
+    htype = header.get("htype")
+    expected_parts = 2 if htype == "frame" else 1
+    if htype in ("series_start", "frame", "series_end") and len(parts) != expected_parts:
+        raise ProtocolError("parts", f"{htype!r} needs {expected_parts} part(s), got {len(parts)}")
+    if htype == "series_start":
+        return _decode_start(header)
+    if htype == "frame":
+        if memoryview(parts[1]).nbytes > MAX_FRAME_BYTES:
+            raise ProtocolError("too_large", f"frame payload over {MAX_FRAME_BYTES} bytes")
+        return _decode_frame(header, parts[1])
+    if htype == "series_end":
+        n_frames = _field(header, "n_frames", int)
+        if n_frames < 0:
+            raise ProtocolError("bad_field", f"'n_frames' must be >= 0, got {n_frames}")
+        return SeriesEnd(_series_id(header), n_frames)
+    raise ProtocolError("unknown_htype", f"htype {htype!r}")
+
+
+def encode_series_start(start: SeriesStart) -> list[bytes]:
+    """Encode a :class:`SeriesStart` as a one-part message."""
+    header: dict[str, Any] = {
+        "htype": "series_start", "version": VERSION, "series_id": start.series_id,
+        "scan_shape": list(start.scan_shape), "scan_step_A": list(start.scan_step_A),
+        "scan_rotation_deg": start.scan_rotation_deg,
+        "detector": {"shape": list(start.detector_shape), "dtype": start.dtype},
+        "optics": {"energy_eV": start.energy_eV, "convergence_semiangle_mrad": start.convergence_semiangle_mrad,
+                   "defocus_A": start.defocus_A, "detector_pixel_mrad": start.detector_pixel_mrad},
+        "reconstruction": dict(start.overrides),
+    }
+    if start.positions_A is not None:
+        header["positions_A"] = np.asarray(start.positions_A, dtype=np.float64).tolist()
+    return [msgpack.packb(header, use_bin_type=True)]
+
+
+def encode_frame(series_id: str, frame_index: int, pixels: np.ndarray,
+                 position_A: tuple[float, float] | None = None) -> list[Any]:
+    """Encode a frame as ``[msgpack header, pixel buffer]`` (the buffer is not copied)."""
+    pixels = np.ascontiguousarray(pixels)
+    header: dict[str, Any] = {"htype": "frame", "series_id": series_id, "frame_index": int(frame_index),
+                              "shape": list(pixels.shape), "dtype": pixels.dtype.name, "encoding": "raw"}
+    if position_A is not None:
+        header["position_A"] = [float(position_A[0]), float(position_A[1])]
+    return [msgpack.packb(header, use_bin_type=True), pixels.data]
+
+
+def encode_series_end(series_id: str, n_frames: int) -> list[bytes]:
+    return [msgpack.packb({"htype": "series_end", "series_id": series_id, "n_frames": int(n_frames)},
+                          use_bin_type=True)]
