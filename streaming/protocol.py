@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024
+MAX_START_BYTES = 32 * 1024 * 1024  # a series_start may carry explicit positions (~18 B each)
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 MAX_DETECTOR_PX = 4096
 MAX_SCAN_POSITIONS = 16 * 1024 * 1024
@@ -60,10 +61,13 @@ class SeriesStart:
     dtype : str
     energy_eV, convergence_semiangle_mrad, defocus_A, detector_pixel_mrad : float
     scan_rotation_deg : float
-    positions_A : (n, 2) float64 or None
-        Explicit positions; override the raster.
+    positions_A : tuple of (row, col) or None
+        Explicit positions in Å (one per frame, ``rows × cols`` of them); they
+        override the raster. Any (n, 2) array-like is accepted and stored as a
+        tuple, so the message stays hashable and comparable.
     overrides : dict
-        Reconstruction settings for this series (validated by the daemon).
+        Reconstruction settings for this series (validated by the daemon);
+        excluded from the hash.
     """
 
     series_id: str
@@ -76,8 +80,13 @@ class SeriesStart:
     defocus_A: float
     detector_pixel_mrad: float
     scan_rotation_deg: float = 0.0
-    positions_A: np.ndarray | None = None
-    overrides: dict[str, Any] = field(default_factory=dict)
+    positions_A: tuple[tuple[float, float], ...] | None = None
+    overrides: dict[str, Any] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        if self.positions_A is not None and not isinstance(self.positions_A, tuple):
+            array = np.asarray(self.positions_A, dtype=np.float64).reshape(-1, 2)
+            object.__setattr__(self, "positions_A", tuple((float(r), float(c)) for r, c in array))
 
     @property
     def n_positions(self) -> int:
@@ -124,9 +133,10 @@ def _number(header: dict[str, Any], name: str, positive: bool = False, optional:
     return float(value)
 
 
-def _pair(header: dict[str, Any], name: str, kind: type, positive: bool) -> tuple[Any, Any]:
+def _pair(header: dict[str, Any], name: str, kind: type, positive: bool,
+          scalar: bool = False) -> tuple[Any, Any]:
     value = header.get(name)
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and kind is float:
+    if scalar and isinstance(value, (int, float)) and not isinstance(value, bool):
         value = [value, value]  # a scalar step applies to both axes
     allowed = (int, float) if kind is float else int
     if (not isinstance(value, list) or len(value) != 2
@@ -140,6 +150,7 @@ def _pair(header: dict[str, Any], name: str, kind: type, positive: bool) -> tupl
 
 
 def _series_id(header: dict[str, Any]) -> str:
+    """Series ids may be strings or integers (DECTRIS numbers its series); they compare as strings."""
     value = _field(header, "series_id", (str, int))
     return str(value)
 
@@ -160,22 +171,27 @@ def _decode_start(header: dict[str, Any]) -> SeriesStart:
         raise ProtocolError("bad_field", f"detector dtype {dtype!r} not in {DTYPES}")
     positions = header.get("positions_A")
     if positions is not None:
-        try:
-            positions = np.asarray(positions, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise ProtocolError("bad_field", "'positions_A' must be a list of [row, col] numbers") from None
-        if positions.ndim != 2 or positions.shape[1] != 2 or not np.isfinite(positions).all():
-            raise ProtocolError("bad_field", f"'positions_A' must be finite [n, 2], got shape {positions.shape}")
+        if not isinstance(positions, list) or not all(
+                isinstance(p, list) and len(p) == 2
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p) for p in positions):
+            raise ProtocolError("bad_field", "'positions_A' must be a list of [row, col] numbers")
+        positions = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
+        if not np.isfinite(positions).all():
+            raise ProtocolError("bad_field", "'positions_A' holds NaN or infinity")
+        if len(positions) != scan_shape[0] * scan_shape[1]:
+            raise ProtocolError("bad_field", f"{len(positions)} 'positions_A' for a scan of {scan_shape} "
+                                             f"({scan_shape[0] * scan_shape[1]} frames)")
     overrides = _field(header, "reconstruction", dict, optional=True) or {}
     return SeriesStart(
         series_id=_series_id(header), scan_shape=scan_shape,
-        scan_step_A=_pair(header, "scan_step_A", float, positive=True), detector_shape=shape, dtype=dtype,
+        scan_step_A=_pair(header, "scan_step_A", float, positive=True, scalar=True), detector_shape=shape, dtype=dtype,
         energy_eV=_number(optics, "energy_eV", positive=True),  # type: ignore[arg-type]
         convergence_semiangle_mrad=_number(optics, "convergence_semiangle_mrad", positive=True),  # type: ignore[arg-type]
         defocus_A=_number(optics, "defocus_A"),  # type: ignore[arg-type]
         detector_pixel_mrad=_number(optics, "detector_pixel_mrad", positive=True),  # type: ignore[arg-type]
         scan_rotation_deg=_number(header, "scan_rotation_deg", optional=True) or 0.0,
-        positions_A=positions, overrides=dict(overrides),
+        positions_A=None if positions is None else tuple((float(r), float(c)) for r, c in positions),
+        overrides=dict(overrides),
     )
 
 
@@ -192,13 +208,17 @@ def _decode_frame(header: dict[str, Any], payload: Any) -> Frame:
     encoding = header.get("encoding", "raw")
     if encoding not in ENCODINGS:
         raise ProtocolError("unsupported_encoding", f"encoding {encoding!r}; supported: {ENCODINGS}")
-    buffer = memoryview(payload).cast("B")
+    try:
+        buffer = memoryview(payload).cast("B")
+    except (TypeError, ValueError, NotImplementedError):
+        raise ProtocolError("payload_size", f"frame {index}: payload is not a contiguous buffer") from None
     expected = shape[0] * shape[1] * np.dtype(dtype).itemsize
     if buffer.nbytes != expected:
         raise ProtocolError("payload_size", f"frame {index}: {buffer.nbytes} bytes for {shape} {dtype} "
                                             f"(expected {expected})")
     position = _pair(header, "position_A", float, positive=False) if "position_A" in header else None
     pixels = np.frombuffer(buffer, dtype=dtype).reshape(shape)
+    pixels.flags.writeable = False
     return Frame(_series_id(header), index, pixels, position)
 
 
@@ -212,9 +232,12 @@ def decode(parts: list[Any]) -> Message:
     """
     if not 1 <= len(parts) <= 2:
         raise ProtocolError("parts", f"expected 1 or 2 parts, got {len(parts)}")
-    raw_header = memoryview(parts[0]).cast("B")
-    if raw_header.nbytes > MAX_HEADER_BYTES:
-        raise ProtocolError("header_too_large", f"{raw_header.nbytes} bytes > {MAX_HEADER_BYTES}")
+    try:
+        raw_header = memoryview(parts[0]).cast("B")
+    except (TypeError, ValueError, NotImplementedError):
+        raise ProtocolError("not_msgpack", "header part is not a contiguous buffer") from None
+    if raw_header.nbytes > MAX_START_BYTES:
+        raise ProtocolError("header_too_large", f"{raw_header.nbytes} bytes > {MAX_START_BYTES}")
     try:
         header = msgpack.unpackb(raw_header, raw=False, strict_map_key=True, use_list=True)
     except Exception as exc:  # noqa: BLE001 - msgpack raises several types for bad input
@@ -222,6 +245,8 @@ def decode(parts: list[Any]) -> Message:
     if not isinstance(header, dict):
         raise ProtocolError("not_a_map", f"header is a {type(header).__name__}, not a map")
     htype = header.get("htype")
+    if htype != "series_start" and raw_header.nbytes > MAX_HEADER_BYTES:
+        raise ProtocolError("header_too_large", f"{raw_header.nbytes} bytes > {MAX_HEADER_BYTES}")
     expected_parts = 2 if htype == "frame" else 1
     if htype in ("series_start", "frame", "series_end") and len(parts) != expected_parts:
         raise ProtocolError("parts", f"{htype!r} needs {expected_parts} part(s), got {len(parts)}")
@@ -251,7 +276,7 @@ def encode_series_start(start: SeriesStart) -> list[bytes]:
         "reconstruction": dict(start.overrides),
     }
     if start.positions_A is not None:
-        header["positions_A"] = np.asarray(start.positions_A, dtype=np.float64).tolist()
+        header["positions_A"] = [list(p) for p in start.positions_A]
     return [msgpack.packb(header, use_bin_type=True)]
 
 

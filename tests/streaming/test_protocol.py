@@ -33,10 +33,17 @@ def pack(header: dict) -> bytes:
 def test_series_start_round_trip() -> None:
     decoded = decode(encode_series_start(START))
     assert decoded == START and decoded.n_positions == 20
-    explicit = SeriesStart(**{**START.__dict__, "positions_A": np.array([[0.0, 1.0], [2.0, 3.5]])})
+    positions = np.arange(40, dtype=float).reshape(20, 2) * 0.25
+    explicit = SeriesStart(**{**START.__dict__, "positions_A": positions})
     again = decode(encode_series_start(explicit))
-    assert isinstance(again, SeriesStart) and again.n_positions == 2
-    np.testing.assert_array_equal(again.positions_A, explicit.positions_A)
+    assert again == explicit and hash(again) == hash(explicit) and again.n_positions == 20
+    np.testing.assert_array_equal(np.asarray(again.positions_A), positions)
+
+
+def test_many_explicit_positions_fit_a_series_start() -> None:
+    positions = np.random.default_rng(0).uniform(0, 100, size=(200 * 200, 2))
+    start = SeriesStart(**{**START.__dict__, "scan_shape": (200, 200), "positions_A": positions})
+    assert decode(encode_series_start(start)).n_positions == 40000
 
 
 def test_frame_round_trip_is_zero_copy_view() -> None:
@@ -45,6 +52,7 @@ def test_frame_round_trip_is_zero_copy_view() -> None:
     frame = decode([bytes(parts[0]), bytearray(parts[1])])
     assert isinstance(frame, Frame) and frame.frame_index == 7 and frame.position_A == (1.5, -2.0)
     np.testing.assert_array_equal(frame.pixels, pixels)
+    assert not frame.pixels.flags.writeable
     assert decode(encode_series_end("s1", 20)) == SeriesEnd("s1", 20)
 
 
@@ -59,7 +67,7 @@ PAYLOAD = np.zeros((4, 4), np.uint16).tobytes()
 CASES = [
     ([b"a", b"b", b"c"], "parts"),
     ([pack(frame_header())], "parts"),
-    ([b"\x00" * (MAX_HEADER_BYTES + 1)], "header_too_large"),
+    ([pack({"htype": "series_end", "series_id": "x" * MAX_HEADER_BYTES, "n_frames": 1})], "header_too_large"),
     ([b"\xc1"], "not_msgpack"),
     ([pack([1, 2])], "not_a_map"),
     ([pack({"htype": "nope"})], "unknown_htype"),
@@ -72,6 +80,7 @@ CASES = [
     ([pack(frame_header()), PAYLOAD[:-2]], "payload_size"),
     ([pack(frame_header(shape=[5000, 1])), PAYLOAD], "too_large"),
     ([pack(frame_header(position_A=[float("nan"), 0.0])), PAYLOAD], "bad_field"),
+    ([pack(frame_header(position_A=3.5)), PAYLOAD], "bad_field"),
     ([pack({"htype": "series_start", "version": 2})], "version"),
     ([pack({"htype": "series_end", "series_id": "s1"})], "missing_field"),
 ]
@@ -91,7 +100,8 @@ def test_every_reason_is_exercised() -> None:
 def test_bad_series_start_fields() -> None:
     good = msgpack.unpackb(encode_series_start(START)[0])
     for path, value in ((("optics", "energy_eV"), -1.0), (("detector", "dtype"), "complex64"),
-                        (("scan_shape",), [0, 4]), (("positions_A",), [[1.0, 2.0, 3.0]])):
+                        (("scan_shape",), [0, 4]), (("positions_A",), [[1.0, 2.0, 3.0]]),
+                        (("positions_A",), [[True, 1.0]] * 20), (("positions_A",), [[1.0, 2.0]] * 5)):
         header = msgpack.unpackb(encode_series_start(START)[0])
         target = header
         for key in path[:-1]:
