@@ -217,7 +217,7 @@ def _decode_frame(header: dict[str, Any], payload: Any) -> Frame:
         raise ProtocolError("payload_size", f"frame {index}: {buffer.nbytes} bytes for {shape} {dtype} "
                                             f"(expected {expected})")
     position = _pair(header, "position_A", float, positive=False) if "position_A" in header else None
-    pixels = np.frombuffer(buffer, dtype=dtype).reshape(shape)
+    pixels = np.frombuffer(buffer, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
     pixels.flags.writeable = False
     return Frame(_series_id(header), index, pixels, position)
 
@@ -282,8 +282,12 @@ def encode_series_start(start: SeriesStart) -> list[bytes]:
 
 def encode_frame(series_id: str, frame_index: int, pixels: np.ndarray,
                  position_A: tuple[float, float] | None = None) -> list[Any]:
-    """Encode a frame as ``[msgpack header, pixel buffer]`` (the buffer is not copied)."""
-    pixels = np.ascontiguousarray(pixels)
+    """Encode a frame as ``[msgpack header, pixel buffer]``.
+
+    The buffer is not copied when ``pixels`` is already C-contiguous and
+    little-endian (the wire byte order); otherwise it is converted first.
+    """
+    pixels = np.ascontiguousarray(pixels, dtype=pixels.dtype.newbyteorder("<"))
     header: dict[str, Any] = {"htype": "frame", "series_id": series_id, "frame_index": int(frame_index),
                               "shape": list(pixels.shape), "dtype": pixels.dtype.name, "encoding": "raw"}
     if position_A is not None:

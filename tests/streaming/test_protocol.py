@@ -40,6 +40,12 @@ def test_series_start_round_trip() -> None:
     np.testing.assert_array_equal(np.asarray(again.positions_A), positions)
 
 
+def test_big_endian_frames_arrive_with_their_values() -> None:
+    pixels = np.arange(16, dtype=">u2").reshape(4, 4) * 300
+    frame = decode([bytes(p) for p in encode_frame("s", 0, pixels)])
+    np.testing.assert_array_equal(frame.pixels, pixels)
+
+
 def test_many_explicit_positions_fit_a_series_start() -> None:
     positions = np.random.default_rng(0).uniform(0, 100, size=(200 * 200, 2))
     start = SeriesStart(**{**START.__dict__, "scan_shape": (200, 200), "positions_A": positions})
