@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from ptylive.daemon.decomposition import RankDomain
-from ptylive.daemon.exchange import ExchangeStats, SyncExchanger, pack, unpack
+from ptylive.daemon.exchange import ExchangeStats, SyncExchanger, add_pairs, pack, unpack
 from ptylive.gpu.backend import get_array_module, to_numpy
 
 logger = logging.getLogger(__name__)
@@ -118,8 +118,7 @@ class AsyncExchanger(SyncExchanger):
         _, region, shape = self.regions[i]
         sent_step, last, minibatch = (int(v) for v in self.async_recv[i][:HEADER])
         update, illumination = unpack(self.async_recv[i], shape, n_head=HEADER)
-        xp = get_array_module(volume)
-        volume[(slice(None), *region)] += xp.asarray(update)
+        add_pairs(volume[(slice(None), *region)], update)
         self.neighbour_illumination[i][minibatch] = illumination
         self.last_received[i] = sent_step
         self.stats.staleness.append(max(step - sent_step, 0))

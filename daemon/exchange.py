@@ -6,8 +6,8 @@ Three implementations of one small protocol (:class:`Exchanger`):
   same engine code (tike's ``NoMPIComm`` idea).
 * :class:`SyncExchanger` — every iteration, each rank sends its local
   gradient and illumination over each exchange region, receives its
-  neighbours', and sums them in rank order, so every copy of a voxel holds
-  bit-identical totals and the stitched result equals the undecomposed one.
+  neighbours' and adds them in place, so every copy of a voxel holds the
+  same totals (to rounding) and the stitched result equals the undecomposed one.
 * :class:`AsyncExchanger` (module :mod:`ptylive.daemon.async_exchange`) —
   the method's three buffers; compute never waits on the network.
 
@@ -86,10 +86,16 @@ def pack(complex_block: Any, real_block: Any, out: np.ndarray, header: tuple[flo
 
 
 def unpack(buffer: np.ndarray, shape: tuple[int, ...], n_head: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse of :func:`pack`: views of the complex and real blocks (copies for the complex)."""
+    """Views of :func:`pack`'s blocks: ``(pairs (*shape, 2) real/imag, real block (*shape))``."""
     n = int(np.prod(shape))
-    pairs = buffer[n_head:n_head + 2 * n].reshape(shape + (2,))
-    return pairs[..., 0] + 1j * pairs[..., 1], buffer[n_head + 2 * n:n_head + 3 * n].reshape(shape)
+    return buffer[n_head:n_head + 2 * n].reshape(shape + (2,)), buffer[n_head + 2 * n:n_head + 3 * n].reshape(shape)
+
+
+def add_pairs(target: Any, pairs: np.ndarray) -> None:
+    """``target += pairs[..., 0] + i·pairs[..., 1]`` without a complex temporary."""
+    xp = get_array_module(target)
+    target.real += xp.asarray(pairs[..., 0])
+    target.imag += xp.asarray(pairs[..., 1])
 
 
 class SyncExchanger:
@@ -131,8 +137,10 @@ class SyncExchanger:
 
         Returns
         -------
-        The sums over every rank's probe group, added voxel by voxel in
-        ascending rank order (so all copies of a voxel agree bit for bit).
+        The sums over every rank's probe group: the inputs themselves, with
+        the neighbours' contributions added in place in ascending rank order
+        (no tile-sized copies). Copies of a voxel agree bit for bit where at
+        most two ranks hold it (addition commutes) and to rounding elsewhere.
         """
         from mpi4py import MPI
 
@@ -147,18 +155,8 @@ class SyncExchanger:
         MPI.Request.Waitall(requests)
         self.stats.wait_s += time.perf_counter() - start
         xp = get_array_module(gradient)
-        total_g = xp.zeros_like(gradient)
-        total_p = xp.zeros_like(illumination)
-        own_done = False
-        for (n, region, shape), recv in zip(self.regions, self.recv, strict=True):
-            if n > self.rank and not own_done:
-                total_g += gradient
-                total_p += illumination
-                own_done = True
-            g, p = unpack(recv, shape)
-            total_g[(slice(None), *region)] += xp.asarray(g)
-            total_p[(slice(None), *region)] += xp.asarray(p)
-        if not own_done:
-            total_g += gradient
-            total_p += illumination
-        return total_g, total_p
+        for (_, region, shape), recv in zip(self.regions, self.recv, strict=True):
+            pairs, received_illumination = unpack(recv, shape)
+            add_pairs(gradient[(slice(None), *region)], pairs)
+            illumination[(slice(None), *region)] += xp.asarray(received_illumination)
+        return gradient, illumination

@@ -4,8 +4,8 @@ The model counts the arrays the engine allocates (see :mod:`engine`,
 :mod:`exchange`, :mod:`async_exchange`, :mod:`ptylive.gpu.multislice`):
 
 * object: the extended tile, ``S·He·We`` complex;
-* gradient: local and exchanged totals, plus the update temporary (3 complex);
-* illumination: local and total preconditioner plus two real temporaries;
+* gradient: one complex copy (exchange and update work in place);
+* illumination: one real copy (async: own and total);
 * optimiser state: none (preconditioned gradient descent keeps no moments);
 * exchange buffers: sync send/receive (gradient + illumination per region);
   async adds the three buffers (accumulated, send, receive), the staged
@@ -73,12 +73,14 @@ def rank_memory(domain: RankDomain, n_slices: int, window_px: int, detector_px: 
         members = int(np.count_nonzero(labels == m))
         chunk_sizes.update({min(batch_size, members), members % batch_size} - {0})
     batch = max(chunk_sizes, default=1)
+    # Sync adds neighbours' contributions in place; async also holds own + total illumination.
+    illumination_copies = 2 if (mode == "async" and domain.neighbours) else 1
     fft_scratch = sum(chunk_sizes) * window_px * window_px * c
     window = batch * window_px * window_px
     workspace = n_slices * window * (2 * c + r) + 3 * window * c + 4 * batch * detector_px**2 * c + fft_scratch
     return RankMemory(
         rank=domain.rank, extended_shape=domain.extended.shape, n_positions=len(domain.positions),
-        object=voxels * c, gradient=3 * voxels * c, illumination=4 * voxels * r, optimiser_state=0,
+        object=voxels * c, gradient=voxels * c, illumination=illumination_copies * voxels * r, optimiser_state=0,
         exchange_buffers=buffers, frames=len(domain.positions) * detector_px**2 * r,
         batch_workspace=workspace,
     )

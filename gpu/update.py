@@ -12,8 +12,20 @@ from ptylive.gpu.backend import get_array_module
 
 
 def object_update(gradient: Any, illumination: Any, floor: float, step: float) -> Any:
-    """Preconditioned step ``−step · g / (2 (p + floor))``."""
-    return gradient * (-0.5 * step / (illumination + floor))
+    """Preconditioned step ``−step · g / (2 (p + floor))``, computed in place.
+
+    Parameters
+    ----------
+    gradient : (S, H, W) complex
+        Overwritten with the update, and returned.
+    illumination : (S, H, W) real
+        Overwritten (used as scratch). No temporaries the size of the tile.
+    """
+    xp = get_array_module(gradient)
+    illumination += floor
+    xp.divide(-0.5 * step, illumination, out=illumination)
+    gradient *= illumination
+    return gradient
 
 
 def constrain(volume: Any, max_amplitude: float | None) -> None:
@@ -26,5 +38,7 @@ def constrain(volume: Any, max_amplitude: float | None) -> None:
     if max_amplitude is None:
         return
     xp = get_array_module(volume)
-    amplitude = xp.abs(volume)
-    volume *= max_amplitude / xp.maximum(amplitude, max_amplitude)
+    factor = xp.abs(volume)  # one real scratch array, reused in place
+    xp.maximum(factor, max_amplitude, out=factor)
+    xp.divide(max_amplitude, factor, out=factor)
+    volume *= factor

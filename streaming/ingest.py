@@ -1,0 +1,298 @@
+"""The ingest: receive ptylive stream v1 from a detector, validate and count, forward each frame to its worker.
+
+One PULL faces the detector; one PUSH per worker (the ingest binds, workers connect). Frames are forwarded as
+the very ``zmq.Frame`` objects received (no re-encoding, no copy); starts and ends go to every worker. A full
+worker queue is never resolved by dropping: the ingest waits for room (``blocked_s``, stop flag honoured) and
+meanwhile stops reading, so the detector's high-water mark throttles the sender. No MPI: the daemon maps
+worker indices to ranks and runs :class:`WorkerInbox` on each.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from ptylive.streaming.protocol import Frame, Message, ProtocolError, SeriesStart, decode
+from ptylive.streaming.router import Router
+from ptylive.streaming.series import SeriesRegistry
+
+logger = logging.getLogger(__name__)
+
+RECV_BATCH = 256  # messages drained per poll before the stop flag is looked at again
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """Sockets of the ingest: ``endpoint``, the detector side (PULL), bound when ``bind`` else connected;
+    ``worker_endpoints``, one PUSH per worker, always bound (port 0 allowed: :attr:`Ingest.worker_endpoints`);
+    ``send_hwm``, messages a worker socket queues before the ingest blocks; ``poll_ms``, how often loops look at
+    the stop flag; ``linger_ms``, how long :meth:`Ingest.close` lets queued messages go out."""
+
+    endpoint: str
+    worker_endpoints: tuple[str, ...]
+    bind: bool = True
+    send_hwm: int = 1000
+    poll_ms: int = 50
+    linger_ms: int = 1000
+
+    def __post_init__(self) -> None:
+        if not self.worker_endpoints or min(self.send_hwm, self.poll_ms) < 1 or self.linger_ms < 0:
+            raise ValueError(f"need worker endpoints, send_hwm and poll_ms >= 1, linger_ms >= 0; got "
+                             f"{self.worker_endpoints}, {self.send_hwm}, {self.poll_ms}, {self.linger_ms}")
+
+
+class Ingest:
+    """Receive, validate, count and route one detector stream to ``len(config.worker_endpoints)`` workers.
+
+    Parameters
+    ----------
+    config : IngestConfig
+    router_factory : callable
+        Builds the :class:`Router` of a series from its start (one router per live series); its
+        ``n_workers`` must equal the number of worker endpoints.
+    registry : SeriesRegistry, optional
+        Counts series, frames and rejections (a new one by default).
+    context : zmq.Context, optional
+        Without one the ingest owns (and terminates) its own.
+
+    Attributes
+    ----------
+    forwarded, control_forwarded, blocked_s : list
+        Per worker: frames forwarded; starts and ends forwarded; seconds spent waiting for room in its queue.
+    routing_errors, unsent_on_stop : int
+        Accepted frames (or starts) the router could not place (dropped, logged); messages abandoned because
+        ``stop`` was set while a worker's queue was full.
+    """
+
+    def __init__(self, config: IngestConfig, router_factory: Callable[[SeriesStart], Router],
+                 registry: SeriesRegistry | None = None, context: zmq.Context | None = None) -> None:
+        self.config, self.router_factory = config, router_factory
+        self.registry = registry if registry is not None else SeriesRegistry()
+        n = len(config.worker_endpoints)
+        self.forwarded, self.control_forwarded, self.blocked_s = [0] * n, [0] * n, [0.0] * n
+        self.routing_errors = self.unsent_on_stop = self.messages_received = 0
+        self._routers: dict[str, tuple[SeriesStart, Router]] = {}
+        self._lock = threading.Lock()  # registry and routers: mutated by run(), read by snapshot()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._closed, self._own_context = False, context is None
+        self._context: zmq.Context = zmq.Context() if context is None else context
+        self._pull, self._pushes = self._context.socket(zmq.PULL), list[zmq.Socket]()
+        try:
+            self._pull.linger = 0
+            (self._pull.bind if config.bind else self._pull.connect)(config.endpoint)
+            for endpoint in config.worker_endpoints:
+                push = self._context.socket(zmq.PUSH)
+                push.sndhwm, push.linger = config.send_hwm, config.linger_ms
+                self._pushes.append(push)
+                push.bind(endpoint)
+        except zmq.ZMQError:
+            self.close()
+            raise
+        self._endpoint = self._pull.getsockopt_string(zmq.LAST_ENDPOINT) if config.bind else config.endpoint
+        self._worker_endpoints = tuple(p.getsockopt_string(zmq.LAST_ENDPOINT) for p in self._pushes)
+
+    @property
+    def endpoint(self) -> str:
+        """The detector-side endpoint, with the actual port after binding port 0."""
+        return self._endpoint
+
+    @property
+    def worker_endpoints(self) -> tuple[str, ...]:
+        """The bound worker endpoints (actual ports), worker ``w`` at index ``w``."""
+        return self._worker_endpoints
+
+    def run(self, stop: threading.Event) -> None:
+        """Receive and forward until ``stop`` is set; malformed input is counted, never raised."""
+        while not stop.is_set():
+            if not self._pull.poll(self.config.poll_ms, zmq.POLLIN):
+                continue
+            for _ in range(RECV_BATCH):
+                try:
+                    parts = self._pull.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                self.messages_received += 1
+                self._handle(parts, stop)
+                if stop.is_set():
+                    break
+
+    def _handle(self, parts: list[zmq.Frame], stop: threading.Event) -> None:
+        try:
+            message = decode(parts)
+        except ProtocolError as exc:
+            with self._lock:
+                self.registry.record_protocol_error(exc.reason)
+            return
+        if isinstance(message, Frame):
+            with self._lock:
+                worker = self._route(message)
+            if worker is not None and self._send(worker, parts, stop):
+                self.forwarded[worker] += 1
+        elif isinstance(message, SeriesStart):
+            with self._lock:
+                _, state = self.registry.start(message)
+                if state is not None:
+                    try:
+                        self._routers[message.series_id] = (message, self._build_router(message))
+                    except ValueError as exc:
+                        self.routing_errors += 1
+                        logger.error("no router for series %r; its frames will be dropped: %s",
+                                     message.series_id, exc)
+                self._prune_routers()
+            if state is not None:
+                self._broadcast(parts, stop)
+        else:
+            with self._lock:
+                ended = self.registry.end(message)
+                self._prune_routers()
+            if ended is not None:
+                self._broadcast(parts, stop)
+
+    def _build_router(self, start: SeriesStart) -> Router:
+        """The series' router, checked against the worker count, with its lookup table built."""
+        router = self.router_factory(start)
+        if router.n_workers != len(self._pushes):
+            raise ValueError(f"router has {router.n_workers} workers, the ingest {len(self._pushes)}")
+        router.route_all(start)  # route() becomes a table lookup
+        return router
+
+    def _prune_routers(self) -> None:
+        """Keep routers of live (current or queued) series only."""
+        live = {s.series_id for s in (self.registry.current, *self.registry.queued) if s is not None}
+        for series_id in set(self._routers) - live:
+            del self._routers[series_id]
+
+    def _route(self, frame: Frame) -> int | None:
+        """Worker for an accepted frame; None for duplicates, rejections and frames that cannot be routed."""
+        if not self.registry.accept_frame(frame).accepted:
+            return None
+        entry = self._routers.get(frame.series_id)
+        if entry is None:
+            self.routing_errors += 1
+            return None
+        try:
+            return entry[1].route(entry[0], frame)
+        except ValueError as exc:
+            self.routing_errors += 1
+            logger.warning("frame %d of series %r not routed: %s", frame.frame_index, frame.series_id, exc)
+            return None
+
+    def _broadcast(self, parts: list[zmq.Frame], stop: threading.Event) -> None:
+        for worker in range(len(self._pushes)):
+            if self._send(worker, parts, stop):
+                self.control_forwarded[worker] += 1
+
+    def _send(self, worker: int, parts: list[zmq.Frame], stop: threading.Event) -> bool:
+        """Send without copying; while the worker's queue is full wait for room. False only if stopped."""
+        push = self._pushes[worker]
+        while True:
+            try:
+                push.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+                return True
+            except zmq.Again:
+                pass
+            if stop.is_set():
+                self.unsent_on_stop += 1
+                logger.warning("stopped while worker %d was full: one message not forwarded", worker)
+                return False
+            began = time.monotonic()
+            push.poll(self.config.poll_ms, zmq.POLLOUT)
+            self.blocked_s[worker] += time.monotonic() - began
+
+    def start(self) -> None:
+        """Run :meth:`run` in a daemon thread; stop it with :meth:`join`."""
+        if self._thread is not None:
+            raise RuntimeError("the ingest was already started")
+        self._thread = threading.Thread(target=self._run_in_thread, name="ptylive-ingest", daemon=True)
+        self._thread.start()
+
+    def _run_in_thread(self) -> None:
+        try:
+            self.run(self._stop)
+        except BaseException as exc:  # stored and re-raised by join(), never swallowed
+            logger.exception("ingest thread failed")
+            self._error = exc
+
+    def join(self, timeout: float | None = None) -> None:
+        """Stop the thread and wait for it; re-raise its exception; TimeoutError if it is still running."""
+        self._stop.set()
+        if self._thread is None:
+            return
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"the ingest thread still runs after {timeout} s")
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def close(self) -> None:
+        """Stop the thread (an error it raised is logged, not lost: see :meth:`join`) and close the sockets."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            if self._error is not None:
+                logger.error("ingest thread error not collected by join(): %r", self._error)
+        if not self._closed:
+            self._closed = True
+            for socket in [*self._pushes, self._pull]:
+                socket.close()
+            if self._own_context:
+                self._context.term()
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-serialisable counters: the registry, the current series' router, and each worker."""
+        with self._lock:
+            registry = self.registry.snapshot()
+            current = self.registry.current
+            entry = self._routers.get(current.series_id) if current is not None else None
+            router = None if entry is None else {"series_id": entry[0].series_id, **entry[1].snapshot()}
+        workers = [{"worker": w, "endpoint": e, "forwarded": self.forwarded[w], "blocked_s": self.blocked_s[w],
+                    "control_forwarded": self.control_forwarded[w]} for w, e in enumerate(self._worker_endpoints)]
+        return {"endpoint": self._endpoint, "messages_received": self.messages_received, "registry": registry,
+                "router": router, "workers": workers, "routing_errors": self.routing_errors,
+                "unsent_on_stop": self.unsent_on_stop}
+
+
+class WorkerInbox:
+    """The worker side, no MPI: a PULL connected to one of :attr:`Ingest.worker_endpoints`.
+
+    Messages from the ingest are valid; one that does not decode is counted in ``protocol_errors`` and skipped.
+    """
+
+    def __init__(self, endpoint: str, context: zmq.Context | None = None, rcvhwm: int = 1000) -> None:
+        self._own_context = context is None
+        self._context: zmq.Context = zmq.Context() if context is None else context
+        self._socket = self._context.socket(zmq.PULL)
+        self._socket.rcvhwm, self._socket.linger = rcvhwm, 0
+        self._socket.connect(endpoint)
+        self._closed, self.protocol_errors = False, 0
+
+    def poll(self, timeout_ms: int = 0, max_messages: int | None = None) -> list[Message]:
+        """Wait up to ``timeout_ms`` for a message, then return all available ones (at most ``max_messages``)."""
+        messages: list[Message] = []
+        wait_ms = timeout_ms
+        while (max_messages is None or len(messages) < max_messages) and self._socket.poll(wait_ms, zmq.POLLIN):
+            wait_ms = 0
+            try:
+                messages.append(decode(self._socket.recv_multipart(copy=False)))
+            except ProtocolError as exc:
+                self.protocol_errors += 1
+                logger.error("worker inbox got an undecodable message: %s", exc)
+        return messages
+
+    def close(self) -> None:
+        """Close the socket (pending messages are discarded)."""
+        if not self._closed:
+            self._closed = True
+            self._socket.close()
+            if self._own_context:
+                self._context.term()
+

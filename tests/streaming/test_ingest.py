@@ -1,0 +1,246 @@
+"""The ingest over loopback: routing to two workers, faults, unknown series, and backpressure without drops."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+
+from ptylive.gpu.simulate import SimulationSpec
+from ptylive.streaming.fake_detector import CORRUPT_REASONS, FakeDetector, FakeDetectorOptions, ScanSource
+from ptylive.streaming.ingest import Ingest, IngestConfig, WorkerInbox
+from ptylive.streaming.protocol import (
+    Frame,
+    Message,
+    SeriesEnd,
+    SeriesStart,
+    encode_frame,
+    encode_series_end,
+    encode_series_start,
+)
+from ptylive.streaming.router import Router
+
+SPEC = SimulationSpec(detector_px=16, detector_pixel_mrad=6.0, scan_shape=(6, 6), scan_step_px=2.0, n_slices=1)
+BIG_SPEC = dataclasses.replace(SPEC, detector_px=128, scan_shape=(12, 12))  # 128 KiB float64 frames: MBs per worker
+N_FRAMES = 36
+LOOPBACK = "tcp://127.0.0.1:0"
+
+
+@dataclass
+class Rig:
+    """An ingest on loopback with two worker inboxes; ``routers`` holds every router the factory built."""
+
+    context: zmq.Context
+    source: ScanSource
+    ingest: Ingest
+    inboxes: list[WorkerInbox]
+    routers: list[Router] = field(default_factory=list)
+    starts: list[SeriesStart] = field(default_factory=list)
+    detectors: list[FakeDetector] = field(default_factory=list)
+
+    def detector(self, options: FakeDetectorOptions) -> FakeDetector:
+        detector = FakeDetector(self.source, options, self.ingest.endpoint, bind=False, context=self.context)
+        self.detectors.append(detector)
+        detector.start()
+        return detector
+
+    def table(self) -> np.ndarray:
+        """Owner of every frame, as the router of the series decides it."""
+        return self.routers[-1].route_all(self.starts[-1])
+
+
+MakeRig = Callable[..., Rig]
+
+
+def column_split(source: ScanSource) -> Callable[[np.ndarray], np.ndarray]:
+    median = float(np.median(np.asarray(source.start.positions_A)[:, 1]))
+    return lambda positions: (positions[:, 1] > median).astype(int)
+
+
+@pytest.fixture(scope="module")
+def sources() -> dict[str, ScanSource]:
+    return {"small": ScanSource.from_simulation(SPEC), "big": ScanSource.from_simulation(BIG_SPEC)}
+
+
+@pytest.fixture
+def make_rig(sources: dict[str, ScanSource]) -> Iterator[MakeRig]:
+    """Build and start rigs; always stop detectors and ingests and close every socket."""
+    context = zmq.Context()
+    rigs: list[Rig] = []
+
+    def make(source: str = "small", inbox_rcvhwm: int = 1000, **config: Any) -> Rig:
+        scan = sources[source]
+        owner_of = column_split(scan)
+        routers: list[Router] = []
+        starts: list[SeriesStart] = []
+
+        def factory(start: SeriesStart) -> Router:
+            starts.append(start)
+            routers.append(Router(owner_of, 2))
+            return routers[-1]
+
+        ingest = Ingest(IngestConfig(LOOPBACK, (LOOPBACK, LOOPBACK), **config), factory, context=context)
+        rig = Rig(context, scan, ingest, [], routers, starts)
+        rigs.append(rig)
+        assert not ingest.endpoint.endswith(":0") and not any(e.endswith(":0") for e in ingest.worker_endpoints)
+        rig.inboxes = [WorkerInbox(e, context, rcvhwm=inbox_rcvhwm) for e in ingest.worker_endpoints]
+        ingest.start()
+        return rig
+
+    yield make
+    for rig in rigs:
+        for detector in rig.detectors:
+            detector.close()
+        rig.ingest.close()
+        for inbox in rig.inboxes:
+            inbox.close()
+    context.destroy(linger=0)
+
+
+def collect(inbox: WorkerInbox, timeout_s: float = 10.0) -> list[Message]:
+    """Messages up to and including a ``series_end``."""
+    received: list[Message] = []
+    deadline = time.monotonic() + timeout_s
+    while not (received and isinstance(received[-1], SeriesEnd)):
+        assert time.monotonic() < deadline, f"no series_end within {timeout_s} s ({len(received)} messages)"
+        received.extend(inbox.poll(50))
+    return received
+
+
+def frames_of(received: list[Message]) -> list[Frame]:
+    assert isinstance(received[0], SeriesStart) and isinstance(received[-1], SeriesEnd)
+    assert not any(isinstance(m, SeriesStart | SeriesEnd) for m in received[1:-1])
+    return [m for m in received if isinstance(m, Frame)]
+
+
+def test_every_frame_reaches_its_owner_once(make_rig: MakeRig) -> None:
+    rig = make_rig()
+    detector = rig.detector(FakeDetectorOptions(series_id="a", dtype="float32"))
+    received = [collect(inbox) for inbox in rig.inboxes]
+    detector.join(timeout=10)
+    rig.ingest.join(timeout=5)
+    table = rig.table()
+    truth = rig.source.read(np.arange(N_FRAMES)).astype(np.float32)
+    assert len(rig.routers) == 1 and 0 < (table == 0).sum() < N_FRAMES
+    for worker, messages in enumerate(received):
+        assert messages[0].series_id == "a" and messages[-1] == SeriesEnd("a", N_FRAMES)  # type: ignore[union-attr]
+        frames = frames_of(messages)
+        assert Counter(f.frame_index for f in frames) == Counter(np.flatnonzero(table == worker).tolist())
+        assert len(frames) == rig.routers[0].frames_routed[worker] == rig.ingest.forwarded[worker]
+        assert rig.ingest.control_forwarded[worker] == 2
+        for frame in frames:
+            np.testing.assert_array_equal(frame.pixels, truth[frame.frame_index])
+    snapshot = json.loads(json.dumps(rig.ingest.snapshot()))
+    assert snapshot["registry"]["frames"] == {"offered": N_FRAMES, "accepted": N_FRAMES, "duplicates": 0,
+                                              "rejected": 0}
+    assert snapshot["registry"]["finished"][-1]["missing"] == 0 and snapshot["routing_errors"] == 0
+    assert [w["forwarded"] for w in snapshot["workers"]] == [(table == 0).sum(), (table == 1).sum()]
+
+
+def test_gaps_duplicates_and_corrupt_messages(make_rig: MakeRig) -> None:
+    rig = make_rig()
+    dropped, duplicated = (3, 20), (0, 7, 30)
+    options = FakeDetectorOptions(series_id="b", dtype="float32", drop_frames=dropped, duplicate_frames=duplicated,
+                                  corrupt_every=3, reorder_window=4)
+    detector = rig.detector(options)
+    received = [collect(inbox) for inbox in rig.inboxes]
+    stats = detector.join(timeout=10)
+    rig.ingest.join(timeout=5)
+    table = rig.table()
+    valid = [i for i in range(N_FRAMES) if i not in dropped]
+    for worker, messages in enumerate(received):
+        indices = Counter(f.frame_index for f in frames_of(messages))
+        assert indices == Counter(i for i in valid if table[i] == worker)  # each valid distinct frame once
+        assert messages[-1] == SeriesEnd("b", len(valid))
+    registry = rig.ingest.registry
+    reasons = Counter[str]()
+    for kind, count in stats.corrupt_sent.items():
+        reasons[CORRUPT_REASONS[kind]] += count
+    assert sum(reasons.values()) == (len(valid) + len(duplicated)) // 3 > 0
+    assert {r: n for r, n in registry.rejected.items() if n} == dict(reasons)
+    assert (registry.accepted, registry.duplicates) == (len(valid), len(duplicated))
+    state = registry.finished[-1]
+    assert (state.series_id, state.received, state.duplicated, state.missing) == ("b", len(valid), 3, len(dropped))
+    assert np.flatnonzero(~state.coverage).tolist() == list(dropped)
+    assert sum(rig.ingest.forwarded) == len(valid) and rig.ingest.snapshot()["registry"]["protocol_errors"] == 12
+
+
+def test_frames_of_an_unknown_series_are_not_forwarded(make_rig: MakeRig) -> None:
+    rig = make_rig()
+    start = dataclasses.replace(rig.source.start, series_id="c", dtype="float32")
+    pixels = np.ones(start.detector_shape, dtype=np.float32)
+    push = rig.context.socket(zmq.PUSH)
+    try:
+        push.connect(rig.ingest.endpoint)
+        for parts in (encode_series_start(start), encode_frame("other", 0, pixels), encode_frame("c", 5, pixels),
+                      encode_frame(7, 1, pixels), encode_series_end("c", 1)):  # type: ignore[arg-type]
+            push.send_multipart(parts)
+        received = [collect(inbox) for inbox in rig.inboxes]
+    finally:
+        push.close(linger=0)
+    rig.ingest.join(timeout=5)
+    frames = [f for messages in received for f in frames_of(messages)]
+    assert [(f.series_id, f.frame_index) for f in frames] == [("c", 5)]
+    assert rig.ingest.registry.rejected["unknown_series"] == 2 and sum(rig.ingest.forwarded) == 1
+    assert rig.ingest.registry.finished[-1].received == 1
+
+
+def test_a_slow_worker_blocks_the_ingest_but_loses_nothing(make_rig: MakeRig) -> None:
+    rig = make_rig("big", inbox_rcvhwm=2, send_hwm=2, poll_ms=10)
+    n_frames = rig.source.n_frames
+    detector = rig.detector(FakeDetectorOptions(series_id="d", dtype="float64"))
+    fast: list[Message] = []
+    deadline = time.monotonic() + 10
+    while rig.ingest.blocked_s[1] < 0.2:  # worker 1 does not read; worker 0 does (longer than a connection takes)
+        assert time.monotonic() < deadline, "the ingest never blocked on the slow worker"
+        fast.extend(rig.inboxes[0].poll(10))
+    table = rig.table()
+    assert rig.ingest.forwarded[1] < (table == 1).sum()  # held back, not dropped
+    slow: list[Message] = []
+    deadline = time.monotonic() + 10
+    while not all(m and isinstance(m[-1], SeriesEnd) for m in (fast, slow)):  # now both read
+        assert time.monotonic() < deadline, f"no series_end within 10 s ({len(fast)}, {len(slow)} messages)"
+        for inbox, messages in zip(rig.inboxes, (fast, slow), strict=True):
+            messages.extend(inbox.poll(5))
+    detector.join(timeout=10)
+    rig.ingest.join(timeout=5)
+    for worker, messages in enumerate((fast, slow)):
+        assert Counter(f.frame_index for f in frames_of(messages)) == Counter(np.flatnonzero(table == worker).tolist())
+    assert rig.ingest.registry.accepted == n_frames and rig.ingest.unsent_on_stop == 0
+    snapshot = rig.ingest.snapshot()
+    assert snapshot["workers"][1]["blocked_s"] > 0 and sum(w["forwarded"] for w in snapshot["workers"]) == n_frames
+
+
+def test_join_stops_promptly_while_a_worker_is_full(make_rig: MakeRig) -> None:
+    rig = make_rig("big", inbox_rcvhwm=2, send_hwm=2, poll_ms=10)
+    rig.detector(FakeDetectorOptions(series_id="e", dtype="float64"))
+    deadline = time.monotonic() + 10
+    while sum(rig.ingest.blocked_s) < 0.2:  # nobody reads
+        assert time.monotonic() < deadline, "the ingest never blocked"
+        time.sleep(0.01)
+    began = time.monotonic()
+    rig.ingest.join(timeout=5)
+    assert time.monotonic() - began < 1 and rig.ingest.unsent_on_stop == 1
+
+
+def test_join_reraises_an_error_from_the_thread(make_rig: MakeRig) -> None:
+    rig = make_rig()
+    def broken(start: SeriesStart) -> Router:
+        raise RuntimeError("factory on fire")
+
+    rig.ingest.router_factory = broken
+    rig.detector(FakeDetectorOptions(series_id="f"))
+    deadline = time.monotonic() + 10
+    while rig.ingest._thread is not None and rig.ingest._thread.is_alive():
+        assert time.monotonic() < deadline, "the ingest thread did not fail"
+        time.sleep(0.01)
+    with pytest.raises(RuntimeError, match="factory on fire"):
+        rig.ingest.join(timeout=5)
