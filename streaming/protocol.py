@@ -149,6 +149,24 @@ def _pair(header: dict[str, Any], name: str, kind: type, positive: bool,
     return kind(value[0]), kind(value[1])
 
 
+def _required_number(header: dict[str, Any], name: str, positive: bool = False) -> float:
+    value = _number(header, name, positive)
+    if value is None:  # not reached: _number raises for a missing required field
+        raise ProtocolError("missing_field", f"lacks {name!r}")
+    return value
+
+
+def _shape_and_dtype(header: dict[str, Any], what: str) -> tuple[tuple[int, int], str]:
+    """Validated ``shape`` (two positive ints, at most MAX_DETECTOR_PX) and ``dtype`` of a frame or detector."""
+    shape = _pair(header, "shape", int, positive=True)
+    if max(shape) > MAX_DETECTOR_PX:
+        raise ProtocolError("too_large", f"{what} {shape} exceeds {MAX_DETECTOR_PX} px")
+    dtype = _field(header, "dtype", str)
+    if dtype not in DTYPES:
+        raise ProtocolError("bad_field", f"{what} dtype {dtype!r} not in {DTYPES}")
+    return shape, dtype
+
+
 def _series_id(header: dict[str, Any]) -> str:
     """Series ids may be strings or integers (DECTRIS numbers its series); they compare as strings."""
     value = _field(header, "series_id", (str, int))
@@ -163,12 +181,7 @@ def _decode_start(header: dict[str, Any]) -> SeriesStart:
         raise ProtocolError("too_large", f"scan of {scan_shape} exceeds {MAX_SCAN_POSITIONS} positions")
     detector = _field(header, "detector", dict)
     optics = _field(header, "optics", dict)
-    shape = _pair(detector, "shape", int, positive=True)
-    if max(shape) > MAX_DETECTOR_PX:
-        raise ProtocolError("too_large", f"detector {shape} exceeds {MAX_DETECTOR_PX} px")
-    dtype = _field(detector, "dtype", str)
-    if dtype not in DTYPES:
-        raise ProtocolError("bad_field", f"detector dtype {dtype!r} not in {DTYPES}")
+    shape, dtype = _shape_and_dtype(detector, "detector")
     positions = header.get("positions_A")
     if positions is not None:
         if not isinstance(positions, list) or not all(
@@ -185,10 +198,10 @@ def _decode_start(header: dict[str, Any]) -> SeriesStart:
     return SeriesStart(
         series_id=_series_id(header), scan_shape=scan_shape,
         scan_step_A=_pair(header, "scan_step_A", float, positive=True, scalar=True), detector_shape=shape, dtype=dtype,
-        energy_eV=_number(optics, "energy_eV", positive=True),  # type: ignore[arg-type]
-        convergence_semiangle_mrad=_number(optics, "convergence_semiangle_mrad", positive=True),  # type: ignore[arg-type]
-        defocus_A=_number(optics, "defocus_A"),  # type: ignore[arg-type]
-        detector_pixel_mrad=_number(optics, "detector_pixel_mrad", positive=True),  # type: ignore[arg-type]
+        energy_eV=_required_number(optics, "energy_eV", positive=True),
+        convergence_semiangle_mrad=_required_number(optics, "convergence_semiangle_mrad", positive=True),
+        defocus_A=_required_number(optics, "defocus_A"),
+        detector_pixel_mrad=_required_number(optics, "detector_pixel_mrad", positive=True),
         scan_rotation_deg=_number(header, "scan_rotation_deg", optional=True) or 0.0,
         positions_A=None if positions is None else tuple((float(r), float(c)) for r, c in positions),
         overrides=dict(overrides),
@@ -199,12 +212,7 @@ def _decode_frame(header: dict[str, Any], payload: Any) -> Frame:
     index = _field(header, "frame_index", int)
     if index < 0:
         raise ProtocolError("bad_field", f"'frame_index' must be >= 0, got {index}")
-    shape = _pair(header, "shape", int, positive=True)
-    if max(shape) > MAX_DETECTOR_PX:
-        raise ProtocolError("too_large", f"frame {shape} exceeds {MAX_DETECTOR_PX} px")
-    dtype = _field(header, "dtype", str)
-    if dtype not in DTYPES:
-        raise ProtocolError("bad_field", f"frame dtype {dtype!r} not in {DTYPES}")
+    shape, dtype = _shape_and_dtype(header, "frame")
     encoding = header.get("encoding", "raw")
     if encoding not in ENCODINGS:
         raise ProtocolError("unsupported_encoding", f"encoding {encoding!r}; supported: {ENCODINGS}")
