@@ -78,7 +78,7 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (ratios against references measured in the same run)")
-    p.add_argument("what", choices=("engine",))
+    p.add_argument("what", choices=("engine", "ingest"))
     p.add_argument("--quick", action="store_true", help="small shapes only (seconds)")
     p.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")
 

@@ -133,6 +133,10 @@ def plan(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def bench(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.what == "ingest":
+        from ptylive.tools.bench_ingest import main as bench_ingest
+
+        return bench_ingest(quick=args.quick)
     from ptylive.tools.bench_engine import main as bench_engine
 
     return bench_engine(quick=args.quick, backend=args.backend)
