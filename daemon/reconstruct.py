@@ -108,7 +108,7 @@ def validate(scan_path: Path, out_path: Path, n_ranks: int, n_slices: int | None
                              backend, options, meta, shape, quiet)
 
 
-def _initial_state(job: ReconstructionJob, domain: RankDomain, xp: Any) -> TileState:
+def _initial_state(job: ReconstructionJob, domain: RankDomain, all_positions: np.ndarray, xp: Any) -> TileState:
     real_t, complex_t = PRECISIONS[job.precision]
     meta = job.metadata
     pixel = meta.pixel_size_A
@@ -116,7 +116,7 @@ def _initial_state(job: ReconstructionJob, domain: RankDomain, xp: Any) -> TileS
     if probe is None:
         optics = ProbeOptics(meta.energy_eV, meta.convergence_semiangle_mrad, meta.defocus_A)
         probe = make_probe(optics, job.window_px, pixel, dtype=np.complex128)
-    positions = read_positions(job.scan_path)[domain.positions]
+    positions = all_positions[domain.positions]
     starts, shifts = window_starts(positions, job.window_px)
     starts = starts - np.array([domain.extended.row0, domain.extended.col0])
     frames = read_frames(job.scan_path, domain.positions, dtype=real_t)
@@ -143,10 +143,11 @@ def run_rank(job: ReconstructionJob, comm: Any | None) -> None:
     _warm_up(job)
     tracemalloc.start()
     rank = 0 if comm is None else comm.Get_rank()
-    domains = decompose(job.object_shape, read_positions(job.scan_path), job.window_px, job.n_ranks)
+    positions = read_positions(job.scan_path)
+    domains = decompose(job.object_shape, positions, job.window_px, job.n_ranks)
     domain = domains[rank]
     xp = backend_module(job.backend)
-    state = _initial_state(job, domain, xp)
+    state = _initial_state(job, domain, positions, xp)
     exchanger = _make_exchanger(job, comm, domain)
     fit_scale(state, exchanger, job.options)
     started = time.perf_counter()
@@ -171,7 +172,7 @@ def run_rank(job: ReconstructionJob, comm: Any | None) -> None:
     volumes, all_stats = gather_to_root(comm, domains, volume, stats)
     if rank == 0:
         result = stitch((job.n_slices, *job.object_shape), domains, volumes)
-        _write(job, result, to_numpy(state.probe), report, all_stats, state.scale)
+        _write(job, result, to_numpy(state.probe), positions, report, all_stats, state.scale)
 
 
 def _warm_up(job: ReconstructionJob) -> None:
@@ -215,14 +216,14 @@ STAT_NAMES = ("compute_s", "exchange_wait_s", "bytes_sent", "peak_memory_bytes",
               "staleness_mean", "staleness_max", "iterations_total_s")
 
 
-def _write(job: ReconstructionJob, volume: np.ndarray, probe: np.ndarray, report: EngineReport,
-           stats: np.ndarray, scale: float) -> None:
+def _write(job: ReconstructionJob, volume: np.ndarray, probe: np.ndarray, positions: np.ndarray,
+           report: EngineReport, stats: np.ndarray, scale: float) -> None:
     tmp = job.out_path.with_name(job.out_path.name + ".partial")
     with h5py.File(tmp, "w") as f:
         f.create_dataset("object", data=volume)
         f.create_dataset("probe", data=probe)
         f.create_dataset("loss", data=np.asarray(report.loss_history))
-        f.create_dataset("positions_px", data=read_positions(job.scan_path))
+        f.create_dataset("positions_px", data=positions)
         ranks = f.create_group("ranks")
         for i, name in enumerate(STAT_NAMES):
             ranks.create_dataset(name, data=stats[:, i])

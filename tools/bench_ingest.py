@@ -227,6 +227,20 @@ def _split_columns(n_frames: int) -> Any:
     return owner_of
 
 
+def _record(messages: list[Any], w: int, recv_times: np.ndarray, counts: list[int], last: list[float]) -> bool:
+    """Note the arrival of worker ``w``'s frames; True once its series end has arrived."""
+    now = time.monotonic()
+    ended = False
+    for message in messages:
+        if isinstance(message, Frame):
+            recv_times[message.frame_index] = now
+            counts[w] += 1
+            last[w] = now
+        elif isinstance(message, SeriesEnd):
+            ended = True
+    return ended
+
+
 def _worker_loop(inbox: WorkerInbox, recv_times: np.ndarray, counts: list[int], w: int, deadline: float,
                  last: list[float]) -> None:
     """Receive until the series end (it follows this worker's last frame) or the deadline."""
@@ -234,14 +248,8 @@ def _worker_loop(inbox: WorkerInbox, recv_times: np.ndarray, counts: list[int], 
         messages = inbox.poll(timeout_ms=100, max_messages=256)
         if not messages:
             continue
-        now = time.monotonic()
-        for message in messages:
-            if isinstance(message, Frame):
-                recv_times[message.frame_index] = now
-                counts[w] += 1
-                last[w] = now
-            elif isinstance(message, SeriesEnd):
-                return
+        if _record(messages, w, recv_times, counts, last):
+            return
 
 
 def _workers_in_main(inboxes: list[WorkerInbox], recv_times: np.ndarray, counts: list[int], deadline: float,
@@ -258,14 +266,7 @@ def _workers_in_main(inboxes: list[WorkerInbox], recv_times: np.ndarray, counts:
             if not messages:
                 continue
             idle_now = False
-            now = time.monotonic()
-            for message in messages:
-                if isinstance(message, Frame):
-                    recv_times[message.frame_index] = now
-                    counts[w] += 1
-                    last[w] = now
-                elif isinstance(message, SeriesEnd):
-                    done[w] = True
+            done[w] = _record(messages, w, recv_times, counts, last)
         idle = idle_now
 
 
