@@ -105,6 +105,26 @@ def _edges(length: int, parts: int) -> np.ndarray:
     return np.array([round(i * length / parts) for i in range(parts + 1)], dtype=np.int64)
 
 
+def probe_owner(shape: tuple[int, int], positions_px: np.ndarray, window_px: int, n_ranks: int) -> np.ndarray:
+    """Tile (rank) of each position: the tile holding its window centre (clipped to the grid).
+
+    Parameters
+    ----------
+    positions_px : (P, 2) float
+
+    Returns
+    -------
+    (P,) int64
+    """
+    grid_rows, grid_cols = rank_grid(shape, n_ranks)
+    row_edges, col_edges = _edges(shape[0], grid_rows), _edges(shape[1], grid_cols)
+    starts, _ = window_starts(positions_px, window_px)
+    centres = starts + window_px // 2
+    tile_row = np.clip(np.searchsorted(row_edges, centres[:, 0], side="right") - 1, 0, grid_rows - 1)
+    tile_col = np.clip(np.searchsorted(col_edges, centres[:, 1], side="right") - 1, 0, grid_cols - 1)
+    return (tile_row * grid_cols + tile_col).astype(np.int64)
+
+
 def decompose(
     shape: tuple[int, int], positions_px: np.ndarray, window_px: int, n_ranks: int,
 ) -> list[RankDomain]:
@@ -125,10 +145,7 @@ def decompose(
     grid_rows, grid_cols = rank_grid(shape, n_ranks)
     row_edges, col_edges = _edges(shape[0], grid_rows), _edges(shape[1], grid_cols)
     starts, _ = window_starts(positions_px, window_px)
-    centres = starts + window_px // 2
-    tile_row = np.clip(np.searchsorted(row_edges, centres[:, 0], side="right") - 1, 0, grid_rows - 1)
-    tile_col = np.clip(np.searchsorted(col_edges, centres[:, 1], side="right") - 1, 0, grid_cols - 1)
-    owner = tile_row * grid_cols + tile_col
+    owner = probe_owner(shape, positions_px, window_px, n_ranks)
     whole = Box(0, shape[0], 0, shape[1])
     tiles, extended, groups = [], [], []
     for rank in range(n_ranks):

@@ -4,21 +4,24 @@ One PULL faces the detector; one PUSH per worker (the ingest binds, workers conn
 the very ``zmq.Frame`` objects received (no re-encoding, no copy); starts and ends go to every worker. A full
 worker queue is never resolved by dropping: the ingest waits for room (``blocked_s``, stop flag honoured) and
 meanwhile stops reading, so the detector's high-water mark throttles the sender. No MPI: the daemon maps
-worker indices to ranks and runs :class:`WorkerInbox` on each.
+worker indices to ranks and runs :class:`~ptylive.streaming.inbox.WorkerInbox` on each.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 import zmq
 
-from ptylive.streaming.protocol import Frame, Message, ProtocolError, SeriesStart, decode
+from ptylive.streaming.inbox import SeriesControl, encode_control
+from ptylive.streaming.protocol import Frame, ProtocolError, SeriesStart, decode
 from ptylive.streaming.router import Router
 from ptylive.streaming.series import SeriesRegistry
 
@@ -58,6 +61,10 @@ class Ingest:
         ``n_workers`` must equal the number of worker endpoints.
     registry : SeriesRegistry, optional
         Counts series, frames and rejections (a new one by default).
+    admit : callable, optional
+        ``admit(start)`` returns None to accept a series or the reason to refuse it (for example, its frames
+        would not fit the memory budget). A refused start is not forwarded and its frames are rejected as
+        ``"refused_series"``, so the refusal happens before any frame is lost.
     context : zmq.Context, optional
         Without one the ingest owns (and terminates) its own.
 
@@ -71,8 +78,10 @@ class Ingest:
     """
 
     def __init__(self, config: IngestConfig, router_factory: Callable[[SeriesStart], Router],
-                 registry: SeriesRegistry | None = None, context: zmq.Context | None = None) -> None:
-        self.config, self.router_factory = config, router_factory
+                 registry: SeriesRegistry | None = None, context: zmq.Context | None = None,
+                 admit: Callable[[SeriesStart], str | None] | None = None) -> None:
+        self.config, self.router_factory, self.admit = config, router_factory, admit
+        self._commands: queue.SimpleQueue[tuple[SeriesControl, Future[tuple[bool, str]]]] = queue.SimpleQueue()
         self.registry = registry if registry is not None else SeriesRegistry()
         n = len(config.worker_endpoints)
         self.forwarded, self.control_forwarded, self.blocked_s = [0] * n, [0] * n, [0.0] * n
@@ -112,6 +121,7 @@ class Ingest:
     def run(self, stop: threading.Event) -> None:
         """Receive and forward until ``stop`` is set; malformed input is counted, never raised."""
         while not stop.is_set():
+            self._run_commands(stop)
             if not self._pull.poll(self.config.poll_ms, zmq.POLLIN):
                 continue
             for _ in range(RECV_BATCH):
@@ -137,7 +147,11 @@ class Ingest:
             if worker is not None and self._send(worker, parts, stop):
                 self.forwarded[worker] += 1
         elif isinstance(message, SeriesStart):
+            refusal = self.admit(message) if self.admit is not None else None
             with self._lock:
+                if refusal is not None:
+                    self.registry.refuse(message, refusal)
+                    return
                 _, state = self.registry.start(message)
                 if state is not None:
                     try:
@@ -155,6 +169,37 @@ class Ingest:
                 self._prune_routers()
             if ended is not None:
                 self._broadcast(parts, stop)
+
+    def request(self, control: SeriesControl, timeout_s: float = 5.0) -> tuple[bool, str]:
+        """Ask the ingest thread to finalize or abort a series (None: the current one) or to shut down.
+
+        Thread-safe. The ingest ends the series in the registry (later frames of it are rejected as
+        ``"finished_series"``) and forwards the control message to every worker behind the frames already
+        sent. Returns ``(accepted, message)``; ``(False, ...)`` when no such series is live.
+        """
+        result: Future[tuple[bool, str]] = Future()
+        self._commands.put((control, result))
+        if self._thread is None or not self._thread.is_alive():
+            return False, "the ingest is not running"
+        return result.result(timeout=timeout_s)
+
+    def _run_commands(self, stop: threading.Event) -> None:
+        while not self._commands.empty():
+            control, result = self._commands.get()
+            if control.action == "shutdown":
+                self._broadcast(encode_control(control), stop)
+                result.set_result((True, "shutting down"))
+                continue
+            with self._lock:
+                current = self.registry.current
+                series_id = control.series_id or (current.series_id if current is not None else None)
+                state = None if series_id is None else self.registry.end_now(series_id, control.action)
+                self._prune_routers()
+            if state is None:
+                result.set_result((False, f"no live series {series_id!r}" if series_id else "no series is live"))
+                continue
+            self._broadcast(encode_control(SeriesControl(control.action, series_id)), stop)
+            result.set_result((True, f"series {series_id!r}: {control.action}"))
 
     def _build_router(self, start: SeriesStart) -> Router:
         """The series' router, checked against the worker count, with its lookup table built."""
@@ -185,12 +230,12 @@ class Ingest:
             logger.warning("frame %d of series %r not routed: %s", frame.frame_index, frame.series_id, exc)
             return None
 
-    def _broadcast(self, parts: list[zmq.Frame], stop: threading.Event) -> None:
+    def _broadcast(self, parts: list[Any], stop: threading.Event) -> None:
         for worker in range(len(self._pushes)):
             if self._send(worker, parts, stop):
                 self.control_forwarded[worker] += 1
 
-    def _send(self, worker: int, parts: list[zmq.Frame], stop: threading.Event) -> bool:
+    def _send(self, worker: int, parts: list[Any], stop: threading.Event) -> bool:
         """Send without copying; while the worker's queue is full wait for room. False only if stopped."""
         push = self._pushes[worker]
         while True:
@@ -259,40 +304,3 @@ class Ingest:
         return {"endpoint": self._endpoint, "messages_received": self.messages_received, "registry": registry,
                 "router": router, "workers": workers, "routing_errors": self.routing_errors,
                 "unsent_on_stop": self.unsent_on_stop}
-
-
-class WorkerInbox:
-    """The worker side, no MPI: a PULL connected to one of :attr:`Ingest.worker_endpoints`.
-
-    Messages from the ingest are valid; one that does not decode is counted in ``protocol_errors`` and skipped.
-    """
-
-    def __init__(self, endpoint: str, context: zmq.Context | None = None, rcvhwm: int = 1000) -> None:
-        self._own_context = context is None
-        self._context: zmq.Context = zmq.Context() if context is None else context
-        self._socket = self._context.socket(zmq.PULL)
-        self._socket.rcvhwm, self._socket.linger = rcvhwm, 0
-        self._socket.connect(endpoint)
-        self._closed, self.protocol_errors = False, 0
-
-    def poll(self, timeout_ms: int = 0, max_messages: int | None = None) -> list[Message]:
-        """Wait up to ``timeout_ms`` for a message, then return all available ones (at most ``max_messages``)."""
-        messages: list[Message] = []
-        wait_ms = timeout_ms
-        while (max_messages is None or len(messages) < max_messages) and self._socket.poll(wait_ms, zmq.POLLIN):
-            wait_ms = 0
-            try:
-                messages.append(decode(self._socket.recv_multipart(copy=False)))
-            except ProtocolError as exc:
-                self.protocol_errors += 1
-                logger.error("worker inbox got an undecodable message: %s", exc)
-        return messages
-
-    def close(self) -> None:
-        """Close the socket (pending messages are discarded)."""
-        if not self._closed:
-            self._closed = True
-            self._socket.close()
-            if self._own_context:
-                self._context.term()
-

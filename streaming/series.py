@@ -24,10 +24,10 @@ from ptylive.streaming.protocol import REJECT_REASONS, Frame, SeriesEnd, SeriesS
 
 logger = logging.getLogger(__name__)
 
-INGEST_REJECT_REASONS = ("unknown_series", "finished_series", "index_out_of_range", "shape_mismatch",
-                         "dtype_mismatch", "non_finite", "position_outside")
+INGEST_REJECT_REASONS = ("unknown_series", "finished_series", "refused_series", "index_out_of_range",
+                         "shape_mismatch", "dtype_mismatch", "non_finite", "position_outside")
 ALL_REJECT_REASONS = REJECT_REASONS + INGEST_REJECT_REASONS
-START_OUTCOMES = ("current", "queued", "duplicate_id", "queue_full")
+START_OUTCOMES = ("current", "queued", "duplicate_id", "queue_full", "refused")
 
 
 @dataclass(frozen=True)
@@ -75,8 +75,11 @@ class SeriesState:
         Registry clock at the start and at the end.
     received, duplicated, rejected : int, int, dict[str, int]
         Distinct frames accepted; further copies; rejections over :data:`ALL_REJECT_REASONS`.
-    sender_n_frames, end_cause : int or None, {"series_end", "superseded"} or None
-        ``n_frames`` of the :class:`SeriesEnd` (None if superseded), and why the series ended.
+    sender_n_frames, end_cause : int or None, str or None
+        ``n_frames`` of the :class:`SeriesEnd` (None otherwise), and why the series ended: ``"series_end"``,
+        ``"superseded"``, ``"finalize"`` or ``"abort"`` (control endpoint), ``"refused"``.
+    refusal : str or None
+        Why the daemon refused the series (its frames are rejected as ``"refused_series"``).
     coverage : (n_expected,) bool
         ``coverage[k]`` is set once frame ``k`` was accepted.
     """
@@ -90,6 +93,7 @@ class SeriesState:
     ended_s: float | None = None
     sender_n_frames: int | None = None
     end_cause: str | None = None
+    refusal: str | None = None
     series_id: str = field(init=False)
     n_expected: int = field(init=False)
     coverage: npt.NDArray[np.bool_] = field(init=False)
@@ -122,7 +126,7 @@ class SeriesState:
             "missing": self.missing, "rejected": dict(self.rejected), "offered": self.offered,
             "coverage_fraction": self.received / self.n_expected if self.n_expected else 1.0,
             "started_s": self.started_s, "ended_s": self.ended_s, "ended": self.ended,
-            "sender_n_frames": self.sender_n_frames, "end_cause": self.end_cause,
+            "sender_n_frames": self.sender_n_frames, "end_cause": self.end_cause, "refusal": self.refusal,
         }
 
 
@@ -178,18 +182,33 @@ class SeriesRegistry:
                     msg.detector_shape, msg.dtype)
         return outcome, state
 
+    def refuse(self, msg: SeriesStart, reason: str) -> SeriesState:
+        """Record a start the daemon will not reconstruct; its frames are rejected as ``"refused_series"``."""
+        self.starts["refused"] += 1
+        state = SeriesState(msg, self.clock(), refusal=reason)
+        state.ended, state.ended_s, state.end_cause = True, state.started_s, "refused"
+        self.finished.append(state)
+        logger.error("series %r refused: %s", msg.series_id, reason)
+        return state
+
     def end(self, msg: SeriesEnd) -> SeriesState | None:
         """End the named series (current or queued): its state, or None if unknown (``ends_unknown``)."""
-        state = self._live(msg.series_id)
+        state = self.end_now(msg.series_id, "series_end", msg.n_frames)
         if state is None:
             self.ends_unknown += 1
             logger.warning("end of unknown or finished series %r ignored", msg.series_id)
+        return state
+
+    def end_now(self, series_id: str, cause: str, n_frames: int | None = None) -> SeriesState | None:
+        """End a live series for ``cause`` (e.g. ``"finalize"`` from the control endpoint); None if not live."""
+        state = self._live(series_id)
+        if state is None:
             return None
         if state is self.current:
             self.current = self.queued.popleft() if self.queued else None
         else:
             self.queued.remove(state)
-        self._finish(state, "series_end", msg.n_frames)
+        self._finish(state, cause, n_frames)
         return state
 
     def _reject(self, state: SeriesState | None, frame: Frame, reason: str) -> Verdict:
@@ -201,16 +220,18 @@ class SeriesRegistry:
     def accept_frame(self, frame: Frame) -> Verdict:
         """Classify ``frame`` and count it; never raises on frame content.
 
-        Checks, in order: the series is current or queued (else ``"finished_series"`` while it is in the
-        history, otherwise ``"unknown_series"``), then ``"index_out_of_range"``, ``"shape_mismatch"``,
-        ``"dtype_mismatch"``, ``"non_finite"`` (float pixels), ``"position_outside"`` (a header position
-        that is not finite); then duplicate or accepted. Rejected frames leave the coverage alone.
+        Checks, in order: the series is current or queued (else ``"refused_series"`` or
+        ``"finished_series"`` while it is in the history, otherwise ``"unknown_series"``), then
+        ``"index_out_of_range"``, ``"shape_mismatch"``, ``"dtype_mismatch"``, ``"non_finite"`` (float
+        pixels), ``"position_outside"`` (a header position that is not finite); then duplicate or
+        accepted. Rejected frames leave the coverage alone.
         """
         self.frames_offered += 1
         state = self._live(frame.series_id)
         if state is None:
             late = next((s for s in reversed(self.finished) if s.series_id == frame.series_id), None)
-            return self._reject(late, frame, "unknown_series" if late is None else "finished_series")
+            reason = "unknown_series" if late is None else "refused_series" if late.refusal else "finished_series"
+            return self._reject(late, frame, reason)
         index, pixels = frame.frame_index, frame.pixels
         if not 0 <= index < state.n_expected:
             return self._reject(state, frame, "index_out_of_range")

@@ -6,7 +6,7 @@ the same run, interleaved with it (median of repeats):
 1. Reference: a bare pyzmq PUSH → PULL over loopback TCP of the same ``[msgpack header, pixel buffer]``
    messages (``send_multipart`` / ``recv_multipart`` with ``copy=False``).
 2. The same messages, framed by a series start and end, through :class:`~ptylive.streaming.ingest.Ingest`
-   (a thread) to ``R`` :class:`~ptylive.streaming.ingest.WorkerInbox` es (polled round-robin by the main
+   (a thread) to ``R`` :class:`~ptylive.streaming.inbox.WorkerInbox` es (polled round-robin by the main
    thread; ``WORKER_THREADS = True`` gives each its own thread, about as fast), with an
    ``owner_of`` that splits the scan columns between workers. Every frame must arrive.
 
@@ -33,7 +33,8 @@ import msgpack
 import numpy as np
 import zmq
 
-from ptylive.streaming.ingest import Ingest, IngestConfig, WorkerInbox
+from ptylive.streaming.inbox import WorkerInbox
+from ptylive.streaming.ingest import Ingest, IngestConfig
 from ptylive.streaming.protocol import (
     Frame,
     SeriesEnd,

@@ -16,7 +16,8 @@ import zmq
 
 from ptylive.gpu.simulate import SimulationSpec
 from ptylive.streaming.fake_detector import CORRUPT_REASONS, FakeDetector, FakeDetectorOptions, ScanSource
-from ptylive.streaming.ingest import Ingest, IngestConfig, WorkerInbox
+from ptylive.streaming.inbox import WorkerInbox
+from ptylive.streaming.ingest import Ingest, IngestConfig
 from ptylive.streaming.protocol import (
     Frame,
     Message,

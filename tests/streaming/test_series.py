@@ -99,7 +99,7 @@ def test_each_rejection_names_its_reason(start_changes: dict, frame_changes: dic
 
 
 def test_every_ingest_reason_is_exercised() -> None:
-    covered = {r for _, _, r in REJECTIONS} | {"finished_series"}  # finished_series: test below
+    covered = {r for _, _, r in REJECTIONS} | {"finished_series", "refused_series"}  # tests below
     assert covered == set(INGEST_REJECT_REASONS)
     assert set(ALL_REJECT_REASONS) == set(REJECT_REASONS) | set(INGEST_REJECT_REASONS)
 
@@ -179,7 +179,7 @@ def test_queue_policy_waits_for_the_end_and_accepts_frames_of_queued_series() ->
     assert reg.accept_frame(make_frame("b", 2)).accepted
     reg.end(SeriesEnd("a", 0))
     assert reg.current is queued and not reg.queued and queued.received == 1
-    assert reg.snapshot()["starts"] == {"current": 1, "queued": 1, "duplicate_id": 1, "queue_full": 1}
+    assert reg.snapshot()["starts"] == {"current": 1, "queued": 1, "duplicate_id": 1, "queue_full": 1, "refused": 0}
 
 
 def test_ending_a_queued_series_leaves_the_current_one() -> None:
@@ -198,6 +198,30 @@ def test_finish_now_policy_supersedes_the_active_series() -> None:
     assert first is not None and first.ended and first.end_cause == "superseded" and first.sender_n_frames is None
     assert reg.finished[-1] is first
     assert reg.accept_frame(make_frame("a")).reason == "finished_series"
+
+
+def test_a_refused_series_rejects_its_frames_and_leaves_the_current_one_alone() -> None:
+    reg = registry()
+    reg.start(make_start("a"))
+    refused = reg.refuse(make_start("big"), "frames need 9 GiB per worker, budget 8 GiB")
+    assert refused.end_cause == "refused" and refused.ended and reg.starts["refused"] == 1
+    assert reg.current is not None and reg.current.series_id == "a"
+    verdict = reg.accept_frame(make_frame("big", index=0))
+    assert verdict.reason == "refused_series" and refused.rejected["refused_series"] == 1
+    assert reg.snapshot()["finished"][-1]["refusal"].startswith("frames need")
+    assert_counters_add_up(reg)
+
+
+def test_end_now_finalizes_a_live_series_with_its_cause() -> None:
+    reg = registry()
+    reg.start(make_start("a"))
+    reg.start(make_start("b"))
+    assert reg.end_now("nobody", "abort") is None and reg.ends_unknown == 0
+    state = reg.end_now("a", "finalize")
+    assert state is not None and state.end_cause == "finalize" and state.sender_n_frames is None
+    assert reg.current is not None and reg.current.series_id == "b"  # the queued series moves up
+    assert reg.accept_frame(make_frame("a")).reason == "finished_series"
+    assert_counters_add_up(reg)
 
 
 def test_a_finished_id_may_start_again() -> None:

@@ -1,0 +1,256 @@
+"""The daemon's TOML configuration: one frozen dataclass per section.
+
+Every section validates itself in ``__post_init__`` against its fields' declared types (``Literal``
+for choices) and the ranges in each field's metadata, so a config built in code is checked exactly
+like one read from a file or patched by a detector's per-series overrides (:func:`apply_overrides`).
+Type rules: a bool is not an int; an int is accepted (and stored as float) where a float is expected;
+floats must be finite. Errors are :class:`ConfigError` and name the key, the value and what was
+expected; unknown sections and keys are rejected by name, with the known ones listed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import operator
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import tomli_w
+
+logger = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A configuration file, mapping or override that cannot be used as it is."""
+
+
+def _option(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+            whole_float: bool = False) -> Any:
+    """A field with bounds (``ge``/``gt``/``le``); ``whole_float`` lets an int field take ``8e9``."""
+    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "whole_float": whole_float})
+
+
+_BOUNDS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le)}
+_TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a finite number", str: "a string", Path: "a path string"}
+_INVALID = object()
+
+
+def _expected(hint: Any, metadata: Mapping[str, Any]) -> str:
+    """What a field accepts, in words: ``an integer >= 1``, ``one of 'queue', 'finish_now'``."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(choice) for choice in args)
+    if type(None) in args:
+        return _expected(next(arg for arg in args if arg is not type(None)), metadata) + " (or absent)"
+    bounds = " and ".join(f"{symbol} {metadata[key]}" for key, (symbol, _) in _BOUNDS.items()
+                          if metadata.get(key) is not None)
+    whole = " (a whole float such as 8e9 is accepted)" if metadata.get("whole_float") else ""
+    return f"{_TYPE_NAMES[hint]} {bounds}".strip() + whole
+
+
+def _checked(value: Any, hint: Any, metadata: Mapping[str, Any]) -> Any:
+    """``value`` converted to the field's type and within its bounds, else ``_INVALID``."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is Literal:
+        return value if isinstance(value, str) and value in args else _INVALID
+    if type(None) in args:  # ``X | None``: None means "absent"
+        return None if value is None else _checked(value, next(a for a in args if a is not type(None)), metadata)
+    if hint is Path:
+        return Path(value) if isinstance(value, str | Path) else _INVALID
+    number = not isinstance(value, bool) and (isinstance(value, int)
+                                              or (isinstance(value, float) and math.isfinite(value)))
+    if hint is float and number:
+        value = float(value)
+    elif hint is int and number and (isinstance(value, int) or (metadata.get("whole_float") and value.is_integer())):
+        value = int(value)
+    elif type(value) is not hint or hint in (int, float):
+        return _INVALID
+    within = all(metadata.get(key) is None or holds(value, metadata[key]) for key, (_, holds) in _BOUNDS.items())
+    return value if within else _INVALID
+
+
+def _validate_fields(section: Any, name: str) -> None:
+    """Check and normalise every field of the frozen dataclass ``section`` (in place)."""
+    hints = typing.get_type_hints(type(section))
+    for spec in dataclasses.fields(section):
+        value = getattr(section, spec.name)
+        normalised = _checked(value, hints[spec.name], spec.metadata)
+        if normalised is _INVALID:
+            raise ConfigError(f"invalid value {value!r} for '{name}.{spec.name}'; expected "
+                              f"{_expected(hints[spec.name], spec.metadata)}")
+        object.__setattr__(section, spec.name, normalised)
+
+
+class _Section:
+    """Base of the section dataclasses: validates fields on construction (and on ``replace``)."""
+
+    SECTION: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        _validate_fields(self, self.SECTION)
+
+
+@dataclass(frozen=True)
+class IngestConfig(_Section):
+    """``[ingest]``: where detectors send frames and how series queue up."""
+
+    SECTION: ClassVar[str] = "ingest"
+    endpoint: str = "tcp://127.0.0.1:5555"
+    bind: bool = True
+    queue_messages: int = _option(1000, ge=1)
+    on_new_start: Literal["queue", "finish_now"] = "queue"
+    max_queued_series: int = _option(4, ge=0)
+    history: int = _option(16, ge=1)
+
+
+@dataclass(frozen=True)
+class WorkersConfig(_Section):
+    """``[workers]``: worker ranks (the daemon runs ``ranks + 1`` MPI processes) and their arrays."""
+
+    SECTION: ClassVar[str] = "workers"
+    ranks: int = _option(2, ge=1)
+    backend: Literal["numpy", "cupy"] = "numpy"
+    precision: Literal["single", "double"] = "single"
+    memory_budget_bytes: int = _option(8 * 2**30, gt=0, whole_float=True)
+
+
+@dataclass(frozen=True)
+class ReconstructionConfig(_Section):
+    """``[reconstruction]``: engine settings; a series may override them (:func:`apply_overrides`)."""
+
+    SECTION: ClassVar[str] = "reconstruction"
+    n_slices: int = _option(1, ge=1)
+    slice_thickness_A: float = _option(0.0, ge=0)
+    upsampling: int = _option(1, ge=1)
+    loss: Literal["amplitude", "poisson"] = "amplitude"
+    batch_size: int = _option(32, ge=1)
+    step_size: float | None = _option(None, gt=0)
+    updates_per_iteration: int = _option(16, ge=1)
+    max_staleness: int = _option(4, ge=1)
+    illumination_floor: float = _option(0.05, gt=0)
+    max_amplitude: float = _option(1.0, gt=0)
+    final_iterations: int = _option(30, ge=0)
+    final_seconds: float = _option(0.0, ge=0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n_slices > 1 and self.slice_thickness_A <= 0:
+            raise ConfigError(f"invalid value {self.slice_thickness_A!r} for 'reconstruction.slice_thickness_A'; "
+                              f"expected > 0 when n_slices = {self.n_slices} > 1")
+
+
+@dataclass(frozen=True)
+class PreviewConfig(_Section):
+    """``[preview]``: the ZMQ PUB socket (bound) for live previews."""
+
+    SECTION: ClassVar[str] = "preview"
+    endpoint: str = "tcp://127.0.0.1:5556"
+    rate_hz: float = _option(2.0, gt=0)
+    max_px: int = _option(256, ge=8)
+
+
+@dataclass(frozen=True)
+class HttpConfig(_Section):
+    """``[http]``: status, metrics and (when ``control``) ``POST /control``; port 0 = any free port."""
+
+    SECTION: ClassVar[str] = "http"
+    host: str = "127.0.0.1"
+    port: int = _option(8080, ge=0, le=65535)
+    control: bool = False
+
+
+@dataclass(frozen=True)
+class OutputConfig(_Section):
+    """``[output]``: where results are written (not checked on load)."""
+
+    SECTION: ClassVar[str] = "output"
+    folder: Path = Path(".")
+
+
+@dataclass(frozen=True)
+class ServiceConfig(_Section):
+    """``[service]``: systemd watchdog (0 = ``WATCHDOG_USEC``), ready file ("" = none), heartbeats."""
+
+    SECTION: ClassVar[str] = "service"
+    watchdog_s: float = _option(0.0, ge=0)
+    ready_file: str = ""
+    heartbeat_timeout_s: float = _option(10.0, gt=0)
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """The whole configuration, one attribute per section."""
+
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
+    preview: PreviewConfig = field(default_factory=PreviewConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
+
+
+#: Section name -> its dataclass, in file order.
+SECTIONS: dict[str, Any] = typing.get_type_hints(DaemonConfig)
+
+
+def _reject_unknown(given: Mapping[str, Any], known: list[str], what: str, prefix: str, source: str) -> None:
+    unknown = [key for key in given if key not in known]
+    if unknown:
+        raise ConfigError(f"unknown {what} '{prefix}{unknown[0]}' in {source}; "
+                          f"known {what}s: {', '.join(sorted(known))}")
+
+
+def _build_section(name: str, table: Any, source: str) -> _Section:
+    section_type = SECTIONS[name]
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"'{name}' in {source} must be a table [{name}], got {table!r}")
+    known = [spec.name for spec in dataclasses.fields(section_type)]
+    _reject_unknown(table, known, "key", f"{name}.", source)
+    try:
+        return section_type(**table)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (in {source})") from exc
+
+
+def config_from_mapping(data: Mapping[str, Any], source: str = "<config>") -> DaemonConfig:
+    """Validated configuration from parsed TOML; missing sections and keys take the defaults."""
+    _reject_unknown(data, list(SECTIONS), "section", "", source)
+    sections: dict[str, Any] = {name: _build_section(name, data.get(name, {}), source) for name in SECTIONS}
+    return DaemonConfig(**sections)
+
+
+def load_config(path: str | Path) -> DaemonConfig:
+    """Read and validate the TOML file at ``path``; unreadable or invalid TOML -> :class:`ConfigError`."""
+    path = Path(path)
+    try:
+        with path.open("rb") as stream:
+            data = tomllib.load(stream)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"invalid TOML in {path}: {exc}") from exc
+    config = config_from_mapping(data, str(path))
+    logger.debug("loaded configuration from %s", path)
+    return config
+
+
+def config_to_toml(config: DaemonConfig) -> str:
+    """TOML text that :func:`load_config` reads back to ``config`` (``step_size`` omitted when None)."""
+    document = {name: {key: str(value) if isinstance(value, Path) else value
+                       for key, value in dataclasses.asdict(getattr(config, name)).items() if value is not None}
+                for name in SECTIONS}
+    return tomli_w.dumps(document)
+
+
+def apply_overrides(reconstruction: ReconstructionConfig, overrides: Mapping[str, Any]) -> ReconstructionConfig:
+    """``reconstruction`` with a series' overrides applied (``[reconstruction]`` keys only, validated)."""
+    known = [spec.name for spec in dataclasses.fields(ReconstructionConfig)]
+    _reject_unknown(overrides, known, "key", "reconstruction.", "series overrides")
+    return dataclasses.replace(reconstruction, **overrides)

@@ -1,0 +1,95 @@
+"""The worker side of the ingest: a PULL socket connected to one of the ingest's worker endpoints.
+
+Besides ptylive stream v1 messages (forwarded unchanged by the ingest), the ingest sends one internal
+message of its own, :class:`SeriesControl` (``htype = "series_control"``): finalize or abort a series,
+or shut down. It travels on the same socket as the frames, so a worker sees it after every frame the
+ingest forwarded before it. Detectors cannot send it: the ingest's decoder rejects the htype.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import msgpack
+import zmq
+
+from ptylive.streaming.protocol import Message, ProtocolError, decode
+
+logger = logging.getLogger(__name__)
+
+CONTROL_HTYPE = "series_control"
+CONTROL_ACTIONS = ("finalize", "abort", "shutdown")
+
+
+@dataclass(frozen=True)
+class SeriesControl:
+    """``finalize`` (treat the series as ended now), ``abort`` (stop now) or ``shutdown`` (stop everything).
+
+    ``series_id`` is None for ``shutdown``.
+    """
+
+    action: Literal["finalize", "abort", "shutdown"]
+    series_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.action not in CONTROL_ACTIONS:
+            raise ValueError(f"control action must be one of {CONTROL_ACTIONS}, got {self.action!r}")
+
+
+def encode_control(control: SeriesControl) -> list[bytes]:
+    """One-part message for the worker sockets."""
+    return [msgpack.packb({"htype": CONTROL_HTYPE, "action": control.action, "series_id": control.series_id})]
+
+
+def _decode_control(parts: list[zmq.Frame]) -> SeriesControl | None:
+    """The control message in ``parts``, or None when it is something else."""
+    if len(parts) != 1 or len(parts[0].buffer) > 4096:
+        return None
+    try:
+        header = msgpack.unpackb(parts[0].buffer, raw=False)
+    except (ValueError, msgpack.UnpackException):
+        return None
+    if not isinstance(header, dict) or header.get("htype") != CONTROL_HTYPE:
+        return None
+    series_id = header.get("series_id")
+    return SeriesControl(header.get("action"), None if series_id is None else str(series_id))  # type: ignore[arg-type]
+
+
+class WorkerInbox:
+    """A PULL connected to one of :attr:`~ptylive.streaming.ingest.Ingest.worker_endpoints`.
+
+    Messages from the ingest are valid; one that does not decode is counted in ``protocol_errors`` and skipped.
+    """
+
+    def __init__(self, endpoint: str, context: zmq.Context | None = None, rcvhwm: int = 1000) -> None:
+        self._own_context = context is None
+        self._context: zmq.Context = zmq.Context() if context is None else context
+        self._socket = self._context.socket(zmq.PULL)
+        self._socket.rcvhwm, self._socket.linger = rcvhwm, 0
+        self._socket.connect(endpoint)
+        self._closed, self.protocol_errors = False, 0
+
+    def poll(self, timeout_ms: int = 0, max_messages: int | None = None) -> list[Message | SeriesControl]:
+        """Wait up to ``timeout_ms`` for a message, then return all available ones (at most ``max_messages``)."""
+        messages: list[Message | SeriesControl] = []
+        wait_ms = timeout_ms
+        while (max_messages is None or len(messages) < max_messages) and self._socket.poll(wait_ms, zmq.POLLIN):
+            wait_ms = 0
+            parts = self._socket.recv_multipart(copy=False)
+            try:
+                control = _decode_control(parts)
+                messages.append(control if control is not None else decode(parts))
+            except (ProtocolError, ValueError) as exc:
+                self.protocol_errors += 1
+                logger.error("worker inbox got an undecodable message: %s", exc)
+        return messages
+
+    def close(self) -> None:
+        """Close the socket (pending messages are discarded)."""
+        if not self._closed:
+            self._closed = True
+            self._socket.close()
+            if self._own_context:
+                self._context.term()
