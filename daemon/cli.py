@@ -1,4 +1,4 @@
-"""The ``ptylive`` command line: simulate, reconstruct, plan, bench.
+"""The ``ptylive`` command line: serve, demo, simulate, reconstruct, plan, bench.
 
 Errors a user can fix (bad files, bad options) print one ``error:`` line and
 exit with status 2; they never show a traceback.
@@ -83,11 +83,28 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the streaming daemon (ingest, workers, previews) from a TOML config")
+    p.add_argument("--config", type=Path, required=True)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="serve + fake detector streaming a simulated PbTiO3 scan + live previews")
+    p.add_argument("--ranks", type=int, default=2, help="worker ranks")
+    p.add_argument("--out", type=Path, default=Path("ptylive-demo"), help="folder for config and results")
+    p.add_argument("--rate", type=float, default=100.0, help="frames per second from the fake detector")
+    p.add_argument("--scan", type=int, nargs=2, default=(24, 24), metavar=("ROWS", "COLS"))
+    p.add_argument("--dose", type=float, default=1e6, help="electrons per Å² (Poisson noise)")
+    p.add_argument("--final-iterations", type=int, default=20)
+    p.add_argument("--http-port", type=int, default=0, help="viewer port (0: any free port)")
+    p.add_argument("--keep-running", action="store_true", help="keep serving after the series (Ctrl-C stops)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptylive", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_simulate, _add_reconstruct, _add_plan, _add_bench):
+    for add in (_add_simulate, _add_reconstruct, _add_plan, _add_bench, _add_serve, _add_demo):
         add(sub)
     return parser
 

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 import sys
 from typing import Any
 
 from ptylive.daemon.launcher import relaunch, under_mpi
 
+logger = logging.getLogger(__name__)
+
 EXIT_USAGE = 2
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
-    handler = {"simulate": simulate, "reconstruct": reconstruct, "plan": plan, "bench": bench}[args.command]
+    handler = {"simulate": simulate, "reconstruct": reconstruct, "plan": plan, "bench": bench, "serve": serve,
+               "demo": demo}[args.command]
     return handler(args, argv)
 
 
@@ -140,3 +144,32 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
     from ptylive.tools.bench_engine import main as bench_engine
 
     return bench_engine(quick=args.quick, backend=args.backend)
+
+
+def serve(args: argparse.Namespace, argv: list[str]) -> int:
+    from ptylive.daemon.config import load_config
+
+    config = load_config(args.config)
+    if not under_mpi():
+        if not config.output.folder.is_dir():  # one clear message before any rank starts
+            raise ValueError(f"output folder {config.output.folder} does not exist")
+        return relaunch(config.workers.ranks + 1, argv)
+    from mpi4py import MPI
+
+    from ptylive.daemon.serve import run as run_serve
+
+    comm = MPI.COMM_WORLD
+    try:
+        return run_serve(config, comm)
+    except Exception:  # a bug on one rank must not leave the others running
+        logger.exception("rank %d failed; aborting the job", comm.Get_rank())
+        comm.Abort(1)
+        return 1
+
+
+def demo(args: argparse.Namespace, argv: list[str]) -> int:
+    from ptylive.daemon.demo import DemoOptions, run_demo
+
+    return run_demo(DemoOptions(ranks=args.ranks, out=args.out, rate_hz=args.rate, scan_shape=tuple(args.scan),
+                                dose_e_per_A2=args.dose, final_iterations=args.final_iterations,
+                                http_port=args.http_port, keep_running=args.keep_running))

@@ -160,3 +160,23 @@ class SyncExchanger:
             add_pairs(gradient[(slice(None), *region)], pairs)
             illumination[(slice(None), *region)] += xp.asarray(received_illumination)
         return gradient, illumination
+
+
+class SoloExchanger(NullExchanger):
+    """A single streaming worker: the asynchronous exchanger's interface with nobody to talk to."""
+
+    def progress(self, volume: Any, step: int) -> None:
+        """Nothing arrives."""
+
+    def push(self, update: Any, illumination: Any, step: int, minibatch: int) -> None:
+        """Nobody to send to."""
+
+    def enforce_staleness(self, volume: Any, step: int) -> None:
+        """Never behind."""
+
+    def finish(self, volume: Any, step: int) -> None:
+        """Nothing to drain."""
+
+    def total_illumination(self, own: Any, minibatch: int) -> Any:
+        """A copy of ``own`` (the update overwrites it as scratch)."""
+        return own.copy()

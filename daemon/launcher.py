@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +45,13 @@ def relaunch(n_ranks: int, argv: list[str]) -> int:
         env.setdefault(name, "1")
     env.setdefault("OMP_WAIT_POLICY", "passive")
     logger.debug("launching %s", " ".join(command))
+    process = subprocess.Popen(command, env=env)
+    # mpiexec forwards SIGTERM/SIGINT to every rank and waits for them: pass ours on (systemd's
+    # KillMode=mixed signals only this process) and keep waiting, so no rank is orphaned.
+    previous = {signum: signal.signal(signum, lambda s, _: process.send_signal(s))
+                for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return subprocess.call(command, env=env)
-    except KeyboardInterrupt:
-        return 130
+        return process.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -147,7 +147,7 @@ class Ingest:
             if worker is not None and self._send(worker, parts, stop):
                 self.forwarded[worker] += 1
         elif isinstance(message, SeriesStart):
-            refusal = self.admit(message) if self.admit is not None else None
+            refusal = self._admit(message)
             with self._lock:
                 if refusal is not None:
                     self.registry.refuse(message, refusal)
@@ -170,6 +170,16 @@ class Ingest:
             if ended is not None:
                 self._broadcast(parts, stop)
 
+    def _admit(self, start: SeriesStart) -> str | None:
+        """The admission hook's verdict; a hook that raises refuses the series (logged), never the thread."""
+        if self.admit is None:
+            return None
+        try:
+            return self.admit(start)
+        except Exception as exc:
+            logger.exception("admission of series %r failed", start.series_id)
+            return f"admission failed: {exc!r}"
+
     def request(self, control: SeriesControl, timeout_s: float = 5.0) -> tuple[bool, str]:
         """Ask the ingest thread to finalize or abort a series (None: the current one) or to shut down.
 
@@ -181,7 +191,10 @@ class Ingest:
         self._commands.put((control, result))
         if self._thread is None or not self._thread.is_alive():
             return False, "the ingest is not running"
-        return result.result(timeout=timeout_s)
+        try:
+            return result.result(timeout=timeout_s)
+        except TimeoutError:  # e.g. a worker queue stays full; the command still runs when there is room
+            return False, f"the ingest did not carry out {control.action!r} within {timeout_s} s"
 
     def _run_commands(self, stop: threading.Event) -> None:
         while not self._commands.empty():

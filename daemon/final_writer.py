@@ -1,0 +1,91 @@
+"""The final HDF5 file of a streamed series, assembled by rank 0 from every worker's ``final`` message.
+
+Layout (the same names as ``ptylive reconstruct`` writes, plus streaming facts)::
+
+    object          (S, H, W) complex   stitched tiles, halos dropped
+    probe           (N, N) complex
+    loss            (I,) float64        summed over workers, per iteration (over the frames used so far)
+    frames_used     (I,) int64          frames in each iteration, all workers
+    positions_px    (n, 2) float64      nominal probe centres of every frame of the scan
+    received        (n,) bool           frames that reached a worker
+    ranks/<stat>    (R,)                per worker: compute_s, exchange_wait_s, bytes_sent, ...
+    attrs           series_id, status, iterations, detector_scale, pixel_size_A, energy_eV, ...
+
+The file appears atomically: it is written as ``NAME.partial`` and renamed.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from ptylive.daemon.geometry import SeriesGeometry
+from ptylive.daemon.rank_messages import RankMessage
+from ptylive.streaming.protocol import SeriesStart
+
+logger = logging.getLogger(__name__)
+
+STAT_NAMES = ("compute_s", "exchange_wait_s", "consensus_wait_s", "bytes_sent", "staleness_mean",
+              "staleness_max", "iterations_total_s", "frames_bytes", "frames_received")
+
+
+def output_path(folder: Path, series_id: str) -> Path:
+    """``folder/<series id>.h5`` with unsafe characters replaced; ``-1``, ``-2``… if taken."""
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", series_id).lstrip(".") or "series"
+    path = folder / f"{stem}.h5"
+    n = 1
+    while path.exists() or path.with_name(path.name + ".partial").exists():
+        path, n = folder / f"{stem}-{n}.h5", n + 1
+    return path
+
+
+def _status(finals: list[RankMessage]) -> str:
+    statuses = {m.header["status"] for m in finals}
+    return statuses.pop() if len(statuses) == 1 else "+".join(sorted(statuses))
+
+
+def write_final(folder: Path, start: SeriesStart, geometry: SeriesGeometry, finals: list[RankMessage],
+                extra_attrs: dict[str, Any]) -> Path:
+    """Stitch ``finals`` (one per worker, any order) and write the series' HDF5 file; returns its path."""
+    finals = sorted(finals, key=lambda m: m.header["worker"])
+    if [m.header["worker"] for m in finals] != list(range(len(geometry.domains))):
+        raise ValueError(f"series {start.series_id!r}: final tiles of workers "
+                         f"{[m.header['worker'] for m in finals]}, expected 0..{len(geometry.domains) - 1}")
+    n_slices = finals[0].arrays[0].shape[0]
+    volume = np.ones((n_slices, *geometry.object_shape), dtype=finals[0].arrays[0].dtype)
+    for message in finals:
+        row0, row1, col0, col1 = message.header["tile"]
+        volume[:, row0:row1, col0:col1] = message.arrays[0]
+    received = np.zeros(len(geometry.positions_px), dtype=bool)
+    for message in finals:
+        received[np.asarray(message.header["received"], dtype=np.int64)] = True
+    histories = [np.asarray(m.header["loss_history"], dtype=np.float64) for m in finals]
+    n_iterations = min(len(h) for h in histories)
+    path = output_path(folder, start.series_id)
+    partial = path.with_name(path.name + ".partial")
+    with h5py.File(partial, "w") as f:
+        f.create_dataset("object", data=volume)
+        f.create_dataset("probe", data=finals[0].arrays[1])
+        f.create_dataset("loss", data=np.sum([h[:n_iterations] for h in histories], axis=0))
+        f.create_dataset("frames_used", data=np.sum(
+            [np.asarray(m.header["frames_history"][:n_iterations], dtype=np.int64) for m in finals], axis=0))
+        f.create_dataset("positions_px", data=geometry.positions_px)
+        f.create_dataset("received", data=received)
+        ranks = f.create_group("ranks")
+        for name in STAT_NAMES:
+            ranks.create_dataset(name, data=np.array([float(m.header["stats"][name]) for m in finals]))
+        f.attrs.update({
+            "series_id": start.series_id, "status": _status(finals), "iterations": n_iterations,
+            "n_workers": len(finals), "mode": "async", "detector_scale": float(finals[0].header["scale"]),
+            "pixel_size_A": geometry.pixel_size_A, "energy_eV": start.energy_eV,
+            "convergence_semiangle_mrad": start.convergence_semiangle_mrad, "defocus_A": start.defocus_A,
+            "detector_pixel_mrad": start.detector_pixel_mrad, "window_px": geometry.window_px,
+            "frames_expected": len(received), "frames_received": int(received.sum()), **extra_attrs})
+    partial.replace(path)
+    logger.info("series %r: wrote %s (%s)", start.series_id, path, _status(finals))
+    return path

@@ -1,0 +1,178 @@
+"""Rank 0 of ``ptylive serve``: ingest, collector and HTTP in threads, lifecycle in the main thread.
+
+The main thread never touches frames. It admits series (memory budget, geometry), waits for every
+worker's hello before ``READY=1``, pings the systemd watchdog while every worker's heartbeat is
+fresh, and on SIGTERM/SIGINT shuts down in order: ``STOPPING=1``, the ingest stops reading and tells
+the workers (behind the frames already forwarded), workers stop at the same tick and send their
+partial tiles, the collector writes them, then every rank meets in a barrier (polled with a deadline,
+so a hung worker cannot keep the service alive: the job is aborted instead).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from ptylive.daemon.collector import Collector
+from ptylive.daemon.config import DaemonConfig, apply_overrides
+from ptylive.daemon.geometry import SeriesGeometry, series_geometry
+from ptylive.daemon.http_api import Providers, StatusServer
+from ptylive.daemon.memory_plan import rank_memory
+from ptylive.daemon.notify import Watchdog, notify, watchdog_period_s
+from ptylive.streaming.inbox import SeriesControl
+from ptylive.streaming.ingest import Ingest, IngestConfig
+from ptylive.streaming.protocol import SeriesStart
+from ptylive.streaming.router import Router
+from ptylive.streaming.series import RegistryConfig, SeriesRegistry
+
+logger = logging.getLogger(__name__)
+
+INTERNAL_ENDPOINT = "tcp://127.0.0.1:0"
+STARTUP_TIMEOUT_S = 120.0
+SHUTDOWN_TIMEOUT_S = 8.0
+
+
+class Admission:
+    """Decides whether a series can run, and remembers the geometry of those that can."""
+
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.series: dict[str, tuple[SeriesStart, SeriesGeometry]] = {}
+
+    def __call__(self, start: SeriesStart) -> str | None:
+        c = self.config
+        try:
+            r = apply_overrides(c.reconstruction, start.overrides)
+            geometry = series_geometry(start, c.workers.ranks, r.upsampling)
+        except ValueError as exc:
+            return str(exc)
+        plans = [rank_memory(d, r.n_slices, geometry.window_px, geometry.detector_px, r.batch_size,
+                             c.workers.precision, "async", r.updates_per_iteration) for d in geometry.domains]
+        largest = max(plans, key=lambda m: m.total)
+        if largest.total > c.workers.memory_budget_bytes:
+            return (f"series {start.series_id!r} needs {largest.total / 2**30:.2f} GiB on worker {largest.rank} "
+                    f"(object {largest.extended_shape} px × {r.n_slices} slices, {largest.n_positions} frames); "
+                    f"the budget is {c.workers.memory_budget_bytes / 2**30:.2f} GiB per worker")
+        self.series[start.series_id] = (start, geometry)
+        return None
+
+    def router(self, start: SeriesStart) -> Router:
+        return Router(self.series[start.series_id][1].owner_of, self.config.workers.ranks)
+
+
+class Rank0:
+    """Owns rank 0's threads and sockets; :meth:`serve` runs until a signal or a fatal error."""
+
+    def __init__(self, config: DaemonConfig, context: zmq.Context) -> None:
+        self.config, self.context = config, context
+        self.admission = Admission(config)
+        c, n = config, config.workers.ranks
+        registry = SeriesRegistry(RegistryConfig(c.ingest.on_new_start, c.ingest.history, c.ingest.max_queued_series))
+        self.ingest = Ingest(IngestConfig(c.ingest.endpoint, (INTERNAL_ENDPOINT,) * n, c.ingest.bind,
+                                          c.ingest.queue_messages), self.admission.router, registry, context,
+                             admit=self.admission)
+        self.collector = Collector(context, INTERNAL_ENDPOINT, c.preview.endpoint, self.series_info,
+                                   Path(c.output.folder), n, c.preview.rate_hz)
+        control = self.control if c.http.control else None
+        self.http = StatusServer(Providers(self.status, self.collector.tiles, self.collector.preview_png, control),
+                                 c.http.host, c.http.port)
+        self.stop = threading.Event()
+
+    def endpoints(self) -> dict[str, Any]:
+        """What workers and operators connect to (actual ports)."""
+        return {"ingest": self.ingest.endpoint, "workers": list(self.ingest.worker_endpoints),
+                "collector": self.collector.pull_endpoint, "preview": self.collector.pub_endpoint,
+                "http": self.http.url}
+
+    def series_info(self, series_id: str) -> tuple[SeriesStart, SeriesGeometry, int] | None:
+        entry = self.admission.series.get(series_id)
+        if entry is None:
+            return None
+        reg = self.ingest.registry
+        state = next((s for s in (reg.current, *reg.queued, *reversed(reg.finished))
+                      if s is not None and s.series_id == series_id), None)
+        return entry[0], entry[1], state.received if state is not None else 0
+
+    def status(self) -> dict[str, Any]:
+        ingest = self.ingest.snapshot()
+        current = ingest["registry"]["current"]
+        collected = self.collector.status()
+        return {**collected, "ingest": ingest, "frames_received": current["received"] if current else None,
+                "frames_expected": current["n_expected"] if current else None,
+                "series_id": current["series_id"] if current else collected["series_id"]}
+
+    def control(self, action: str, series_id: str | None) -> tuple[bool, str]:
+        return self.ingest.request(SeriesControl(action, series_id))  # type: ignore[arg-type]
+
+    def healthy(self) -> bool:
+        ages = self.collector.status()["heartbeat_age_s"]
+        limit = self.config.service.heartbeat_timeout_s
+        return len(ages) >= self.config.workers.ranks and all(age < limit for age in ages.values())
+
+    def serve(self, abort: Callable[[], None]) -> int:
+        """Start the threads, announce readiness, loop until stopped; ``abort()`` kills the whole job."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: self.stop.set())
+        self.ingest.start()
+        self.collector.start()
+        self.http.start()
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while len(self.collector.hello) < self.config.workers.ranks and not self.stop.is_set():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only workers {sorted(self.collector.hello)} of {self.config.workers.ranks} "
+                                   f"said hello within {STARTUP_TIMEOUT_S} s")
+            time.sleep(0.05)
+        self._announce()
+        period = watchdog_period_s(configured_s=self.config.service.watchdog_s)
+        watchdog = Watchdog(period, self.healthy) if period else None
+        while not self.stop.wait(0.1):
+            if watchdog is not None:
+                watchdog.maybe_ping(time.monotonic())
+        return self._shutdown(abort)
+
+    def _announce(self) -> None:
+        endpoints = self.endpoints()
+        notify("READY=1")
+        notify(f"STATUS=ingest {endpoints['ingest']}, viewer {endpoints['http']}")
+        print(f"ptylive ready: ingest {endpoints['ingest']}  previews {endpoints['preview']}  "
+              f"viewer {endpoints['http']}", flush=True)
+        if self.config.service.ready_file:
+            path = Path(self.config.service.ready_file)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(endpoints))
+            tmp.replace(path)
+
+    def _shutdown(self, abort: Callable[[], None]) -> int:
+        """Tell the workers, wait for each one's ``bye`` (sent after its last final), then close."""
+        notify("STOPPING=1")
+        logger.info("shutting down")
+        accepted, message = self.ingest.request(SeriesControl("shutdown"), timeout_s=2.0)
+        if not accepted:
+            logger.error("could not tell the workers to stop: %s", message)
+        deadline = time.monotonic() + SHUTDOWN_TIMEOUT_S
+        while len(self.collector.byes) < self.config.workers.ranks:
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(self.config.workers.ranks)) - self.collector.byes)
+                logger.error("workers %s did not stop within %.0f s; aborting the job", missing, SHUTDOWN_TIMEOUT_S)
+                self.close()
+                abort()
+                return 1
+            time.sleep(0.02)
+        self.close()
+        return 0
+
+    def close(self) -> None:
+        self.http.close()
+        try:
+            self.ingest.join(5.0)
+        finally:
+            self.ingest.close()
+            self.collector.close()

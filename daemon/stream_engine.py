@@ -1,0 +1,195 @@
+"""Continuous refinement of one series on one worker while its frames arrive.
+
+The worker iterates over every frame received so far with the asynchronous halo exchange
+(:mod:`ptylive.daemon.async_exchange`), in the same global mini-batches as offline
+(:func:`ptylive.daemon.engine.minibatch_of`). A *tick* is one pass of the loop below; every
+worker runs the same ticks because all decisions come from :class:`~ptylive.daemon.consensus.Consensus`
+totals that every worker receives identically::
+
+    post(local facts)                     # frames, Σ intensities, ended?, stop?, illumination maxima
+    loop:
+        drain inbox                       # new frames land in their preallocated rows
+        totals = collect()                # the previous tick's post, summed / maxed over workers
+        post(local facts)
+        decide(totals) → stop | idle (no frames anywhere yet) | iterate
+        α = Σ I / (n · ‖crop F P‖²)         # running global detector scale; exact at the end
+        one iteration over received frames (a frame received during it joins the next one)
+
+The preconditioner grows by itself: each mini-batch's illumination is recomputed from the frames
+it holds at every update, own plus each neighbour's latest (async exchange), and the floors
+(``illumination_floor`` × the largest total illumination of each mini-batch) are global maxima
+of the previous-but-one tick. After every worker saw the series end, ``final_iterations`` more
+iterations run (or ``final_seconds``, whichever comes first); then the exchange drains and the
+worker sends its tile.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+from ptylive.daemon.consensus import Consensus
+from ptylive.daemon.engine import EngineOptions, TileState, local_gradient, minibatch_of
+from ptylive.daemon.stream_frames import FrameStore
+from ptylive.gpu.backend import get_array_module
+from ptylive.gpu.multislice import forward
+from ptylive.gpu.patches import extract_patches
+from ptylive.gpu.update import constrain, object_update
+
+logger = logging.getLogger(__name__)
+
+STOP_LEVELS = {0: None, 1: "superseded", 2: "aborted", 3: "interrupted"}
+N_SUM = 3  # Σ intensities, frames received, workers that saw the end
+IDLE_S = 0.02
+
+
+@dataclass
+class SeriesFlags:
+    """What the worker learned from its inbox about one series (set between ticks)."""
+
+    ended: bool = False
+    stop_level: int = 0  # index into STOP_LEVELS
+
+
+@dataclass
+class StreamRun:
+    """One worker's refinement of one series."""
+
+    state: TileState
+    store: FrameStore
+    exchanger: Any
+    options: EngineOptions
+    n_workers: int
+    final_iterations: int
+    final_seconds: float
+    flags: SeriesFlags
+    probe_power: float
+    iterations: int = 0
+    final_done: int = 0
+    final_started: float | None = None
+    loss_history: list[float] = field(default_factory=list)
+    frames_history: list[int] = field(default_factory=list)
+    iteration_s: list[float] = field(default_factory=list)
+    status: str = "complete"
+    labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    floors: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    illumination_max: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def __post_init__(self) -> None:
+        m = self.options.updates_per_iteration
+        self.labels = minibatch_of(self.store.global_index, m)
+        self.floors, self.illumination_max = np.zeros(m), np.zeros(m)
+
+    @property
+    def step(self) -> int:
+        return self.iterations * self.options.updates_per_iteration
+
+
+def probe_power(probe: Any, propagator: Any, n_slices: int, detector_px: int) -> float:
+    """``‖crop F P‖²``: the model's power per frame for a vacuum object (every position alike)."""
+    xp = get_array_module(probe)
+    window = probe.shape[-1]
+    ones = xp.ones((n_slices, window, window), dtype=probe.dtype)
+    patches = extract_patches(ones, np.zeros((1, 2), np.int64), window)
+    field_ = forward(probe, xp.zeros((1, 2), dtype=probe.real.dtype), patches, propagator, detector_px)
+    return float(xp.sum(field_.real**2 + field_.imag**2))
+
+
+def _local_facts(run: StreamRun) -> tuple[np.ndarray, np.ndarray]:
+    elapsed = 0.0 if run.final_started is None else time.monotonic() - run.final_started
+    sums = np.array([run.store.intensity_sum, run.store.n_received, float(run.flags.ended)])
+    maxes = np.concatenate([[float(run.flags.stop_level), elapsed], run.illumination_max])
+    return sums, maxes
+
+
+def _decide(run: StreamRun, sums: np.ndarray, maxes: np.ndarray) -> str | None:
+    """The stop status, or None to go on; identical on every worker (totals only, plus shared counters)."""
+    level = int(maxes[0])
+    if level:
+        return STOP_LEVELS[level]
+    if sums[2] >= run.n_workers:  # every worker saw the end: no frame is still on its way
+        if sums[1] == 0:
+            return "empty"
+        if run.final_done >= run.final_iterations or 0 < run.final_seconds <= maxes[1]:
+            return "complete"
+        if run.final_started is None:
+            run.final_started = time.monotonic()
+    return None
+
+
+def _iterate(run: StreamRun, drain: Callable[[], None]) -> float:
+    """One pass over every converted frame in the global mini-batches; returns the local loss."""
+    state, options, exchanger = run.state, run.options, run.exchanger
+    usable = run.store.converted.copy()
+    loss = 0.0
+    run.illumination_max[...] = 0.0
+    for m in range(options.updates_per_iteration):
+        step = run.step + m
+        members = np.flatnonzero(usable & (run.labels == m))
+        part, gradient, own, _ = local_gradient(state, options, members,
+                                                between_batches=partial(exchanger.progress, state.volume, step))
+        total = exchanger.total_illumination(own, m)
+        run.illumination_max[m] = float(total.max())
+        floor = run.floors[m] if run.floors[m] > 0 else options.illumination_floor * run.illumination_max[m]
+        update = object_update(gradient, total, max(floor, 1e-30), options.step)
+        state.volume += update
+        constrain(state.volume, options.max_amplitude)
+        exchanger.push(update, own, step, m)
+        exchanger.progress(state.volume, step)
+        exchanger.enforce_staleness(state.volume, step)
+        drain()
+        loss += part
+    return loss
+
+
+def refine(run: StreamRun, consensus: Consensus, drain: Callable[[], None],
+           after_iteration: Callable[[StreamRun], None], idle: Callable[[float], None]) -> StreamRun:
+    """Run ticks until the workers agree to stop; then drain the exchange. Sets ``run.status``.
+
+    Parameters
+    ----------
+    drain : callable
+        Takes every message waiting in the inbox (frames into ``run.store``, flags into ``run.flags``).
+    after_iteration : callable
+        Called with the run after each iteration (previews, heartbeats).
+    idle : callable
+        ``idle(seconds)`` waits for messages while no worker has frames yet.
+    """
+    def while_waiting() -> None:
+        run.exchanger.progress(run.state.volume, run.step)
+        drain()
+
+    consensus.post(*_local_facts(run))
+    while True:
+        drain()
+        sums, maxes = consensus.collect(while_waiting)
+        consensus.post(*_local_facts(run))
+        status = _decide(run, sums, maxes)
+        if status is not None:
+            run.status = status
+            break
+        if sums[1] == 0:
+            idle(IDLE_S)
+            continue
+        started = time.perf_counter()
+        run.store.set_scale(sums[0] / (sums[1] * run.probe_power))
+        run.floors = run.options.illumination_floor * maxes[2:]
+        loss = _iterate(run, drain)
+        run.iterations += 1
+        run.final_done += run.final_started is not None
+        run.loss_history.append(loss)
+        run.frames_history.append(int(run.store.converted.sum()))
+        run.iteration_s.append(time.perf_counter() - started)
+        after_iteration(run)
+    consensus.collect(while_waiting)
+    run.exchanger.finish(run.state.volume, run.step)
+    constrain(run.state.volume, run.options.max_amplitude)
+    logger.info("worker finished series %r: %s after %d iterations, %d of %d frames", run.store.geometry.series_id,
+                run.status, run.iterations, run.store.n_received, len(run.store.global_index))
+    return run

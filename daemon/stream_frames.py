@@ -1,0 +1,124 @@
+"""The frames one worker holds for one series: preallocated, filled as they arrive, turned into loss targets.
+
+Every frame of the worker's probe group has a row, reserved at series start, so memory is known
+before the first frame (the daemon refuses series that would not fit). A frame's row holds its raw
+intensities until the next iteration turns them into the loss's target with the current detector
+scale ``α``; when the (global, running) estimate of ``α`` moves, rows already converted are rescaled
+in place (``√(1/α)`` for the amplitude loss, ``1/α`` for Poisson), so the raw frames never exist twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ptylive.daemon.geometry import SeriesGeometry
+from ptylive.gpu.backend import get_array_module
+from ptylive.gpu.loss import measured_target
+from ptylive.gpu.patches import window_starts
+from ptylive.streaming.protocol import Frame
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class FrameStore:
+    """Frames of one worker's probe group.
+
+    Attributes
+    ----------
+    global_index : (P,) int64
+        Frame index of each row (the probe group, ascending).
+    targets : (P, D, D) real
+        Raw intensities of new rows; loss targets once converted.
+    received, converted : (P,) bool
+    starts : (P, 2) int64, shifts : (P, 2) real
+        Window start relative to the extended tile, sub-pixel shift (header positions replace the nominal).
+    intensity_sum : float
+        Sum of the raw intensities of every received frame (for the global ``α``).
+    rejected : dict
+        Frames this worker could not use, by reason (``"not_in_group"``, ``"position_outside_tile"``).
+    """
+
+    geometry: SeriesGeometry
+    worker: int
+    loss: str
+    global_index: np.ndarray
+    targets: Any
+    starts: np.ndarray
+    shifts: np.ndarray
+    received: np.ndarray
+    converted: np.ndarray
+    scale: float = float("nan")
+    intensity_sum: float = 0.0
+    rejected: dict[str, int] = field(default_factory=lambda: {"not_in_group": 0, "position_outside_tile": 0})
+    _row_of: dict[int, int] = field(default_factory=dict)
+
+    @classmethod
+    def allocate(cls, geometry: SeriesGeometry, worker: int, loss: str, xp: Any, real_dtype: Any) -> FrameStore:
+        domain = geometry.domains[worker]
+        index = np.asarray(domain.positions, dtype=np.int64)
+        d = geometry.detector_px
+        starts, shifts = window_starts(geometry.positions_px[index], geometry.window_px)
+        starts -= np.array([domain.extended.row0, domain.extended.col0])
+        store = cls(geometry, worker, loss, index, xp.zeros((len(index), d, d), real_dtype), starts,
+                    shifts.astype(real_dtype), np.zeros(len(index), bool), np.zeros(len(index), bool))
+        store._row_of = {int(g): r for r, g in enumerate(index)}
+        return store
+
+    @property
+    def n_received(self) -> int:
+        return int(self.received.sum())
+
+    def add(self, frame: Frame) -> bool:
+        """Store a frame (a header position replaces the nominal one); False if it cannot be used here."""
+        row = self._row_of.get(frame.frame_index)
+        if row is None:
+            self.rejected["not_in_group"] += 1
+            logger.error("worker %d got frame %d of series %r outside its probe group", self.worker,
+                         frame.frame_index, self.geometry.series_id)
+            return False
+        if frame.position_A is not None and not self._place(row, frame.position_A):
+            return False
+        if self.received[row]:  # the ingest drops duplicates; a second copy would double-count the sum
+            return False
+        xp = get_array_module(self.targets)
+        self.targets[row] = xp.asarray(frame.pixels, dtype=self.targets.dtype)
+        self.intensity_sum += float(np.sum(frame.pixels, dtype=np.float64))
+        self.received[row] = True
+        self.converted[row] = False
+        return True
+
+    def _place(self, row: int, position_A: tuple[float, float]) -> bool:
+        domain = self.geometry.domains[self.worker]
+        starts, shifts = window_starts(self.geometry.to_px([position_A]), self.geometry.window_px)
+        start = starts[0] - np.array([domain.extended.row0, domain.extended.col0])
+        he, we = domain.extended.shape
+        if start.min() < 0 or start[0] + self.geometry.window_px > he or start[1] + self.geometry.window_px > we:
+            self.rejected["position_outside_tile"] += 1
+            logger.error("frame at %s Å lies outside worker %d's extended tile; dropped", position_A, self.worker)
+            return False
+        self.starts[row], self.shifts[row] = start, shifts[0]
+        return True
+
+    def set_scale(self, scale: float) -> None:
+        """Use detector scale ``scale``: rescale converted rows, convert new ones."""
+        if not scale > 0:
+            raise ValueError(f"detector scale must be positive, got {scale!r}")
+        done = np.flatnonzero(self.converted)
+        if done.size and scale != self.scale:
+            ratio = self.scale / scale
+            factor = np.sqrt(ratio) if self.loss == "amplitude" else ratio
+            self.targets[done] *= self.targets.dtype.type(factor)
+        new = np.flatnonzero(self.received & ~self.converted)
+        if new.size:
+            block = self.targets[new] / self.targets.dtype.type(scale)
+            self.targets[new] = measured_target(self.loss, block)
+            self.converted[new] = True
+        self.scale = scale
+
+    def memory_bytes(self) -> int:
+        return int(self.targets.nbytes + self.starts.nbytes + self.shifts.nbytes)

@@ -1,0 +1,235 @@
+"""A worker rank of ``ptylive serve``: take frames from the ingest, refine its tile, report to rank 0.
+
+Series are handled one at a time in the order their starts arrived (every worker sees the same
+order: the ingest broadcasts starts and control messages). Frames of a series that is queued
+behind the running one are stored as they arrive, in that series' own preallocated rows, so the
+ingest never has to hold them back. The refinement itself is :mod:`ptylive.daemon.stream_engine`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+
+from ptylive.daemon import rank_messages
+from ptylive.daemon.config import ReconstructionConfig, apply_overrides
+from ptylive.daemon.consensus import Consensus
+from ptylive.daemon.engine import EngineOptions, TileState
+from ptylive.daemon.geometry import series_geometry
+from ptylive.daemon.preview import block_mean, downsample_factor, projected_phase
+from ptylive.daemon.stream_engine import N_SUM, SeriesFlags, StreamRun, probe_power, refine
+from ptylive.daemon.stream_frames import FrameStore
+from ptylive.gpu.backend import PRECISIONS, backend_module, to_numpy
+from ptylive.gpu.physics import wavelength_A
+from ptylive.gpu.probe import ProbeOptics, make_probe
+from ptylive.gpu.propagation import fresnel_propagator
+from ptylive.streaming.inbox import SeriesControl, WorkerInbox
+from ptylive.streaming.protocol import Frame, Message, SeriesEnd, SeriesStart
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_S = 1.0
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What a worker needs from the daemon's configuration."""
+
+    worker: int
+    n_workers: int
+    reconstruction: ReconstructionConfig
+    backend: str = "numpy"
+    precision: str = "single"
+    on_new_start: str = "queue"
+    preview_rate_hz: float = 2.0
+    preview_max_px: int = 256
+
+
+@dataclass
+class SeriesSlot:
+    """A series this worker has seen: its frames and what the inbox said about it."""
+
+    start: SeriesStart
+    reconstruction: ReconstructionConfig
+    store: FrameStore
+    flags: SeriesFlags = field(default_factory=SeriesFlags)
+
+
+def engine_options(reconstruction: ReconstructionConfig) -> EngineOptions:
+    """Engine settings of a streamed series (always the asynchronous exchange)."""
+    r = reconstruction
+    return EngineOptions(iterations=max(1, r.final_iterations), mode="async", batch_size=r.batch_size,
+                         step_size=r.step_size, illumination_floor=r.illumination_floor, loss=r.loss,
+                         max_staleness=r.max_staleness, max_amplitude=r.max_amplitude,
+                         updates_per_iteration=r.updates_per_iteration)
+
+
+class Worker:
+    """One worker rank. ``comm`` is the workers' communicator (None for a single worker)."""
+
+    def __init__(self, settings: WorkerSettings, inbox: WorkerInbox, outbox: zmq.Socket, comm: Any | None) -> None:
+        self.settings, self.inbox, self.outbox, self.comm = settings, inbox, outbox, comm
+        self.xp = backend_module(settings.backend)
+        self.real_t, self.complex_t = PRECISIONS[settings.precision]
+        self.slots: OrderedDict[str, SeriesSlot] = OrderedDict()
+        self.shutdown = False
+        self.unknown_frames = 0
+        self._heartbeat_due = 0.0
+        self._preview_due = 0.0
+        self._running: str | None = None
+        self._send("hello", {"worker": settings.worker, "pid": os.getpid()})
+
+    def _send(self, htype: str, header: dict[str, Any], *arrays: np.ndarray) -> None:
+        self.outbox.send_multipart(rank_messages.encode(htype, header, *arrays), copy=False)
+
+    def handle(self, message: Message | SeriesControl) -> None:
+        """Apply one inbox message."""
+        if isinstance(message, Frame):
+            slot = self.slots.get(message.series_id)
+            if slot is None:
+                self.unknown_frames += 1
+            else:
+                slot.store.add(message)
+        elif isinstance(message, SeriesStart):
+            self._start(message)
+        elif isinstance(message, SeriesEnd):
+            if message.series_id in self.slots:
+                self.slots[message.series_id].flags.ended = True
+        elif message.action == "shutdown":
+            self.shutdown = True
+            for slot in self.slots.values():
+                slot.flags.stop_level = 3
+        elif message.series_id in self.slots:
+            flags = self.slots[message.series_id].flags
+            if message.action == "finalize":
+                flags.ended = True
+            else:
+                flags.stop_level = max(flags.stop_level, 2)
+
+    def _start(self, start: SeriesStart) -> None:
+        if self.settings.on_new_start == "finish_now":  # the ingest ended every earlier series
+            for slot in self.slots.values():
+                slot.flags.ended = True
+                slot.flags.stop_level = max(slot.flags.stop_level, 1)
+        try:
+            reconstruction = apply_overrides(self.settings.reconstruction, start.overrides)
+            geometry = series_geometry(start, self.settings.n_workers, reconstruction.upsampling)
+        except ValueError as exc:  # rank 0 admitted it with the same checks: this is a bug, not bad input
+            logger.error("series %r cannot be set up on worker %d: %s", start.series_id, self.settings.worker, exc)
+            self._send("error", {"worker": self.settings.worker, "series_id": start.series_id, "error": str(exc)})
+            return
+        store = FrameStore.allocate(geometry, self.settings.worker, reconstruction.loss, self.xp, self.real_t)
+        self.slots[start.series_id] = slot = SeriesSlot(start, reconstruction, store)
+        if self.shutdown:
+            slot.flags.stop_level = 3
+
+    def drain(self) -> None:
+        """Handle every waiting message; send a heartbeat when one is due."""
+        for message in self.inbox.poll(0):
+            self.handle(message)
+        now = time.monotonic()
+        if now >= self._heartbeat_due:
+            self._heartbeat_due = now + HEARTBEAT_S
+            self._send("heartbeat", {"worker": self.settings.worker, "series_id": self._running})
+
+    def run(self) -> None:
+        """Serve series until a shutdown arrives and no series is left."""
+        while not (self.shutdown and not self.slots):
+            if not self.slots:
+                for message in self.inbox.poll(100):
+                    self.handle(message)
+                self.drain()
+                continue
+            series_id, slot = next(iter(self.slots.items()))
+            self._running = series_id
+            try:
+                self._run_series(slot)
+            finally:
+                self._running = None
+                del self.slots[series_id]
+
+    def _run_series(self, slot: SeriesSlot) -> None:
+        s, xp = self.settings, self.xp
+        r, geometry = slot.reconstruction, slot.store.geometry
+        domain = geometry.domains[s.worker]
+        optics = ProbeOptics(slot.start.energy_eV, slot.start.convergence_semiangle_mrad, slot.start.defocus_A)
+        probe = xp.asarray(make_probe(optics, geometry.window_px, geometry.pixel_size_A,
+                                      dtype=np.complex128).astype(self.complex_t))
+        propagator = fresnel_propagator(xp, geometry.window_px, geometry.pixel_size_A,
+                                        wavelength_A(slot.start.energy_eV), r.slice_thickness_A, dtype=self.complex_t)
+        volume = xp.ones((r.n_slices, *domain.extended.shape), dtype=self.complex_t)
+        state = TileState(domain, volume, probe, propagator, slot.store.starts, slot.store.shifts, slot.store.targets)
+        options = engine_options(r)
+        run = StreamRun(state, slot.store, self._exchanger(domain, r), options, s.n_workers, r.final_iterations,
+                        r.final_seconds, slot.flags, probe_power(probe, propagator, r.n_slices, geometry.detector_px))
+        factor = max(downsample_factor(d.tile.shape, s.preview_max_px) for d in geometry.domains)
+        consensus = Consensus(self.comm, N_SUM, 2 + options.updates_per_iteration)
+        self._preview_due = 0.0
+        refine(run, consensus, self.drain, lambda run_: self._maybe_preview(run_, factor, consensus), self._idle)
+        self._send_final(run, consensus)
+
+    def _idle(self, seconds: float) -> None:
+        for message in self.inbox.poll(int(seconds * 1000)):
+            self.handle(message)
+
+    def _exchanger(self, domain: Any, r: ReconstructionConfig) -> Any:
+        if self.comm is None or self.settings.n_workers == 1:
+            from ptylive.daemon.exchange import SoloExchanger
+
+            return SoloExchanger()
+        from ptylive.daemon.async_exchange import AsyncExchanger
+
+        return AsyncExchanger(self.comm, domain, r.n_slices, self.real_t, self.complex_t, r.max_staleness,
+                              r.updates_per_iteration)
+
+    def _tile_volume(self, run: StreamRun) -> Any:
+        domain = run.state.domain
+        rows, cols = domain.tile.relative_to(domain.extended)
+        return run.state.volume[:, rows, cols]
+
+    def _quality(self, run: StreamRun, consensus: Consensus) -> dict[str, Any]:
+        frames = run.frames_history[-1] if run.frames_history else 0
+        per_frame = [loss / max(n, 1) for loss, n in zip(run.loss_history[-2:], run.frames_history[-2:], strict=True)]
+        rate = (per_frame[0] - per_frame[1]) / per_frame[0] if len(per_frame) == 2 and per_frame[0] > 0 else None
+        busy = sum(run.iteration_s)
+        wait = run.exchanger.stats.wait_s + consensus.wait_s
+        staleness = run.exchanger.stats.staleness
+        return {"frames_used": frames, "frames_expected": len(run.store.global_index),
+                "frames_received": run.store.n_received, "loss": run.loss_history[-1] if run.loss_history else None,
+                "loss_per_frame": per_frame[-1] if per_frame else None, "convergence_rate": rate,
+                "wait_fraction": wait / busy if busy > 0 else 0.0, "staleness_max": max(staleness, default=0)}
+
+    def _maybe_preview(self, run: StreamRun, factor: int, consensus: Consensus) -> None:
+        now = time.monotonic()
+        if now < self._preview_due:
+            return
+        self._preview_due = now + 1.0 / self.settings.preview_rate_hz
+        image = block_mean(projected_phase(self._tile_volume(run)), factor)
+        t = run.state.domain.tile
+        self._send("preview", {"series_id": run.store.geometry.series_id, "worker": self.settings.worker,
+                               "iteration": run.iterations, "tile": [t.row0, t.row1, t.col0, t.col1],
+                               "factor": factor, "sent_s": time.time(), **self._quality(run, consensus)}, image)
+
+    def _send_final(self, run: StreamRun, consensus: Consensus) -> None:
+        t = run.state.domain.tile
+        stats = run.exchanger.stats
+        probe = to_numpy(run.state.probe) if self.settings.worker == 0 else np.zeros(0, self.complex_t)
+        header = {"series_id": run.store.geometry.series_id, "worker": self.settings.worker, "status": run.status,
+                  "tile": [t.row0, t.row1, t.col0, t.col1], "iterations": run.iterations,
+                  "loss_history": run.loss_history, "frames_history": run.frames_history, "scale": run.store.scale,
+                  "rejected": run.store.rejected, "received": run.store.global_index[run.store.received].tolist(),
+                  "stats": {"compute_s": sum(run.iteration_s) - stats.wait_s, "exchange_wait_s": stats.wait_s,
+                            "consensus_wait_s": consensus.wait_s, "bytes_sent": stats.bytes_sent,
+                            "staleness_mean": float(np.mean(stats.staleness)) if stats.staleness else 0.0,
+                            "staleness_max": max(stats.staleness, default=0),
+                            "iterations_total_s": sum(run.iteration_s), "frames_bytes": run.store.memory_bytes(),
+                            "frames_received": run.store.n_received},
+                  **self._quality(run, consensus)}
+        self._send("final", header, np.ascontiguousarray(to_numpy(self._tile_volume(run))), probe)
