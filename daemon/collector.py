@@ -81,6 +81,7 @@ class Collector:
         self.pub_endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
         self.hello: dict[int, int] = {}
         self.byes: set[int] = set()
+        self.reports: dict[int, dict[str, Any]] = {}
         self.heartbeat_s: dict[int, float] = {}
         self.errors: list[dict[str, Any]] = []
         self.views: dict[str, SeriesView] = {}
@@ -122,7 +123,9 @@ class Collector:
         worker, view = int(message.header.get("worker", -1)), None
         with self._lock:
             self.heartbeat_s[worker] = time.monotonic()
-            if message.htype == "hello":
+            if message.htype == "heartbeat":
+                self.reports[worker] = message.header
+            elif message.htype == "hello":
                 self.hello[worker] = int(message.header["pid"])
             elif message.htype == "bye":
                 self.byes.add(worker)
@@ -218,8 +221,9 @@ class Collector:
         with self._lock:
             view = self.views.get(self.latest) if self.latest else None
             now = time.monotonic()
-            return {"workers_up": sorted(self.hello), "heartbeat_age_s": {w: now - t for w, t in
-                                                                          self.heartbeat_s.items()},
+            return {"workers_up": sorted(self.hello), "worker_pids": dict(self.hello),
+                    "worker_reports": {w: dict(r) for w, r in self.reports.items()},
+                    "heartbeat_age_s": {w: now - t for w, t in self.heartbeat_s.items()},
                     "series_id": view.start.series_id if view else None,
                     "iteration": view.iteration if view else None, "finished": list(self.finished),
                     "previews_published": self.published, "worker_errors": list(self.errors)}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -90,7 +91,7 @@ class Rank0:
         """What workers and operators connect to (actual ports)."""
         return {"ingest": self.ingest.endpoint, "workers": list(self.ingest.worker_endpoints),
                 "collector": self.collector.pull_endpoint, "preview": self.collector.pub_endpoint,
-                "http": self.http.url}
+                "http": self.http.url, "pid": os.getpid()}
 
     def series_info(self, series_id: str) -> tuple[SeriesStart, SeriesGeometry, int] | None:
         entry = self.admission.series.get(series_id)
@@ -105,6 +106,10 @@ class Rank0:
         ingest = self.ingest.snapshot()
         current = ingest["registry"]["current"]
         collected = self.collector.status()
+        for entry in ingest["workers"]:  # messages waiting for a worker, as of its last heartbeat (≤ 1 s old)
+            taken = collected["worker_reports"].get(entry["worker"], {}).get("messages_taken")
+            entry["queue_depth"] = None if taken is None else max(
+                entry["forwarded"] + entry["control_forwarded"] - taken, 0)
         return {**collected, "ingest": ingest, "frames_received": current["received"] if current else None,
                 "frames_expected": current["n_expected"] if current else None,
                 "series_id": current["series_id"] if current else collected["series_id"]}

@@ -80,7 +80,7 @@ class Worker:
         self.real_t, self.complex_t = PRECISIONS[settings.precision]
         self.slots: OrderedDict[str, SeriesSlot] = OrderedDict()
         self.shutdown = False
-        self.unknown_frames = 0
+        self.unknown_frames = self.messages_taken = 0
         self._heartbeat_due = 0.0
         self._preview_due = 0.0
         self._running: str | None = None
@@ -91,6 +91,7 @@ class Worker:
 
     def handle(self, message: Message | SeriesControl) -> None:
         """Apply one inbox message."""
+        self.messages_taken += 1
         if isinstance(message, Frame):
             slot = self.slots.get(message.series_id)
             if slot is None:
@@ -137,7 +138,8 @@ class Worker:
         now = time.monotonic()
         if now >= self._heartbeat_due:
             self._heartbeat_due = now + HEARTBEAT_S
-            self._send("heartbeat", {"worker": self.settings.worker, "series_id": self._running})
+            self._send("heartbeat", {"worker": self.settings.worker, "series_id": self._running,
+                                     "messages_taken": self.messages_taken, "unknown_frames": self.unknown_frames})
 
     def run(self) -> None:
         """Serve series until a shutdown arrives and no series is left."""

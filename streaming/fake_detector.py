@@ -106,10 +106,12 @@ class ScanSource:
         return cls(start, functools.partial(read_frames, path, dtype=np.float64))
 
     @classmethod
-    def from_simulation(cls, spec: SimulationSpec) -> ScanSource:
-        """Simulate ``spec`` in memory (:func:`ptylive.gpu.simulate.simulate`); raster ``spec.scan_shape``."""
-        from ptylive.gpu.simulate import simulate
-        result: dict[str, Any] = simulate(spec)
+    def from_simulation(cls, spec: SimulationSpec, result: Mapping[str, Any] | None = None) -> ScanSource:
+        """Simulate ``spec`` in memory (:func:`ptylive.gpu.simulate.simulate`), or stream its ``result`` if given;
+        raster ``spec.scan_shape``."""
+        if result is None:
+            from ptylive.gpu.simulate import simulate
+            result = simulate(spec)
         intensities = result["intensities"]
         start = _template(result["metadata"], result["positions_px"], intensities.shape[1:], spec.scan_shape,
                           spec.scan_step_px * spec.pixel_size_A)

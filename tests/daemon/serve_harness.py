@@ -1,0 +1,115 @@
+"""Helpers for tests that run the real daemon (``ptylive serve`` under mpiexec) on loopback."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import h5py
+import msgpack
+import numpy as np
+import zmq
+
+from ptylive.daemon.config import (
+    DaemonConfig,
+    HttpConfig,
+    IngestConfig,
+    OutputConfig,
+    PreviewConfig,
+    ReconstructionConfig,
+    WorkersConfig,
+)
+
+ANY_PORT = "tcp://127.0.0.1:0"
+
+
+def daemon_config(out: Path, ranks: int = 2, final_iterations: int = 30, **sections: Any) -> DaemonConfig:
+    """Loopback, port 0 everywhere, 3 slices like ``ptylive simulate``'s default."""
+    config = DaemonConfig(
+        ingest=IngestConfig(endpoint=ANY_PORT), workers=WorkersConfig(ranks=ranks),
+        reconstruction=ReconstructionConfig(n_slices=3, slice_thickness_A=1.9525, final_iterations=final_iterations),
+        preview=PreviewConfig(endpoint=ANY_PORT), http=HttpConfig(port=0, control=True), output=OutputConfig(out))
+    return replace(config, **sections)
+
+
+def get_json(url: str, timeout: float = 5.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def wait_for(predicate: Any, timeout_s: float, what: str, poll_s: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(poll_s)
+
+
+@dataclass
+class PreviewLog:
+    """Every message published on the preview PUB, with the monotonic time it arrived."""
+
+    messages: list[tuple[float, dict[str, Any], np.ndarray | None]] = field(default_factory=list)
+    finals: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def previews(self, series_id: str) -> list[tuple[float, dict[str, Any], np.ndarray | None]]:
+        return [m for m in self.messages if m[1]["htype"] == "preview" and m[1]["series_id"] == series_id]
+
+
+class PreviewListener:
+    """A SUB socket in a thread; ``wait_final(series_id)`` returns that series' ``final`` message."""
+
+    def __init__(self, context: zmq.Context, endpoint: str) -> None:
+        self.log = PreviewLog()
+        self._socket = context.socket(zmq.SUB)
+        self._socket.setsockopt(zmq.SUBSCRIBE, b"")
+        self._socket.connect(endpoint)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        time.sleep(0.3)  # the subscription must reach the publisher before anything is sent
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self._socket.poll(50):
+                continue
+            parts = self._socket.recv_multipart()
+            header = msgpack.unpackb(parts[0])
+            image = None
+            if header["htype"] == "preview":
+                image = np.frombuffer(parts[1], dtype=header["dtype"]).reshape(header["shape"])
+            else:
+                self.log.finals[header["series_id"]] = header
+            self.log.messages.append((time.monotonic(), header, image))
+
+    def wait_final(self, series_id: str, timeout_s: float = 120.0) -> dict[str, Any]:
+        return wait_for(lambda: self.log.finals.get(series_id), timeout_s, f"the final of {series_id!r}")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._socket.close()
+
+
+def read_final(path: str | Path) -> dict[str, Any]:
+    with h5py.File(path, "r") as f:
+        out: dict[str, Any] = {name: f[name][...] for name in ("object", "probe", "loss", "frames_used",
+                                                                 "positions_px", "received")}
+        out.update({f"ranks/{k}": f["ranks"][k][...] for k in f["ranks"]})
+        out["attrs"] = dict(f.attrs)
+    return out
+
+
+def registry_series(status: dict[str, Any], series_id: str) -> dict[str, Any]:
+    """The ingest registry's record of ``series_id`` (current, queued or finished)."""
+    registry = status["ingest"]["registry"]
+    candidates = [registry["current"], *registry["queued"], *reversed(registry["finished"])]
+    return next(s for s in candidates if s is not None and s["series_id"] == series_id)

@@ -1,0 +1,138 @@
+"""``ptylive serve`` end to end: real processes (mpiexec, 2 workers + rank 0), loopback only.
+
+One daemon serves every test of this module, series after series (which also shows back-to-back
+series work); each test streams its own series id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+
+from ptylive.daemon.geometry import series_geometry
+from ptylive.daemon.serve_process import ServeProcess
+from ptylive.gpu.quality import phase_correlation
+from ptylive.streaming.fake_detector import FakeDetector, FakeDetectorOptions, ScanSource
+from ptylive.streaming.scanfile import read_optional, read_positions
+from tests.daemon.serve_harness import (
+    PreviewListener,
+    daemon_config,
+    get_json,
+    read_final,
+    registry_series,
+    wait_for,
+)
+
+pytestmark = pytest.mark.mpi
+
+FINAL_ITERATIONS = 30
+
+
+@pytest.fixture(scope="module")
+def dosed_scan(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``ptylive simulate`` defaults at 1e5 e/Å²: integer counts, exact in uint16."""
+    from ptylive.daemon.cli import main as cli_main
+
+    path = tmp_path_factory.mktemp("serve") / "dosed.h5"
+    assert cli_main(["simulate", str(path), "--dose", "1e5"]) == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServeProcess, PreviewListener]]:
+    folder = tmp_path_factory.mktemp("daemon")
+    (folder / "results").mkdir()
+    process = ServeProcess(daemon_config(folder / "results", final_iterations=FINAL_ITERATIONS), folder)
+    context = zmq.Context()
+    try:
+        endpoints = process.start()
+        listener = PreviewListener(context, endpoints["preview"])
+        yield process, listener
+        listener.close()
+    finally:
+        code = process.stop()
+        context.term()
+    assert code == 0, process.log_tail()
+
+
+def stream(daemon: ServeProcess, source: ScanSource, **options: Any) -> tuple[float, Any]:
+    """Stream ``source`` to the daemon; returns (monotonic time before the start was sent, stats)."""
+    with zmq.Context() as context, FakeDetector(source, FakeDetectorOptions(**options), daemon.endpoints["ingest"],
+                                                 bind=False, context=context) as detector:
+        began = time.monotonic()
+        detector.start()
+        return began, detector.join(120.0)
+
+
+def group_sizes(source: ScanSource, series_id: str, n_workers: int = 2) -> list[int]:
+    start = dataclasses.replace(source.start, series_id=series_id)
+    return [len(d.positions) for d in series_geometry(start, n_workers, 1).domains]
+
+
+def test_streamed_series_gives_live_previews_a_good_final_and_loses_no_frame(
+        daemon: tuple[ServeProcess, PreviewListener], dosed_scan: Path) -> None:
+    process, listener = daemon
+    source = ScanSource.from_file(dosed_scan)
+    began, stats = stream(process, source, series_id="e2e", rate_hz=100.0, dtype="uint16")
+    final = listener.wait_final("e2e")
+    previews = listener.log.previews("e2e")
+    assert previews, "no preview was published"
+    first_s = previews[0][0] - began
+    assert first_s < 2.0, f"first preview {first_s:.2f} s after the series started"
+    running = [h for _, h, _ in previews if h["frames_received"] < h["frames_expected"]]
+    assert running, "no preview arrived while frames were still streaming"
+    image = previews[-1][2]
+    assert image is not None and image.dtype == np.float32 and np.isfinite(image).all()
+
+    result = read_final(final["path"])
+    assert final["status"] == "complete" and result["attrs"]["status"] == "complete"
+    truth = read_optional(dosed_scan, "object_truth")
+    correlation = phase_correlation(result["object"], truth, read_positions(dosed_scan))
+    assert correlation >= 0.9, correlation
+
+    status = get_json(process.endpoints["http"] + "status")
+    record = registry_series(status, "e2e")
+    expected = group_sizes(source, "e2e")
+    assert stats.frames_sent == record["received"] == source.n_frames and record["missing"] == 0
+    assert [w["forwarded"] for w in status["ingest"]["workers"]] >= expected  # earlier series add to these
+    assert list(result["ranks/frames_received"]) == expected  # received equals sent, per rank
+    assert result["received"].all() and result["frames_used"][-1] == source.n_frames
+    tiles = get_json(process.endpoints["http"] + "tiles")
+    assert tiles["series_id"] == "e2e" and [t["frames_received"] for t in tiles["tiles"]] == expected
+    with urllib.request.urlopen(process.endpoints["http"] + "preview.png", timeout=5) as response:
+        assert response.headers["Content-Type"] == "image/png" and response.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_streaming_matches_offline_reconstruction(daemon: tuple[ServeProcess, PreviewListener], dosed_scan: Path,
+                                                  tmp_path: Path) -> None:
+    """Same frames, same iteration budget after the last frame: within the engine's async tolerance (5 %).
+
+    Streamed at full speed, so (nearly) every iteration sees every frame; the comparison is of the
+    loss (as in the engine's async-vs-sync test) and of the phase images themselves.
+    """
+    process, listener = daemon
+    offline = tmp_path / "offline.h5"
+    command = [sys.executable, "-m", "ptylive.daemon.cli", "reconstruct", str(dosed_scan), "--ranks", "2",
+               "--mode", "async", "--iterations", str(FINAL_ITERATIONS), "--out", str(offline), "--quiet"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    stream(process, ScanSource.from_file(dosed_scan), series_id="versus-offline", dtype="uint16")
+    streamed = read_final(listener.wait_final("versus-offline")["path"])
+    from tests.conftest import read_result
+
+    reference = read_result(offline)
+    assert streamed["attrs"]["iterations"] >= FINAL_ITERATIONS
+    assert streamed["attrs"]["detector_scale"] == pytest.approx(reference["attrs"]["detector_scale"], rel=1e-5)
+    assert abs(streamed["loss"][-1] / reference["loss"][-1] - 1) <= 0.05
+    positions = read_positions(dosed_scan)
+    assert phase_correlation(streamed["object"], reference["object"], positions) >= 0.98
