@@ -10,6 +10,7 @@ worker indices to ranks and runs :class:`~ptylive.streaming.inbox.WorkerInbox` o
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -18,6 +19,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import zmq
 
 from ptylive.streaming.inbox import SeriesControl, encode_control
@@ -230,9 +232,16 @@ class Ingest:
 
     def _route(self, frame: Frame) -> int | None:
         """Worker for an accepted frame; None for duplicates, rejections and frames that cannot be routed."""
+        entry = self._routers.get(frame.series_id)
+        if entry is not None and frame.position_A is not None and all(map(math.isfinite, frame.position_A)):
+            try:  # a header position must be placeable before the frame counts as received
+                entry[1].owner_of(np.array([frame.position_A], dtype=np.float64))
+            except ValueError as exc:
+                self.registry.reject(frame, "position_outside")
+                logger.warning("frame %d of series %r rejected: %s", frame.frame_index, frame.series_id, exc)
+                return None
         if not self.registry.accept_frame(frame).accepted:
             return None
-        entry = self._routers.get(frame.series_id)
         if entry is None:
             self.routing_errors += 1
             return None

@@ -252,6 +252,14 @@ class SeriesRegistry:
         self.accepted += 1
         return Verdict("accepted", frame.series_id, index)
 
+    def reject(self, frame: Frame, reason: str) -> Verdict:
+        """Count a frame of a live series that the caller rejects (e.g. its header position lies outside the
+        object); it leaves the coverage alone, so the index can still arrive valid."""
+        if reason not in INGEST_REJECT_REASONS:
+            raise ValueError(f"unknown reject reason {reason!r}; expected one of {INGEST_REJECT_REASONS}")
+        self.frames_offered += 1
+        return self._reject(self._live(frame.series_id), frame, reason)
+
     def record_protocol_error(self, reason: str) -> None:
         """Count a message that did not decode (its ``ProtocolError.reason``); it belongs to no series."""
         if reason not in REJECT_REASONS:

@@ -26,6 +26,7 @@ from ptylive.daemon.config import (
 )
 
 ANY_PORT = "tcp://127.0.0.1:0"
+FINAL_ITERATIONS = 30
 
 
 def daemon_config(out: Path, ranks: int = 2, final_iterations: int = 30, **sections: Any) -> DaemonConfig:

@@ -1,7 +1,7 @@
 """``ptylive serve`` end to end: real processes (mpiexec, 2 workers + rank 0), loopback only.
 
-One daemon serves every test of this module, series after series (which also shows back-to-back
-series work); each test streams its own series id.
+One daemon (``tests/daemon/conftest.py``) serves these tests series after series (which also shows
+back-to-back series work); each test streams its own series id.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,44 +24,14 @@ from ptylive.gpu.quality import phase_correlation
 from ptylive.streaming.fake_detector import FakeDetector, FakeDetectorOptions, ScanSource
 from ptylive.streaming.scanfile import read_optional, read_positions
 from tests.daemon.serve_harness import (
+    FINAL_ITERATIONS,
     PreviewListener,
-    daemon_config,
     get_json,
     read_final,
     registry_series,
-    wait_for,
 )
 
 pytestmark = pytest.mark.mpi
-
-FINAL_ITERATIONS = 30
-
-
-@pytest.fixture(scope="module")
-def dosed_scan(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``ptylive simulate`` defaults at 1e5 e/Å²: integer counts, exact in uint16."""
-    from ptylive.daemon.cli import main as cli_main
-
-    path = tmp_path_factory.mktemp("serve") / "dosed.h5"
-    assert cli_main(["simulate", str(path), "--dose", "1e5"]) == 0
-    return path
-
-
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServeProcess, PreviewListener]]:
-    folder = tmp_path_factory.mktemp("daemon")
-    (folder / "results").mkdir()
-    process = ServeProcess(daemon_config(folder / "results", final_iterations=FINAL_ITERATIONS), folder)
-    context = zmq.Context()
-    try:
-        endpoints = process.start()
-        listener = PreviewListener(context, endpoints["preview"])
-        yield process, listener
-        listener.close()
-    finally:
-        code = process.stop()
-        context.term()
-    assert code == 0, process.log_tail()
 
 
 def stream(daemon: ServeProcess, source: ScanSource, **options: Any) -> tuple[float, Any]:

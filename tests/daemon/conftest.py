@@ -1,0 +1,39 @@
+"""Fixtures of the daemon tests: one ``ptylive serve`` for the whole session, and a scan with counts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+from ptylive.daemon.serve_process import ServeProcess
+from tests.daemon.serve_harness import FINAL_ITERATIONS, PreviewListener, daemon_config
+
+
+@pytest.fixture(scope="session")
+def dosed_scan(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``ptylive simulate`` defaults at 1e5 e/Å²: integer counts, exact in uint16."""
+    from ptylive.daemon.cli import main as cli_main
+
+    path = tmp_path_factory.mktemp("serve") / "dosed.h5"
+    assert cli_main(["simulate", str(path), "--dose", "1e5"]) == 0
+    return path
+
+
+@pytest.fixture(scope="session")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServeProcess, PreviewListener]]:
+    folder = tmp_path_factory.mktemp("daemon")
+    (folder / "results").mkdir()
+    process = ServeProcess(daemon_config(folder / "results", final_iterations=FINAL_ITERATIONS), folder)
+    context = zmq.Context()
+    try:
+        endpoints = process.start()
+        listener = PreviewListener(context, endpoints["preview"])
+        yield process, listener
+        listener.close()
+    finally:
+        code = process.stop()
+        context.term()
+    assert code == 0, process.log_tail()
