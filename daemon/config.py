@@ -104,6 +104,7 @@ class IngestConfig(_Section):
     endpoint: str = "tcp://127.0.0.1:5555"
     bind: bool = True
     queue_messages: int = _option(1000, ge=1)
+    socket_buffer_bytes: int = _option(0, ge=0)
     on_new_start: Literal["queue", "finish_now"] = "queue"
     max_queued_series: int = _option(4, ge=0)
     history: int = _option(16, ge=1)

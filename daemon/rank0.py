@@ -77,9 +77,9 @@ class Rank0:
         self.admission = Admission(config)
         c, n = config, config.workers.ranks
         registry = SeriesRegistry(RegistryConfig(c.ingest.on_new_start, c.ingest.history, c.ingest.max_queued_series))
-        self.ingest = Ingest(IngestConfig(c.ingest.endpoint, (INTERNAL_ENDPOINT,) * n, c.ingest.bind,
-                                          c.ingest.queue_messages), self.admission.router, registry, context,
-                             admit=self.admission)
+        ingest_config = IngestConfig(c.ingest.endpoint, (INTERNAL_ENDPOINT,) * n, c.ingest.bind,
+                                     c.ingest.queue_messages, socket_buffer_bytes=c.ingest.socket_buffer_bytes)
+        self.ingest = Ingest(ingest_config, self.admission.router, registry, context, admit=self.admission)
         self.collector = Collector(context, INTERNAL_ENDPOINT, c.preview.endpoint, self.series_info,
                                    Path(c.output.folder), n, c.preview.rate_hz)
         control = self.control if c.http.control else None

@@ -79,7 +79,8 @@ def _run_worker(config: DaemonConfig, worker: int, endpoints: dict[str, Any], wo
     outbox = context.socket(zmq.PUSH)
     outbox.linger = 5000
     outbox.connect(endpoints["collector"])
-    inbox = WorkerInbox(endpoints["workers"][worker], context, rcvhwm=config.ingest.queue_messages)
+    inbox = WorkerInbox(endpoints["workers"][worker], context, rcvhwm=config.ingest.queue_messages,
+                        socket_buffer_bytes=config.ingest.socket_buffer_bytes)
     settings = WorkerSettings(worker, config.workers.ranks, config.reconstruction, config.workers.backend,
                               config.workers.precision, config.ingest.on_new_start, config.preview.rate_hz,
                               config.preview.max_px)

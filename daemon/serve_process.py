@@ -27,7 +27,8 @@ logger = logging.getLogger(__name__)
 class ServeProcess:
     """``ptylive serve`` in a child process, its config, ready file and log under ``folder``."""
 
-    def __init__(self, config: DaemonConfig, folder: Path, verbose: bool = True) -> None:
+    def __init__(self, config: DaemonConfig, folder: Path, verbose: bool = True,
+                 env: dict[str, str] | None = None) -> None:
         self.folder = folder
         self.ready_file = folder / "ready.json"
         self.config_file = folder / "ptylive.toml"
@@ -35,6 +36,7 @@ class ServeProcess:
         service = dataclasses.replace(config.service, ready_file=str(self.ready_file))
         self.config = dataclasses.replace(config, service=service)
         self.verbose = verbose
+        self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen[bytes] | None = None
         self.endpoints: dict[str, Any] = {}
 
@@ -46,7 +48,7 @@ class ServeProcess:
         command = [sys.executable, "-m", "ptylive.daemon.cli", *(["-v"] if self.verbose else []),
                    "serve", "--config", str(self.config_file)]
         with open(self.log_file, "wb") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + timeout_s
         while not self.ready_file.exists():
             if self.process.poll() is not None:

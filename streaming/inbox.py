@@ -63,11 +63,14 @@ class WorkerInbox:
     Messages from the ingest are valid; one that does not decode is counted in ``protocol_errors`` and skipped.
     """
 
-    def __init__(self, endpoint: str, context: zmq.Context | None = None, rcvhwm: int = 1000) -> None:
+    def __init__(self, endpoint: str, context: zmq.Context | None = None, rcvhwm: int = 1000,
+                 socket_buffer_bytes: int = 0) -> None:
         self._own_context = context is None
         self._context: zmq.Context = zmq.Context() if context is None else context
         self._socket = self._context.socket(zmq.PULL)
         self._socket.rcvhwm, self._socket.linger = rcvhwm, 0
+        if socket_buffer_bytes:
+            self._socket.rcvbuf = socket_buffer_bytes
         self._socket.connect(endpoint)
         self._closed, self.protocol_errors = False, 0
 

@@ -37,7 +37,9 @@ class IngestConfig:
     """Sockets of the ingest: ``endpoint``, the detector side (PULL), bound when ``bind`` else connected;
     ``worker_endpoints``, one PUSH per worker, always bound (port 0 allowed: :attr:`Ingest.worker_endpoints`);
     ``send_hwm``, messages a worker socket queues before the ingest blocks; ``poll_ms``, how often loops look at
-    the stop flag; ``linger_ms``, how long :meth:`Ingest.close` lets queued messages go out."""
+    the stop flag; ``linger_ms``, how long :meth:`Ingest.close` lets queued messages go out;
+    ``socket_buffer_bytes``, the kernel send buffer of each worker socket (0: the OS default, which on loopback
+    can hold megabytes beyond ``send_hwm``)."""
 
     endpoint: str
     worker_endpoints: tuple[str, ...]
@@ -45,6 +47,7 @@ class IngestConfig:
     send_hwm: int = 1000
     poll_ms: int = 50
     linger_ms: int = 1000
+    socket_buffer_bytes: int = 0
 
     def __post_init__(self) -> None:
         if not self.worker_endpoints or min(self.send_hwm, self.poll_ms) < 1 or self.linger_ms < 0:
@@ -102,6 +105,8 @@ class Ingest:
             for endpoint in config.worker_endpoints:
                 push = self._context.socket(zmq.PUSH)
                 push.sndhwm, push.linger = config.send_hwm, config.linger_ms
+                if config.socket_buffer_bytes:
+                    push.sndbuf = config.socket_buffer_bytes
                 self._pushes.append(push)
                 push.bind(endpoint)
         except zmq.ZMQError:

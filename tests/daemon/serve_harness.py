@@ -110,7 +110,15 @@ def read_final(path: str | Path) -> dict[str, Any]:
 
 
 def registry_series(status: dict[str, Any], series_id: str) -> dict[str, Any]:
-    """The ingest registry's record of ``series_id`` (current, queued or finished)."""
+    """The ingest registry's record of ``series_id`` (current, queued or finished); {} before its start."""
     registry = status["ingest"]["registry"]
     candidates = [registry["current"], *registry["queued"], *reversed(registry["finished"])]
-    return next(s for s in candidates if s is not None and s["series_id"] == series_id)
+    return next((s for s in candidates if s is not None and s["series_id"] == series_id), {})
+
+
+def series_count(url: str, series_id: str, key: str, reason: str | None = None) -> int:
+    """``received`` (or another count) of a series from ``/status``; ``rejected[reason]`` with ``reason``; 0 if
+    the ingest has not seen the series yet."""
+    record = registry_series(get_json(url + "status"), series_id)
+    value = record.get(key, 0) if reason is None else record.get(key, {}).get(reason, 0)
+    return int(value)

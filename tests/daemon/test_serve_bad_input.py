@@ -24,7 +24,7 @@ from ptylive.gpu.quality import phase_correlation
 from ptylive.streaming import protocol
 from ptylive.streaming.fake_detector import ScanSource
 from ptylive.streaming.scanfile import read_optional, read_positions
-from tests.daemon.serve_harness import PreviewListener, get_json, read_final, registry_series, wait_for
+from tests.daemon.serve_harness import PreviewListener, get_json, read_final, registry_series, series_count, wait_for
 from tests.daemon.test_serve import group_sizes
 
 pytestmark = pytest.mark.mpi
@@ -90,7 +90,7 @@ def test_bad_input_is_counted_by_reason_and_the_valid_frames_reconstruct_alone(
         push.send_multipart(protocol.encode_series_start(start))
         for i in range(0, n, 2):  # half of the valid frames first
             push.send_multipart(protocol.encode_frame(SERIES, i, frames[i]))
-        wait_for(lambda: registry_series(get_json(url + "status"), SERIES)["received"] == n // 2, 30, "half the frames")
+        wait_for(lambda: series_count(url, SERIES, "received") == n // 2, 30, "half the frames")
         sent: Counter[str] = Counter()
 
         @settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
@@ -112,7 +112,7 @@ def test_bad_input_is_counted_by_reason_and_the_valid_frames_reconstruct_alone(
         final = listener.wait_final(SERIES)
         for i in (2, 3):  # late frames
             push.send_multipart(protocol.encode_frame(SERIES, i, frames[i]))
-        wait_for(lambda: registry_series(get_json(url + "status"), SERIES)["rejected"]["finished_series"] == 2, 10,
+        wait_for(lambda: series_count(url, SERIES, "rejected", "finished_series") == 2, 10,
                  "late frames counted")
     finally:
         push.close(linger=0)
