@@ -1,0 +1,39 @@
+"""The README's main job (``ptylive demo``) and ``ptylive serve``'s start-up errors, through the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import pytest
+
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.mpi
+
+
+def test_demo_streams_reconstructs_and_prints_the_final_file(tmp_path: Path) -> None:
+    done = run_cli("demo", "--out", str(tmp_path / "demo"), "--scan", "12", "12", "--rate", "200",
+                   "--final-iterations", "10", timeout=240)
+    assert done.returncode == 0, done.stderr
+    assert "viewer: http://127.0.0.1:" in done.stderr and "first preview after" in done.stderr
+    path = Path(done.stdout.strip().splitlines()[-1])
+    assert path.is_file() and path.parent == (tmp_path / "demo" / "results").resolve()
+    with h5py.File(path, "r") as f:
+        assert f.attrs["status"] == "complete" and f.attrs["frames_received"] == 144
+        assert f["received"][...].all()
+    assert "phase correlation with the simulated truth" in done.stderr
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[ingest]\nendpont = 'tcp://127.0.0.1:0'\n", "unknown key 'ingest.endpont'"),
+    ("[workers]\nranks = 0\n", "'workers.ranks'"),
+    ("[output]\nfolder = '/nonexistent/ptylive'\n", "output folder /nonexistent/ptylive does not exist"),
+    ("[workers\n", "invalid TOML"),
+])
+def test_serve_rejects_a_bad_config_with_one_line(tmp_path: Path, text: str, message: str) -> None:
+    config = tmp_path / "ptylive.toml"
+    config.write_text(text)
+    done = run_cli("serve", "--config", str(config), timeout=60)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1
