@@ -255,3 +255,12 @@ def apply_overrides(reconstruction: ReconstructionConfig, overrides: Mapping[str
     known = [spec.name for spec in dataclasses.fields(ReconstructionConfig)]
     _reject_unknown(overrides, known, "key", "reconstruction.", "series overrides")
     return dataclasses.replace(reconstruction, **overrides)
+
+
+def loopback_config(output_folder: Path, ranks: int, reconstruction: ReconstructionConfig,
+                    http_port: int = 0, control: bool = False) -> DaemonConfig:
+    """Everything on 127.0.0.1, ports chosen by the OS (the ready file tells them): demo, tests, benchmarks."""
+    any_port = "tcp://127.0.0.1:0"
+    return DaemonConfig(ingest=IngestConfig(endpoint=any_port), workers=WorkersConfig(ranks=ranks),
+                        reconstruction=reconstruction, preview=PreviewConfig(endpoint=any_port),
+                        http=HttpConfig(port=http_port, control=control), output=OutputConfig(output_folder))

@@ -17,20 +17,11 @@ import msgpack
 import numpy as np
 import zmq
 
-from ptylive.daemon.config import (
-    DaemonConfig,
-    HttpConfig,
-    IngestConfig,
-    OutputConfig,
-    PreviewConfig,
-    ReconstructionConfig,
-    WorkersConfig,
-)
+from ptylive.daemon.config import DaemonConfig, ReconstructionConfig, loopback_config
 from ptylive.daemon.serve_process import ServeProcess
 
 logger = logging.getLogger(__name__)
 
-LOOPBACK_ANY_PORT = "tcp://127.0.0.1:0"
 SILENCE_TIMEOUT_S = 120.0
 
 
@@ -47,12 +38,9 @@ class DemoOptions:
 
 
 def demo_config(options: DemoOptions, results: Path, n_slices: int, slice_thickness_A: float) -> DaemonConfig:
-    return DaemonConfig(
-        ingest=IngestConfig(endpoint=LOOPBACK_ANY_PORT), workers=WorkersConfig(ranks=options.ranks),
-        reconstruction=ReconstructionConfig(n_slices=n_slices, slice_thickness_A=slice_thickness_A,
-                                            final_iterations=options.final_iterations),
-        preview=PreviewConfig(endpoint=LOOPBACK_ANY_PORT), http=HttpConfig(port=options.http_port),
-        output=OutputConfig(folder=results))
+    return loopback_config(results, options.ranks, ReconstructionConfig(
+        n_slices=n_slices, slice_thickness_A=slice_thickness_A, final_iterations=options.final_iterations),
+        http_port=options.http_port)
 
 
 def _say(text: str) -> None:

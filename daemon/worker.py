@@ -212,7 +212,8 @@ class Worker:
         now = time.monotonic()
         if now < self._preview_due:
             return
-        self._preview_due = now + 1.0 / self.settings.preview_rate_hz
+        # Twice the publication rate, so every mosaic rank 0 publishes holds tiles at most half a period old.
+        self._preview_due = now + 0.5 / self.settings.preview_rate_hz
         image = block_mean(projected_phase(self._tile_volume(run)), factor)
         t = run.state.domain.tile
         self._send("preview", {"series_id": run.store.geometry.series_id, "worker": self.settings.worker,

@@ -15,15 +15,7 @@ import msgpack
 import numpy as np
 import zmq
 
-from ptylive.daemon.config import (
-    DaemonConfig,
-    HttpConfig,
-    IngestConfig,
-    OutputConfig,
-    PreviewConfig,
-    ReconstructionConfig,
-    WorkersConfig,
-)
+from ptylive.daemon.config import DaemonConfig, ReconstructionConfig, loopback_config
 
 ANY_PORT = "tcp://127.0.0.1:0"
 FINAL_ITERATIONS = 30
@@ -31,10 +23,8 @@ FINAL_ITERATIONS = 30
 
 def daemon_config(out: Path, ranks: int = 2, final_iterations: int = 30, **sections: Any) -> DaemonConfig:
     """Loopback, port 0 everywhere, 3 slices like ``ptylive simulate``'s default."""
-    config = DaemonConfig(
-        ingest=IngestConfig(endpoint=ANY_PORT), workers=WorkersConfig(ranks=ranks),
-        reconstruction=ReconstructionConfig(n_slices=3, slice_thickness_A=1.9525, final_iterations=final_iterations),
-        preview=PreviewConfig(endpoint=ANY_PORT), http=HttpConfig(port=0, control=True), output=OutputConfig(out))
+    config = loopback_config(out, ranks, ReconstructionConfig(n_slices=3, slice_thickness_A=1.9525,
+                                                              final_iterations=final_iterations), control=True)
     return replace(config, **sections)
 
 
