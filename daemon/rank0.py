@@ -110,9 +110,22 @@ class Rank0:
             taken = collected["worker_reports"].get(entry["worker"], {}).get("messages_taken")
             entry["queue_depth"] = None if taken is None else max(
                 entry["forwarded"] + entry["control_forwarded"] - taken, 0)
-        return {**collected, "ingest": ingest, "frames_received": current["received"] if current else None,
+        return {**collected, "ingest": ingest, "coverage": self.coverage(),
+                "frames_received": current["received"] if current else None,
                 "frames_expected": current["n_expected"] if current else None,
                 "series_id": current["series_id"] if current else collected["series_id"]}
+
+    def coverage(self) -> dict[str, Any] | None:
+        """The current series' coverage map: one string of 0/1 per scan row (frame ``k`` at row ``k // cols``)."""
+        state = self.ingest.registry.current
+        if state is None:
+            return None
+        covered = state.coverage.copy()
+        rows, cols = state.start.scan_shape
+        if covered.size != rows * cols:
+            rows, cols = 1, covered.size
+        lines = ["".join("1" if c else "0" for c in row) for row in covered.reshape(rows, cols)]
+        return {"series_id": state.series_id, "scan_shape": [rows, cols], "rows": lines}
 
     def control(self, action: str, series_id: str | None) -> tuple[bool, str]:
         return self.ingest.request(SeriesControl(action, series_id))  # type: ignore[arg-type]

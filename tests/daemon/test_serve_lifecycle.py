@@ -38,6 +38,9 @@ def test_control_endpoint_ends_a_running_series(daemon: tuple[ServeProcess, Prev
                                                  process.endpoints["ingest"], bind=False, context=context) as detector:
         detector.start()
         wait_for(lambda: series_count(url, series_id, "received") >= 60, 30, "60 frames")
+        coverage = get_json(url + "status")["coverage"]
+        covered = sum(row.count("1") for row in coverage["rows"])
+        assert coverage["series_id"] == series_id and covered >= 60  # the operator's coverage map
         code, answer = post_control(url, action, series_id)
         assert code == 200 and answer["accepted"], answer
         final = listener.wait_final(series_id)
