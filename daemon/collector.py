@@ -72,6 +72,9 @@ class Collector:
                  series_info: Callable[[str], tuple[SeriesStart, SeriesGeometry, int] | None],
                  output_folder: Path, n_workers: int, rate_hz: float = 2.0) -> None:
         self.series_info, self.output_folder, self.n_workers = series_info, output_folder, n_workers
+        # Hooks for metrics (called in this thread): a worker's heartbeat, a published preview's header.
+        self.on_report: Callable[[int, dict[str, Any]], None] | None = None
+        self.on_publish: Callable[[dict[str, Any]], None] | None = None
         self.min_interval_s = 1.0 / rate_hz
         self._pull, self._pub = context.socket(zmq.PULL), context.socket(zmq.PUB)
         self._pull.linger, self._pub.linger = 0, 1000
@@ -125,6 +128,8 @@ class Collector:
             self.heartbeat_s[worker] = time.monotonic()
             if message.htype == "heartbeat":
                 self.reports[worker] = message.header
+                if self.on_report is not None:
+                    self.on_report(worker, message.header)
             elif message.htype == "hello":
                 self.hello[worker] = int(message.header["pid"])
             elif message.htype == "bye":
@@ -174,6 +179,8 @@ class Collector:
         self._last_publish = now
         self._pub.send_multipart([msgpack.packb(header), memoryview(image).cast("B")], copy=False)
         self.published += 1
+        if self.on_publish is not None:
+            self.on_publish(header)
 
     def _preview_header(self, view: SeriesView) -> dict[str, Any]:
         info = self.series_info(view.start.series_id)

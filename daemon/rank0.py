@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+from prometheus_client import CollectorRegistry
 
 from ptylive.daemon.collector import Collector
 from ptylive.daemon.config import DaemonConfig, apply_overrides
 from ptylive.daemon.geometry import SeriesGeometry, series_geometry
 from ptylive.daemon.http_api import Providers, StatusServer
 from ptylive.daemon.memory_plan import rank_memory
+from ptylive.daemon.metrics import DaemonMetrics, PreviewLatency
 from ptylive.daemon.notify import Watchdog, notify, watchdog_period_s
 from ptylive.streaming.inbox import SeriesControl
 from ptylive.streaming.ingest import Ingest, IngestConfig
@@ -72,7 +74,8 @@ class Admission:
 class Rank0:
     """Owns rank 0's threads and sockets; :meth:`serve` runs until a signal or a fatal error."""
 
-    def __init__(self, config: DaemonConfig, context: zmq.Context) -> None:
+    def __init__(self, config: DaemonConfig, context: zmq.Context,
+                 metrics_registry: CollectorRegistry | None = None) -> None:
         self.config, self.context = config, context
         self.admission = Admission(config)
         c, n = config, config.workers.ranks
@@ -83,7 +86,11 @@ class Rank0:
         self.collector = Collector(context, INTERNAL_ENDPOINT, c.preview.endpoint, self.series_info,
                                    Path(c.output.folder), n, c.preview.rate_hz)
         control = self.control if c.http.control else None
-        self.http = StatusServer(Providers(self.status, self.collector.tiles, self.collector.preview_png, control),
+        self.metrics = DaemonMetrics(metrics_registry or CollectorRegistry(), self.metrics_snapshot)
+        self.latency = PreviewLatency()
+        self.collector.on_report, self.collector.on_publish = self.metrics.observe_report, self._preview_published
+        self.http = StatusServer(Providers(self.status, self.collector.tiles, self.collector.preview_png, control,
+                                           metrics=self.metrics.exposition),
                                  c.http.host, c.http.port)
         self.stop = threading.Event()
 
@@ -129,6 +136,24 @@ class Rank0:
 
     def control(self, action: str, series_id: str | None) -> tuple[bool, str]:
         return self.ingest.request(SeriesControl(action, series_id))  # type: ignore[arg-type]
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """``/status`` plus the two figures only metrics need."""
+        status = self.status()
+        ages = status["heartbeat_age_s"].values()
+        current = status["ingest"]["registry"]["current"]
+        status["workers_fresh"] = sum(age < self.config.service.heartbeat_timeout_s for age in ages)
+        status["coverage_ratio"] = current["coverage_fraction"] if current else None
+        return status
+
+    def _preview_published(self, header: dict[str, Any]) -> None:
+        series_id = str(header["series_id"])
+        entry, registry = self.admission.series.get(series_id), self.ingest.registry
+        state = next((s for s in (registry.current, *registry.queued, *reversed(registry.finished))
+                      if s is not None and s.series_id == series_id), None)
+        if entry is not None and state is not None:
+            self.metrics.observe_latencies(self.latency.newly_shown(header, state.received_s, entry[1].owner,
+                                                                    time.monotonic()))
 
     def healthy(self) -> bool:
         ages = self.collector.status()["heartbeat_age_s"]

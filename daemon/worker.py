@@ -26,6 +26,7 @@ from ptylive.daemon.geometry import series_geometry
 from ptylive.daemon.preview import block_mean, downsample_factor, projected_phase
 from ptylive.daemon.stream_engine import N_SUM, SeriesFlags, StreamRun, probe_power, refine
 from ptylive.daemon.stream_frames import FrameStore
+from ptylive.daemon.worker_stats import WorkerStats
 from ptylive.gpu.backend import PRECISIONS, backend_module, to_numpy
 from ptylive.gpu.physics import wavelength_A
 from ptylive.gpu.probe import ProbeOptics, make_probe
@@ -84,6 +85,8 @@ class Worker:
         self._heartbeat_due = 0.0
         self._preview_due = 0.0
         self._running: str | None = None
+        self.stats = WorkerStats(settings.backend)
+        self._run: tuple[StreamRun, Consensus] | None = None
         self._send("hello", {"worker": settings.worker, "pid": os.getpid()})
 
     def _send(self, htype: str, header: dict[str, Any], *arrays: np.ndarray) -> None:
@@ -138,8 +141,10 @@ class Worker:
         now = time.monotonic()
         if now >= self._heartbeat_due:
             self._heartbeat_due = now + HEARTBEAT_S
+            report = self.stats.report(*(self._run or (None, None)))
             self._send("heartbeat", {"worker": self.settings.worker, "series_id": self._running,
-                                     "messages_taken": self.messages_taken, "unknown_frames": self.unknown_frames})
+                                     "messages_taken": self.messages_taken, "unknown_frames": self.unknown_frames,
+                                     **report})
 
     def run(self) -> None:
         """Serve series until a shutdown arrives and no series is left."""
@@ -174,7 +179,14 @@ class Worker:
         factor = max(downsample_factor(d.tile.shape, s.preview_max_px) for d in geometry.domains)
         consensus = Consensus(self.comm, N_SUM, 2 + options.updates_per_iteration)
         self._preview_due = 0.0
-        refine(run, consensus, self.drain, lambda run_: self._maybe_preview(run_, factor, consensus), self._idle)
+        self._run = (run, consensus)
+        try:
+            refine(run, consensus, self.drain, lambda run_: self._maybe_preview(run_, factor, consensus), self._idle)
+            self._heartbeat_due = 0.0
+            self.drain()  # the last iterations' durations reach rank 0 before the totals move on
+        finally:
+            self._run = None
+            self.stats.finish(run, consensus)
         self._send_final(run, consensus)
 
     def _idle(self, seconds: float) -> None:

@@ -75,8 +75,9 @@ class Ingest:
 
     Attributes
     ----------
-    forwarded, control_forwarded, blocked_s : list
-        Per worker: frames forwarded; starts and ends forwarded; seconds spent waiting for room in its queue.
+    forwarded, bytes_forwarded, control_forwarded, blocked_s : list
+        Per worker: frames forwarded and their pixel bytes; starts and ends forwarded; seconds spent waiting for
+        room in its queue.
     routing_errors, unsent_on_stop : int
         Accepted frames (or starts) the router could not place (dropped, logged); messages abandoned because
         ``stop`` was set while a worker's queue was full.
@@ -90,6 +91,7 @@ class Ingest:
         self.registry = registry if registry is not None else SeriesRegistry()
         n = len(config.worker_endpoints)
         self.forwarded, self.control_forwarded, self.blocked_s = [0] * n, [0] * n, [0.0] * n
+        self.bytes_forwarded = [0] * n
         self.routing_errors = self.unsent_on_stop = self.messages_received = 0
         self._routers: dict[str, tuple[SeriesStart, Router]] = {}
         self._lock = threading.Lock()  # registry and routers: mutated by run(), read by snapshot()
@@ -153,6 +155,7 @@ class Ingest:
                 worker = self._route(message)
             if worker is not None and self._send(worker, parts, stop):
                 self.forwarded[worker] += 1
+                self.bytes_forwarded[worker] += message.pixels.nbytes
         elif isinstance(message, SeriesStart):
             refusal = self._admit(message)
             with self._lock:
@@ -327,6 +330,7 @@ class Ingest:
             entry = self._routers.get(current.series_id) if current is not None else None
             router = None if entry is None else {"series_id": entry[0].series_id, **entry[1].snapshot()}
         workers = [{"worker": w, "endpoint": e, "forwarded": self.forwarded[w], "blocked_s": self.blocked_s[w],
+                    "bytes_forwarded": self.bytes_forwarded[w],
                     "control_forwarded": self.control_forwarded[w]} for w, e in enumerate(self._worker_endpoints)]
         return {"endpoint": self._endpoint, "messages_received": self.messages_received, "registry": registry,
                 "router": router, "workers": workers, "routing_errors": self.routing_errors,

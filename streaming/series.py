@@ -82,6 +82,8 @@ class SeriesState:
         Why the daemon refused the series (its frames are rejected as ``"refused_series"``).
     coverage : (n_expected,) bool
         ``coverage[k]`` is set once frame ``k`` was accepted.
+    received_s : (n_expected,) float64
+        ``time.monotonic()`` when frame ``k`` was accepted (NaN until then), for frame-to-preview latency.
     """
 
     start: SeriesStart
@@ -97,10 +99,12 @@ class SeriesState:
     series_id: str = field(init=False)
     n_expected: int = field(init=False)
     coverage: npt.NDArray[np.bool_] = field(init=False)
+    received_s: npt.NDArray[np.float64] = field(init=False)
 
     def __post_init__(self) -> None:
         self.series_id, self.n_expected = self.start.series_id, self.start.n_positions
         self.coverage = np.zeros(self.n_expected, dtype=bool)
+        self.received_s = np.full(self.n_expected, np.nan)
 
     @property
     def missing(self) -> int:
@@ -139,7 +143,7 @@ class SeriesRegistry:
         self.current: SeriesState | None = None
         self.queued: deque[SeriesState] = deque()
         self.finished: deque[SeriesState] = deque(maxlen=self.config.history)
-        self.frames_offered = self.accepted = self.duplicates = self.ends_unknown = 0
+        self.frames_offered = self.accepted = self.duplicates = self.ends_unknown = self.missing_total = 0
         self.rejected = dict.fromkeys(ALL_REJECT_REASONS, 0)
         self.starts = dict.fromkeys(START_OUTCOMES, 0)
 
@@ -151,6 +155,7 @@ class SeriesRegistry:
     def _finish(self, state: SeriesState, cause: str, n_frames: int | None) -> None:
         state.ended, state.ended_s, state.end_cause, state.sender_n_frames = True, self.clock(), cause, n_frames
         self.finished.append(state)
+        self.missing_total += state.missing
         short = state.missing or (n_frames is not None and n_frames != state.received)
         logger.log(logging.WARNING if short else logging.INFO,
                    "series %r ended (%s): %d of %d frames received, %d missing; the sender counted %s",
@@ -248,6 +253,7 @@ class SeriesRegistry:
             self.duplicates += 1
             return Verdict("duplicate", frame.series_id, index)
         state.coverage[index] = True
+        state.received_s[index] = time.monotonic()
         state.received += 1
         self.accepted += 1
         return Verdict("accepted", frame.series_id, index)
@@ -275,4 +281,5 @@ class SeriesRegistry:
                        "rejected": sum(self.rejected[r] for r in INGEST_REJECT_REASONS)},
             "protocol_errors": sum(self.rejected[r] for r in REJECT_REASONS),
             "rejected": dict(self.rejected), "starts": dict(self.starts), "ends_unknown": self.ends_unknown,
+            "missing_total": self.missing_total,
         }

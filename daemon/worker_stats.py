@@ -1,0 +1,73 @@
+"""What a worker reports to rank 0 in its heartbeats: cumulative counters over every series, new
+iteration durations, memory. Rank 0 turns them into Prometheus metrics (:mod:`ptylive.daemon.metrics`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+from dataclasses import dataclass, field
+from typing import Any
+
+from ptylive.daemon.consensus import Consensus
+from ptylive.daemon.stream_engine import StreamRun
+
+logger = logging.getLogger(__name__)
+
+
+def host_memory_bytes() -> int:
+    """Resident set size of this process (Linux ``/proc/self/statm``; peak RSS elsewhere)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def gpu_memory_bytes(backend: str) -> int:
+    """Bytes CuPy's default memory pool holds for this process (0 on numpy)."""
+    if backend != "cupy":
+        return 0
+    import cupy  # type: ignore[import-not-found]
+
+    return int(cupy.get_default_memory_pool().used_bytes())
+
+
+@dataclass
+class WorkerStats:
+    """Counters of finished series plus the running one; ``report`` sends only new iteration durations."""
+
+    backend: str = "numpy"
+    finished: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
+        ("iterations", "exchange_bytes", "exchange_wait_s", "consensus_wait_s", "busy_s", "series"), 0.0))
+    _reported_iterations: int = 0
+
+    @staticmethod
+    def _of(run: StreamRun, consensus: Consensus) -> dict[str, float]:
+        stats = run.exchanger.stats
+        return {"iterations": run.iterations, "exchange_bytes": stats.bytes_sent, "exchange_wait_s": stats.wait_s,
+                "consensus_wait_s": consensus.wait_s, "busy_s": sum(run.iteration_s), "series": 0}
+
+    def report(self, run: StreamRun | None, consensus: Consensus | None) -> dict[str, Any]:
+        """Heartbeat fields: ``totals`` (cumulative), ``iteration_s`` (new since the last report), gauges."""
+        current = self._of(run, consensus) if run is not None and consensus is not None else {}
+        totals = {k: v + current.get(k, 0.0) for k, v in self.finished.items()}
+        new: list[float] = []
+        if run is not None:
+            new = run.iteration_s[self._reported_iterations:]
+            self._reported_iterations = len(run.iteration_s)
+        staleness = run.exchanger.stats.staleness[-64:] if run is not None else []
+        per_frame = (run.loss_history[-1] / max(run.frames_history[-1], 1)
+                     if run is not None and run.loss_history else None)
+        busy = totals["busy_s"]
+        return {"totals": totals, "iteration_s": new, "loss_per_frame": per_frame,
+                "staleness_max": max(staleness, default=0),
+                "wait_fraction": (totals["exchange_wait_s"] + totals["consensus_wait_s"]) / busy if busy else 0.0,
+                "memory_host_bytes": host_memory_bytes(), "memory_gpu_bytes": gpu_memory_bytes(self.backend)}
+
+    def finish(self, run: StreamRun, consensus: Consensus) -> None:
+        """Fold a finished series into the totals (call after its last report)."""
+        for key, value in self._of(run, consensus).items():
+            self.finished[key] += value
+        self.finished["series"] += 1
+        self._reported_iterations = 0
