@@ -79,7 +79,8 @@ class SnapshotCollector(Collector):
             if worker.get("queue_depth") is not None:
                 depth.add_metric([rank], worker["queue_depth"])
         yield from (frames, duplicates, rejected, missing, messages, starts, forwarded_bytes, forwarded, blocked, depth)
-        ratio = _gauge("ptylive_series_coverage_ratio", "Fraction of the current series' frames received.")
+        ratio = _gauge("ptylive_series_coverage_ratio",
+                       "Fraction of the frames received, of the current series (between series: the last one).")
         if coverage is not None:
             ratio.add_metric([], coverage)
         yield ratio

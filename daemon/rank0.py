@@ -90,7 +90,8 @@ class Rank0:
         self.latency = PreviewLatency()
         self.collector.on_report, self.collector.on_publish = self.metrics.observe_report, self._preview_published
         self.http = StatusServer(Providers(self.status, self.collector.tiles, self.collector.preview_png, control,
-                                           metrics=self.metrics.exposition),
+                                           metrics=self.metrics.exposition, events=self.collector.events,
+                                           slice_png=self.collector.slice_png, output_folder=Path(c.output.folder)),
                                  c.http.host, c.http.port)
         self.stop = threading.Event()
 
@@ -141,9 +142,10 @@ class Rank0:
         """``/status`` plus the two figures only metrics need."""
         status = self.status()
         ages = status["heartbeat_age_s"].values()
-        current = status["ingest"]["registry"]["current"]
+        registry = status["ingest"]["registry"]
+        latest = registry["current"] or next((s for s in reversed(registry["finished"]) if not s["refusal"]), None)
         status["workers_fresh"] = sum(age < self.config.service.heartbeat_timeout_s for age in ages)
-        status["coverage_ratio"] = current["coverage_fraction"] if current else None
+        status["coverage_ratio"] = latest["coverage_fraction"] if latest else None
         return status
 
     def _preview_published(self, header: dict[str, Any]) -> None:
