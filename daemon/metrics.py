@@ -22,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 import ptylive
+from ptylive.daemon.worker_stats import host_memory_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ class SnapshotCollector(Collector):
             "loss_per_frame": _gauge("ptylive_loss_per_frame", "Loss per frame of the latest iteration.", ["rank"]),
         }
         memory = _gauge("ptylive_memory_bytes", "Memory per rank.", ["rank", "kind"])
+        memory.add_metric(["0", "host"], host_memory_bytes())  # rank 0 itself: ingest, collector, HTTP
         for worker, report in sorted(status.get("worker_reports", {}).items(), key=lambda item: int(item[0])):
             rank = str(int(worker) + 1)
             for key, family in families.items():

@@ -56,6 +56,7 @@ def test_snapshot_values_reach_the_exposition_with_rank_labels() -> None:
     assert value("ptylive_ingest_blocked_seconds_total", {"rank": "2"}) == 0.5
     assert value("ptylive_exchange_wait_ratio", {"rank": "1"}) == pytest.approx(0.105)
     assert value("ptylive_memory_bytes", {"rank": "1", "kind": "host"}) == 2**28
+    assert value("ptylive_memory_bytes", {"rank": "0", "kind": "host"}) > 10 * 2**20  # this process, measured
     assert value("ptylive_series_coverage_ratio") == 0.9375
     assert value("ptylive_iteration_duration_seconds_count", {"rank": "2"}) == 2
     assert value("ptylive_iteration_duration_seconds_sum", {"rank": "2"}) == pytest.approx(0.3)
