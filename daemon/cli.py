@@ -1,4 +1,4 @@
-"""The ``ptylive`` command line: serve, demo, simulate, reconstruct, plan, bench.
+"""The ``ptylive`` command line: serve, demo, simulate, reconstruct, plan, bench, replay.
 
 Errors a user can fix (bad files, bad options) print one ``error:`` line and
 exit with status 2; they never show a traceback.
@@ -100,11 +100,18 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-running", action="store_true", help="keep serving after the series (Ctrl-C stops)")
 
 
+def _add_replay(sub: argparse._SubParsersAction) -> None:
+    from ptylive.tools.replay import add_arguments
+
+    add_arguments(sub.add_parser("replay", help="send a scan file, a 4-D array or a ZeroMQ dump recording to a "
+                                                "running daemon"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptylive", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_simulate, _add_reconstruct, _add_plan, _add_bench, _add_serve, _add_demo):
+    for add in (_add_simulate, _add_reconstruct, _add_plan, _add_bench, _add_serve, _add_demo, _add_replay):
         add(sub)
     return parser
 

@@ -12,7 +12,11 @@ publishes at most ``rate_hz`` times a second, whenever something new arrived::
 
 When every worker's ``final`` of a series is in, it writes the HDF5 file
 (:mod:`ptylive.daemon.final_writer`) and publishes ``{"htype": "final", "series_id", "path", "status"}``.
-HTTP handlers read :meth:`Collector.status`, :meth:`tiles` and :meth:`preview_png` from other threads.
+HTTP handlers read :meth:`Collector.status`, :meth:`tiles`, :meth:`preview_png` and :meth:`slice_png`
+from other threads. The same moments go to the viewer as server-sent events on :attr:`Collector.events`:
+``series_start`` (a worker's first message about a series), ``preview`` (the PUB header without the
+image, plus the mosaic ``version``, ``object_shape`` and ``n_slices``) and ``series_end`` (``path``,
+``file``, ``status``, ``iterations`` and the final ``coverage`` map, which ``/tiles`` then carries too).
 """
 
 from __future__ import annotations
@@ -26,9 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import numpy as np
 import zmq
 
 from ptylive.daemon import rank_messages
+from ptylive.daemon.events import EventHub
 from ptylive.daemon.final_writer import write_final
 from ptylive.daemon.geometry import SeriesGeometry
 from ptylive.daemon.preview import Mosaic, to_png
@@ -47,6 +53,7 @@ class SeriesView:
     start: SeriesStart
     geometry: SeriesGeometry
     mosaic: Mosaic | None = None
+    slices: list[Mosaic] = field(default_factory=list)  # one per slice when workers send them (S > 1)
     tiles: dict[int, dict[str, Any]] = field(default_factory=dict)
     finals: dict[int, RankMessage] = field(default_factory=dict)
     iteration: int = 0
@@ -54,6 +61,20 @@ class SeriesView:
     first_preview_s: float | None = None
     path: str | None = None
     status: str | None = None
+    coverage: dict[str, Any] | None = None  # which frames reached a worker, once every final is in
+
+
+def coverage_map(start: SeriesStart, received: list[list[int]]) -> dict[str, Any]:
+    """``/status``' coverage format for a finished series: one 0/1 string per scan row, from every worker's
+    ``received`` frame indices (frame ``k`` at row ``k // cols``; one row if the scan shape does not fit)."""
+    covered = np.zeros(start.n_positions, dtype=bool)
+    for indices in received:
+        covered[np.asarray(indices, dtype=np.int64)] = True
+    rows, cols = start.scan_shape
+    if rows * cols != covered.size:
+        rows, cols = 1, covered.size
+    lines = ["".join("1" if c else "0" for c in row) for row in covered.reshape(rows, cols)]
+    return {"series_id": start.series_id, "scan_shape": [rows, cols], "rows": lines}
 
 
 class Collector:
@@ -75,6 +96,7 @@ class Collector:
         # Hooks for metrics (called in this thread): a worker's heartbeat, a published preview's header.
         self.on_report: Callable[[int, dict[str, Any]], None] | None = None
         self.on_publish: Callable[[dict[str, Any]], None] | None = None
+        self.events = EventHub()  # the viewer's server-sent events, published from this thread
         self.min_interval_s = 1.0 / rate_hz
         self._pull, self._pub = context.socket(zmq.PULL), context.socket(zmq.PUB)
         self._pull.linger, self._pub.linger = 0, 1000
@@ -144,6 +166,7 @@ class Collector:
                     view.finals[worker] = message
                     skip = ("loss_history", "frames_history", "received")
                     view.tiles[worker] = {k: v for k, v in message.header.items() if k not in skip}
+                    view.tiles[worker]["iteration"] = message.header["iterations"]
         if message.htype == "final" and view is not None and len(view.finals) == self.n_workers:
             self._finish(view)
 
@@ -156,12 +179,19 @@ class Collector:
                 return None
             view = self.views[series_id] = SeriesView(info[0], info[1])
             self.latest = series_id
+            self.events.publish("series_start", {"series_id": series_id, "frames_expected": info[0].n_positions,
+                                                 "object_shape": list(info[1].object_shape)})
         return view
 
     def _place(self, view: SeriesView, worker: int, message: RankMessage) -> None:
         if view.mosaic is None:
             view.mosaic = Mosaic(view.geometry.object_shape, int(message.header["factor"]))
         view.mosaic.place(tuple(message.header["tile"]), message.arrays[0])
+        if len(message.arrays) > 1:  # each slice's phase, (S, h, w)
+            if not view.slices:
+                view.slices = [Mosaic(view.mosaic.object_shape, view.mosaic.factor) for _ in message.arrays[1]]
+            for mosaic, layer in zip(view.slices, message.arrays[1], strict=True):
+                mosaic.place(tuple(message.header["tile"]), layer)
         view.tiles[worker] = dict(message.header)
         view.iteration = max(view.iteration, int(message.header["iteration"]))
         if view.first_preview_s is None:
@@ -176,9 +206,12 @@ class Collector:
                 return
             view.published_version = view.mosaic.version
             header, image = self._preview_header(view), view.mosaic.image
+            extra = {"version": view.published_version, "object_shape": list(view.mosaic.object_shape),
+                     "n_slices": len(view.slices) or 1}
         self._last_publish = now
         self._pub.send_multipart([msgpack.packb(header), memoryview(image).cast("B")], copy=False)
         self.published += 1
+        self.events.publish("preview", {**{k: v for k, v in header.items() if k not in ("htype", "dtype")}, **extra})
         if self.on_publish is not None:
             self.on_publish(header)
 
@@ -207,15 +240,19 @@ class Collector:
             logger.error("series %r: final file not written: %s", view.start.series_id, exc)
             path = None
         status = str(finals[0].header["status"])
+        coverage = coverage_map(view.start, [m.header["received"] for m in finals])
+        entry = {"series_id": view.start.series_id, "path": path, "file": Path(path).name if path else None,
+                 "status": status, "iterations": finals[0].header["iterations"]}
         with self._lock:
-            view.path, view.status = path, status
-            self.finished.append({"series_id": view.start.series_id, "path": path, "status": status,
-                                  "iterations": finals[0].header["iterations"]})
+            view.path, view.status, view.coverage = path, status, coverage
+            self.finished.append(entry)
+        self.events.publish("series_end", {**entry, "coverage": coverage})
         self._pub.send_multipart([msgpack.packb({"htype": "final", "series_id": view.start.series_id,
                                                  "path": path, "status": status})])
 
     def close(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
+        self.events.close()
         if self._thread is not None:
             self._thread.join(timeout_s)
         if self._error is not None:
@@ -239,10 +276,20 @@ class Collector:
         with self._lock:
             view = self.views.get(self.latest) if self.latest else None
             return {"series_id": view.start.series_id if view else None,
+                    "object_shape": list(view.geometry.object_shape) if view else None,
+                    "n_slices": (len(view.slices) or 1) if view else None,
+                    "coverage": view.coverage if view else None,
                     "tiles": self._tile_list(view) if view else []}
 
     def preview_png(self) -> bytes | None:
         with self._lock:
             view = self.views.get(self.latest) if self.latest else None
             image = view.mosaic.image if view is not None and view.mosaic is not None else None
+        return None if image is None else to_png(image)
+
+    def slice_png(self, index: int) -> bytes | None:
+        """Slice ``index``'s phase mosaic of the latest series; None if it has no such slice (yet)."""
+        with self._lock:
+            view = self.views.get(self.latest) if self.latest else None
+            image = view.slices[index].image if view is not None and 0 <= index < len(view.slices) else None
         return None if image is None else to_png(image)

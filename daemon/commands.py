@@ -18,7 +18,7 @@ EXIT_USAGE = 2
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     handler = {"simulate": simulate, "reconstruct": reconstruct, "plan": plan, "bench": bench, "serve": serve,
-               "demo": demo}[args.command]
+               "demo": demo, "replay": replay}[args.command]
     return handler(args, argv)
 
 
@@ -173,3 +173,9 @@ def demo(args: argparse.Namespace, argv: list[str]) -> int:
     return run_demo(DemoOptions(ranks=args.ranks, out=args.out, rate_hz=args.rate, scan_shape=tuple(args.scan),
                                 dose_e_per_A2=args.dose, final_iterations=args.final_iterations,
                                 http_port=args.http_port, keep_running=args.keep_running))
+
+
+def replay(args: argparse.Namespace, argv: list[str]) -> int:
+    from ptylive.tools.replay import run as run_replay
+
+    return run_replay(args)

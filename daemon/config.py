@@ -108,6 +108,33 @@ class IngestConfig(_Section):
     on_new_start: Literal["queue", "finish_now"] = "queue"
     max_queued_series: int = _option(4, ge=0)
     history: int = _option(16, ge=1)
+    format: Literal["ptylive", "dectris_v1", "dectris_v2"] = "ptylive"  # DECTRIS: geometry and optics from [scan]
+    channel: str = ""  # DECTRIS stream v2: the channel (threshold) to reconstruct; "" = the first
+    record_to: str = ""  # write everything received to this recording (ZeroMQ dump format); "" = none
+
+
+@dataclass(frozen=True)
+class ScanConfig(_Section):
+    """``[scan]``: the raster and optics of series from detectors that send only an image number (DECTRIS).
+
+    Images are mapped to positions by :class:`ptylive.streaming.scan_geometry.ScanGeometry`: ``snake``
+    lines alternate direction, ``flyback_frames`` extra images per line (at its ``flyback_at``) are skipped.
+    ``rows = cols = 0`` (the default) means unset, which only ``[ingest] format = "ptylive"`` allows.
+    """
+
+    SECTION: ClassVar[str] = "scan"
+    rows: int = _option(0, ge=0)
+    cols: int = _option(0, ge=0)
+    step_row_A: float = _option(1.0, gt=0)
+    step_col_A: float = _option(1.0, gt=0)
+    rotation_deg: float = 0.0
+    snake: bool = False
+    flyback_frames: int = _option(0, ge=0)
+    flyback_at: Literal["end", "start"] = "end"
+    energy_eV: float = _option(300e3, gt=0)
+    convergence_semiangle_mrad: float = _option(20.0, gt=0)
+    defocus_A: float = 0.0
+    detector_pixel_mrad: float = _option(1.0, gt=0)
 
 
 @dataclass(frozen=True)
@@ -195,6 +222,13 @@ class DaemonConfig:
     http: HttpConfig = field(default_factory=HttpConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
+    scan: ScanConfig = field(default_factory=ScanConfig)
+
+    def __post_init__(self) -> None:
+        if self.ingest.format != "ptylive" and min(self.scan.rows, self.scan.cols) < 1:
+            raise ConfigError(f"'ingest.format' = {self.ingest.format!r} needs the scan raster: set 'scan.rows' and "
+                              f"'scan.cols' (got {self.scan.rows} × {self.scan.cols}); DECTRIS streams carry only "
+                              f"an image number")
 
 
 #: Section name -> its dataclass, in file order.

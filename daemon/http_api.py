@@ -4,43 +4,55 @@ A :class:`StatusServer` runs a stdlib ``ThreadingHTTPServer`` in a daemon thread
 It knows nothing of the daemon: every answer comes from the callables in
 :class:`Providers`, which must be thread-safe (each request runs on its own thread).
 
-==========  ================  ===================================================
-method      path              answer
-==========  ================  ===================================================
-GET         ``/``             self-contained live viewer page (text/html)
-GET         ``/status``       ``Providers.status()`` as JSON
-GET         ``/tiles``        ``Providers.tiles()`` as JSON
-GET         ``/preview.png``  ``Providers.preview_png()``; 404 while it is None
-GET         ``/metrics``      ``Providers.metrics()`` body and type; 404 if unset
-POST        ``/control``      ``{"action": "finalize"|"abort", "series_id": str}``
-==========  ================  ===================================================
+==========  =====================  ==============================================
+method      path                   answer
+==========  =====================  ==============================================
+GET         ``/``, ``/viewer.js``,  the live viewer page and its script and style
+            ``/viewer.css``        (:mod:`ptylive.daemon.viewer_page`)
+GET         ``/status``            ``Providers.status()`` as JSON
+GET         ``/tiles``             ``Providers.tiles()`` as JSON
+GET         ``/preview.png``       ``Providers.preview_png()``; 404 while it is None;
+                                   ``?slice=k``: ``Providers.slice_png(k)``
+GET         ``/events``            server-sent events from ``Providers.events``
+GET         ``/files/<name>.h5``   a final file of ``Providers.output_folder``
+GET         ``/metrics``           ``Providers.metrics()`` body and type; 404 if unset
+POST        ``/control``           ``{"action": "finalize"|"abort", "series_id": str}``
+==========  =====================  ==============================================
 
 Errors are JSON ``{"error": "..."}``: 400 bad request, 403 control disabled,
-404 unknown path, 405 wrong method, 409 control refused, 500 provider raised.
+404 unknown path, 405 wrong method, 409 control refused, 500 provider raised,
+503 too many event streams.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import TracebackType
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
-from ptylive.daemon.viewer_page import VIEWER_HTML
+from ptylive.daemon.events import EventHub, json_ready
+from ptylive.daemon.final_writer import served_file
+from ptylive.daemon.http_requests import (
+    CONTROL_DISABLED,
+    MAX_CONTROL_BODY_BYTES,
+    BadRequest,
+    parse_control,
+    parse_preview_query,
+)
+from ptylive.daemon.http_streams import OpenConnections, send_event_stream, send_file
+from ptylive.daemon.viewer_page import viewer_asset
 
 logger = logging.getLogger(__name__)
 
-MAX_CONTROL_BODY_BYTES = 4096
-CONTROL_ACTIONS = ("finalize", "abort")
-CONTROL_DISABLED = "control endpoint disabled; set http.control = true"
 JSON_TYPE = "application/json"
 SHUTDOWN_POLL_S = 0.05  # how often serve_forever checks for close(); the default 0.5 s slows shutdown
 
@@ -52,16 +64,23 @@ class Providers:
     Attributes
     ----------
     status : () -> dict
-        JSON for ``/status``. The viewer page reads ``series_id``, ``frames_received``,
-        ``frames_expected`` and ``iteration`` when present.
+        JSON for ``/status``. The viewer reads ``series_id``, ``iteration``, ``finished``, ``workers_up``,
+        ``heartbeat_age_s``, ``worker_errors``, ``coverage`` and ``ingest.registry`` when present.
     tiles : () -> dict
-        JSON for ``/tiles``. The viewer page draws ``tiles`` (a list of flat objects) as a table.
+        JSON for ``/tiles``. The viewer draws ``tiles`` (flat objects with ``tile`` = [row0, row1, col0, col1])
+        over the mosaic, placed by ``object_shape``; it reads ``n_slices`` and ``coverage`` too.
     preview_png : () -> bytes or None
         PNG of the mosaic, or None before the first preview (answered 404).
     control : (action, series_id) -> (accepted, message), optional
         Called for ``POST /control``; None disables the endpoint (403).
     metrics : () -> (body, content_type), optional
         Body for ``/metrics`` (e.g. Prometheus exposition); None answers 404.
+    events : EventHub, optional
+        Source of ``/events`` (server-sent events); None answers 404.
+    slice_png : (k) -> bytes or None, optional
+        PNG of slice ``k``'s mosaic for ``/preview.png?slice=k``; None (or an answer of None) is 404.
+    output_folder : Path, optional
+        Where ``/files/<name>.h5`` reads final files; None answers 404.
     """
 
     status: Callable[[], dict[str, Any]]
@@ -69,50 +88,9 @@ class Providers:
     preview_png: Callable[[], bytes | None]
     control: Callable[[str, str | None], tuple[bool, str]] | None = None
     metrics: Callable[[], tuple[bytes, str]] | None = None
-
-
-class BadRequest(ValueError):
-    """A request the client must fix (answered 400 with the message)."""
-
-
-def _json_ready(value: Any) -> Any:
-    """Return ``value`` with numpy scalars/arrays as lists and non-finite floats as None (valid JSON)."""
-    if isinstance(value, dict):
-        return {str(key): _json_ready(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_ready(item) for item in value]
-    if hasattr(value, "tolist") and not isinstance(value, str | bytes):
-        return _json_ready(value.tolist())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def parse_control(body: bytes) -> tuple[str, str | None]:
-    """Return ``(action, series_id)`` from a ``/control`` body.
-
-    Raises
-    ------
-    BadRequest
-        If the body is not a JSON object with a known ``action``, an optional string
-        ``series_id`` and no other keys.
-    """
-    try:
-        request = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise BadRequest(f"body is not valid JSON: {error}") from None
-    if not isinstance(request, dict):
-        raise BadRequest(f"body must be a JSON object, got {type(request).__name__}")
-    unknown = sorted(set(request) - {"action", "series_id"})
-    if unknown:
-        raise BadRequest(f"unknown keys {unknown}; expected 'action' and optional 'series_id'")
-    action = request.get("action")
-    if action not in CONTROL_ACTIONS:
-        raise BadRequest(f"unknown action {action!r}; expected one of {list(CONTROL_ACTIONS)}")
-    series_id = request.get("series_id")
-    if series_id is not None and not isinstance(series_id, str):
-        raise BadRequest(f"series_id must be a string or null, got {series_id!r}")
-    return action, series_id
+    events: EventHub | None = None
+    slice_png: Callable[[int], bytes | None] | None = None
+    output_folder: Path | None = None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -146,18 +124,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _get(self, path: str) -> None:
         providers = self.server.providers
-        if path == "/":
-            self._send(HTTPStatus.OK, VIEWER_HTML.encode("utf-8"), "text/html; charset=utf-8")
+        asset = viewer_asset(path)
+        if asset is not None:
+            self._send(HTTPStatus.OK, *asset)
         elif path == "/status":
             self._send_json(HTTPStatus.OK, providers.status())
         elif path == "/tiles":
             self._send_json(HTTPStatus.OK, providers.tiles())
         elif path == "/preview.png":
-            png = providers.preview_png()
-            if png is None:
-                self._send_json(HTTPStatus.NOT_FOUND, {"error": "no preview yet"})
-            else:
-                self._send(HTTPStatus.OK, png, "image/png")
+            self._send_preview(parse_preview_query(urlsplit(self.path).query))
+        elif path == "/events" and providers.events is not None:
+            send_event_stream(self, providers.events, self.server.closing)
+        elif path.startswith("/files/") and providers.output_folder is not None:
+            self._send_file(providers.output_folder, unquote(path[len("/files/"):]))
         elif path == "/metrics" and providers.metrics is not None:
             body, content_type = providers.metrics()
             self._send(HTTPStatus.OK, body, content_type)
@@ -166,9 +145,32 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send_json(HTTPStatus.NOT_FOUND, {"error": f"no such path {path!r}"})
 
+    def _send_preview(self, slice_index: int | None) -> None:
+        """The projected phase (``slice_index`` None) or one slice's phase."""
+        slice_png = self.server.providers.slice_png
+        if slice_index is None:
+            png, missing = self.server.providers.preview_png(), "no preview yet"
+        else:
+            png, missing = (slice_png(slice_index) if slice_png else None), f"no preview of slice {slice_index}"
+        if png is None:
+            self._send_json(HTTPStatus.NOT_FOUND, {"error": missing})
+        else:
+            self._send(HTTPStatus.OK, png, "image/png")
+
+    def _send_file(self, folder: Path, name: str) -> None:
+        try:
+            path = served_file(folder, name)
+        except ValueError as error:
+            raise BadRequest(str(error)) from None
+        except FileNotFoundError as error:
+            self._send_json(HTTPStatus.NOT_FOUND, {"error": str(error)})
+            return
+        send_file(self, path, "application/x-hdf5")
+
     def _post(self, path: str) -> None:
         if path != "/control":
-            known = path in ("/", "/status", "/tiles", "/preview.png", "/metrics")
+            known = viewer_asset(path) is not None or path in ("/status", "/tiles", "/preview.png", "/metrics",
+                                                                "/events")
             status = HTTPStatus.METHOD_NOT_ALLOWED if known else HTTPStatus.NOT_FOUND
             self.close_connection = True  # the body is left unread
             self._send_json(status, {"error": f"POST not supported for {path!r}"})
@@ -196,7 +198,7 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(length)
 
     def _send_json(self, status: HTTPStatus, payload: Any, allow: str | None = None) -> None:
-        body = json.dumps(_json_ready(payload), allow_nan=False).encode("utf-8")
+        body = json.dumps(json_ready(payload), allow_nan=False).encode("utf-8")
         self._send(status, body, JSON_TYPE, allow=allow)
 
     def _send(self, status: HTTPStatus, body: bytes, content_type: str, allow: str | None = None) -> None:
@@ -213,15 +215,29 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _Server(ThreadingHTTPServer):
-    """``ThreadingHTTPServer`` carrying the providers its handlers read."""
+    """``ThreadingHTTPServer`` carrying the providers its handlers read, and its open connections.
+
+    Handler threads are daemon threads that ``server_close`` does not wait for, so ``connections.end_all()``
+    ends them: a browser's kept-alive connection or event stream would otherwise outlive the server.
+    """
 
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], providers: Providers) -> None:
         self.providers = providers
+        self.closing = threading.Event()  # ends the event streams
+        self.connections = OpenConnections()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        self.connections.discard(request)
+        super().shutdown_request(request)
 
 
 class StatusServer:
@@ -276,10 +292,12 @@ class StatusServer:
             if self._closed:
                 return
             self._closed = True
+            self._server.closing.set()
             if self._thread is not None:
                 self._server.shutdown()
                 self._thread.join()
             self._server.server_close()
+            self._server.connections.end_all()
         logger.debug("operator HTTP server on port %d closed", self.port)
 
     def __enter__(self) -> StatusServer:

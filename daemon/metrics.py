@@ -108,6 +108,8 @@ class SnapshotCollector(Collector):
                                     "Largest staleness of applied neighbour updates, recent.", ["rank"]),
             "loss_per_frame": _gauge("ptylive_loss_per_frame", "Loss per frame of the latest iteration.", ["rank"]),
         }
+        dropped = _counter("ptylive_worker_rejected_frames", "Frames a worker could not use, by reason.",
+                           ["rank", "reason"])
         memory = _gauge("ptylive_memory_bytes", "Memory per rank.", ["rank", "kind"])
         memory.add_metric(["0", "host"], host_memory_bytes())  # rank 0 itself: ingest, collector, HTTP
         for worker, report in sorted(status.get("worker_reports", {}).items(), key=lambda item: int(item[0])):
@@ -117,9 +119,11 @@ class SnapshotCollector(Collector):
             for key, gauge in gauges.items():
                 if report.get(key) is not None:
                     gauge.add_metric([rank], report[key])
+            for reason, count in report.get("frames_rejected", {}).items():
+                dropped.add_metric([rank, reason], count)
             memory.add_metric([rank, "host"], report.get("memory_host_bytes", 0))
             memory.add_metric([rank, "gpu"], report.get("memory_gpu_bytes", 0))
-        yield from (*families.values(), *gauges.values(), memory)
+        yield from (*families.values(), *gauges.values(), dropped, memory)
 
 
 class DaemonMetrics:

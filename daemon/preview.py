@@ -83,30 +83,53 @@ def block_mean(image: npt.ArrayLike, factor: int) -> npt.NDArray[np.float32]:
     Parameters
     ----------
     image : (h, w) real
-        Image to downsample (host array).
+        Image to downsample; numpy or CuPy (the array module follows the input).
     factor : int
         Block side, ``>= 1``. ``1`` returns a float32 copy.
 
     Returns
     -------
     (ceil(h / factor), ceil(w / factor)) float32
-        Block means, accumulated in float64.
+        Block means, accumulated in float64, in the input's array module.
     """
     if factor < 1:
         raise ValueError(f"factor must be >= 1, got {factor}")
-    pixels = np.asarray(image)
+    xp = get_array_module(image)
+    pixels = xp.asarray(image)
     if pixels.ndim != 2:
         raise ValueError(f"image must have shape (h, w), got {pixels.shape}")
     if factor == 1:
         return pixels.astype(np.float32, copy=True)
     rows, cols = pixels.shape
     coarse_rows, coarse_cols = -(-rows // factor), -(-cols // factor)
-    padded = np.zeros((coarse_rows * factor, coarse_cols * factor), np.float64)
+    padded = xp.zeros((coarse_rows * factor, coarse_cols * factor), np.float64)
     padded[:rows, :cols] = pixels
     sums = padded.reshape(coarse_rows, factor, coarse_cols, factor).sum(axis=(1, 3))
     row_counts = np.minimum(rows - np.arange(coarse_rows) * factor, factor)
     col_counts = np.minimum(cols - np.arange(coarse_cols) * factor, factor)
-    return (sums / np.outer(row_counts, col_counts)).astype(np.float32)
+    return (sums / xp.asarray(np.outer(row_counts, col_counts))).astype(np.float32)
+
+
+def slice_phases(volume: npt.ArrayLike, factor: int) -> npt.NDArray[np.float32]:
+    """Each slice's phase, block-averaged: the previews behind the viewer's slice selector.
+
+    Parameters
+    ----------
+    volume : (S, h, w) complex
+        Transmission of each slice; numpy or CuPy (averaged on the device, only the result is copied).
+    factor : int
+        Block side, ``>= 1``, as for :func:`block_mean`.
+
+    Returns
+    -------
+    (S, ceil(h / factor), ceil(w / factor)) float32
+        Host array. Its sum over slices is ``block_mean(projected_phase(volume), factor)`` to float32 rounding.
+    """
+    xp = get_array_module(volume)
+    transmission = xp.asarray(volume)
+    if transmission.ndim != 3:
+        raise ValueError(f"volume must have shape (S, h, w), got {transmission.shape}")
+    return np.stack([to_numpy(block_mean(xp.angle(layer), factor)) for layer in transmission])
 
 
 class Mosaic:

@@ -30,9 +30,11 @@ from ptylive.daemon.http_api import Providers, StatusServer
 from ptylive.daemon.memory_plan import rank_memory
 from ptylive.daemon.metrics import DaemonMetrics, PreviewLatency
 from ptylive.daemon.notify import Watchdog, notify, watchdog_period_s
+from ptylive.streaming.decoders import make_decoder
 from ptylive.streaming.inbox import SeriesControl
 from ptylive.streaming.ingest import Ingest, IngestConfig
 from ptylive.streaming.protocol import SeriesStart
+from ptylive.streaming.recording import Recorder
 from ptylive.streaming.router import Router
 from ptylive.streaming.series import RegistryConfig, SeriesRegistry
 
@@ -82,7 +84,9 @@ class Rank0:
         registry = SeriesRegistry(RegistryConfig(c.ingest.on_new_start, c.ingest.history, c.ingest.max_queued_series))
         ingest_config = IngestConfig(c.ingest.endpoint, (INTERNAL_ENDPOINT,) * n, c.ingest.bind,
                                      c.ingest.queue_messages, socket_buffer_bytes=c.ingest.socket_buffer_bytes)
-        self.ingest = Ingest(ingest_config, self.admission.router, registry, context, admit=self.admission)
+        self.ingest = Ingest(ingest_config, self.admission.router, registry, context, admit=self.admission,
+                             decoder=make_decoder(c.ingest.format, c.scan, c.ingest.channel),
+                             recorder=Recorder.open(c.ingest.record_to))
         self.collector = Collector(context, INTERNAL_ENDPOINT, c.preview.endpoint, self.series_info,
                                    Path(c.output.folder), n, c.preview.rate_hz)
         control = self.control if c.http.control else None

@@ -9,8 +9,9 @@ htype      header fields                                                  array 
 hello      worker, pid                                                    —
 heartbeat  worker, series_id (or None), iteration                         —
 preview    series_id, worker, iteration, tile (row0, row1, col0, col1),   projected phase
-           factor, frames_used, frames_expected, loss, loss_per_frame,    (h, w) float32
-           convergence_rate, wait_fraction, staleness_max
+           factor, frames_used, frames_expected, loss, loss_per_frame,    (h, w) float32; with
+           convergence_rate, wait_fraction, staleness_max                 S > 1 slices, each
+                                                                          slice's phase (S, h, w)
 final      series_id, worker, status, tile, iterations, loss_history,     tile volume (S, h, w);
            frames_history, scale, stats, rejected, received, + quality    probe (N, N) or empty
 error      worker, series_id, error                                       —

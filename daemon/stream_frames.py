@@ -19,6 +19,7 @@ from ptylive.daemon.geometry import SeriesGeometry
 from ptylive.gpu.backend import get_array_module
 from ptylive.gpu.loss import measured_target
 from ptylive.gpu.patches import window_starts
+from ptylive.streaming.compression import CompressionError
 from ptylive.streaming.protocol import Frame
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,8 @@ class FrameStore:
     intensity_sum : float
         Sum of the raw intensities of every received frame (for the global ``α``).
     rejected : dict
-        Frames this worker could not use, by reason (``"not_in_group"``, ``"position_outside_tile"``).
+        Frames this worker could not use, by reason (``"not_in_group"``, ``"position_outside_tile"``; for
+        compressed frames, decoded here rather than by the ingest, ``"corrupt_payload"`` and ``"non_finite"``).
     """
 
     geometry: SeriesGeometry
@@ -54,7 +56,8 @@ class FrameStore:
     converted: np.ndarray
     scale: float = float("nan")
     intensity_sum: float = 0.0
-    rejected: dict[str, int] = field(default_factory=lambda: {"not_in_group": 0, "position_outside_tile": 0})
+    rejected: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("not_in_group", "position_outside_tile", "corrupt_payload", "non_finite"), 0))
     _row_of: dict[int, int] = field(default_factory=dict)
 
     @classmethod
@@ -81,13 +84,23 @@ class FrameStore:
             logger.error("worker %d got frame %d of series %r outside its probe group", self.worker,
                          frame.frame_index, self.geometry.series_id)
             return False
-        if frame.position_A is not None and not self._place(row, frame.position_A):
-            return False
         if self.received[row]:  # the ingest drops duplicates; a second copy would double-count the sum
             return False
+        try:
+            pixels = frame.pixels  # a compressed frame is decoded here, on the worker
+        except CompressionError as exc:
+            self.rejected["corrupt_payload"] += 1
+            logger.error("worker %d: frame %d of series %r does not decode: %s", self.worker, frame.frame_index,
+                         self.geometry.series_id, exc)
+            return False
+        if frame.encoding != "raw" and pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
+            self.rejected["non_finite"] += 1  # the ingest checks raw frames only
+            return False
+        if frame.position_A is not None and not self._place(row, frame.position_A):
+            return False
         xp = get_array_module(self.targets)
-        self.targets[row] = xp.asarray(frame.pixels, dtype=self.targets.dtype)
-        self.intensity_sum += float(np.sum(frame.pixels, dtype=np.float64))
+        self.targets[row] = xp.asarray(pixels, dtype=self.targets.dtype)
+        self.intensity_sum += float(np.sum(pixels, dtype=np.float64))
         self.received[row] = True
         self.converted[row] = False
         return True

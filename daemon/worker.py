@@ -23,7 +23,7 @@ from ptylive.daemon.config import ReconstructionConfig, apply_overrides
 from ptylive.daemon.consensus import Consensus
 from ptylive.daemon.engine import EngineOptions, TileState
 from ptylive.daemon.geometry import series_geometry
-from ptylive.daemon.preview import block_mean, downsample_factor, projected_phase
+from ptylive.daemon.preview import downsample_factor, slice_phases
 from ptylive.daemon.stream_engine import N_SUM, SeriesFlags, StreamRun, probe_power, refine
 from ptylive.daemon.stream_frames import FrameStore
 from ptylive.daemon.worker_stats import WorkerStats
@@ -226,11 +226,13 @@ class Worker:
             return
         # Twice the publication rate, so every mosaic rank 0 publishes holds tiles at most half a period old.
         self._preview_due = now + 0.5 / self.settings.preview_rate_hz
-        image = block_mean(projected_phase(self._tile_volume(run)), factor)
+        slices = slice_phases(self._tile_volume(run), factor)  # the angle of every slice is needed either way
+        per_slice = (slices,) if len(slices) > 1 else ()
         t = run.state.domain.tile
         self._send("preview", {"series_id": run.store.geometry.series_id, "worker": self.settings.worker,
                                "iteration": run.iterations, "tile": [t.row0, t.row1, t.col0, t.col1],
-                               "factor": factor, "sent_s": time.time(), **self._quality(run, consensus)}, image)
+                               "factor": factor, "sent_s": time.time(), **self._quality(run, consensus)},
+                   slices.sum(axis=0, dtype=np.float32), *per_slice)
 
     def _send_final(self, run: StreamRun, consensus: Consensus) -> None:
         t = run.state.domain.tile

@@ -40,6 +40,7 @@ class WorkerStats:
     backend: str = "numpy"
     finished: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
         ("iterations", "exchange_bytes", "exchange_wait_s", "consensus_wait_s", "busy_s", "series"), 0.0))
+    rejected: dict[str, int] = field(default_factory=dict)  # frames dropped on this worker, finished series
     _reported_iterations: int = 0
 
     @staticmethod
@@ -60,7 +61,10 @@ class WorkerStats:
         per_frame = (run.loss_history[-1] / max(run.frames_history[-1], 1)
                      if run is not None and run.loss_history else None)
         busy = totals["busy_s"]
-        return {"totals": totals, "iteration_s": new, "loss_per_frame": per_frame,
+        rejected = dict(self.rejected)
+        for reason, count in (run.store.rejected.items() if run is not None else ()):
+            rejected[reason] = rejected.get(reason, 0) + count
+        return {"totals": totals, "iteration_s": new, "loss_per_frame": per_frame, "frames_rejected": rejected,
                 "staleness_max": max(staleness, default=0),
                 "wait_fraction": (totals["exchange_wait_s"] + totals["consensus_wait_s"]) / busy if busy else 0.0,
                 "memory_host_bytes": host_memory_bytes(), "memory_gpu_bytes": gpu_memory_bytes(self.backend)}
@@ -70,4 +74,6 @@ class WorkerStats:
         for key, value in self._of(run, consensus).items():
             self.finished[key] += value
         self.finished["series"] += 1
+        for reason, count in run.store.rejected.items():
+            self.rejected[reason] = self.rejected.get(reason, 0) + count
         self._reported_iterations = 0

@@ -1,7 +1,9 @@
 """The worker side of the ingest: a PULL socket connected to one of the ingest's worker endpoints.
 
-Besides ptylive stream v1 messages (forwarded unchanged by the ingest), the ingest sends one internal
-message of its own, :class:`SeriesControl` (``htype = "series_control"``): finalize or abort a series,
+Messages are ptylive stream v1: forwarded unchanged by the ingest, or converted by its decoder from a
+detector's own format (``streaming/decoders.py``). Compressed frames stay compressed until ``Frame.pixels`` is
+first read, which is the worker's job (``FrameStore.add``), not the ingest's. Besides those, the ingest sends
+one internal message of its own, :class:`SeriesControl` (``htype = "series_control"``): finalize or abort a series,
 or shut down. It travels on the same socket as the frames, so a worker sees it after every frame the
 ingest forwarded before it. Detectors cannot send it: the ingest's decoder rejects the htype.
 """

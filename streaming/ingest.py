@@ -1,5 +1,9 @@
 """The ingest: receive ptylive stream v1 from a detector, validate and count, forward each frame to its worker.
 
+What the detector speaks is a pluggable :class:`~ptylive.streaming.decoders.StreamDecoder` (ptylive stream v1 by
+default, DECTRIS SIMPLON stream v1 or v2); an optional :class:`~ptylive.streaming.recording.Recorder` keeps
+everything received. Compressed frames are checked and forwarded compressed: workers decode them.
+
 One PULL faces the detector; one PUSH per worker (the ingest binds, workers connect). Frames are forwarded as
 the very ``zmq.Frame`` objects received (no re-encoding, no copy); starts and ends go to every worker. A full
 worker queue is never resolved by dropping: the ingest waits for room (``blocked_s``, stop flag honoured) and
@@ -22,8 +26,10 @@ from typing import Any
 import numpy as np
 import zmq
 
+from ptylive.streaming.decoders import PtyliveDecoder, StreamDecoder
 from ptylive.streaming.inbox import SeriesControl, encode_control
-from ptylive.streaming.protocol import Frame, ProtocolError, SeriesStart, decode
+from ptylive.streaming.protocol import Frame, Message, ProtocolError, SeriesStart
+from ptylive.streaming.recording import Recorder
 from ptylive.streaming.router import Router
 from ptylive.streaming.series import SeriesRegistry
 
@@ -85,8 +91,11 @@ class Ingest:
 
     def __init__(self, config: IngestConfig, router_factory: Callable[[SeriesStart], Router],
                  registry: SeriesRegistry | None = None, context: zmq.Context | None = None,
-                 admit: Callable[[SeriesStart], str | None] | None = None) -> None:
+                 admit: Callable[[SeriesStart], str | None] | None = None, decoder: StreamDecoder | None = None,
+                 recorder: Recorder | None = None) -> None:
         self.config, self.router_factory, self.admit = config, router_factory, admit
+        self.decoder = decoder if decoder is not None else PtyliveDecoder()
+        self.recorder = recorder
         self._commands: queue.SimpleQueue[tuple[SeriesControl, Future[tuple[bool, str]]]] = queue.SimpleQueue()
         self.registry = registry if registry is not None else SeriesRegistry()
         n = len(config.worker_endpoints)
@@ -143,14 +152,20 @@ class Ingest:
                 if stop.is_set():
                     break
 
-    def _handle(self, parts: list[zmq.Frame], stop: threading.Event) -> None:
-        try:
-            message = decode(parts)
-        except ProtocolError as exc:
-            with self._lock:
-                self.registry.record_protocol_error(exc.reason)
-            return
+    def _handle(self, received: list[zmq.Frame], stop: threading.Event) -> None:
+        """Record (everything, malformed traffic included), decode, then count and forward what came out."""
+        if self.recorder is not None:
+            self.recorder.write(received)
+        for outcome in self.decoder.feed(received):
+            if isinstance(outcome, ProtocolError):
+                with self._lock:
+                    self.registry.record_protocol_error(outcome.reason)
+            else:
+                self._dispatch(outcome[0], outcome[1], stop)
+
+    def _dispatch(self, message: Message, parts: list[Any], stop: threading.Event) -> None:
         if isinstance(message, Frame):
+            message = message.header_view()  # a compressed frame is checked, never decoded, on rank 0
             with self._lock:
                 worker = self._route(message)
             if worker is not None and self._send(worker, parts, stop):
@@ -317,6 +332,8 @@ class Ingest:
                 logger.error("ingest thread error not collected by join(): %r", self._error)
         if not self._closed:
             self._closed = True
+            if self.recorder is not None:
+                self.recorder.close()
             for socket in [*self._pushes, self._pull]:
                 socket.close()
             if self._own_context:
@@ -334,4 +351,5 @@ class Ingest:
                     "control_forwarded": self.control_forwarded[w]} for w, e in enumerate(self._worker_endpoints)]
         return {"endpoint": self._endpoint, "messages_received": self.messages_received, "registry": registry,
                 "router": router, "workers": workers, "routing_errors": self.routing_errors,
-                "unsent_on_stop": self.unsent_on_stop}
+                "unsent_on_stop": self.unsent_on_stop, "decoder": self.decoder.snapshot(),
+                "recording": None if self.recorder is None else self.recorder.snapshot()}

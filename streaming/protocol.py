@@ -15,10 +15,13 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import msgpack
 import numpy as np
+
+from ptylive.streaming.compression import ENCODINGS, CompressionError, check_framing, compress, decompress
 
 logger = logging.getLogger(__name__)
 
@@ -29,11 +32,15 @@ MAX_FRAME_BYTES = 64 * 1024 * 1024
 MAX_DETECTOR_PX = 4096
 MAX_SCAN_POSITIONS = 16 * 1024 * 1024
 DTYPES = ("uint8", "uint16", "uint32", "int32", "float32", "float64")
-ENCODINGS = ("raw",)  # bslz4 and lz4 arrive with the DECTRIS adapters (decoded on workers)
-REJECT_REASONS = (
+V1_REJECT_REASONS = (
     "parts", "header_too_large", "not_msgpack", "not_a_map", "unknown_htype", "missing_field",
-    "bad_field", "version", "unsupported_encoding", "payload_size", "too_large",
+    "bad_field", "version", "unsupported_encoding", "payload_size", "too_large", "corrupt_payload",
 )
+# Only the DECTRIS SIMPLON adapters (docs/dectris.md) give these: a part that is not JSON (stream v1), a message
+# that is not CBOR (stream v2), a v1 message cut short or interleaved (a part missing or out of order). They also
+# use the reasons above (unknown_htype, bad_field, payload_size, corrupt_payload, ...).
+DECTRIS_REJECT_REASONS = ("not_json", "not_cbor", "missing_parts")
+REJECT_REASONS = V1_REJECT_REASONS + DECTRIS_REJECT_REASONS
 
 
 class ProtocolError(ValueError):
@@ -95,12 +102,52 @@ class SeriesStart:
 
 @dataclass(frozen=True)
 class Frame:
-    """One diffraction pattern; ``pixels`` is a read-only view of the received buffer."""
+    """One diffraction pattern.
+
+    A raw frame's ``payload`` is its pixels, a read-only ``shape`` view of the received buffer (``shape`` and
+    ``dtype`` are taken from it). A compressed frame (``encoding`` bslz4, lz4 or lz4_block, see
+    :mod:`ptylive.streaming.compression`) keeps the received bytes and needs ``shape`` and ``dtype``;
+    :attr:`pixels` decodes it on first use, which only workers do: the ingest looks at :meth:`header_view`.
+    """
 
     series_id: str
     frame_index: int
-    pixels: np.ndarray
+    payload: Any
     position_A: tuple[float, float] | None = None
+    encoding: str = "raw"
+    shape: tuple[int, int] = (0, 0)
+    dtype: str = ""
+
+    def __post_init__(self) -> None:
+        if self.encoding == "raw":
+            object.__setattr__(self, "shape", tuple(self.payload.shape))
+            object.__setattr__(self, "dtype", self.payload.dtype.name)
+        elif self.encoding not in ENCODINGS or len(self.shape) != 2 or self.dtype not in DTYPES:
+            raise ValueError(f"compressed frame needs an encoding in {ENCODINGS}, a 2-D shape and a dtype in "
+                             f"{DTYPES}; got {self.encoding!r}, {self.shape}, {self.dtype!r}")
+
+    @cached_property
+    def pixels(self) -> np.ndarray:
+        """(rows, cols) read-only pixels; decoding a compressed frame raises CompressionError if it is corrupt."""
+        if self.encoding == "raw":
+            return self.payload  # type: ignore[no-any-return]
+        pixels = decompress(self.payload, self.encoding, self.shape, self.dtype)
+        pixels.flags.writeable = False
+        return pixels
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the decoded pixels."""
+        return self.shape[0] * self.shape[1] * np.dtype(self.dtype).itemsize
+
+    def header_view(self) -> Frame:
+        """The frame as the ingest checks it, without decoding: a compressed frame becomes a raw one whose pixels
+        are a zero-strided (rows, cols) array of zeros (right shape, dtype and ``nbytes``, one element of memory).
+        The ingest therefore cannot look for NaN in compressed float frames; workers do (``non_finite``)."""
+        if self.encoding == "raw":
+            return self
+        placeholder = np.broadcast_to(np.zeros((), dtype=np.dtype(self.dtype)), self.shape)
+        return Frame(self.series_id, self.frame_index, placeholder, self.position_A)
 
 
 @dataclass(frozen=True)
@@ -221,10 +268,16 @@ def _decode_frame(header: dict[str, Any], payload: Any) -> Frame:
     except (TypeError, ValueError, NotImplementedError):
         raise ProtocolError("payload_size", f"frame {index}: payload is not a contiguous buffer") from None
     expected = shape[0] * shape[1] * np.dtype(dtype).itemsize
+    position = _pair(header, "position_A", float, positive=False) if "position_A" in header else None
+    if encoding != "raw":
+        try:  # structure only (header, block chain, length): decompression is the workers' job
+            check_framing(buffer, encoding, expected, np.dtype(dtype).itemsize)
+        except CompressionError as exc:
+            raise ProtocolError("corrupt_payload", f"frame {index}: {exc}") from None
+        return Frame(_series_id(header), index, buffer, position, encoding, shape, dtype)
     if buffer.nbytes != expected:
         raise ProtocolError("payload_size", f"frame {index}: {buffer.nbytes} bytes for {shape} {dtype} "
                                             f"(expected {expected})")
-    position = _pair(header, "position_A", float, positive=False) if "position_A" in header else None
     pixels = np.frombuffer(buffer, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
     pixels.flags.writeable = False
     return Frame(_series_id(header), index, pixels, position)
@@ -289,18 +342,27 @@ def encode_series_start(start: SeriesStart) -> list[bytes]:
 
 
 def encode_frame(series_id: str, frame_index: int, pixels: np.ndarray,
-                 position_A: tuple[float, float] | None = None) -> list[Any]:
-    """Encode a frame as ``[msgpack header, pixel buffer]``.
+                 position_A: tuple[float, float] | None = None, encoding: str = "raw") -> list[Any]:
+    """Encode a frame as ``[msgpack header, pixel buffer]`` (compressed first unless ``encoding`` is raw).
 
-    The buffer is not copied when ``pixels`` is already C-contiguous and
+    A raw buffer is not copied when ``pixels`` is already C-contiguous and
     little-endian (the wire byte order); otherwise it is converted first.
     """
     pixels = np.ascontiguousarray(pixels, dtype=pixels.dtype.newbyteorder("<"))
+    payload = pixels.data if encoding == "raw" else compress(pixels, encoding)
+    return encode_payload(series_id, frame_index, payload, (pixels.shape[0], pixels.shape[1]), pixels.dtype.name,
+                          encoding, position_A)
+
+
+def encode_payload(series_id: str, frame_index: int, payload: Any, shape: tuple[int, int], dtype: str,
+                   encoding: str, position_A: tuple[float, float] | None = None) -> list[Any]:
+    """``[msgpack header, payload]`` for a payload already in ``encoding`` (forwarded as it is: no copy, so a
+    detector adapter can pass on the very ``zmq.Frame`` it received)."""
     header: dict[str, Any] = {"htype": "frame", "series_id": series_id, "frame_index": int(frame_index),
-                              "shape": list(pixels.shape), "dtype": pixels.dtype.name, "encoding": "raw"}
+                              "shape": [int(shape[0]), int(shape[1])], "dtype": dtype, "encoding": encoding}
     if position_A is not None:
         header["position_A"] = [float(position_A[0]), float(position_A[1])]
-    return [msgpack.packb(header, use_bin_type=True), pixels.data]
+    return [msgpack.packb(header, use_bin_type=True), payload]
 
 
 def encode_series_end(series_id: str, n_frames: int) -> list[bytes]:

@@ -390,6 +390,7 @@ def main(quick: bool = False) -> int:
         print("Scheduled send time of each frame to the arrival of the first preview whose tile used it; the "
               "reference is the preview interval (2 Hz).\n")
         print("\n".join(latency_lines(frame_to_preview_latency(scan_shape=(16, 16) if quick else (24, 24)))))
+        __import__("ptylive.tools.bench_decode", fromlist=["main"]).main(quick)  # §4: DECTRIS decode on workers
         print(f"\nload average: {os.getloadavg()[0]:.2f}")
     finally:
         sender.close()

@@ -1,9 +1,10 @@
-"""Fixtures of the daemon tests: one ``ptylive serve`` for the whole session, and a scan with counts."""
+"""Fixtures of the daemon tests: one ``ptylive serve`` for the whole session, a scan with counts, a browser."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
@@ -37,3 +38,19 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServeProc
         code = process.stop()
         context.term()
     assert code == 0, process.log_tail()
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    """Headless Debian Chromium through Playwright (installed by apt-get when missing; see browser_harness)."""
+    from tests.daemon.browser_harness import CHROMIUM_FLAGS, find_chromium, unavailable
+
+    executable = find_chromium()
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError as error:
+        unavailable(f"Playwright for Python is not installed ({error}); pip install -e '.[test]'")
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_FLAGS)
+        yield launched
+        launched.close()

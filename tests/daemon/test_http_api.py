@@ -5,79 +5,16 @@ from __future__ import annotations
 import json
 import re
 import socket
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pytest
 
-from ptylive.daemon.http_api import CONTROL_DISABLED, Providers, StatusServer
+from ptylive.daemon.http_api import CONTROL_DISABLED, StatusServer
 from ptylive.daemon.preview import to_png
-
-STATUS = {"series_id": "s-042", "frames_received": 120, "frames_expected": 400, "iteration": 7}
-TILES = {"tiles": [{"rank": 1, "row0": 0, "row1": 32, "col0": 0, "col1": 32, "iteration": 7}]}
-
-
-@dataclass
-class FakeDaemon:
-    """Answers the providers and records what the server asked."""
-
-    png: bytes | None = None
-    accept: bool = True
-    fail_status: bool = False
-    control_calls: list[tuple[str, str | None]] = field(default_factory=list)
-
-    def status(self) -> dict[str, Any]:
-        if self.fail_status:
-            raise RuntimeError("status exploded")
-        return dict(STATUS, loss=float("nan"), mean_phase=np.float32(0.25))
-
-    def tiles(self) -> dict[str, Any]:
-        return TILES
-
-    def preview_png(self) -> bytes | None:
-        return self.png
-
-    def control(self, action: str, series_id: str | None) -> tuple[bool, str]:
-        self.control_calls.append((action, series_id))
-        return self.accept, f"{action} {'queued' if self.accept else 'refused'}"
-
-    def metrics(self) -> tuple[bytes, str]:
-        return b"ptylive_frames_total 120\n", "text/plain; version=0.0.4"
-
-    def providers(self, control: bool = True, metrics: bool = True) -> Providers:
-        return Providers(status=self.status, tiles=self.tiles, preview_png=self.preview_png,
-                         control=self.control if control else None, metrics=self.metrics if metrics else None)
-
-
-@dataclass(frozen=True)
-class Reply:
-    status: int
-    content_type: str
-    cache_control: str | None
-    body: bytes
-
-    def json(self) -> Any:
-        assert self.content_type == "application/json"
-        return json.loads(self.body)
-
-
-def request(url: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> Reply:
-    req = urllib.request.Request(url, data=body, headers=headers or {}, method="GET" if body is None else "POST")
-    try:
-        with urllib.request.urlopen(req, timeout=10) as response:
-            return Reply(response.status, response.headers["Content-Type"], response.headers["Cache-Control"],
-                         response.read())
-    except urllib.error.HTTPError as error:
-        with error:
-            return Reply(error.code, error.headers["Content-Type"], error.headers["Cache-Control"], error.read())
-
-
-def post_json(url: str, payload: Any) -> Reply:
-    return request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
+from ptylive.daemon.viewer_page import ASSETS
+from tests.daemon.http_harness import STATUS, TILES, FakeDaemon, post_json, request
 
 
 @pytest.fixture
@@ -139,13 +76,18 @@ def test_unknown_path_is_json_404(server: StatusServer) -> None:
 
 
 def test_viewer_page_is_self_contained(server: StatusServer) -> None:
-    reply = request(server.url)
-    assert reply.status == 200 and reply.content_type.startswith("text/html")
-    page = reply.body.decode()
-    assert re.search(r"https?://", page) is None  # no external resources, no absolute URLs at all
-    for path in ("/preview.png", "/tiles", "/status"):
-        assert path in page
-    assert "<script" in page and "<style" in page
+    bodies = {}
+    for path, (_, content_type) in ASSETS.items():
+        reply = request(server.url + path.lstrip("/"))
+        assert reply.status == 200 and reply.content_type == content_type and reply.cache_control == "no-store"
+        bodies[path] = reply.body.decode()
+        assert re.search(r"(https?|wss?):|//[a-z]", bodies[path]) is None  # nothing absolute, nothing elsewhere
+    page = bodies["/"]
+    assert '<link rel="stylesheet" href="/viewer.css">' in page and 'src="/viewer.js"' in page
+    assert 'from "/draw.js"' in bodies["/viewer.js"]
+    for path in ("/events", "/preview.png", "/tiles", "/status"):
+        assert f'"{path}' in bodies["/viewer.js"]
+    assert "innerHTML" not in bodies["/viewer.js"] + bodies["/draw.js"]  # values are written as text
 
 
 @pytest.mark.parametrize("payload, expected", [({"action": "finalize", "series_id": "s-042"}, ("finalize", "s-042")),

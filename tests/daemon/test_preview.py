@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ptylive.daemon.preview import Mosaic, block_mean, downsample_factor, projected_phase, to_png
+from ptylive.daemon.preview import Mosaic, block_mean, downsample_factor, projected_phase, slice_phases, to_png
 
 
 def decode(png: bytes) -> Image.Image:
@@ -49,6 +49,20 @@ def test_projected_phase_sums_slice_phases(dtype: type) -> None:
 def test_projected_phase_rejects_2d() -> None:
     with pytest.raises(ValueError, match=r"\(S, h, w\)"):
         projected_phase(np.ones((4, 4), np.complex64))
+
+
+@pytest.mark.parametrize("factor", [1, 2, 3])
+def test_slice_phases_are_each_slice_block_averaged_and_sum_to_the_projection(factor: int) -> None:
+    rng = np.random.default_rng(5)
+    phases = rng.uniform(-1.0, 1.0, size=(3, 7, 8))
+    volume = (0.9 * np.exp(1j * phases)).astype(np.complex64)
+    slices = slice_phases(volume, factor)
+    assert slices.shape == (3, -(-7 // factor), -(-8 // factor)) and slices.dtype == np.float32
+    for layer, phase in zip(slices, phases, strict=True):
+        np.testing.assert_allclose(layer, block_mean(phase, factor), atol=1e-6)
+    np.testing.assert_allclose(slices.sum(axis=0), block_mean(projected_phase(volume), factor), atol=1e-5)
+    with pytest.raises(ValueError, match=r"\(S, h, w\)"):
+        slice_phases(volume[0], factor)
 
 
 def test_block_mean_averages_only_real_pixels_of_edge_blocks() -> None:

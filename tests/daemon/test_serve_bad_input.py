@@ -53,7 +53,7 @@ def bad_messages(n_frames: int) -> st.SearchStrategy[tuple[list[bytes], str]]:
     nan_frame[3, 5] = np.nan
     return st.one_of(
         st.binary(max_size=40).map(lambda b: ([b"\xc1" + b], "not_msgpack")),
-        st.one_of(st.integers(), st.text(max_size=8), st.lists(st.booleans(), max_size=3)).map(
+        st.one_of(st.integers(-(2**63), 2**64 - 1), st.text(max_size=8), st.lists(st.booleans(), max_size=3)).map(
             lambda v: ([msgpack.packb(v)], "not_a_map")),
         st.text(max_size=12).filter(lambda t: t not in ("frame", "series_start", "series_end")).map(
             lambda t: ([msgpack.packb({"htype": t})], "unknown_htype")),

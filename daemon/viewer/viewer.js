@@ -1,0 +1,181 @@
+// ptylive live viewer: the page's state and every request it makes (drawing is in draw.js).
+//
+// Server-sent events from /events drive the page: each "preview" event brings the series' counts and
+// per-tile quality, and the mosaic is fetched once per event (at most the daemon's preview rate; one
+// image in flight, later events coalesce). /status and /tiles are read again on every (re)connect and
+// after a "resync", so a restarted daemon or dropped events cost nothing. Only the daemon is asked.
+import {$, clearCoverage, drawCoverage, render, renderProgress, setConnection, setSlices, showMosaic,
+        showNoPreview} from "/draw.js";
+
+const RECONNECT_MS = 2000;     // when the browser gave up on the stream (an HTTP error, not a network one)
+const STATUS_EVERY_MS = 2000;  // /status (coverage map, ingest counters) at most this often while previews arrive
+const STATUS_IDLE_MS = 10000;  // and this often without previews (worker heartbeats, a refused series)
+const RATE_WINDOW_S = 10;      // frame rate over the previews of the last seconds
+const NO_PREVIEW = "no preview yet: start a scan, the mosaic appears with its first tiles";
+
+const state = {
+  seriesId: null, objectShape: null, framesReceived: null, framesExpected: null, iteration: null, tiles: [],
+  ended: false, version: 0, record: null, samples: [], lastPreviewMs: null, coverageShown: false,
+  finished: [], workersUp: [], heartbeatAge: {}, workerErrors: [],
+};
+const preview = {loading: false, pending: null};
+let source = null;
+let statusDue = 0;
+let statusInFlight = false;
+
+async function getJson(path) {
+  const response = await fetch(path, {cache: "no-store"});
+  if (!response.ok) { throw new Error(path + ": HTTP " + response.status); }
+  return response.json();
+}
+
+// ---- the event stream ------------------------------------------------------------------------------
+function connect() {
+  if (source) { source.close(); }
+  source = new EventSource("/events");
+  source.onopen = () => { setConnection("live"); refreshAll(); };
+  source.onerror = () => {
+    setConnection("reconnecting");
+    if (source.readyState === EventSource.CLOSED) { setTimeout(connect, RECONNECT_MS); }
+  };
+  source.addEventListener("series_start", (event) => onSeriesStart(JSON.parse(event.data)));
+  source.addEventListener("preview", (event) => onPreview(JSON.parse(event.data)));
+  source.addEventListener("series_end", (event) => onSeriesEnd(JSON.parse(event.data)));
+  source.addEventListener("resync", () => refreshAll());
+}
+
+function newSeries(seriesId) {
+  Object.assign(state, {seriesId, objectShape: null, framesReceived: null, framesExpected: null, iteration: null,
+                        tiles: [], ended: false, version: 0, record: null, samples: [], lastPreviewMs: null,
+                        coverageShown: false});
+  setSlices(1);
+  clearCoverage(seriesId ? "no coverage map yet" : "no series running");
+}
+
+function onSeriesStart(data) {
+  newSeries(data.series_id);
+  Object.assign(state, {framesExpected: data.frames_expected, objectShape: data.object_shape});
+  showNoPreview("series " + data.series_id + " started: the mosaic appears with its first tiles");
+  render(state);
+}
+
+function onPreview(data) {
+  if (data.series_id !== state.seriesId) { newSeries(data.series_id); }
+  Object.assign(state, {framesReceived: data.frames_received, framesExpected: data.frames_expected,
+                        iteration: data.iteration, tiles: data.tiles || [], objectShape: data.object_shape,
+                        version: data.version, lastPreviewMs: Date.now()});
+  setSlices(data.n_slices || 1);
+  state.samples.push([data.published_s, data.frames_received]);
+  while (state.samples.length > 2 && data.published_s - state.samples[0][0] > RATE_WINDOW_S) { state.samples.shift(); }
+  render(state);
+  requestPreview();
+  if (Date.now() >= statusDue) { refreshStatus(); }
+}
+
+function onSeriesEnd(data) {
+  state.finished = [data, ...state.finished.filter((f) => f.series_id !== data.series_id)];
+  if (data.series_id === state.seriesId) {
+    state.ended = true;
+    showCoverage(data.coverage);
+  }
+  render(state);
+  refreshStatus();
+  refreshTiles();
+}
+
+// ---- reads on (re)connect ----------------------------------------------------------------------------
+async function refreshAll() {  // in order: /status says which series /tiles must belong to
+  await refreshStatus();
+  await refreshTiles();
+  requestPreview();
+}
+
+async function refreshStatus() {
+  if (statusInFlight) { return; }
+  statusInFlight = true;
+  statusDue = Date.now() + STATUS_EVERY_MS;
+  try {
+    applyStatus(await getJson("/status"));
+  } catch (error) {
+    // the connection badge already says the daemon is away; keep what is shown
+  } finally {
+    statusInFlight = false;
+  }
+}
+
+function applyStatus(s) {
+  if (s.series_id && s.series_id !== state.seriesId) { newSeries(s.series_id); }
+  if (!s.series_id && state.seriesId) {  // a restarted daemon remembers no series
+    newSeries(null);
+    showNoPreview(NO_PREVIEW);
+  }
+  const registry = (s.ingest && s.ingest.registry) || {};
+  const records = [registry.current, ...(registry.queued || []), ...(registry.finished || []).slice().reverse()];
+  state.record = records.find((r) => r && r.series_id === state.seriesId) || null;
+  if (state.record) { Object.assign(state, {framesReceived: state.record.received, framesExpected: state.record.n_expected}); }
+  state.iteration = s.iteration ?? state.iteration;
+  state.finished = (s.finished || []).slice().reverse();
+  state.ended = state.ended || state.finished.some((f) => f.series_id === state.seriesId);
+  Object.assign(state, {workersUp: s.workers_up || [], heartbeatAge: s.heartbeat_age_s || {},
+                        workerErrors: s.worker_errors || []});
+  if (!showCoverage(s.coverage) && state.seriesId && !state.coverageShown) { clearCoverage("no coverage map yet"); }
+  render(state);
+}
+
+function showCoverage(coverage) {  // /status' map while the series runs; the final one from series_end or /tiles
+  if (!coverage || coverage.series_id !== state.seriesId) { return false; }
+  drawCoverage(coverage, state.ended);
+  state.coverageShown = true;
+  return true;
+}
+
+async function refreshTiles() {
+  try {
+    const data = await getJson("/tiles");
+    if (data.series_id && data.series_id === state.seriesId) {
+      Object.assign(state, {tiles: data.tiles || [], objectShape: data.object_shape || state.objectShape});
+      setSlices(data.n_slices || 1);
+      showCoverage(data.coverage);  // the final map, once the series is finished
+      render(state);
+    }
+  } catch (error) {
+    // as above
+  }
+}
+
+// ---- the mosaic ------------------------------------------------------------------------------------
+function requestPreview() {
+  preview.pending = "/preview.png?slice=" + encodeURIComponent($("slice").value) + "&v=" +
+    encodeURIComponent((state.seriesId || "none") + "." + state.version);
+  if (!preview.loading) { loadPreview(); }
+}
+
+function loadPreview() {
+  const url = preview.pending;
+  preview.pending = null;
+  if (url === null) { return; }
+  preview.loading = true;
+  const next = new Image();
+  next.onload = () => {  // swapped in once decoded: no flicker, and no second request
+    Object.assign(next, {id: "mosaic", alt: "phase mosaic of " + state.seriesId});
+    next.dataset.src = url;
+    showMosaic(next);
+    preview.loading = false;
+    loadPreview();
+  };
+  next.onerror = () => {  // 404 before the first preview (or of a slice not there yet): keep what is shown
+    if (!state.version) { showNoPreview(NO_PREVIEW); }
+    preview.loading = false;
+    loadPreview();
+  };
+  next.src = url;
+}
+
+$("slice").addEventListener("change", requestPreview);
+$("show-overlay").addEventListener("change", () => $("overlay").classList.toggle("off", !$("show-overlay").checked));
+setInterval(() => {
+  renderProgress(state);  // the "last preview … ago" clock
+  const open = source && source.readyState === EventSource.OPEN;
+  if (open && Date.now() >= statusDue - STATUS_EVERY_MS + STATUS_IDLE_MS) { refreshStatus(); }
+}, 1000);
+connect();

@@ -1,0 +1,276 @@
+"""DECTRIS SIMPLON stream v1 (JSON parts plus binary blobs) → ptylive messages, as a state machine over parts.
+
+A detector sends each of these as one multipart message; a recording in the ZeroMQ dump format replays
+every part as a message of its own, so the decoder follows the parts and uses message boundaries only to
+place an appendix (see ``docs/dectris.md``)::
+
+    dheader-1.0 {series, header_detail}  [config JSON]  [dflatfield-1.0, blob, dpixelmask-1.0, blob,
+                                                          dcountrate_table-1.0, blob]          [appendix]
+                 "none": nothing more     "basic" ──┘    "all" ──────────────────────────────┘
+    dimage-1.0 {series, frame}   dimage_d-1.0 {shape [x, y], type, encoding, size}   blob   dconfig-1.0  [appendix]
+    dseries_end-1.0 {series}
+
+A start part (``dheader``, ``dimage``, ``dseries_end``) always begins a new message; one that arrives while
+another is incomplete counts that one as ``missing_parts``. After an error the decoder skips to the next start
+part, so one broken message is counted once. The ptylive ``series_start`` is sent with the first image, when
+the frame shape and dtype are known (the scan and optics come from the daemon's config, the frame index from
+:class:`~ptylive.streaming.scan_geometry.ScanGeometry`); blobs are forwarded as received, never decoded here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ptylive.streaming.compression import compress
+from ptylive.streaming.decoders import Decoded
+from ptylive.streaming.protocol import (
+    DTYPES,
+    MAX_HEADER_BYTES,
+    MAX_START_BYTES,
+    ProtocolError,
+    SeriesEnd,
+    decode,
+    encode_payload,
+    encode_series_end,
+    encode_series_start,
+)
+from ptylive.streaming.scan_geometry import SKIP, SeriesTemplate
+
+logger = logging.getLogger(__name__)
+
+STARTS = ("dheader-1.0", "dimage-1.0", "dseries_end-1.0")
+HEADER_EXTRAS = ("dflatfield-1.0", "dpixelmask-1.0", "dcountrate_table-1.0")
+V1_ENCODINGS = {"<": "raw", "lz4<": "lz4_block", "bs8-lz4<": "bslz4", "bs16-lz4<": "bslz4", "bs32-lz4<": "bslz4"}
+CONFIG = "config"  # a JSON map without htype (the detector configuration)
+BLOB = "blob"
+
+
+class ImageSeries:
+    """One detector series as ptylive messages: the start goes out with the first image; images become frames."""
+
+    def __init__(self, template: SeriesTemplate, series_id: str, counts: Counter[str]) -> None:
+        self.template, self.series_id, self.counts = template, series_id, counts
+        self.started, self.distinct = False, set[int]()
+
+    def image(self, image_number: int, payload: Any, shape: tuple[int, int], dtype: str,
+              encoding: str) -> list[Decoded | ProtocolError]:
+        index = self.template.scan.position_index(image_number)
+        if index == SKIP:
+            self.counts["flyback_skipped"] += 1
+            return []
+        parts = encode_payload(self.series_id, index, payload, shape, dtype, encoding)
+        try:
+            frame = decode(parts)  # the checks workers will make: sizes, compressed framing
+        except ProtocolError as exc:
+            return [exc]
+        out: list[Decoded | ProtocolError] = []
+        if not self.started:
+            start = self.template.start(self.series_id, shape, dtype)
+            out.append((start, encode_series_start(start)))
+            self.started = True
+        if index < self.template.scan.n_positions:
+            self.distinct.add(index)
+        out.append((frame, parts))
+        return out
+
+    def end(self) -> list[Decoded | ProtocolError]:
+        if not self.started:
+            logger.warning("series %r ended without images; nothing to reconstruct", self.series_id)
+            return []
+        end = SeriesEnd(self.series_id, len(self.distinct))
+        return [(end, encode_series_end(self.series_id, len(self.distinct)))]
+
+
+def _json(part: Any, limit: int = MAX_HEADER_BYTES) -> Any:
+    """The JSON value of a part; ProtocolError ``not_json`` (or ``header_too_large``)."""
+    view = memoryview(part).cast("B")
+    if view.nbytes > limit:
+        raise ProtocolError("header_too_large", f"JSON part of {view.nbytes} bytes > {limit}")
+    try:
+        return json.loads(view.tobytes())
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolError("not_json", f"part of {view.nbytes} bytes is not JSON") from None
+
+
+def _start_header(part: Any) -> dict[str, Any] | None:
+    """The JSON map of a part that opens a message (htype in ``STARTS``), else None; cheap for blobs."""
+    view = memoryview(part).cast("B")
+    if view.nbytes > MAX_HEADER_BYTES or view.nbytes < 2 or view[0] != ord("{"):
+        return None
+    try:
+        value = json.loads(view.tobytes())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) and value.get("htype") in STARTS else None
+
+
+def _int(header: dict[str, Any], name: str, minimum: int = 0) -> int:
+    value = header.get(name)
+    if name not in header:
+        raise ProtocolError("missing_field", f"{header.get('htype')!r} lacks {name!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ProtocolError("bad_field", f"{name!r} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+@dataclass
+class _Pending:
+    """A DECTRIS message being assembled: what it still expects, what it holds, whether it came split."""
+
+    expected: list[str]
+    parts: list[Any] = field(default_factory=list)
+
+
+class DectrisV1Decoder:
+    """Stateful decoder of DECTRIS SIMPLON stream v1; see the module docstring."""
+
+    def __init__(self, template: SeriesTemplate) -> None:
+        self.template = template
+        self.series: ImageSeries | None = None
+        self.counts: Counter[str] = Counter()
+        self._pending: _Pending | None = None
+        self._skipping = False  # after an error: until the next start part
+        self._appendix_allowed = False
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"format": "dectris_v1", "series_id": self.series.series_id if self.series else None, **self.counts}
+
+    def feed(self, parts: list[Any]) -> list[Decoded | ProtocolError]:
+        out: list[Decoded | ProtocolError] = []
+        for position, part in enumerate(parts):
+            try:
+                out += self._part(part, first=position == 0, single=len(parts) == 1)
+            except ProtocolError as exc:
+                self._pending, self._skipping, self._appendix_allowed = None, True, False
+                out.append(exc)
+        return out
+
+    def _part(self, part: Any, first: bool, single: bool) -> list[Decoded | ProtocolError]:
+        header = _start_header(part)
+        if header is not None:
+            out: list[Decoded | ProtocolError] = []
+            if self._pending is not None:
+                out.append(ProtocolError("missing_parts", f"a {header['htype']!r} arrived before the message was "
+                                                          f"complete (still expected {self._pending.expected})"))
+            self._pending, self._skipping, self._appendix_allowed = None, False, False
+            self._pending = _Pending(self._expected(header["htype"], header), [header])
+            return out + self._maybe_complete()
+        if self._skipping:
+            return []
+        if self._pending is None:
+            appendix = self._appendix_allowed and (not first or single)
+            self._appendix_allowed = False
+            try:
+                value = _json(part)
+            except ProtocolError:
+                if appendix:  # user data after a complete message (any bytes)
+                    self.counts["appendices"] += 1
+                    return []
+                raise
+            if appendix and not (isinstance(value, dict) and "htype" in value):
+                self.counts["appendices"] += 1
+                return []
+            raise ProtocolError("unknown_htype", f"htype {value.get('htype') if isinstance(value, dict) else None!r}")
+        kind = self._pending.expected[0]
+        if kind == BLOB:
+            self._pending.parts.append(part)
+        else:
+            value = _json(part, MAX_START_BYTES if kind == CONFIG else MAX_HEADER_BYTES)
+            if not isinstance(value, dict) or (kind != CONFIG and value.get("htype") != kind):
+                got = value.get("htype") if isinstance(value, dict) else type(value).__name__
+                raise ProtocolError("missing_parts", f"expected {kind!r}, got {got!r}")
+            self._pending.parts.append(value)
+        self._pending.expected.pop(0)
+        return self._maybe_complete()
+
+    @staticmethod
+    def _expected(htype: str, header: dict[str, Any]) -> list[str]:
+        if htype == "dimage-1.0":
+            return ["dimage_d-1.0", BLOB, "dconfig-1.0"]
+        if htype == "dseries_end-1.0":
+            return []
+        detail = header.get("header_detail", "basic")
+        if detail not in ("none", "basic", "all"):
+            raise ProtocolError("bad_field", f"header_detail must be none, basic or all, got {detail!r}")
+        extras = [kind for extra in HEADER_EXTRAS for kind in (extra, BLOB)] if detail == "all" else []
+        return ([] if detail == "none" else [CONFIG]) + extras
+
+    def _maybe_complete(self) -> list[Decoded | ProtocolError]:
+        pending = self._pending
+        if pending is None or pending.expected:
+            return []
+        self._pending, self._appendix_allowed = None, True
+        header = pending.parts[0]
+        self.counts[header["htype"]] += 1
+        if "series" not in header:
+            raise ProtocolError("missing_field", f"{header['htype']!r} lacks 'series'")
+        series_id = str(header["series"])
+        if header["htype"] == "dheader-1.0":
+            self.series = ImageSeries(self.template, series_id, self.counts)
+            logger.info("DECTRIS series %s (header_detail %s)", series_id, header.get("header_detail", "basic"))
+            return []
+        if header["htype"] == "dseries_end-1.0":
+            if self.series is None or self.series.series_id != series_id:
+                self.counts["unknown_series_end"] += 1
+                return []
+            series, self.series = self.series, None
+            return series.end()
+        return self._image(series_id, header, pending.parts[1], pending.parts[2])
+
+    def _image(self, series_id: str, header: dict[str, Any], data: dict[str, Any],
+               blob: Any) -> list[Decoded | ProtocolError]:
+        image = _int(header, "frame")
+        shape = data.get("shape")
+        if (not isinstance(shape, list) or len(shape) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
+            raise ProtocolError("bad_field", f"dimage_d shape must be [x, y] positive integers, got {shape!r}")
+        dtype, encoding = data.get("type"), data.get("encoding")
+        if dtype not in DTYPES:
+            raise ProtocolError("bad_field", f"dimage_d type {dtype!r} not in {DTYPES}")
+        if encoding not in V1_ENCODINGS:
+            raise ProtocolError("unsupported_encoding", f"encoding {encoding!r}; supported {tuple(V1_ENCODINGS)}")
+        if encoding.startswith("bs") and int(encoding[2:].split("-")[0]) != 8 * np.dtype(dtype).itemsize:
+            raise ProtocolError("bad_field", f"encoding {encoding!r} does not fit type {dtype!r}")
+        size = data.get("size")
+        if size is not None and size != memoryview(blob).nbytes:
+            raise ProtocolError("payload_size", f"dimage_d size {size!r}, blob of {memoryview(blob).nbytes} bytes")
+        if self.series is None or self.series.series_id != series_id:
+            self.series = ImageSeries(self.template, series_id, self.counts)  # no header seen: the series starts here
+        return self.series.image(image, blob, (shape[1], shape[0]), str(dtype), V1_ENCODINGS[encoding])
+
+
+# ------------------------------------------------------------------------------------------ writing (tests, tools)
+
+
+def header_message(series: int | str, header_detail: str = "basic",
+                   config: dict[str, Any] | None = None) -> list[bytes]:
+    """A ``dheader-1.0`` message (``"all"`` adds empty flatfield, pixel mask and count-rate parts)."""
+    parts = [json.dumps({"htype": "dheader-1.0", "series": series, "header_detail": header_detail}).encode()]
+    if header_detail != "none":
+        parts.append(json.dumps(config or {}).encode())
+    if header_detail == "all":
+        for extra in HEADER_EXTRAS:
+            parts += [json.dumps({"htype": extra, "shape": [1, 1], "type": "float32"}).encode(), bytes(4)]
+    return parts
+
+
+def image_message(series: int | str, image: int, pixels: np.ndarray, encoding: str = "bslz4") -> list[bytes]:
+    """A ``dimage-1.0`` message of ``pixels`` (rows, cols) as ``bslz4`` (``bsN-lz4<``), ``lz4_block`` or raw."""
+    pixels = np.ascontiguousarray(pixels, dtype=pixels.dtype.newbyteorder("<"))
+    name = {"raw": "<", "lz4_block": "lz4<", "bslz4": f"bs{8 * pixels.itemsize}-lz4<"}[encoding]
+    blob = pixels.tobytes() if encoding == "raw" else compress(pixels, encoding)
+    data = {"htype": "dimage_d-1.0", "shape": [pixels.shape[1], pixels.shape[0]], "type": pixels.dtype.name,
+            "encoding": name, "size": len(blob)}
+    timing = {"htype": "dconfig-1.0", "start_time": image, "stop_time": image + 1, "real_time": 1}
+    return [json.dumps({"htype": "dimage-1.0", "series": series, "frame": image, "hash": ""}).encode(),
+            json.dumps(data).encode(), blob, json.dumps(timing).encode()]
+
+
+def end_message(series: int | str) -> list[bytes]:
+    return [json.dumps({"htype": "dseries_end-1.0", "series": series}).encode()]

@@ -1,0 +1,107 @@
+"""The viewer page in headless Chromium while the real daemon (``ptylive serve``, 2 workers) reconstructs a
+streamed series that loses a burst of frames: the mosaic changes as frames arrive, the overlay shows the
+counts ``/tiles`` reports, the lost region is flagged, the final file is linked, nothing leaves loopback."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from ptylive.daemon.serve_process import ServeProcess
+from ptylive.streaming.fake_detector import FakeDetector, FakeDetectorOptions, ScanSource, StreamStats
+from tests.daemon.browser_harness import PageLog, overlay_counts, pixel_checksum, save_screenshot
+from tests.daemon.serve_harness import PreviewListener, get_json, wait_for
+
+pytestmark = [pytest.mark.mpi, pytest.mark.browser]
+
+TIMEOUT_MS = 20_000
+RATE_HZ = 80.0  # 320 frames in 4 s: several previews (2 Hz) while frames arrive
+LOST = tuple(range(100, 112))  # a burst the detector never sends
+
+
+def stream(process: ServeProcess, source: ScanSource, **options: Any) -> StreamStats:
+    with zmq.Context() as context, FakeDetector(source, FakeDetectorOptions(**options), process.endpoints["ingest"],
+                                                 bind=False, context=context) as detector:
+        detector.start()
+        return detector.join(120.0)
+
+
+def watch_mosaic(view: Any, until: Any) -> list[tuple[str, int]]:
+    """Distinct (image URL, pixel checksum) pairs the page shows until ``until()`` is true."""
+    seen: list[tuple[str, int]] = []
+    while not until():
+        shown = pixel_checksum(view)
+        if shown is not None and shown not in seen:
+            seen.append(shown)
+        time.sleep(0.1)
+    return seen
+
+
+def test_viewer_follows_a_streamed_series_that_loses_frames(
+        daemon: tuple[ServeProcess, PreviewListener], dosed_scan: Path, browser: Any, tmp_path: Path,
+        pytestconfig: pytest.Config) -> None:
+    process, listener = daemon
+    url = process.endpoints["http"]
+    series_id = f"viewer-{uuid.uuid4().hex[:8]}"
+    log = PageLog()
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    view = log.attach(context.new_page())
+    began = time.monotonic()
+    view.goto(url)
+    view.wait_for_selector('#connection[data-state="live"]', timeout=TIMEOUT_MS)
+
+    with ThreadPoolExecutor(1) as pool:
+        sending = pool.submit(stream, process, ScanSource.from_file(dosed_scan), series_id=series_id,
+                              rate_hz=RATE_HZ, dtype="uint16", drop_frames=LOST)
+        view.wait_for_selector(f'#mosaic[data-src*="{series_id}."]', timeout=TIMEOUT_MS)
+        while_streaming = watch_mosaic(view, sending.done)
+        save_screenshot(view, tmp_path / "viewer-streaming.png", pytestconfig)
+        stats = sending.result()
+    assert len({checksum for _, checksum in while_streaming}) >= 2, f"the mosaic did not change: {while_streaming}"
+    assert len({src for src, _ in while_streaming}) >= 2
+
+    final = listener.wait_final(series_id)
+    tiles = get_json(url + "tiles")
+    assert tiles["series_id"] == series_id
+    reported = {t["worker"]: (t["frames_received"], t["frames_expected"]) for t in tiles["tiles"]}
+    assert sum(r for r, _ in reported.values()) == stats.frames_sent == 320 - len(LOST)
+    wait_for(lambda: overlay_counts(view) == reported, 10.0, f"the overlay to show /tiles' counts {reported}")
+    lossy = [w for w, (received, expected) in reported.items() if received < expected]
+    for worker in lossy:
+        assert "bad" in view.get_attribute(f'#overlay .tile[data-worker="{worker}"]', "class")
+    view.wait_for_function("document.getElementById('attention').textContent.includes('frames lost')",
+                           timeout=TIMEOUT_MS)
+    view.wait_for_function(f"document.getElementById('progress-text').textContent.includes('{len(LOST)} missing')",
+                           timeout=TIMEOUT_MS)
+    view.wait_for_function(f"document.getElementById('coverage-text').textContent.startsWith("
+                           f"'{320 - len(LOST)} of 320 scan positions received')", timeout=TIMEOUT_MS)
+
+    link = view.wait_for_selector(f'#finished a:text-is("{series_id}")', timeout=TIMEOUT_MS).get_attribute("href")
+    assert link == "/files/" + Path(final["path"]).name
+    with urllib.request.urlopen(url.rstrip("/") + link, timeout=10) as response:
+        assert response.read(8) == b"\x89HDF\r\n\x1a\n"
+
+    options = view.eval_on_selector_all("#slice option", "options => options.map(o => o.value)")
+    assert options == ["projected", "0", "1", "2"]  # the daemon runs 3 slices
+    view.select_option("#slice", "1")
+    view.wait_for_selector('#mosaic[data-src*="slice=1&"]', timeout=TIMEOUT_MS)
+    view.select_option("#slice", "projected")
+    view.wait_for_selector('#mosaic[data-src*="slice=projected&"]', timeout=TIMEOUT_MS)
+    path = save_screenshot(view, tmp_path / "viewer.png", pytestconfig)
+    seconds = time.monotonic() - began
+    context.close()
+
+    assert log.errors == []
+    assert log.off_loopback() == [], "the page asked for something outside loopback"
+    previews = len(listener.log.previews(series_id))
+    fetched = sum("/preview.png" in u and f"v={series_id}." in u for u in log.requests)
+    assert fetched <= previews + 4, f"{fetched} mosaic downloads for {previews} previews: polling?"
+    assert path.stat().st_size > 10_000
+    print(f"viewer test: {seconds:.1f} s in the browser, {previews} previews, {fetched} mosaic downloads")

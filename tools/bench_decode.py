@@ -1,0 +1,77 @@
+"""Decode cost of DECTRIS-compressed frames on a worker, against raw frames (``ptylive bench ingest``, §4).
+
+Per frame, what a worker does with a message from the ingest: ``protocol.decode`` of the forwarded parts
+(for compressed frames: the framing check), decompression (none for raw), and the copy into its float32 row
+(``FrameStore.add``). Rank 0's share is the framing check alone (:func:`check_framing`), listed separately.
+Frames are electron-counting-like: a bright disk (mean 40 counts) on a sparse background (0.05), uint16 and
+uint32, which is what bitshuffle-LZ4 compresses well. Medians of repeated timings, one process, one core.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from ptylive.streaming.compression import check_framing
+from ptylive.streaming.protocol import Frame, decode, encode_frame
+
+ENCODINGS = ("raw", "bslz4", "lz4", "lz4_block")
+FULL_CASES = [(96, "uint16"), (192, "uint16"), (256, "uint32"), (512, "uint16")]
+QUICK_CASES = [(96, "uint16"), (192, "uint16")]
+
+
+def diffraction_like(side: int, dtype: str, seed: int = 0) -> np.ndarray:
+    """(side, side) counts: Poisson disk of radius side/6 (mean 40) on a 0.05 background."""
+    rows, cols = np.indices((side, side)) - side / 2
+    mean = np.where(rows**2 + cols**2 < (side / 6) ** 2, 40.0, 0.05)
+    return np.random.default_rng(seed).poisson(mean).astype(dtype)
+
+
+def _median_us(run: Callable[[], object], repeats: int) -> float:
+    samples = []
+    for _ in range(5):
+        began = time.perf_counter()
+        for _ in range(repeats):
+            run()
+        samples.append((time.perf_counter() - began) / repeats * 1e6)
+    return statistics.median(samples)
+
+
+def _worker_step(parts: list[bytes], target: np.ndarray) -> Callable[[], None]:
+    def step() -> None:
+        frame = decode(parts)
+        assert isinstance(frame, Frame)
+        target[...] = frame.pixels
+
+    return step
+
+
+def _rank0_step(payload: bytes, encoding: str, pixels: np.ndarray) -> Callable[[], None]:
+    return lambda: check_framing(payload, encoding, pixels.nbytes, pixels.itemsize)
+
+
+def decode_table(quick: bool = False) -> list[str]:
+    """Markdown rows: per case and encoding, bytes on the wire, worker µs per frame, ratio to raw, rank 0 µs."""
+    lines = ["| frame | encoding | wire bytes | compression | worker µs/frame | vs raw | rank 0 check µs |",
+             "|---|---|---|---|---|---|---|"]
+    for side, dtype in QUICK_CASES if quick else FULL_CASES:
+        pixels = diffraction_like(side, dtype)
+        repeats = max(20, 2_000_000 // pixels.nbytes)
+        raw_us = 0.0
+        for encoding in ENCODINGS:
+            parts = [bytes(part) for part in encode_frame("bench", 0, pixels, encoding=encoding)]
+            us = _median_us(_worker_step(parts, np.empty(pixels.shape, np.float32)), repeats)
+            raw_us = us if encoding == "raw" else raw_us
+            check = "–" if encoding == "raw" else f"{_median_us(_rank0_step(parts[1], encoding, pixels), repeats):.1f}"
+            lines.append(f"| {side}² {dtype} | {encoding} | {len(parts[1]):,} | {pixels.nbytes / len(parts[1]):.1f}× "
+                         f"| {us:.1f} | {us / raw_us:.1f}× | {check} |")
+    return lines
+
+
+def main(quick: bool = False) -> None:
+    print("\n## 4. Decoding DECTRIS-compressed frames on a worker, vs raw\n")
+    print(__doc__.split("\n\n", 1)[1].replace("\n", " ").strip() + "\n")
+    print("\n".join(decode_table(quick)))
