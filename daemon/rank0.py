@@ -128,8 +128,10 @@ class Rank0:
                 "series_id": current["series_id"] if current else collected["series_id"]}
 
     def coverage(self) -> dict[str, Any] | None:
-        """The current series' coverage map: one string of 0/1 per scan row (frame ``k`` at row ``k // cols``)."""
-        state = self.ingest.registry.current
+        """Coverage map of the current series (between series: the last one that ran), one string of 0/1 per
+        scan row (frame ``k`` at row ``k // cols``)."""
+        registry = self.ingest.registry
+        state = registry.current or next((s for s in reversed(registry.finished) if not s.refusal), None)
         if state is None:
             return None
         covered = state.coverage.copy()
