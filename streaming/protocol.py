@@ -32,6 +32,7 @@ MAX_FRAME_BYTES = 64 * 1024 * 1024
 MAX_DETECTOR_PX = 4096
 MAX_SCAN_POSITIONS = 16 * 1024 * 1024
 DTYPES = ("uint8", "uint16", "uint32", "int32", "float32", "float64")
+_LITTLE_ENDIAN = {name: np.dtype(name).newbyteorder("<") for name in DTYPES}  # frames are little-endian
 V1_REJECT_REASONS = (
     "parts", "header_too_large", "not_msgpack", "not_a_map", "unknown_htype", "missing_field",
     "bad_field", "version", "unsupported_encoding", "payload_size", "too_large", "corrupt_payload",
@@ -120,8 +121,9 @@ class Frame:
 
     def __post_init__(self) -> None:
         if self.encoding == "raw":
-            object.__setattr__(self, "shape", tuple(self.payload.shape))
-            object.__setattr__(self, "dtype", self.payload.dtype.name)
+            if not self.dtype:  # the decoder passes both (numpy's dtype.name costs ~10 µs per frame)
+                object.__setattr__(self, "shape", tuple(self.payload.shape))
+                object.__setattr__(self, "dtype", self.payload.dtype.name)
         elif self.encoding not in ENCODINGS or len(self.shape) != 2 or self.dtype not in DTYPES:
             raise ValueError(f"compressed frame needs an encoding in {ENCODINGS}, a 2-D shape and a dtype in "
                              f"{DTYPES}; got {self.encoding!r}, {self.shape}, {self.dtype!r}")
@@ -255,11 +257,27 @@ def _decode_start(header: dict[str, Any]) -> SeriesStart:
     )
 
 
+def _common_frame_fields(header: dict[str, Any]) -> tuple[str, int, tuple[int, int], str] | None:
+    """Series id, index, shape and dtype when all are plainly valid (the usual case, a few µs); else None and
+    the caller runs the full checks, which name the reason."""
+    series_id, index, shape, dtype = (header.get(k) for k in ("series_id", "frame_index", "shape", "dtype"))
+    if (type(series_id) is str and type(index) is int and index >= 0 and dtype in _LITTLE_ENDIAN
+            and type(shape) is list and len(shape) == 2 and type(shape[0]) is int and type(shape[1]) is int
+            and 0 < shape[0] <= MAX_DETECTOR_PX and 0 < shape[1] <= MAX_DETECTOR_PX):
+        return series_id, index, (shape[0], shape[1]), dtype
+    return None
+
+
 def _decode_frame(header: dict[str, Any], payload: Any) -> Frame:
-    index = _field(header, "frame_index", int)
-    if index < 0:
-        raise ProtocolError("bad_field", f"'frame_index' must be >= 0, got {index}")
-    shape, dtype = _shape_and_dtype(header, "frame")
+    common = _common_frame_fields(header)
+    if common is None:
+        index = _field(header, "frame_index", int)
+        if index < 0:
+            raise ProtocolError("bad_field", f"'frame_index' must be >= 0, got {index}")
+        shape, dtype = _shape_and_dtype(header, "frame")
+        series_id = _series_id(header)
+    else:
+        series_id, index, shape, dtype = common
     encoding = header.get("encoding", "raw")
     if encoding not in ENCODINGS:
         raise ProtocolError("unsupported_encoding", f"encoding {encoding!r}; supported: {ENCODINGS}")
@@ -267,20 +285,21 @@ def _decode_frame(header: dict[str, Any], payload: Any) -> Frame:
         buffer = memoryview(payload).cast("B")
     except (TypeError, ValueError, NotImplementedError):
         raise ProtocolError("payload_size", f"frame {index}: payload is not a contiguous buffer") from None
-    expected = shape[0] * shape[1] * np.dtype(dtype).itemsize
+    little_endian = _LITTLE_ENDIAN[dtype]
+    expected = shape[0] * shape[1] * little_endian.itemsize
     position = _pair(header, "position_A", float, positive=False) if "position_A" in header else None
     if encoding != "raw":
         try:  # structure only (header, block chain, length): decompression is the workers' job
-            check_framing(buffer, encoding, expected, np.dtype(dtype).itemsize)
+            check_framing(buffer, encoding, expected, little_endian.itemsize)
         except CompressionError as exc:
             raise ProtocolError("corrupt_payload", f"frame {index}: {exc}") from None
-        return Frame(_series_id(header), index, buffer, position, encoding, shape, dtype)
+        return Frame(series_id, index, buffer, position, encoding, shape, dtype)
     if buffer.nbytes != expected:
         raise ProtocolError("payload_size", f"frame {index}: {buffer.nbytes} bytes for {shape} {dtype} "
                                             f"(expected {expected})")
-    pixels = np.frombuffer(buffer, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
+    pixels = np.frombuffer(buffer, dtype=little_endian).reshape(shape)
     pixels.flags.writeable = False
-    return Frame(_series_id(header), index, pixels, position)
+    return Frame(series_id, index, pixels, position, shape=shape, dtype=dtype)
 
 
 def decode(parts: list[Any]) -> Message:
