@@ -87,6 +87,10 @@ class Worker:
         self._running: str | None = None
         self.stats = WorkerStats(settings.backend)
         self._run: tuple[StreamRun, Consensus] | None = None
+        if settings.backend == "numpy":  # compile before saying hello, not inside the first iteration
+            from ptylive.gpu.warmup import compile_kernels
+
+            compile_kernels(self.real_t, self.complex_t)
         self._send("hello", {"worker": settings.worker, "pid": os.getpid()})
 
     def _send(self, htype: str, header: dict[str, Any], *arrays: np.ndarray) -> None:
