@@ -13,7 +13,6 @@ rejections by reason (a low-cardinality metrics label).
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -22,38 +21,33 @@ import msgpack
 import numpy as np
 
 from ptylive.streaming.compression import ENCODINGS, CompressionError, check_framing, compress, decompress
+from ptylive.streaming.header_fields import (
+    DECTRIS_REJECT_REASONS,
+    DTYPES,
+    MAX_DETECTOR_PX,
+    MAX_SCAN_POSITIONS,
+    REJECT_REASONS,
+    V1_REJECT_REASONS,
+    ProtocolError,
+    header_field,
+    number,
+    pair,
+    required_number,
+    series_id_of,
+    shape_and_dtype,
+)
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["DECTRIS_REJECT_REASONS", "DTYPES", "ENCODINGS", "MAX_DETECTOR_PX", "MAX_SCAN_POSITIONS", "REJECT_REASONS",
+           "V1_REJECT_REASONS", "Frame", "Message", "ProtocolError", "SeriesEnd", "SeriesStart", "decode",
+           "encode_frame", "encode_payload", "encode_series_end", "encode_series_start"]
 
 VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024
 MAX_START_BYTES = 32 * 1024 * 1024  # a series_start may carry explicit positions (~18 B each)
 MAX_FRAME_BYTES = 64 * 1024 * 1024
-MAX_DETECTOR_PX = 4096
-MAX_SCAN_POSITIONS = 16 * 1024 * 1024
-DTYPES = ("uint8", "uint16", "uint32", "int32", "float32", "float64")
 _LITTLE_ENDIAN = {name: np.dtype(name).newbyteorder("<") for name in DTYPES}  # frames are little-endian
-V1_REJECT_REASONS = (
-    "parts", "header_too_large", "not_msgpack", "not_a_map", "unknown_htype", "missing_field",
-    "bad_field", "version", "unsupported_encoding", "payload_size", "too_large", "corrupt_payload",
-)
-# Only the DECTRIS SIMPLON adapters (docs/dectris.md) give these: a part that is not JSON (stream v1), a message
-# that is not CBOR (stream v2), a v1 message cut short or interleaved (a part missing or out of order). They also
-# use the reasons above (unknown_htype, bad_field, payload_size, corrupt_payload, ...).
-DECTRIS_REJECT_REASONS = ("not_json", "not_cbor", "missing_parts")
-REJECT_REASONS = V1_REJECT_REASONS + DECTRIS_REJECT_REASONS
-
-
-class ProtocolError(ValueError):
-    """A message that is rejected; ``reason`` is one of :data:`REJECT_REASONS`."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        if reason not in REJECT_REASONS:
-            raise AssertionError(f"unknown reject reason {reason!r}")
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-
-
 @dataclass(frozen=True)
 class SeriesStart:
     """Start of a series: scan geometry, detector and optics.
@@ -161,76 +155,15 @@ class SeriesEnd:
 Message = SeriesStart | Frame | SeriesEnd
 
 
-def _field(header: dict[str, Any], name: str, kind: type | tuple[type, ...], optional: bool = False) -> Any:
-    if name not in header:
-        if optional:
-            return None
-        raise ProtocolError("missing_field", f"{header.get('htype')!r} lacks {name!r}")
-    value = header[name]
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise ProtocolError("bad_field", f"{name!r} must be {kind}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _number(header: dict[str, Any], name: str, positive: bool = False, optional: bool = False) -> float | None:
-    value = _field(header, name, (int, float), optional)
-    if value is None:
-        return None
-    if not math.isfinite(value) or (positive and value <= 0):
-        raise ProtocolError("bad_field", f"{name!r} must be a finite{' positive' if positive else ''} number, "
-                                         f"got {value!r}")
-    return float(value)
-
-
-def _pair(header: dict[str, Any], name: str, kind: type, positive: bool,
-          scalar: bool = False) -> tuple[Any, Any]:
-    value = header.get(name)
-    if scalar and isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = [value, value]  # a scalar step applies to both axes
-    allowed = (int, float) if kind is float else int
-    if (not isinstance(value, list) or len(value) != 2
-            or not all(isinstance(v, allowed) and not isinstance(v, bool) for v in value)):
-        if name not in header:
-            raise ProtocolError("missing_field", f"{header.get('htype')!r} lacks {name!r}")
-        raise ProtocolError("bad_field", f"{name!r} must be two {kind.__name__}s, got {value!r}")
-    if not all(math.isfinite(v) and (v > 0 or not positive) for v in value):
-        raise ProtocolError("bad_field", f"{name!r} must be finite{' and positive' if positive else ''}: {value!r}")
-    return kind(value[0]), kind(value[1])
-
-
-def _required_number(header: dict[str, Any], name: str, positive: bool = False) -> float:
-    value = _number(header, name, positive)
-    if value is None:  # not reached: _number raises for a missing required field
-        raise ProtocolError("missing_field", f"lacks {name!r}")
-    return value
-
-
-def _shape_and_dtype(header: dict[str, Any], what: str) -> tuple[tuple[int, int], str]:
-    """Validated ``shape`` (two positive ints, at most MAX_DETECTOR_PX) and ``dtype`` of a frame or detector."""
-    shape = _pair(header, "shape", int, positive=True)
-    if max(shape) > MAX_DETECTOR_PX:
-        raise ProtocolError("too_large", f"{what} {shape} exceeds {MAX_DETECTOR_PX} px")
-    dtype = _field(header, "dtype", str)
-    if dtype not in DTYPES:
-        raise ProtocolError("bad_field", f"{what} dtype {dtype!r} not in {DTYPES}")
-    return shape, dtype
-
-
-def _series_id(header: dict[str, Any]) -> str:
-    """Series ids may be strings or integers (DECTRIS numbers its series); they compare as strings."""
-    value = _field(header, "series_id", (str, int))
-    return str(value)
-
-
 def _decode_start(header: dict[str, Any]) -> SeriesStart:
     if header.get("version") != VERSION:
         raise ProtocolError("version", f"expected version {VERSION}, got {header.get('version')!r}")
-    scan_shape = _pair(header, "scan_shape", int, positive=True)
+    scan_shape = pair(header, "scan_shape", int, positive=True)
     if scan_shape[0] * scan_shape[1] > MAX_SCAN_POSITIONS:
         raise ProtocolError("too_large", f"scan of {scan_shape} exceeds {MAX_SCAN_POSITIONS} positions")
-    detector = _field(header, "detector", dict)
-    optics = _field(header, "optics", dict)
-    shape, dtype = _shape_and_dtype(detector, "detector")
+    detector = header_field(header, "detector", dict)
+    optics = header_field(header, "optics", dict)
+    shape, dtype = shape_and_dtype(detector, "detector")
     positions = header.get("positions_A")
     if positions is not None:
         if not isinstance(positions, list) or not all(
@@ -243,15 +176,15 @@ def _decode_start(header: dict[str, Any]) -> SeriesStart:
         if len(positions) != scan_shape[0] * scan_shape[1]:
             raise ProtocolError("bad_field", f"{len(positions)} 'positions_A' for a scan of {scan_shape} "
                                              f"({scan_shape[0] * scan_shape[1]} frames)")
-    overrides = _field(header, "reconstruction", dict, optional=True) or {}
+    overrides = header_field(header, "reconstruction", dict, optional=True) or {}
     return SeriesStart(
-        series_id=_series_id(header), scan_shape=scan_shape,
-        scan_step_A=_pair(header, "scan_step_A", float, positive=True, scalar=True), detector_shape=shape, dtype=dtype,
-        energy_eV=_required_number(optics, "energy_eV", positive=True),
-        convergence_semiangle_mrad=_required_number(optics, "convergence_semiangle_mrad", positive=True),
-        defocus_A=_required_number(optics, "defocus_A"),
-        detector_pixel_mrad=_required_number(optics, "detector_pixel_mrad", positive=True),
-        scan_rotation_deg=_number(header, "scan_rotation_deg", optional=True) or 0.0,
+        series_id=series_id_of(header), scan_shape=scan_shape,
+        scan_step_A=pair(header, "scan_step_A", float, positive=True, scalar=True), detector_shape=shape, dtype=dtype,
+        energy_eV=required_number(optics, "energy_eV", positive=True),
+        convergence_semiangle_mrad=required_number(optics, "convergence_semiangle_mrad", positive=True),
+        defocus_A=required_number(optics, "defocus_A"),
+        detector_pixel_mrad=required_number(optics, "detector_pixel_mrad", positive=True),
+        scan_rotation_deg=number(header, "scan_rotation_deg", optional=True) or 0.0,
         positions_A=None if positions is None else tuple((float(r), float(c)) for r, c in positions),
         overrides=dict(overrides),
     )
@@ -264,18 +197,18 @@ def _common_frame_fields(header: dict[str, Any]) -> tuple[str, int, tuple[int, i
     if (type(series_id) is str and type(index) is int and index >= 0 and dtype in _LITTLE_ENDIAN
             and type(shape) is list and len(shape) == 2 and type(shape[0]) is int and type(shape[1]) is int
             and 0 < shape[0] <= MAX_DETECTOR_PX and 0 < shape[1] <= MAX_DETECTOR_PX):
-        return series_id, index, (shape[0], shape[1]), dtype
+        return series_id, index, (shape[0], shape[1]), str(dtype)
     return None
 
 
 def _decode_frame(header: dict[str, Any], payload: Any) -> Frame:
     common = _common_frame_fields(header)
     if common is None:
-        index = _field(header, "frame_index", int)
+        index = header_field(header, "frame_index", int)
         if index < 0:
             raise ProtocolError("bad_field", f"'frame_index' must be >= 0, got {index}")
-        shape, dtype = _shape_and_dtype(header, "frame")
-        series_id = _series_id(header)
+        shape, dtype = shape_and_dtype(header, "frame")
+        series_id = series_id_of(header)
     else:
         series_id, index, shape, dtype = common
     encoding = header.get("encoding", "raw")
@@ -287,7 +220,7 @@ def _decode_frame(header: dict[str, Any], payload: Any) -> Frame:
         raise ProtocolError("payload_size", f"frame {index}: payload is not a contiguous buffer") from None
     little_endian = _LITTLE_ENDIAN[dtype]
     expected = shape[0] * shape[1] * little_endian.itemsize
-    position = _pair(header, "position_A", float, positive=False) if "position_A" in header else None
+    position = pair(header, "position_A", float, positive=False) if "position_A" in header else None
     if encoding != "raw":
         try:  # structure only (header, block chain, length): decompression is the workers' job
             check_framing(buffer, encoding, expected, little_endian.itemsize)
@@ -337,10 +270,10 @@ def decode(parts: list[Any]) -> Message:
             raise ProtocolError("too_large", f"frame payload over {MAX_FRAME_BYTES} bytes")
         return _decode_frame(header, parts[1])
     if htype == "series_end":
-        n_frames = _field(header, "n_frames", int)
+        n_frames = header_field(header, "n_frames", int)
         if n_frames < 0:
             raise ProtocolError("bad_field", f"'n_frames' must be >= 0, got {n_frames}")
-        return SeriesEnd(_series_id(header), n_frames)
+        return SeriesEnd(series_id_of(header), n_frames)
     raise ProtocolError("unknown_htype", f"htype {htype!r}")
 
 
