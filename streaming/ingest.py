@@ -14,7 +14,6 @@ worker indices to ranks and runs :class:`~ptylive.streaming.inbox.WorkerInbox` o
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import threading
 import time
@@ -23,7 +22,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import zmq
 
 from ptylive.streaming.decoders import PtyliveDecoder, StreamDecoder
@@ -32,6 +30,7 @@ from ptylive.streaming.protocol import Frame, Message, ProtocolError, SeriesStar
 from ptylive.streaming.recording import Recorder
 from ptylive.streaming.router import Router
 from ptylive.streaming.series import SeriesRegistry
+from ptylive.streaming.series_book import SeriesBook
 
 logger = logging.getLogger(__name__)
 
@@ -93,17 +92,15 @@ class Ingest:
                  registry: SeriesRegistry | None = None, context: zmq.Context | None = None,
                  admit: Callable[[SeriesStart], str | None] | None = None, decoder: StreamDecoder | None = None,
                  recorder: Recorder | None = None) -> None:
-        self.config, self.router_factory, self.admit = config, router_factory, admit
+        self.config = config
         self.decoder = decoder if decoder is not None else PtyliveDecoder()
         self.recorder = recorder
         self._commands: queue.SimpleQueue[tuple[SeriesControl, Future[tuple[bool, str]]]] = queue.SimpleQueue()
-        self.registry = registry if registry is not None else SeriesRegistry()
         n = len(config.worker_endpoints)
+        self.book = SeriesBook(router_factory, registry if registry is not None else SeriesRegistry(), n, admit)
         self.forwarded, self.control_forwarded, self.blocked_s = [0] * n, [0] * n, [0.0] * n
         self.bytes_forwarded = [0] * n
-        self.routing_errors = self.unsent_on_stop = self.messages_received = 0
-        self._routers: dict[str, tuple[SeriesStart, Router]] = {}
-        self._lock = threading.Lock()  # registry and routers: mutated by run(), read by snapshot()
+        self.unsent_on_stop = self.messages_received = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -132,6 +129,15 @@ class Ingest:
         return self._endpoint
 
     @property
+    def registry(self) -> SeriesRegistry:
+        """Series and frame counters (read them through :meth:`snapshot` from other threads)."""
+        return self.book.registry
+
+    @property
+    def routing_errors(self) -> int:
+        return self.book.routing_errors
+
+    @property
     def worker_endpoints(self) -> tuple[str, ...]:
         """The bound worker endpoints (actual ports), worker ``w`` at index ``w``."""
         return self._worker_endpoints
@@ -158,52 +164,22 @@ class Ingest:
             self.recorder.write(received)
         for outcome in self.decoder.feed(received):
             if isinstance(outcome, ProtocolError):
-                with self._lock:
-                    self.registry.record_protocol_error(outcome.reason)
+                self.book.record_protocol_error(outcome.reason)
             else:
                 self._dispatch(outcome[0], outcome[1], stop)
 
     def _dispatch(self, message: Message, parts: list[Any], stop: threading.Event) -> None:
         if isinstance(message, Frame):
             message = message.header_view()  # a compressed frame is checked, never decoded, on rank 0
-            with self._lock:
-                worker = self._route(message)
+            worker = self.book.route(message)
             if worker is not None and self._send(worker, parts, stop):
                 self.forwarded[worker] += 1
                 self.bytes_forwarded[worker] += message.pixels.nbytes
         elif isinstance(message, SeriesStart):
-            refusal = self._admit(message)
-            with self._lock:
-                if refusal is not None:
-                    self.registry.refuse(message, refusal)
-                    return
-                _, state = self.registry.start(message)
-                if state is not None:
-                    try:
-                        self._routers[message.series_id] = (message, self._build_router(message))
-                    except ValueError as exc:
-                        self.routing_errors += 1
-                        logger.error("no router for series %r; its frames will be dropped: %s",
-                                     message.series_id, exc)
-                self._prune_routers()
-            if state is not None:
+            if self.book.start(message):
                 self._broadcast(parts, stop)
-        else:
-            with self._lock:
-                ended = self.registry.end(message)
-                self._prune_routers()
-            if ended is not None:
-                self._broadcast(parts, stop)
-
-    def _admit(self, start: SeriesStart) -> str | None:
-        """The admission hook's verdict; a hook that raises refuses the series (logged), never the thread."""
-        if self.admit is None:
-            return None
-        try:
-            return self.admit(start)
-        except Exception as exc:
-            logger.exception("admission of series %r failed", start.series_id)
-            return f"admission failed: {exc!r}"
+        elif self.book.end(message):
+            self._broadcast(parts, stop)
 
     def request(self, control: SeriesControl, timeout_s: float = 5.0) -> tuple[bool, str]:
         """Ask the ingest thread to finalize or abort a series (None: the current one) or to shut down.
@@ -228,52 +204,12 @@ class Ingest:
                 self._broadcast(encode_control(control), stop)
                 result.set_result((True, "shutting down"))
                 continue
-            with self._lock:
-                current = self.registry.current
-                series_id = control.series_id or (current.series_id if current is not None else None)
-                state = None if series_id is None else self.registry.end_now(series_id, control.action)
-                self._prune_routers()
-            if state is None:
+            series_id, ended = self.book.end_now(control.series_id, control.action)
+            if not ended:
                 result.set_result((False, f"no live series {series_id!r}" if series_id else "no series is live"))
                 continue
             self._broadcast(encode_control(SeriesControl(control.action, series_id)), stop)
             result.set_result((True, f"series {series_id!r}: {control.action}"))
-
-    def _build_router(self, start: SeriesStart) -> Router:
-        """The series' router, checked against the worker count, with its lookup table built."""
-        router = self.router_factory(start)
-        if router.n_workers != len(self._pushes):
-            raise ValueError(f"router has {router.n_workers} workers, the ingest {len(self._pushes)}")
-        router.route_all(start)  # route() becomes a table lookup
-        return router
-
-    def _prune_routers(self) -> None:
-        """Keep routers of live (current or queued) series only."""
-        live = {s.series_id for s in (self.registry.current, *self.registry.queued) if s is not None}
-        for series_id in set(self._routers) - live:
-            del self._routers[series_id]
-
-    def _route(self, frame: Frame) -> int | None:
-        """Worker for an accepted frame; None for duplicates, rejections and frames that cannot be routed."""
-        entry = self._routers.get(frame.series_id)
-        if entry is not None and frame.position_A is not None and all(map(math.isfinite, frame.position_A)):
-            try:  # a header position must be placeable before the frame counts as received
-                entry[1].owner_of(np.array([frame.position_A], dtype=np.float64))
-            except ValueError as exc:
-                self.registry.reject(frame, "position_outside")
-                logger.warning("frame %d of series %r rejected: %s", frame.frame_index, frame.series_id, exc)
-                return None
-        if not self.registry.accept_frame(frame).accepted:
-            return None
-        if entry is None:
-            self.routing_errors += 1
-            return None
-        try:
-            return entry[1].route(entry[0], frame)
-        except ValueError as exc:
-            self.routing_errors += 1
-            logger.warning("frame %d of series %r not routed: %s", frame.frame_index, frame.series_id, exc)
-            return None
 
     def _broadcast(self, parts: list[Any], stop: threading.Event) -> None:
         for worker in range(len(self._pushes)):
@@ -341,11 +277,7 @@ class Ingest:
 
     def snapshot(self) -> dict[str, Any]:
         """JSON-serialisable counters: the registry, the current series' router, and each worker."""
-        with self._lock:
-            registry = self.registry.snapshot()
-            current = self.registry.current
-            entry = self._routers.get(current.series_id) if current is not None else None
-            router = None if entry is None else {"series_id": entry[0].series_id, **entry[1].snapshot()}
+        registry, router = self.book.snapshot()
         workers = [{"worker": w, "endpoint": e, "forwarded": self.forwarded[w], "blocked_s": self.blocked_s[w],
                     "bytes_forwarded": self.bytes_forwarded[w],
                     "control_forwarded": self.control_forwarded[w]} for w, e in enumerate(self._worker_endpoints)]

@@ -237,7 +237,7 @@ def test_join_reraises_an_error_from_the_thread(make_rig: MakeRig) -> None:
     def broken(start: SeriesStart) -> Router:
         raise RuntimeError("factory on fire")
 
-    rig.ingest.router_factory = broken
+    rig.ingest.book.router_factory = broken
     rig.detector(FakeDetectorOptions(series_id="f"))
     deadline = time.monotonic() + 10
     while rig.ingest._thread is not None and rig.ingest._thread.is_alive():

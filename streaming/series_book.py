@@ -1,0 +1,140 @@
+"""The ingest's bookkeeping, apart from its sockets: admission, the series registry and one router per series.
+
+:class:`~ptylive.streaming.ingest.Ingest` owns the sockets and the thread; it asks a :class:`SeriesBook` what
+to do with each decoded message. Every method takes the book's lock, so HTTP threads can read
+:meth:`SeriesBook.snapshot` while the ingest thread changes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ptylive.streaming.protocol import Frame, SeriesEnd, SeriesStart
+from ptylive.streaming.router import Router
+from ptylive.streaming.series import SeriesRegistry
+
+logger = logging.getLogger(__name__)
+
+
+class SeriesBook:
+    """Admission, counting and routing of series and frames for ``n_workers`` workers.
+
+    Parameters
+    ----------
+    router_factory : callable
+        Builds a series' :class:`Router` from its start; its ``n_workers`` must equal ``n_workers``.
+    registry : SeriesRegistry
+    admit : callable or None
+        ``admit(start)`` → None to accept, or the reason to refuse (see :class:`~ptylive.streaming.ingest.Ingest`).
+
+    Attributes
+    ----------
+    routing_errors : int
+        Accepted frames (or starts) the router could not place (dropped, logged).
+    """
+
+    def __init__(self, router_factory: Callable[[SeriesStart], Router], registry: SeriesRegistry, n_workers: int,
+                 admit: Callable[[SeriesStart], str | None] | None = None) -> None:
+        self.router_factory, self.registry, self.n_workers, self.admit = router_factory, registry, n_workers, admit
+        self.routing_errors = 0
+        self._routers: dict[str, tuple[SeriesStart, Router]] = {}
+        self._lock = threading.Lock()
+
+    def record_protocol_error(self, reason: str) -> None:
+        with self._lock:
+            self.registry.record_protocol_error(reason)
+
+    def start(self, start: SeriesStart) -> bool:
+        """Admit (or refuse) and register a start; True when it must be forwarded to the workers."""
+        refusal = self._admit(start)
+        with self._lock:
+            if refusal is not None:
+                self.registry.refuse(start, refusal)
+                return False
+            _, state = self.registry.start(start)
+            if state is not None:
+                try:
+                    self._routers[start.series_id] = (start, self._build_router(start))
+                except ValueError as exc:
+                    self.routing_errors += 1
+                    logger.error("no router for series %r; its frames will be dropped: %s", start.series_id, exc)
+            self._prune_routers()
+        return state is not None
+
+    def end(self, end: SeriesEnd) -> bool:
+        """Register an end; True when it must be forwarded (the series was live)."""
+        with self._lock:
+            ended = self.registry.end(end)
+            self._prune_routers()
+        return ended is not None
+
+    def end_now(self, series_id: str | None, cause: str) -> tuple[str | None, bool]:
+        """End ``series_id`` (None: the current series) for ``cause``; ``(series id, ended)``."""
+        with self._lock:
+            current = self.registry.current
+            series_id = series_id or (current.series_id if current is not None else None)
+            state = None if series_id is None else self.registry.end_now(series_id, cause)
+            self._prune_routers()
+        return series_id, state is not None
+
+    def route(self, frame: Frame) -> int | None:
+        """Worker for an accepted frame; None for duplicates, rejections and frames that cannot be routed."""
+        with self._lock:
+            entry = self._routers.get(frame.series_id)
+            if entry is not None and frame.position_A is not None and all(map(math.isfinite, frame.position_A)):
+                try:  # a header position must be placeable before the frame counts as received
+                    entry[1].owner_of(np.array([frame.position_A], dtype=np.float64))
+                except ValueError as exc:
+                    self.registry.reject(frame, "position_outside")
+                    logger.warning("frame %d of series %r rejected: %s", frame.frame_index, frame.series_id, exc)
+                    return None
+            if not self.registry.accept_frame(frame).accepted:
+                return None
+            if entry is None:
+                self.routing_errors += 1
+                return None
+            try:
+                return entry[1].route(entry[0], frame)
+            except ValueError as exc:
+                self.routing_errors += 1
+                logger.warning("frame %d of series %r not routed: %s", frame.frame_index, frame.series_id, exc)
+                return None
+
+    def snapshot(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """The registry's counters and the current series' router counters (None without one)."""
+        with self._lock:
+            registry = self.registry.snapshot()
+            current = self.registry.current
+            entry = self._routers.get(current.series_id) if current is not None else None
+            router = None if entry is None else {"series_id": entry[0].series_id, **entry[1].snapshot()}
+        return registry, router
+
+    def _admit(self, start: SeriesStart) -> str | None:
+        """The admission hook's verdict; a hook that raises refuses the series (logged), never the thread."""
+        if self.admit is None:
+            return None
+        try:
+            return self.admit(start)
+        except Exception as exc:
+            logger.exception("admission of series %r failed", start.series_id)
+            return f"admission failed: {exc!r}"
+
+    def _build_router(self, start: SeriesStart) -> Router:
+        """The series' router, checked against the worker count, with its lookup table built."""
+        router = self.router_factory(start)
+        if router.n_workers != self.n_workers:
+            raise ValueError(f"router has {router.n_workers} workers, the ingest {self.n_workers}")
+        router.route_all(start)  # route() becomes a table lookup
+        return router
+
+    def _prune_routers(self) -> None:
+        """Keep routers of live (current or queued) series only."""
+        live = {s.series_id for s in (self.registry.current, *self.registry.queued) if s is not None}
+        for series_id in set(self._routers) - live:
+            del self._routers[series_id]
