@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ptylive.daemon.decomposition import RankDomain, decompose, probe_owner
+from ptylive.gpu.patches import check_windows, window_starts
 from ptylive.gpu.physics import wavelength_A
 from ptylive.streaming.protocol import SeriesStart
 from ptylive.streaming.router import scan_positions_A
@@ -69,20 +70,20 @@ class SeriesGeometry:
 
     def to_px(self, positions_A: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """``(n, 2)`` positions in Å → object pixels (snapped to integers within 1e-9 px)."""
-        px = np.asarray(positions_A, dtype=np.float64).reshape(-1, 2) / self.pixel_size_A + self.offset_px
-        nearest = np.round(px)
-        return np.where(np.abs(px - nearest) < 1e-9, nearest, px)
+        return _snapped(np.asarray(positions_A, dtype=np.float64).reshape(-1, 2) / self.pixel_size_A
+                        + self.offset_px)
 
     def owner_of(self, positions_A: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
         """Worker of arbitrary positions (header positions); ValueError if a window leaves the object."""
         px = self.to_px(positions_A)
-        starts = np.floor(px).astype(np.int64) - self.window_px // 2
-        outside = (starts < 0).any(axis=1) | (starts[:, 0] + self.window_px > self.object_shape[0]) | (
-            starts[:, 1] + self.window_px > self.object_shape[1])
-        if outside.any():
-            bad = int(np.flatnonzero(outside)[0])
-            raise ValueError(f"position {positions_A[bad]} Å puts its window outside the {self.object_shape} object")
+        check_windows(self.object_shape, window_starts(px, self.window_px)[0], self.window_px)
         return probe_owner(self.object_shape, px, self.window_px, len(self.domains))
+
+
+def _snapped(px: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """Coordinates within 1e-9 px of an integer become that integer (Å → px rounding must not move a window)."""
+    nearest = np.round(px)
+    return np.where(np.abs(px - nearest) < 1e-9, nearest, px)
 
 
 def series_geometry(start: SeriesStart, n_workers: int, upsampling: int) -> SeriesGeometry:
@@ -104,9 +105,7 @@ def series_geometry(start: SeriesStart, n_workers: int, upsampling: int) -> Seri
     if not np.isfinite(positions_A).all():
         raise SeriesRefused(f"series {start.series_id!r}: scan positions are not all finite")
     offset = window // 2 + 0.5 - (positions_A / pixel_A).min(axis=0)
-    geometry_px = positions_A / pixel_A + offset
-    nearest = np.round(geometry_px)
-    positions_px = np.where(np.abs(geometry_px - nearest) < 1e-9, nearest, geometry_px)
+    positions_px = _snapped(positions_A / pixel_A + offset)
     shape = object_shape_for(positions_px, window)
     if max(shape) > MAX_OBJECT_PX:
         raise SeriesRefused(f"series {start.series_id!r}: object {shape} px exceeds {MAX_OBJECT_PX} px per side "

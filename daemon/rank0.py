@@ -109,12 +109,15 @@ class Rank0:
         entry = self.admission.series.get(series_id)
         if entry is None:
             return None
-        reg = self.ingest.registry
-        state = next((s for s in (reg.current, *reg.queued, *reversed(reg.finished))
-                      if s is not None and s.series_id == series_id), None)
+        state = self.ingest.registry.find(series_id)
         return entry[0], entry[1], state.received if state is not None else 0
 
     def status(self) -> dict[str, Any]:
+        """``/status``: :meth:`counters` plus the coverage map."""
+        return {**self.counters(), "coverage": self.coverage()}
+
+    def counters(self) -> dict[str, Any]:
+        """Ingest and collector counters (what ``/status`` and the metrics share; no coverage map)."""
         ingest = self.ingest.snapshot()
         current = ingest["registry"]["current"]
         collected = self.collector.status()
@@ -122,16 +125,14 @@ class Rank0:
             taken = collected["worker_reports"].get(entry["worker"], {}).get("messages_taken")
             entry["queue_depth"] = None if taken is None else max(
                 entry["forwarded"] + entry["control_forwarded"] - taken, 0)
-        return {**collected, "ingest": ingest, "coverage": self.coverage(),
-                "frames_received": current["received"] if current else None,
+        return {**collected, "ingest": ingest, "frames_received": current["received"] if current else None,
                 "frames_expected": current["n_expected"] if current else None,
                 "series_id": current["series_id"] if current else collected["series_id"]}
 
     def coverage(self) -> dict[str, Any] | None:
         """Coverage map of the current series (between series: the last one that ran), one string of 0/1 per
         scan row (frame ``k`` at row ``k // cols``)."""
-        registry = self.ingest.registry
-        state = registry.current or next((s for s in reversed(registry.finished) if not s.refusal), None)
+        state = self.ingest.registry.latest()
         if state is None:
             return None
         covered = state.coverage.copy()
@@ -145,20 +146,17 @@ class Rank0:
         return self.ingest.request(SeriesControl(action, series_id))  # type: ignore[arg-type]
 
     def metrics_snapshot(self) -> dict[str, Any]:
-        """``/status`` plus the two figures only metrics need."""
-        status = self.status()
+        """:meth:`counters` plus the two figures only metrics need (the coverage map is not built per scrape)."""
+        status = self.counters()
         ages = status["heartbeat_age_s"].values()
-        registry = status["ingest"]["registry"]
-        latest = registry["current"] or next((s for s in reversed(registry["finished"]) if not s["refusal"]), None)
+        latest = self.ingest.registry.latest()
         status["workers_fresh"] = sum(age < self.config.service.heartbeat_timeout_s for age in ages)
-        status["coverage_ratio"] = latest["coverage_fraction"] if latest else None
+        status["coverage_ratio"] = latest.coverage_fraction if latest is not None else None
         return status
 
     def _preview_published(self, header: dict[str, Any]) -> None:
         series_id = str(header["series_id"])
-        entry, registry = self.admission.series.get(series_id), self.ingest.registry
-        state = next((s for s in (registry.current, *registry.queued, *reversed(registry.finished))
-                      if s is not None and s.series_id == series_id), None)
+        entry, state = self.admission.series.get(series_id), self.ingest.registry.find(series_id)
         if entry is not None and state is not None:
             self.metrics.observe_latencies(self.latency.newly_shown(header, state.received_s, entry[1].owner,
                                                                     time.monotonic()))

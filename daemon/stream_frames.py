@@ -18,7 +18,7 @@ import numpy as np
 from ptylive.daemon.geometry import SeriesGeometry
 from ptylive.gpu.backend import get_array_module
 from ptylive.gpu.loss import measured_target
-from ptylive.gpu.patches import window_starts
+from ptylive.gpu.patches import check_windows, window_starts
 from ptylive.streaming.compression import CompressionError
 from ptylive.streaming.protocol import Frame
 
@@ -109,8 +109,9 @@ class FrameStore:
         domain = self.geometry.domains[self.worker]
         starts, shifts = window_starts(self.geometry.to_px([position_A]), self.geometry.window_px)
         start = starts[0] - np.array([domain.extended.row0, domain.extended.col0])
-        he, we = domain.extended.shape
-        if start.min() < 0 or start[0] + self.geometry.window_px > he or start[1] + self.geometry.window_px > we:
+        try:
+            check_windows(domain.extended.shape, start[None], self.geometry.window_px)
+        except ValueError:
             self.rejected["position_outside_tile"] += 1
             logger.error("frame at %s Å lies outside worker %d's extended tile; dropped", position_A, self.worker)
             return False

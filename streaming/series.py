@@ -111,6 +111,10 @@ class SeriesState:
         return self.n_expected - self.received
 
     @property
+    def coverage_fraction(self) -> float:
+        return self.received / self.n_expected if self.n_expected else 1.0
+
+    @property
     def offered(self) -> int:
         return self.received + self.duplicated + sum(self.rejected.values())
 
@@ -128,7 +132,7 @@ class SeriesState:
             "detector_shape": list(self.start.detector_shape), "dtype": self.start.dtype,
             "n_expected": self.n_expected, "received": self.received, "duplicated": self.duplicated,
             "missing": self.missing, "rejected": dict(self.rejected), "offered": self.offered,
-            "coverage_fraction": self.received / self.n_expected if self.n_expected else 1.0,
+            "coverage_fraction": self.coverage_fraction,
             "started_s": self.started_s, "ended_s": self.ended_s, "ended": self.ended,
             "sender_n_frames": self.sender_n_frames, "end_cause": self.end_cause, "refusal": self.refusal,
         }
@@ -151,6 +155,16 @@ class SeriesRegistry:
         if self.current is not None and self.current.series_id == series_id:
             return self.current
         return next((s for s in self.queued if s.series_id == series_id), None)
+
+    def find(self, series_id: str) -> SeriesState | None:
+        """The newest state named ``series_id``: current, queued, or in the history of finished series."""
+        live = self._live(series_id)
+        return live if live is not None else next((s for s in reversed(self.finished) if s.series_id == series_id),
+                                                  None)
+
+    def latest(self) -> SeriesState | None:
+        """The current series, else the last finished one that was not refused (what operators last saw run)."""
+        return self.current or next((s for s in reversed(self.finished) if not s.refusal), None)
 
     def _finish(self, state: SeriesState, cause: str, n_frames: int | None) -> None:
         state.ended, state.ended_s, state.end_cause, state.sender_n_frames = True, self.clock(), cause, n_frames
@@ -234,7 +248,7 @@ class SeriesRegistry:
         self.frames_offered += 1
         state = self._live(frame.series_id)
         if state is None:
-            late = next((s for s in reversed(self.finished) if s.series_id == frame.series_id), None)
+            late = self.find(frame.series_id)
             reason = "unknown_series" if late is None else "refused_series" if late.refusal else "finished_series"
             return self._reject(late, frame, reason)
         index, pixels = frame.frame_index, frame.pixels

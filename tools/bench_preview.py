@@ -5,7 +5,8 @@ detector at a fixed rate; a subscriber records every preview. A frame is *in* a 
 worker's tile reports ``frames_used`` covering it: a worker receives its probe group in index order
 and an iteration uses every frame received before it started, so frame ``k`` of a group (in index
 order) is used once ``frames_used > k``. Its latency is that preview's arrival time minus the frame's
-scheduled send time (the detector sends frame ``i`` at ``t0 + i / rate`` on a monotonic clock).
+scheduled send time (the detector sends frame ``i`` at ``t0 + i / rate`` on a monotonic clock); the
+bookkeeping is the daemon's own (:class:`~ptylive.daemon.metrics.PreviewLatency`).
 
 The reference measured in the same run is the preview interval ``1 / preview.rate_hz``: a preview
 can only show a frame after an iteration that used it, and is published at most that often.
@@ -25,6 +26,7 @@ import zmq
 
 from ptylive.daemon.config import ReconstructionConfig, loopback_config
 from ptylive.daemon.geometry import series_geometry
+from ptylive.daemon.metrics import PreviewLatency
 from ptylive.daemon.serve_process import ServeProcess
 
 
@@ -38,10 +40,6 @@ def frame_to_preview_latency(rate_hz: float = 200.0, scan_shape: tuple[int, int]
     series_id = "latency"
     geometry = series_geometry(dataclasses.replace(source.start, series_id=series_id), n_workers, 1)
     owner = geometry.owner
-    rank_in_group = np.empty(len(owner), dtype=np.int64)
-    for w in range(n_workers):
-        members = np.flatnonzero(owner == w)
-        rank_in_group[members] = np.arange(len(members))
     with tempfile.TemporaryDirectory(prefix="ptylive-bench-") as tmp, zmq.Context() as context:
         config = loopback_config(Path(tmp), n_workers, ReconstructionConfig(
             n_slices=3, slice_thickness_A=1.9525, final_iterations=20))
@@ -51,7 +49,7 @@ def frame_to_preview_latency(rate_hz: float = 200.0, scan_shape: tuple[int, int]
             subscriber.setsockopt(zmq.SUBSCRIBE, b"")
             subscriber.connect(endpoints["preview"])
             time.sleep(0.3)
-            previews: list[tuple[float, list[int]]] = []
+            previews: list[tuple[float, dict[str, Any]]] = []
             with FakeDetector(source, FakeDetectorOptions(rate_hz=rate_hz, series_id=series_id),
                               endpoints["ingest"], bind=False, context=context) as detector:
                 began = time.monotonic()
@@ -64,17 +62,13 @@ def frame_to_preview_latency(rate_hz: float = 200.0, scan_shape: tuple[int, int]
                     header = msgpack.unpackb(parts[0])
                     if header["htype"] == "final":
                         break
-                    used = [0] * n_workers
-                    for tile in header["tiles"]:
-                        used[tile["worker"]] = int(tile["frames_used"] or 0)
-                    previews.append((arrived, used))
+                    previews.append((arrived, header))
                 detector.join(10)
             subscriber.close()
-    sent = began + np.arange(len(owner)) / rate_hz
-    latency = np.full(len(owner), np.nan)
-    for arrived, used in previews:
-        shown = np.isnan(latency) & (rank_in_group < np.asarray(used)[owner])
-        latency[shown] = arrived - sent[shown]
+    sent = began + np.arange(len(owner)) / rate_hz  # the daemon's metric uses acceptance times instead
+    tracker = PreviewLatency()
+    latency = np.array([seconds for arrived, header in previews
+                        for seconds in tracker.newly_shown(header, sent, owner, arrived)])
     return {"latency_s": latency, "preview_interval_s": 1.0 / config.preview.rate_hz, "rate_hz": rate_hz,
             "n_frames": len(owner), "previews": len(previews)}
 

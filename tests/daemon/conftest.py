@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 import zmq
 
+from ptylive.daemon.http_api import StatusServer
 from ptylive.daemon.serve_process import ServeProcess
+from tests.daemon.http_harness import FakeDaemon
 from tests.daemon.serve_harness import FINAL_ITERATIONS, PreviewListener, daemon_config
 
 
@@ -54,3 +56,16 @@ def browser() -> Iterator[Any]:
         launched = playwright.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_FLAGS)
         yield launched
         launched.close()
+
+
+@pytest.fixture
+def fake_daemon() -> FakeDaemon:
+    """Scripted providers for the HTTP surface (no MPI, no sockets of its own)."""
+    return FakeDaemon()
+
+
+@pytest.fixture
+def server(fake_daemon: FakeDaemon) -> Iterator[StatusServer]:
+    """A StatusServer on 127.0.0.1, port 0, over ``fake_daemon``."""
+    with StatusServer(fake_daemon.providers(), "127.0.0.1", 0) as running:
+        yield running

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import socket
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -15,17 +14,6 @@ from ptylive.daemon.http_api import CONTROL_DISABLED, StatusServer
 from ptylive.daemon.preview import to_png
 from ptylive.daemon.viewer_page import ASSETS
 from tests.daemon.http_harness import STATUS, TILES, FakeDaemon, post_json, request
-
-
-@pytest.fixture
-def daemon() -> FakeDaemon:
-    return FakeDaemon()
-
-
-@pytest.fixture
-def server(daemon: FakeDaemon) -> Iterator[StatusServer]:
-    with StatusServer(daemon.providers(), "127.0.0.1", 0) as running:
-        yield running
 
 
 def test_url_has_the_chosen_port(server: StatusServer) -> None:
@@ -47,13 +35,13 @@ def test_status_json_is_strict_nan_becomes_null_and_numpy_scalars_serialise(serv
     assert data["loss"] is None and data["mean_phase"] == 0.25
 
 
-def test_preview_is_404_until_there_is_one(server: StatusServer, daemon: FakeDaemon) -> None:
+def test_preview_is_404_until_there_is_one(server: StatusServer, fake_daemon: FakeDaemon) -> None:
     reply = request(server.url + "preview.png")
     assert reply.status == 404 and reply.json() == {"error": "no preview yet"}
-    daemon.png = to_png(np.arange(12.0).reshape(3, 4))
+    fake_daemon.png = to_png(np.arange(12.0).reshape(3, 4))
     reply = request(server.url + "preview.png?t=12345")  # the page's cache-busting query
     assert reply.status == 200 and reply.content_type == "image/png" and reply.cache_control == "no-store"
-    assert reply.body == daemon.png
+    assert reply.body == fake_daemon.png
 
 
 def test_metrics_served_when_provided(server: StatusServer) -> None:
@@ -62,12 +50,12 @@ def test_metrics_served_when_provided(server: StatusServer) -> None:
     assert reply.body == b"ptylive_frames_total 120\n"
 
 
-def test_metrics_and_control_absent_when_not_provided(daemon: FakeDaemon) -> None:
-    with StatusServer(daemon.providers(control=False, metrics=False)) as server:
+def test_metrics_and_control_absent_when_not_provided(fake_daemon: FakeDaemon) -> None:
+    with StatusServer(fake_daemon.providers(control=False, metrics=False)) as server:
         assert request(server.url + "metrics").status == 404
         reply = post_json(server.url + "control", {"action": "abort"})
         assert reply.status == 403 and reply.json() == {"error": CONTROL_DISABLED}
-    assert daemon.control_calls == []
+    assert fake_daemon.control_calls == []
 
 
 def test_unknown_path_is_json_404(server: StatusServer) -> None:
@@ -93,16 +81,16 @@ def test_viewer_page_is_self_contained(server: StatusServer) -> None:
 @pytest.mark.parametrize("payload, expected", [({"action": "finalize", "series_id": "s-042"}, ("finalize", "s-042")),
                                                ({"action": "abort"}, ("abort", None)),
                                                ({"action": "abort", "series_id": None}, ("abort", None))])
-def test_control_calls_provider_with_parsed_args(server: StatusServer, daemon: FakeDaemon, payload: dict[str, Any],
+def test_control_calls_provider_with_parsed_args(server: StatusServer, fake_daemon: FakeDaemon, payload: dict[str, Any],
                                                  expected: tuple[str, str | None]) -> None:
     reply = post_json(server.url + "control", payload)
     assert reply.status == 200
     assert reply.json() == {"accepted": True, "message": f"{expected[0]} queued"}
-    assert daemon.control_calls == [expected]
+    assert fake_daemon.control_calls == [expected]
 
 
-def test_control_refused_is_409(server: StatusServer, daemon: FakeDaemon) -> None:
-    daemon.accept = False
+def test_control_refused_is_409(server: StatusServer, fake_daemon: FakeDaemon) -> None:
+    fake_daemon.accept = False
     reply = post_json(server.url + "control", {"action": "finalize"})
     assert reply.status == 409 and reply.json() == {"accepted": False, "message": "finalize refused"}
 
@@ -112,40 +100,40 @@ def test_control_refused_is_409(server: StatusServer, daemon: FakeDaemon) -> Non
                                           (b'{"action": "abort", "force": true}', "unknown keys"),
                                           (b'{"action": "abort", "series_id": 5}', "series_id"),
                                           (b" " * 4097, "at most 4096")])
-def test_bad_control_requests_are_400_with_reason(server: StatusServer, daemon: FakeDaemon, body: bytes,
+def test_bad_control_requests_are_400_with_reason(server: StatusServer, fake_daemon: FakeDaemon, body: bytes,
                                                   reason: str) -> None:
     reply = request(server.url + "control", body, {"Content-Type": "application/json"})
     assert reply.status == 400 and reason in reply.json()["error"]
-    assert daemon.control_calls == []
+    assert fake_daemon.control_calls == []
 
 
 def test_get_control_is_405(server: StatusServer) -> None:
     assert request(server.url + "control").status == 405
 
 
-def test_provider_error_is_500_and_server_keeps_serving(server: StatusServer, daemon: FakeDaemon) -> None:
-    daemon.fail_status = True
+def test_provider_error_is_500_and_server_keeps_serving(server: StatusServer, fake_daemon: FakeDaemon) -> None:
+    fake_daemon.fail_status = True
     reply = request(server.url + "status")
     assert reply.status == 500 and "status exploded" in reply.json()["error"]
-    daemon.fail_status = False
+    fake_daemon.fail_status = False
     assert request(server.url + "status").status == 200
     assert request(server.url + "tiles").status == 200
 
 
-def test_close_is_idempotent_and_frees_the_port(daemon: FakeDaemon) -> None:
-    server = StatusServer(daemon.providers()).start()
+def test_close_is_idempotent_and_frees_the_port(fake_daemon: FakeDaemon) -> None:
+    server = StatusServer(fake_daemon.providers()).start()
     port = server.port
     assert request(server.url + "status").status == 200
     server.close()
     server.close()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
-    with StatusServer(daemon.providers(), "127.0.0.1", port) as again:  # the port can be bound again
+    with StatusServer(fake_daemon.providers(), "127.0.0.1", port) as again:  # the port can be bound again
         assert request(again.url + "status").status == 200
 
 
-def test_close_without_start_releases_socket(daemon: FakeDaemon) -> None:
-    server = StatusServer(daemon.providers())
+def test_close_without_start_releases_socket(fake_daemon: FakeDaemon) -> None:
+    server = StatusServer(fake_daemon.providers())
     server.close()
     with pytest.raises(RuntimeError, match="closed"):
         server.start()

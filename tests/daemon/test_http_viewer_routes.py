@@ -19,17 +19,6 @@ from ptylive.daemon.preview import to_png
 from tests.daemon.http_harness import FakeDaemon, request
 
 
-@pytest.fixture
-def daemon() -> FakeDaemon:
-    return FakeDaemon()
-
-
-@pytest.fixture
-def server(daemon: FakeDaemon) -> Iterator[StatusServer]:
-    with StatusServer(daemon.providers(), "127.0.0.1", 0) as running:
-        yield running
-
-
 def open_stream(server: StatusServer) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
     connection.request("GET", "/events")
@@ -53,36 +42,36 @@ def eventually(predicate: Any, timeout_s: float = 3.0) -> bool:
     return True
 
 
-def test_events_stream_is_sse_and_carries_published_events(server: StatusServer, daemon: FakeDaemon) -> None:
+def test_events_stream_is_sse_and_carries_published_events(server: StatusServer, fake_daemon: FakeDaemon) -> None:
     connection, response = open_stream(server)
     assert response.status == 200 and response.headers["Content-Type"] == "text/event-stream; charset=utf-8"
     assert response.headers["Cache-Control"] == "no-store"
     assert read_block(response) == b"retry: 2000\n"
-    assert eventually(lambda: daemon.hub.subscribers == 1)
-    event = daemon.hub.publish("preview", {"series_id": "s-042", "version": 3})
+    assert eventually(lambda: fake_daemon.hub.subscribers == 1)
+    event = fake_daemon.hub.publish("preview", {"series_id": "s-042", "version": 3})
     assert read_block(response) + b"\n" == event.encode()
     connection.close()
 
 
 def test_a_client_that_leaves_frees_its_queue_and_a_full_server_answers_503(server: StatusServer,
-                                                                            daemon: FakeDaemon) -> None:
+                                                                            fake_daemon: FakeDaemon) -> None:
     streams = [open_stream(server), open_stream(server)]
-    assert eventually(lambda: daemon.hub.subscribers == 2)
+    assert eventually(lambda: fake_daemon.hub.subscribers == 2)
     reply = request(server.url + "events")
     assert reply.status == 503 and "at most 2" in reply.json()["error"]
     for expected, (connection, response) in zip((1, 0), streams, strict=True):
         response.close()
         connection.close()  # noticed within a poll (1 s), not at the next keep-alive (15 s)
-        assert eventually(lambda expected=expected: daemon.hub.subscribers == expected)
+        assert eventually(lambda expected=expected: fake_daemon.hub.subscribers == expected)
 
 
-def test_close_ends_event_streams_and_kept_alive_connections(daemon: FakeDaemon) -> None:
-    server = StatusServer(daemon.providers()).start()
+def test_close_ends_event_streams_and_kept_alive_connections(fake_daemon: FakeDaemon) -> None:
+    server = StatusServer(fake_daemon.providers()).start()
     stream, response = open_stream(server)
     kept = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
     kept.request("GET", "/status")
     kept.getresponse().read()
-    assert eventually(lambda: daemon.hub.subscribers == 1)
+    assert eventually(lambda: fake_daemon.hub.subscribers == 1)
     began = time.monotonic()
     server.close()
     assert read_block(response) == b"retry: 2000\n" and read_block(response) == b""  # end of stream
@@ -105,15 +94,15 @@ def test_events_absent_without_a_hub() -> None:
 
 @pytest.mark.parametrize("query, expected", [("?slice=projected&v=s.3", "projected"), ("?slice=0", 0),
                                              ("?v=s.3&slice=2", 2), ("?slice=3", None)])
-def test_preview_of_one_slice(server: StatusServer, daemon: FakeDaemon, query: str, expected: Any) -> None:
-    daemon.png = to_png(np.zeros((2, 2)))
-    daemon.slices = [to_png(np.full((2, 2), k)) for k in range(3)]
+def test_preview_of_one_slice(server: StatusServer, fake_daemon: FakeDaemon, query: str, expected: Any) -> None:
+    fake_daemon.png = to_png(np.zeros((2, 2)))
+    fake_daemon.slices = [to_png(np.full((2, 2), k)) for k in range(3)]
     reply = request(server.url + "preview.png" + query)
     if expected is None:
         assert reply.status == 404 and reply.json() == {"error": "no preview of slice 3"}
     else:
         assert reply.status == 200 and reply.content_type == "image/png"
-        assert reply.body == (daemon.png if expected == "projected" else daemon.slices[expected])
+        assert reply.body == (fake_daemon.png if expected == "projected" else fake_daemon.slices[expected])
 
 
 @pytest.mark.parametrize("query", ["?slice=-1", "?slice=one", "?slice=1.5", "?slice=%D9%A3", "?slice=9999999"])
@@ -123,7 +112,7 @@ def test_bad_slice_is_400(server: StatusServer, query: str) -> None:
 
 
 @pytest.fixture
-def files(daemon: FakeDaemon, tmp_path: Path) -> Iterator[tuple[StatusServer, Path]]:
+def files(fake_daemon: FakeDaemon, tmp_path: Path) -> Iterator[tuple[StatusServer, Path]]:
     folder = tmp_path / "results"
     folder.mkdir()
     (folder / "scan-1.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(range(256)) * 10)
@@ -131,8 +120,8 @@ def files(daemon: FakeDaemon, tmp_path: Path) -> Iterator[tuple[StatusServer, Pa
     (folder / ".hidden.h5").write_bytes(b"HIDDEN CONTENT")
     (tmp_path / "secret.h5").write_bytes(b"SECRET CONTENT")
     (folder / "link.h5").symlink_to(tmp_path / "secret.h5")
-    daemon.output_folder = folder
-    with StatusServer(daemon.providers()) as running:
+    fake_daemon.output_folder = folder
+    with StatusServer(fake_daemon.providers()) as running:
         yield running, folder
 
 
