@@ -10,12 +10,12 @@ import h5py
 import numpy as np
 import pytest
 
-from ptylive.daemon.cli import main as cli_main
+from ptylive.daemon.cli.main import main as cli_main
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """Run ``ptylive ARGS`` in a fresh interpreter (multi-rank runs start mpiexec themselves)."""
-    return subprocess.run([sys.executable, "-m", "ptylive.daemon.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "ptylive.daemon.cli.main", *args], capture_output=True,
                           text=True, timeout=timeout)
 
 

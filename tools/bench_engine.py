@@ -150,8 +150,8 @@ def gradient_table(xp: ModuleType, sync: Callable[[], None], cases: list[tuple[i
 
 
 def _cli(*args: str) -> tuple[int | None, str]:
-    """``python -m ptylive.daemon.cli *args`` in its own process group: (status or None if hung, stderr)."""
-    proc = subprocess.Popen([sys.executable, "-m", "ptylive.daemon.cli", *args], stdout=subprocess.DEVNULL,
+    """``python -m ptylive.daemon.cli.main *args`` in its own process group: (status or None if hung, stderr)."""
+    proc = subprocess.Popen([sys.executable, "-m", "ptylive.daemon.cli.main", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         err = proc.communicate(timeout=RUN_TIMEOUT_S)[1]

@@ -6,7 +6,7 @@ worker's tile reports ``frames_used`` covering it: a worker receives its probe g
 and an iteration uses every frame received before it started, so frame ``k`` of a group (in index
 order) is used once ``frames_used > k``. Its latency is that preview's arrival time minus the frame's
 scheduled send time (the detector sends frame ``i`` at ``t0 + i / rate`` on a monotonic clock); the
-bookkeeping is the daemon's own (:class:`~ptylive.daemon.metrics.PreviewLatency`).
+bookkeeping is the daemon's own (:class:`~ptylive.daemon.service.metrics.PreviewLatency`).
 
 The reference measured in the same run is the preview interval ``1 / preview.rate_hz``: a preview
 can only show a frame after an iteration that used it, and is published at most that often.
@@ -24,10 +24,10 @@ import msgpack
 import numpy as np
 import zmq
 
-from ptylive.daemon.config import ReconstructionConfig, loopback_config
-from ptylive.daemon.geometry import series_geometry
-from ptylive.daemon.metrics import PreviewLatency
-from ptylive.daemon.serve_process import ServeProcess
+from ptylive.daemon.service.config import ReconstructionConfig, loopback_config
+from ptylive.daemon.engine.geometry import series_geometry
+from ptylive.daemon.service.metrics import PreviewLatency
+from ptylive.daemon.service.process import ServeProcess
 
 
 def frame_to_preview_latency(rate_hz: float = 200.0, scan_shape: tuple[int, int] = (24, 24),

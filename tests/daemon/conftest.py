@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import zmq
 
-from ptylive.daemon.http_api import StatusServer
-from ptylive.daemon.serve_process import ServeProcess
+from ptylive.daemon.http.server import StatusServer
+from ptylive.daemon.service.process import ServeProcess
 from tests.daemon.http_harness import FakeDaemon
 from tests.daemon.serve_harness import FINAL_ITERATIONS, PreviewListener, daemon_config
 
@@ -18,7 +18,7 @@ from tests.daemon.serve_harness import FINAL_ITERATIONS, PreviewListener, daemon
 @pytest.fixture(scope="session")
 def dosed_scan(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``ptylive simulate`` defaults at 1e5 e/Å²: integer counts, exact in uint16."""
-    from ptylive.daemon.cli import main as cli_main
+    from ptylive.daemon.cli.main import main as cli_main
 
     path = tmp_path_factory.mktemp("serve") / "dosed.h5"
     assert cli_main(["simulate", str(path), "--dose", "1e5"]) == 0

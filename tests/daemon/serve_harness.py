@@ -15,7 +15,7 @@ import msgpack
 import numpy as np
 import zmq
 
-from ptylive.daemon.config import DaemonConfig, ReconstructionConfig, loopback_config
+from ptylive.daemon.service.config import DaemonConfig, ReconstructionConfig, loopback_config
 
 ANY_PORT = "tcp://127.0.0.1:0"
 FINAL_ITERATIONS = 30

@@ -15,10 +15,10 @@ import pytest
 import zmq
 from PIL import Image
 
-from ptylive.daemon import rank_messages
-from ptylive.daemon.collector import Collector, coverage_map
-from ptylive.daemon.events import ServerEvent, Subscription
-from ptylive.daemon.geometry import SeriesGeometry, series_geometry
+from ptylive.daemon.service import messages as rank_messages
+from ptylive.daemon.service.collector import Collector, coverage_map
+from ptylive.daemon.http.sse import ServerEvent, Subscription
+from ptylive.daemon.engine.geometry import SeriesGeometry, series_geometry
 from ptylive.streaming.protocol import SeriesStart
 
 START = SeriesStart(series_id="c-1", scan_shape=(6, 8), scan_step_A=(1.0, 1.0), detector_shape=(32, 32),

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ptylive.daemon.config import (
+from ptylive.daemon.service.config import (
     ConfigError,
     DaemonConfig,
     ReconstructionConfig,

@@ -7,7 +7,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ptylive.daemon.memory_plan import plan_memory, synthetic_positions
+from ptylive.daemon.engine.memory_plan import plan_memory, synthetic_positions
 from ptylive.gpu.quality import phase_correlation
 from tests.conftest import read_result, run_cli
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ptylive.daemon.decomposition import Box, decompose, rank_grid, stitch
+from ptylive.daemon.engine.decomposition import Box, decompose, rank_grid, stitch
 from ptylive.gpu.patches import window_starts
 
 

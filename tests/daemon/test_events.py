@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from ptylive.daemon.events import (
+from ptylive.daemon.http.sse import (
     KEEPALIVE,
     RETRY_MS,
     EventHub,

@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ptylive.daemon.http_api import CONTROL_DISABLED, StatusServer
-from ptylive.daemon.preview import to_png
-from ptylive.daemon.viewer_page import ASSETS
+from ptylive.daemon.http.server import CONTROL_DISABLED, StatusServer
+from ptylive.daemon.service.preview import to_png
+from ptylive.daemon.http.viewer import ASSETS
 from tests.daemon.http_harness import STATUS, TILES, FakeDaemon, post_json, request
 
 

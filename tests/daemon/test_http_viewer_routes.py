@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ptylive.daemon.http_api import Providers, StatusServer
-from ptylive.daemon.preview import to_png
+from ptylive.daemon.http.server import Providers, StatusServer
+from ptylive.daemon.service.preview import to_png
 from tests.daemon.http_harness import FakeDaemon, request
 
 

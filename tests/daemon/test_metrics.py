@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from ptylive.daemon.metrics import DaemonMetrics, PreviewLatency
+from ptylive.daemon.service.metrics import DaemonMetrics, PreviewLatency
 from ptylive.streaming.protocol import REJECT_REASONS
 from ptylive.streaming.series import INGEST_REJECT_REASONS
 

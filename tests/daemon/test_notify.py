@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ptylive.daemon.notify import Watchdog, notify, watchdog_period_s
+from ptylive.daemon.service.notify import Watchdog, notify, watchdog_period_s
 
 
 def receive_all(receiver: socket.socket) -> list[str]:
@@ -70,7 +70,7 @@ def test_vanished_socket_warns_and_returns_false(tmp_path: Path, caplog: pytest.
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver:
         receiver.bind(str(path))
     path.unlink()
-    with caplog.at_level(logging.WARNING, logger="ptylive.daemon.notify"):
+    with caplog.at_level(logging.WARNING, logger="ptylive.daemon.service.notify"):
         assert notify("WATCHDOG=1", {"NOTIFY_SOCKET": str(path)}) is False
         assert notify("WATCHDOG=1", {"NOTIFY_SOCKET": "@ptylive-nobody-listens-" + uuid.uuid4().hex}) is False
     assert [record.levelno for record in caplog.records] == [logging.WARNING, logging.WARNING]
@@ -102,7 +102,7 @@ def test_watchdog_period(env: dict[str, str], configured_s: float, expected: flo
 
 
 def test_invalid_watchdog_usec_warns(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="ptylive.daemon.notify"):
+    with caplog.at_level(logging.WARNING, logger="ptylive.daemon.service.notify"):
         assert watchdog_period_s({"WATCHDOG_USEC": "soon"}) is None
     assert "WATCHDOG_USEC" in caplog.text and "'soon'" in caplog.text
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ptylive.daemon.preview import Mosaic, block_mean, downsample_factor, projected_phase, slice_phases, to_png
+from ptylive.daemon.service.preview import Mosaic, block_mean, downsample_factor, projected_phase, slice_phases, to_png
 
 
 def decode(png: bytes) -> Image.Image:

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from ptylive.daemon.serve_process import ServeProcess
+from ptylive.daemon.service.process import ServeProcess
 from ptylive.streaming.fake_detector import ScanSource
 from tests.daemon.serve_harness import PreviewListener, get_json, wait_for
 from tests.daemon.test_metrics import dashboard_metric_names, exported_sample_names

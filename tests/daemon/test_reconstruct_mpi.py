@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from ptylive.daemon.decomposition import decompose
+from ptylive.daemon.engine.decomposition import decompose
 from ptylive.gpu.quality import phase_correlation
 from tests.conftest import read_result, run_cli
 

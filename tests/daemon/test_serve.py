@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import zmq
 
-from ptylive.daemon.geometry import series_geometry
-from ptylive.daemon.serve_process import ServeProcess
+from ptylive.daemon.engine.geometry import series_geometry
+from ptylive.daemon.service.process import ServeProcess
 from ptylive.gpu.quality import phase_correlation
 from ptylive.streaming.fake_detector import FakeDetector, FakeDetectorOptions, ScanSource
 from ptylive.streaming.scanfile import read_optional, read_positions
@@ -91,7 +91,7 @@ def test_streaming_matches_offline_reconstruction(daemon: tuple[ServeProcess, Pr
     """
     process, listener = daemon
     offline = tmp_path / "offline.h5"
-    command = [sys.executable, "-m", "ptylive.daemon.cli", "reconstruct", str(dosed_scan), "--ranks", "2",
+    command = [sys.executable, "-m", "ptylive.daemon.cli.main", "reconstruct", str(dosed_scan), "--ranks", "2",
                "--mode", "async", "--iterations", str(FINAL_ITERATIONS), "--out", str(offline), "--quiet"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

@@ -19,7 +19,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ptylive.daemon.serve_process import ServeProcess
+from ptylive.daemon.service.process import ServeProcess
 from ptylive.gpu.quality import phase_correlation
 from ptylive.streaming import protocol
 from ptylive.streaming.fake_detector import ScanSource

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import zmq
 
-from ptylive.daemon.serve_process import ServeProcess
+from ptylive.daemon.service.process import ServeProcess
 from ptylive.streaming.fake_detector import FakeDetector, FakeDetectorOptions, ScanSource
 from tests.daemon.serve_harness import PreviewListener, get_json, read_final, registry_series, series_count, wait_for
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import zmq
 
-from ptylive.daemon.config import IngestConfig, ServiceConfig, WorkersConfig
-from ptylive.daemon.serve_process import ServeProcess
+from ptylive.daemon.service.config import IngestConfig, ServiceConfig, WorkersConfig
+from ptylive.daemon.service.process import ServeProcess
 from ptylive.streaming import protocol
 from ptylive.streaming.fake_detector import FakeDetector, FakeDetectorOptions, ScanSource
 from tests.daemon.serve_harness import (

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ptylive.daemon.config import load_config
+from ptylive.daemon.service.config import load_config
 
 SYSTEMD = Path(__file__).resolve().parents[2] / "systemd"
 UNIT = SYSTEMD / "ptylive.service"

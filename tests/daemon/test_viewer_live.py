@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import zmq
 
-from ptylive.daemon.serve_process import ServeProcess
+from ptylive.daemon.service.process import ServeProcess
 from ptylive.streaming.fake_detector import FakeDetector, FakeDetectorOptions, ScanSource, StreamStats
 from tests.daemon.browser_harness import PageLog, overlay_counts, pixel_checksum, save_screenshot
 from tests.daemon.serve_harness import PreviewListener, get_json, wait_for

@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ptylive.daemon.events import EventHub
-from ptylive.daemon.http_api import Providers, StatusServer
-from ptylive.daemon.preview import to_png
+from ptylive.daemon.http.sse import EventHub
+from ptylive.daemon.http.server import Providers, StatusServer
+from ptylive.daemon.service.preview import to_png
 from tests.daemon.browser_harness import PageLog, overlay_counts, pixel_checksum, save_screenshot
 
 pytestmark = pytest.mark.browser

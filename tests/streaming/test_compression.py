@@ -129,8 +129,8 @@ def test_a_ptylive_frame_with_a_broken_block_chain_is_rejected_as_corrupt_payloa
 def test_workers_decode_compressed_frames_and_count_what_does_not_decode() -> None:
     """FrameStore.add decodes on the worker: a corrupt LZ4 body (its framing intact, so rank 0 let it through)
     and NaN in a compressed float frame are rejected by reason; a good frame is stored bit for bit."""
-    from ptylive.daemon.geometry import series_geometry
-    from ptylive.daemon.stream_frames import FrameStore
+    from ptylive.daemon.engine.geometry import series_geometry
+    from ptylive.daemon.worker.frames import FrameStore
     from ptylive.streaming.scan_geometry import Optics, ScanGeometry, SeriesTemplate
 
     template = SeriesTemplate(ScanGeometry(3, 3, step_A=(0.5, 0.5)), Optics(300e3, 20.0, 0.0, 3.0))

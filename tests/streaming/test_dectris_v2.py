@@ -111,6 +111,6 @@ def test_a_missing_channel_is_named() -> None:
 
 
 def _settings() -> Any:
-    from ptylive.daemon.config import ScanConfig
+    from ptylive.daemon.service.config import ScanConfig
 
     return ScanConfig(rows=2, cols=3)

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from ptylive.daemon.config import ConfigError, DaemonConfig, IngestConfig, ScanConfig, config_from_mapping
+from ptylive.daemon.service.config import ConfigError, DaemonConfig, IngestConfig, ScanConfig, config_from_mapping
 from ptylive.streaming.router import raster_positions_A
 from ptylive.streaming.scan_geometry import SKIP, ScanGeometry, template_from_settings
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import zmq
 
-from ptylive.daemon.cli import main as cli_main
+from ptylive.daemon.cli.main import main as cli_main
 from ptylive.streaming import dectris_v1 as v1
 from ptylive.streaming.protocol import Frame, SeriesEnd, SeriesStart, decode
 from ptylive.streaming.recording import RecordingWriter, read_parts, sidecar
@@ -169,7 +169,7 @@ def test_bad_sources_are_one_error_line(tmp_path: Path, capsys: pytest.CaptureFi
 def run_daemon(folder: Path, config: Any, source: Path, series_id: str, *replay_args: str
                ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Start ``ptylive serve``, replay ``source`` into it, wait for the series' final; (final file, /status)."""
-    from ptylive.daemon.serve_process import ServeProcess
+    from ptylive.daemon.service.process import ServeProcess
     from tests.daemon.serve_harness import PreviewListener, get_json, read_final
 
     process = ServeProcess(config, folder)
@@ -204,7 +204,7 @@ def test_a_dectris_v1_recording_reconstructs_like_ptylive_stream_v1(tmp_path: Pa
     streaming-vs-offline test compares them: phase correlation over the scanned area."""
     import dataclasses
 
-    from ptylive.daemon.config import ScanConfig
+    from ptylive.daemon.service.config import ScanConfig
     from ptylive.gpu.quality import phase_correlation
     from ptylive.streaming.compression import compress
     from tests.daemon.serve_harness import daemon_config

@@ -1,6 +1,6 @@
 """Prometheus metrics of the daemon, exported once by rank 0 at ``/metrics``.
 
-Workers never serve metrics: they report in their heartbeats (:mod:`ptylive.daemon.worker_stats`)
+Workers never serve metrics: they report in their heartbeats (:mod:`ptylive.daemon.worker.stats`)
 and rank 0 exposes everything from one injected :class:`~prometheus_client.CollectorRegistry`.
 Most series are read at scrape time from the same snapshot ``/status`` serves (a custom
 collector), so no count is kept twice; the two histograms are observed as events happen.
@@ -22,7 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 import ptylive
-from ptylive.daemon.worker_stats import host_memory_bytes
+from ptylive.daemon.worker.stats import host_memory_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from ptylive.daemon.decomposition import RankDomain
+from ptylive.daemon.engine.decomposition import RankDomain
 
 TAG_GATHER = 23
 

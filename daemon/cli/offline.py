@@ -17,9 +17,9 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ptylive.daemon.decomposition import RankDomain, decompose, stitch
-from ptylive.daemon.engine import EngineOptions, EngineReport, TileState, fit_scale, run_sync
-from ptylive.daemon.memory_plan import rank_memory
+from ptylive.daemon.engine.decomposition import RankDomain, decompose, stitch
+from ptylive.daemon.engine.iteration import EngineOptions, EngineReport, TileState, fit_scale, run_sync
+from ptylive.daemon.engine.memory_plan import rank_memory
 from ptylive.gpu.backend import PRECISIONS, backend_module, to_numpy
 from ptylive.gpu.patches import check_windows, window_starts
 from ptylive.gpu.physics import wavelength_A
@@ -155,7 +155,7 @@ def run_rank(job: ReconstructionJob, comm: Any | None) -> None:
     if job.options.mode == "sync" or job.n_ranks == 1:  # one rank: async has nobody to wait for
         report = run_sync(state, exchanger, job.options, progress)
     else:
-        from ptylive.daemon.async_engine import run_async
+        from ptylive.daemon.engine.async_iteration import run_async
 
         report = run_async(state, exchanger, job.options, progress)
     _, peak = tracemalloc.get_traced_memory()
@@ -167,7 +167,7 @@ def run_rank(job: ReconstructionJob, comm: Any | None) -> None:
                       peak, predicted, _mean(exchanger.stats.staleness), max(exchanger.stats.staleness, default=0),
                       sum(report.iterations_s)], dtype=np.float64)
     volume = to_numpy(state.volume)
-    from ptylive.daemon.gather import gather_to_root
+    from ptylive.daemon.engine.exchange.gather import gather_to_root
 
     volumes, all_stats = gather_to_root(comm, domains, volume, stats)
     if rank == 0:
@@ -191,14 +191,14 @@ def _mean(values: list[int]) -> float:
 
 
 def _make_exchanger(job: ReconstructionJob, comm: Any | None, domain: RankDomain) -> Any:
-    from ptylive.daemon.exchange import NullExchanger, SyncExchanger
+    from ptylive.daemon.engine.exchange.sync import NullExchanger, SyncExchanger
 
     if comm is None or comm.Get_size() == 1:
         return NullExchanger()
     real_t, complex_t = PRECISIONS[job.precision]
     if job.options.mode == "sync":
         return SyncExchanger(comm, domain, job.n_slices, real_t)
-    from ptylive.daemon.async_exchange import AsyncExchanger
+    from ptylive.daemon.engine.exchange.asynchronous import AsyncExchanger
 
     return AsyncExchanger(comm, domain, job.n_slices, real_t, complex_t, job.options.max_staleness,
                           job.options.updates_per_iteration)

@@ -1,4 +1,4 @@
-"""Long HTTP answers for :mod:`ptylive.daemon.http_api` (an event stream, a file download) and the
+"""Long HTTP answers for :mod:`ptylive.daemon.http.server` (an event stream, a file download) and the
 connections that carry them.
 
 Both answers write straight to a ``BaseHTTPRequestHandler`` (status line, headers, body) and hold its
@@ -18,7 +18,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
-from ptylive.daemon.events import EventHub, TooManySubscribers, stream_events
+from ptylive.daemon.http.sse import EventHub, TooManySubscribers, stream_events
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Series are handled one at a time in the order their starts arrived (every worker sees the same
 order: the ingest broadcasts starts and control messages). Frames of a series that is queued
 behind the running one are stored as they arrive, in that series' own preallocated rows, so the
-ingest never has to hold them back. The refinement itself is :mod:`ptylive.daemon.stream_engine`.
+ingest never has to hold them back. The refinement itself is :mod:`ptylive.daemon.worker.refine`.
 """
 
 from __future__ import annotations
@@ -18,15 +18,15 @@ from typing import Any
 import numpy as np
 import zmq
 
-from ptylive.daemon import rank_messages
-from ptylive.daemon.config import ReconstructionConfig, apply_overrides
-from ptylive.daemon.consensus import Consensus
-from ptylive.daemon.engine import EngineOptions, TileState
-from ptylive.daemon.geometry import series_geometry
-from ptylive.daemon.preview import downsample_factor, slice_phases
-from ptylive.daemon.stream_engine import N_SUM, SeriesFlags, StreamRun, probe_power, refine
-from ptylive.daemon.stream_frames import FrameStore
-from ptylive.daemon.worker_stats import WorkerStats
+from ptylive.daemon.service import messages as rank_messages
+from ptylive.daemon.service.config import ReconstructionConfig, apply_overrides
+from ptylive.daemon.engine.exchange.consensus import Consensus
+from ptylive.daemon.engine.iteration import EngineOptions, TileState
+from ptylive.daemon.engine.geometry import series_geometry
+from ptylive.daemon.service.preview import downsample_factor, slice_phases
+from ptylive.daemon.worker.refine import N_SUM, SeriesFlags, StreamRun, probe_power, refine
+from ptylive.daemon.worker.frames import FrameStore
+from ptylive.daemon.worker.stats import WorkerStats
 from ptylive.gpu.backend import PRECISIONS, backend_module, to_numpy
 from ptylive.gpu.physics import wavelength_A
 from ptylive.gpu.probe import ProbeOptics, make_probe
@@ -199,10 +199,10 @@ class Worker:
 
     def _exchanger(self, domain: Any, r: ReconstructionConfig) -> Any:
         if self.comm is None or self.settings.n_workers == 1:
-            from ptylive.daemon.exchange import SoloExchanger
+            from ptylive.daemon.engine.exchange.sync import SoloExchanger
 
             return SoloExchanger()
-        from ptylive.daemon.async_exchange import AsyncExchanger
+        from ptylive.daemon.engine.exchange.asynchronous import AsyncExchanger
 
         return AsyncExchanger(self.comm, domain, r.n_slices, self.real_t, self.complex_t, r.max_staleness,
                               r.updates_per_iteration)

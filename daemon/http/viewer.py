@@ -1,4 +1,4 @@
-"""The operator's live viewer: static files in ``daemon/viewer/``, served as they are (no build step).
+"""The operator's live viewer: static files in ``daemon/http/viewer/``, served as they are (no build step).
 
 =================  ==============================================================
 path               file
@@ -28,7 +28,7 @@ ASSETS = {"/": ("index.html", "text/html; charset=utf-8"),
 
 @functools.cache
 def _read(name: str) -> bytes:
-    return (resources.files("ptylive.daemon") / "viewer" / name).read_bytes()
+    return (resources.files("ptylive.daemon.http") / "viewer" / name).read_bytes()
 
 
 def viewer_asset(path: str) -> tuple[bytes, str] | None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ptylive.daemon.geometry import SeriesGeometry
+from ptylive.daemon.engine.geometry import SeriesGeometry
 from ptylive.gpu.backend import get_array_module
 from ptylive.gpu.loss import measured_target
 from ptylive.gpu.patches import check_windows, window_starts

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ptylive.daemon.decomposition import RankDomain
+from ptylive.daemon.engine.decomposition import RankDomain
 from ptylive.gpu.backend import get_array_module, to_numpy, zeros_aligned
 from ptylive.gpu.loss import LOSSES, fit_intensity_scale, measured_target
 from ptylive.gpu.multislice import forward, loss_and_gradient

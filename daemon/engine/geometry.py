@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from ptylive.daemon.decomposition import RankDomain, decompose, probe_owner
+from ptylive.daemon.engine.decomposition import RankDomain, decompose, probe_owner
 from ptylive.gpu.patches import check_windows, window_starts
 from ptylive.gpu.physics import wavelength_A
 from ptylive.streaming.protocol import SeriesStart

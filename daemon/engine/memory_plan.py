@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ptylive.daemon.decomposition import RankDomain, decompose
+from ptylive.daemon.engine.decomposition import RankDomain, decompose
 from ptylive.gpu.backend import PRECISIONS
 
 
@@ -56,7 +56,7 @@ def rank_memory(domain: RankDomain, n_slices: int, window_px: int, detector_px: 
     """Predict one rank's peak array memory in bytes.
 
     Batches are chunks of at most ``batch_size`` of the rank's members of each
-    global mini-batch (:func:`ptylive.daemon.engine.minibatch_of`).
+    global mini-batch (:func:`ptylive.daemon.engine.iteration.minibatch_of`).
     """
     real_t, complex_t = (np.dtype(t) for t in PRECISIONS[precision])
     r, c = real_t.itemsize, complex_t.itemsize
@@ -65,7 +65,7 @@ def rank_memory(domain: RankDomain, n_slices: int, window_px: int, detector_px: 
     buffers = 2 * 3 * overlap * r
     if mode == "async":
         buffers += overlap * c + 2 * 3 * overlap * r + (updates_per_iteration + 1) * overlap * r
-    from ptylive.daemon.engine import minibatch_of
+    from ptylive.daemon.engine.iteration import minibatch_of
 
     labels = minibatch_of(domain.positions, updates_per_iteration)
     chunk_sizes = set()

@@ -9,7 +9,7 @@ import re
 import sys
 from typing import Any
 
-from ptylive.daemon.launcher import relaunch, under_mpi
+from ptylive.daemon.cli.launcher import relaunch, under_mpi
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def simulate(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _engine_options(args: argparse.Namespace) -> Any:
-    from ptylive.daemon.engine import EngineOptions
+    from ptylive.daemon.engine.iteration import EngineOptions
 
     return EngineOptions(iterations=args.iterations, mode=args.mode, batch_size=args.batch_size,
                          step_size=args.step_size, loss=args.loss, refine_probe=args.refine_probe,
@@ -58,14 +58,14 @@ def _engine_options(args: argparse.Namespace) -> Any:
 
 
 def _validate(args: argparse.Namespace) -> Any:
-    from ptylive.daemon.reconstruct import validate
+    from ptylive.daemon.cli.offline import validate
 
     return validate(args.scan, args.out, args.ranks, args.slices, args.slice_thickness_A, args.upsampling,
                     args.precision, args.backend, _engine_options(args), args.quiet)
 
 
 def reconstruct(args: argparse.Namespace, argv: list[str]) -> int:
-    from ptylive.daemon.reconstruct import run_rank
+    from ptylive.daemon.cli.offline import run_rank
 
     if not under_mpi():
         job = _validate(args)  # one clear message before any rank starts
@@ -104,10 +104,10 @@ def reconstruct(args: argparse.Namespace, argv: list[str]) -> int:
 def plan(args: argparse.Namespace, argv: list[str]) -> int:
     import numpy as np
 
-    from ptylive.daemon.memory_plan import format_table, plan_memory, synthetic_positions
+    from ptylive.daemon.engine.memory_plan import format_table, plan_memory, synthetic_positions
 
     if args.scan is not None:
-        from ptylive.daemon.reconstruct import infer_upsampling
+        from ptylive.daemon.cli.offline import infer_upsampling
         from ptylive.streaming.scanfile import object_shape_for, read_metadata, read_positions
 
         meta = read_metadata(args.scan)
@@ -147,7 +147,7 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def serve(args: argparse.Namespace, argv: list[str]) -> int:
-    from ptylive.daemon.config import load_config
+    from ptylive.daemon.service.config import load_config
 
     config = load_config(args.config)
     if not under_mpi():
@@ -156,7 +156,7 @@ def serve(args: argparse.Namespace, argv: list[str]) -> int:
         return relaunch(config.workers.ranks + 1, argv)
     from mpi4py import MPI
 
-    from ptylive.daemon.serve import run as run_serve
+    from ptylive.daemon.cli.serve import run as run_serve
 
     comm = MPI.COMM_WORLD
     try:
@@ -168,7 +168,7 @@ def serve(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def demo(args: argparse.Namespace, argv: list[str]) -> int:
-    from ptylive.daemon.demo import DemoOptions, run_demo
+    from ptylive.daemon.cli.demo import DemoOptions, run_demo
 
     return run_demo(DemoOptions(ranks=args.ranks, out=args.out, rate_hz=args.rate, scan_shape=tuple(args.scan),
                                 dose_e_per_A2=args.dose, final_iterations=args.final_iterations,
@@ -176,6 +176,6 @@ def demo(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def replay(args: argparse.Namespace, argv: list[str]) -> int:
-    from ptylive.tools.replay import run as run_replay
+    from ptylive.streaming.replay import run as run_replay
 
     return run_replay(args)

@@ -1,9 +1,9 @@
 """Continuous refinement of one series on one worker while its frames arrive.
 
 The worker iterates over every frame received so far with the asynchronous halo exchange
-(:mod:`ptylive.daemon.async_exchange`), in the same global mini-batches as offline
-(:func:`ptylive.daemon.engine.minibatch_of`). A *tick* is one pass of the loop below; every
-worker runs the same ticks because all decisions come from :class:`~ptylive.daemon.consensus.Consensus`
+(:mod:`ptylive.daemon.engine.exchange.asynchronous`), in the same global mini-batches as offline
+(:func:`ptylive.daemon.engine.iteration.minibatch_of`). A *tick* is one pass of the loop below; every
+worker runs the same ticks because all decisions come from :class:`~ptylive.daemon.engine.exchange.consensus.Consensus`
 totals that every worker receives identically::
 
     post(local facts)                     # frames, Σ intensities, ended?, stop?, illumination maxima
@@ -34,9 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from ptylive.daemon.consensus import Consensus
-from ptylive.daemon.engine import EngineOptions, TileState, local_gradient, minibatch_of
-from ptylive.daemon.stream_frames import FrameStore
+from ptylive.daemon.engine.exchange.consensus import Consensus
+from ptylive.daemon.engine.iteration import EngineOptions, TileState, local_gradient, minibatch_of
+from ptylive.daemon.worker.frames import FrameStore
 from ptylive.gpu.backend import get_array_module
 from ptylive.gpu.multislice import forward
 from ptylive.gpu.patches import extract_patches

@@ -1,6 +1,6 @@
 """Rank 0's collector: tile previews in, stitched previews out, final files written.
 
-A thread owns two sockets: a PULL that every worker pushes to (:mod:`ptylive.daemon.rank_messages`)
+A thread owns two sockets: a PULL that every worker pushes to (:mod:`ptylive.daemon.service.messages`)
 and the preview PUB for operators. It places each tile preview into the series' mosaic and
 publishes at most ``rate_hz`` times a second, whenever something new arrived::
 
@@ -11,7 +11,7 @@ publishes at most ``rate_hz`` times a second, whenever something new arrived::
     part 1  (h, w) float32 mosaic of projected phase (NaN where no tile reported yet)
 
 When every worker's ``final`` of a series is in, it writes the HDF5 file
-(:mod:`ptylive.daemon.final_writer`) and publishes ``{"htype": "final", "series_id", "path", "status"}``.
+(:mod:`ptylive.daemon.service.results`) and publishes ``{"htype": "final", "series_id", "path", "status"}``.
 HTTP handlers read :meth:`Collector.status`, :meth:`tiles`, :meth:`preview_png` and :meth:`slice_png`
 from other threads. The same moments go to the viewer as server-sent events on :attr:`Collector.events`:
 ``series_start`` (a worker's first message about a series), ``preview`` (the PUB header without the
@@ -33,12 +33,12 @@ import msgpack
 import numpy as np
 import zmq
 
-from ptylive.daemon import rank_messages
-from ptylive.daemon.events import EventHub
-from ptylive.daemon.final_writer import write_final
-from ptylive.daemon.geometry import SeriesGeometry
-from ptylive.daemon.preview import Mosaic, to_png
-from ptylive.daemon.rank_messages import RankMessage
+from ptylive.daemon.service import messages as rank_messages
+from ptylive.daemon.http.sse import EventHub
+from ptylive.daemon.service.results import write_final
+from ptylive.daemon.engine.geometry import SeriesGeometry
+from ptylive.daemon.service.preview import Mosaic, to_png
+from ptylive.daemon.service.messages import RankMessage
 from ptylive.streaming.protocol import SeriesStart
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Asynchronous iterations: the engine's side of the three-buffer halo exchange.
 
-The exchanger (:mod:`ptylive.daemon.async_exchange`) moves updates; this module
+The exchanger (:mod:`ptylive.daemon.engine.exchange.asynchronous`) moves updates; this module
 decides when to compute, apply, push and poll.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ptylive.daemon.engine import (
+from ptylive.daemon.engine.iteration import (
     EngineOptions,
     EngineReport,
     TileState,
@@ -45,7 +45,7 @@ def run_async(state: TileState, exchanger: Any, options: EngineOptions,
     knows each neighbour's illumination of every mini-batch and the common
     floor; afterwards a rank applies
     its own update at once and neighbours' updates are added when they
-    arrive (:mod:`ptylive.daemon.async_exchange`). The preconditioner uses the
+    arrive (:mod:`ptylive.daemon.engine.exchange.asynchronous`). The preconditioner uses the
     latest illumination each neighbour sent for the same mini-batch.
     Staleness is counted in updates. The loss history is the sum of every
     rank's local losses, reduced at the end. With probe refinement, each

@@ -8,10 +8,10 @@ Three implementations of one small protocol (:class:`Exchanger`):
   gradient and illumination over each exchange region, receives its
   neighbours' and adds them in place, so every copy of a voxel holds the
   same totals (to rounding) and the stitched result equals the undecomposed one.
-* :class:`AsyncExchanger` (module :mod:`ptylive.daemon.async_exchange`) —
+* :class:`AsyncExchanger` (module :mod:`ptylive.daemon.engine.exchange.asynchronous`) —
   the method's three buffers; compute never waits on the network.
 
-Exchange regions are drawn in :mod:`ptylive.daemon.decomposition`.
+Exchange regions are drawn in :mod:`ptylive.daemon.engine.decomposition`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ptylive.daemon.decomposition import RankDomain
+from ptylive.daemon.engine.decomposition import RankDomain
 from ptylive.gpu.backend import get_array_module, to_numpy
 
 logger = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ It knows nothing of the daemon: every answer comes from the callables in
 method      path                   answer
 ==========  =====================  ==============================================
 GET         ``/``, ``/viewer.js``,  the live viewer page and its script and style
-            ``/viewer.css``        (:mod:`ptylive.daemon.viewer_page`)
+            ``/viewer.css``        (:mod:`ptylive.daemon.http.viewer`)
 GET         ``/status``            ``Providers.status()`` as JSON
 GET         ``/tiles``             ``Providers.tiles()`` as JSON
 GET         ``/preview.png``       ``Providers.preview_png()``; 404 while it is None;
@@ -39,17 +39,17 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from ptylive.daemon.events import EventHub, json_ready
-from ptylive.daemon.final_writer import served_file
-from ptylive.daemon.http_requests import (
+from ptylive.daemon.http.sse import EventHub, json_ready
+from ptylive.daemon.service.results import served_file
+from ptylive.daemon.http.requests import (
     CONTROL_DISABLED,
     MAX_CONTROL_BODY_BYTES,
     BadRequest,
     parse_control,
     parse_preview_query,
 )
-from ptylive.daemon.http_streams import OpenConnections, send_event_stream, send_file
-from ptylive.daemon.viewer_page import viewer_asset
+from ptylive.daemon.http.streams import OpenConnections, send_event_stream, send_file
+from ptylive.daemon.http.viewer import viewer_asset
 
 logger = logging.getLogger(__name__)
 

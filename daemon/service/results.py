@@ -24,8 +24,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ptylive.daemon.geometry import SeriesGeometry
-from ptylive.daemon.rank_messages import RankMessage
+from ptylive.daemon.engine.geometry import SeriesGeometry
+from ptylive.daemon.service.messages import RankMessage
 from ptylive.streaming.protocol import SeriesStart
 
 logger = logging.getLogger(__name__)

@@ -101,7 +101,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_replay(sub: argparse._SubParsersAction) -> None:
-    from ptylive.tools.replay import add_arguments
+    from ptylive.streaming.replay import add_arguments
 
     add_arguments(sub.add_parser("replay", help="send a scan file, a 4-D array or a ZeroMQ dump recording to a "
                                                 "running daemon"))
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from ptylive.daemon import commands
+    from ptylive.daemon.cli import commands
 
     try:
         return commands.run(args, argv)

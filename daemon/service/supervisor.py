@@ -23,13 +23,13 @@ from typing import Any
 import zmq
 from prometheus_client import CollectorRegistry
 
-from ptylive.daemon.collector import Collector
-from ptylive.daemon.config import DaemonConfig, apply_overrides
-from ptylive.daemon.geometry import SeriesGeometry, series_geometry
-from ptylive.daemon.http_api import Providers, StatusServer
-from ptylive.daemon.memory_plan import rank_memory
-from ptylive.daemon.metrics import DaemonMetrics, PreviewLatency
-from ptylive.daemon.notify import Watchdog, notify, watchdog_period_s
+from ptylive.daemon.service.collector import Collector
+from ptylive.daemon.service.config import DaemonConfig, apply_overrides
+from ptylive.daemon.engine.geometry import SeriesGeometry, series_geometry
+from ptylive.daemon.http.server import Providers, StatusServer
+from ptylive.daemon.engine.memory_plan import rank_memory
+from ptylive.daemon.service.metrics import DaemonMetrics, PreviewLatency
+from ptylive.daemon.service.notify import Watchdog, notify, watchdog_period_s
 from ptylive.streaming.decoders import make_decoder
 from ptylive.streaming.inbox import SeriesControl
 from ptylive.streaming.ingest import Ingest, IngestConfig

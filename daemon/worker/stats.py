@@ -1,5 +1,5 @@
 """What a worker reports to rank 0 in its heartbeats: cumulative counters over every series, new
-iteration durations, memory. Rank 0 turns them into Prometheus metrics (:mod:`ptylive.daemon.metrics`)."""
+iteration durations, memory. Rank 0 turns them into Prometheus metrics (:mod:`ptylive.daemon.service.metrics`)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import resource
 from dataclasses import dataclass, field
 from typing import Any
 
-from ptylive.daemon.consensus import Consensus
-from ptylive.daemon.stream_engine import StreamRun
+from ptylive.daemon.engine.exchange.consensus import Consensus
+from ptylive.daemon.worker.refine import StreamRun
 
 logger = logging.getLogger(__name__)
 

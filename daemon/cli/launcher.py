@@ -1,7 +1,7 @@
 """Start ourselves under ``mpiexec`` when a command needs several ranks.
 
 ``ptylive reconstruct --ranks 4`` run from a shell re-executes itself as
-``mpiexec -n 4 python -m ptylive.daemon.cli …``; under a launcher already
+``mpiexec -n 4 python -m ptylive.daemon.cli.main …``; under a launcher already
 (``mpiexec -n 4 ptylive reconstruct …``) it runs in place.
 """
 
@@ -37,8 +37,8 @@ def find_mpiexec() -> str:
 
 
 def relaunch(n_ranks: int, argv: list[str]) -> int:
-    """Run ``python -m ptylive.daemon.cli argv`` on ``n_ranks`` ranks; return its exit code."""
-    command = [find_mpiexec(), "-n", str(n_ranks), sys.executable, "-m", "ptylive.daemon.cli", *argv]
+    """Run ``python -m ptylive.daemon.cli.main argv`` on ``n_ranks`` ranks; return its exit code."""
+    command = [find_mpiexec(), "-n", str(n_ranks), sys.executable, "-m", "ptylive.daemon.cli.main", *argv]
     env = dict(os.environ)
     # One compute thread per rank: ranks carry the parallelism (ARCHITECTURE §8).
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):

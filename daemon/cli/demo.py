@@ -17,8 +17,8 @@ import msgpack
 import numpy as np
 import zmq
 
-from ptylive.daemon.config import DaemonConfig, ReconstructionConfig, loopback_config
-from ptylive.daemon.serve_process import ServeProcess
+from ptylive.daemon.service.config import DaemonConfig, ReconstructionConfig, loopback_config
+from ptylive.daemon.service.process import ServeProcess
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from ptylive.daemon.config import DaemonConfig, config_to_toml
+from ptylive.daemon.service.config import DaemonConfig, config_to_toml
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class ServeProcess:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.ready_file.unlink(missing_ok=True)
         self.config_file.write_text(config_to_toml(self.config))
-        command = [sys.executable, "-m", "ptylive.daemon.cli", *(["-v"] if self.verbose else []),
+        command = [sys.executable, "-m", "ptylive.daemon.cli.main", *(["-v"] if self.verbose else []),
                    "serve", "--config", str(self.config_file)]
         with open(self.log_file, "wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env)

@@ -1,7 +1,7 @@
 """``ptylive serve --config FILE``: the streaming daemon, one MPI job of ``workers.ranks + 1`` processes.
 
-Rank 0 runs :class:`~ptylive.daemon.rank0.Rank0` (ingest, collector, HTTP); ranks 1…R run
-:class:`~ptylive.daemon.worker.Worker` ``w = rank − 1``. The workers get a communicator of their own
+Rank 0 runs :class:`~ptylive.daemon.service.supervisor.Rank0` (ingest, collector, HTTP); ranks 1…R run
+:class:`~ptylive.daemon.worker.rank.Worker` ``w = rank − 1``. The workers get a communicator of their own
 for the halo exchange and the per-tick consensus. Rank 0 binds every internal socket (port 0) and
 broadcasts the endpoints once, msgpack-encoded (never pickled). If rank 0 cannot start (a port in
 use, a missing output folder), it broadcasts the error instead and every rank exits.
@@ -18,8 +18,8 @@ import msgpack
 import numpy as np
 import zmq
 
-from ptylive.daemon.config import DaemonConfig
-from ptylive.daemon.worker import Worker, WorkerSettings
+from ptylive.daemon.service.config import DaemonConfig
+from ptylive.daemon.worker.rank import Worker, WorkerSettings
 from ptylive.streaming.inbox import WorkerInbox
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def run(config: DaemonConfig, comm: Any) -> int:
 
 
 def _run_rank0(config: DaemonConfig, comm: Any) -> int:
-    from ptylive.daemon.rank0 import Rank0
+    from ptylive.daemon.service.supervisor import Rank0
 
     context = zmq.Context()
     try:
