@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from ptylive.gpu.multislice import forward
 from ptylive.gpu.patches import extract_patches, window_starts
@@ -61,6 +62,32 @@ class SimulationSpec:
         return real_space_pixel_size_A(self.energy_eV, self.window_px, self.detector_pixel_mrad)
 
 
+@dataclass(frozen=True)
+class Simulation:
+    """What :func:`simulate` returns: a scan file's contents (see :mod:`ptylive.streaming.scanfile`).
+
+    Attributes
+    ----------
+    metadata : dict[str, float]
+        The scan file's root attributes: ``energy_eV``, ``convergence_semiangle_mrad``, ``defocus_A``,
+        ``pixel_size_A``, ``detector_pixel_mrad``, ``slice_thickness_A``, ``n_slices``, ``upsampling``.
+    intensities : (n, D, D) float32
+        Far-field intensities, zero frequency at the centre; counts when a dose was given.
+    positions_px : (n, 2) float64
+        Probe centres (row, col) in object pixels.
+    probe : (N, N) complex64
+        The real-space probe, ``N = D * upsampling``.
+    object_truth : (S, H, W) complex64
+        The transmission of each slice.
+    """
+
+    metadata: dict[str, float]
+    intensities: npt.NDArray[np.float32]
+    positions_px: npt.NDArray[np.float64]
+    probe: npt.NDArray[np.complex64]
+    object_truth: npt.NDArray[np.complex64]
+
+
 def scan_positions(spec: SimulationSpec) -> np.ndarray:
     """Raster positions ``(n, 2)`` in object pixels; the first window starts at pixel 0."""
     rows = np.arange(spec.scan_shape[0]) * spec.scan_step_px
@@ -69,14 +96,20 @@ def scan_positions(spec: SimulationSpec) -> np.ndarray:
     return grid + spec.window_px // 2 + 0.5
 
 
-def simulate(spec: SimulationSpec, batch_size: int = 64) -> dict[str, np.ndarray | dict[str, float]]:
+def simulate(spec: SimulationSpec, batch_size: int = 64) -> Simulation:
     """Simulate a scan.
+
+    Parameters
+    ----------
+    spec : SimulationSpec
+        The crystal, optics and raster.
+    batch_size : int
+        Positions propagated at once.
 
     Returns
     -------
-    dict with ``metadata`` (attrs of the scan file), ``intensities`` (n, D, D) float32
-    (counts when a dose is given), ``positions_px`` (n, 2), ``probe`` (N, N) complex64 and
-    ``object_truth`` (S, H, W) complex64.
+    Simulation
+        Metadata, intensities (counts when ``spec.dose_e_per_A2`` is given), positions, probe and truth.
     """
     n = spec.window_px
     pixel = spec.pixel_size_A
@@ -102,7 +135,7 @@ def simulate(spec: SimulationSpec, batch_size: int = 64) -> dict[str, np.ndarray
         electrons = spec.dose_e_per_A2 * step_A**2
         rng = np.random.default_rng(spec.seed)
         intensities = rng.poisson(intensities * electrons).astype(np.float32)
-    metadata = {
+    metadata: dict[str, float] = {
         "energy_eV": spec.energy_eV, "convergence_semiangle_mrad": spec.convergence_semiangle_mrad,
         "defocus_A": spec.defocus_A, "pixel_size_A": pixel, "detector_pixel_mrad": spec.detector_pixel_mrad,
         "slice_thickness_A": spec.slice_thickness_A, "n_slices": spec.n_slices,
@@ -110,5 +143,5 @@ def simulate(spec: SimulationSpec, batch_size: int = 64) -> dict[str, np.ndarray
     }
     logger.info("simulated %d positions, object %s x %d slices, window %d px at %.4f A",
                 len(positions), shape, spec.n_slices, n, pixel)
-    return {"metadata": metadata, "intensities": intensities, "positions_px": positions,
-            "probe": probe.astype(np.complex64), "object_truth": truth.astype(np.complex64)}
+    return Simulation(metadata=metadata, intensities=intensities, positions_px=positions,
+                      probe=probe.astype(np.complex64), object_truth=truth.astype(np.complex64))

@@ -23,7 +23,7 @@ from ptylive.streaming import protocol
 from ptylive.streaming.scanfile import read_frames, read_metadata, read_positions
 
 if TYPE_CHECKING:
-    from ptylive.gpu.simulate import SimulationSpec
+    from ptylive.gpu.simulate import Simulation, SimulationSpec
 
 logger = logging.getLogger(__name__)
 
@@ -106,14 +106,14 @@ class ScanSource:
         return cls(start, functools.partial(read_frames, path, dtype=np.float64))
 
     @classmethod
-    def from_simulation(cls, spec: SimulationSpec, result: Mapping[str, Any] | None = None) -> ScanSource:
+    def from_simulation(cls, spec: SimulationSpec, result: Simulation | None = None) -> ScanSource:
         """Simulate ``spec`` in memory (:func:`ptylive.gpu.simulate.simulate`), or stream its ``result`` if given;
         raster ``spec.scan_shape``."""
         if result is None:
             from ptylive.gpu.simulate import simulate
             result = simulate(spec)
-        intensities = result["intensities"]
-        start = _template(result["metadata"], result["positions_px"], intensities.shape[1:], spec.scan_shape,
+        intensities = result.intensities
+        start = _template(result.metadata, result.positions_px, intensities.shape[1:], spec.scan_shape,
                           spec.scan_step_px * spec.pixel_size_A)
         return cls(start, lambda indices: intensities[indices])
 
@@ -126,7 +126,7 @@ def _template(metadata: Mapping[str, Any], positions_px: np.ndarray, detector_sh
     steps_A = np.linalg.norm(np.diff(positions_A, axis=0), axis=1)
     if step_A is None:
         step_A = float(np.median(steps_A[steps_A > 0])) if (steps_A > 0).any() else pixel_A
-    optics = {name: float(metadata[name]) for name in
+    optics: dict[str, Any] = {name: float(metadata[name]) for name in
               ("energy_eV", "convergence_semiangle_mrad", "defocus_A", "detector_pixel_mrad")}
     return protocol.SeriesStart(series_id="", scan_shape=scan_shape or (1, len(positions_A)),
                                 scan_step_A=(step_A, step_A), detector_shape=(detector_shape[0], detector_shape[1]),

@@ -41,10 +41,9 @@ def simulate(args: argparse.Namespace, argv: list[str]) -> int:
     if spec.n_slices < 1 or spec.detector_px < 4 or min(spec.scan_shape) < 1 or not spec.scan_step_px > 0:
         raise ValueError("--slices, --scan and --step-px must be positive and --detector-px >= 4")
     result = run_simulation(spec)
-    write_scan(args.out, result["metadata"], result["intensities"], result["positions_px"],
-               result["probe"], result["object_truth"])
-    truth = result["object_truth"]
-    print(f"wrote {args.out}: {len(result['positions_px'])} positions, object {truth.shape[1]}x{truth.shape[2]} px "
+    write_scan(args.out, result.metadata, result.intensities, result.positions_px, result.probe, result.object_truth)
+    truth = result.object_truth
+    print(f"wrote {args.out}: {len(result.positions_px)} positions, object {truth.shape[1]}x{truth.shape[2]} px "
           f"x {truth.shape[0]} slices, window {spec.window_px} px, pixel {spec.pixel_size_A:.4f} Å")
     return 0
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
-import numpy as np
 import zmq
 
 from ptylive.daemon.service.config import DaemonConfig, ReconstructionConfig, loopback_config
@@ -86,7 +85,7 @@ def run_demo(options: DemoOptions) -> int:
 
         with h5py.File(final["path"], "r") as f:
             volume, iterations = f["object"][...], int(f.attrs["iterations"])
-        correlation = phase_correlation(volume, simulation["object_truth"], np.asarray(simulation["positions_px"]))
+        correlation = phase_correlation(volume, simulation.object_truth, simulation.positions_px)
         _say(f"phase correlation with the simulated truth: {correlation:.3f} after {iterations} iterations")
         print(final["path"], flush=True)
         if options.keep_running:

@@ -36,10 +36,10 @@ Launch = Callable[[ScanSource, FakeDetectorOptions], tuple[FakeDetector, zmq.Soc
 def scan_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The simulated scan in counts; frame 0 starts with values to clip low, round, and clip high."""
     result = simulate(SPEC)
-    intensities = np.asarray(result["intensities"]) * 2e4
+    intensities = result.intensities * 2e4
     intensities[0, 0, :3] = [-3.0, 2.5, 1e6]
     path = tmp_path_factory.mktemp("fake_detector") / "scan.h5"
-    write_scan(path, result["metadata"], intensities.astype(np.float32), result["positions_px"])  # type: ignore[arg-type]
+    write_scan(path, result.metadata, intensities.astype(np.float32), result.positions_px)
     return path
 
 
@@ -131,11 +131,11 @@ def test_simulated_source_streams_its_raster(launch: Launch) -> None:
     truth = simulate(SPEC)
     assert source.n_frames == N_FRAMES and source.start.scan_shape == SPEC.scan_shape
     assert source.start.scan_step_A == pytest.approx((2.0 * SPEC.pixel_size_A,) * 2)
-    np.testing.assert_allclose(source.start.positions_A, truth["positions_px"] * SPEC.pixel_size_A)  # type: ignore[operator]
+    np.testing.assert_allclose(source.start.positions_A, truth.positions_px * SPEC.pixel_size_A)
     _, pull = launch(source, FakeDetectorOptions(dtype="float32"))
     start, frames, _, end = split(receive_series(pull))
     assert start.scan_shape == SPEC.scan_shape and end.n_frames == N_FRAMES
-    np.testing.assert_array_equal(np.stack([f.pixels for f in frames]), truth["intensities"])
+    np.testing.assert_array_equal(np.stack([f.pixels for f in frames]), truth.intensities)
     assert all(f.position_A is None for f in frames)
 
 
