@@ -48,56 +48,58 @@ def simulate(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
-def _engine_options(args: argparse.Namespace) -> Any:
-    from ptylive.daemon.engine.iteration import EngineOptions
-
-    return EngineOptions(iterations=args.iterations, mode=args.mode, batch_size=args.batch_size,
-                         step_size=args.step_size, loss=args.loss, refine_probe=args.refine_probe,
-                         max_staleness=args.max_staleness, updates_per_iteration=args.updates_per_iteration)
-
-
 def _validate(args: argparse.Namespace) -> Any:
     from ptylive.daemon.cli.offline import validate
+    from ptylive.daemon.service.config import ReconstructionConfig
 
+    settings = ReconstructionConfig(loss=args.loss, batch_size=args.batch_size, step_size=args.step_size,
+                                    refine_probe=args.refine_probe, max_staleness=args.max_staleness,
+                                    updates_per_iteration=args.updates_per_iteration)
     return validate(args.scan, args.out, args.ranks, args.slices, args.slice_thickness_A, args.upsampling,
-                    args.precision, args.backend, _engine_options(args), args.quiet)
+                    args.precision, args.backend, settings.engine_options(args.mode, args.iterations), args.quiet)
 
 
 def reconstruct(args: argparse.Namespace, argv: list[str]) -> int:
-    from ptylive.daemon.cli.offline import run_rank
+    """Validate once, then run here (one rank), under a new ``mpiexec``, or under the user's ``mpiexec``."""
+    from ptylive.daemon.cli.offline import JOB_ENV, ReconstructionJob, run_job
 
     if not under_mpi():
         job = _validate(args)  # one clear message before any rank starts
         if args.ranks == 1:
-            run_rank(job, None)
+            run_job(job, None)
             return 0
-        return relaunch(args.ranks, argv)
+        return relaunch(args.ranks, [], module="ptylive.daemon.cli.offline", env={JOB_ENV: job.to_json()})
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
-    error, job = None, None
+    message = b""
     if comm.Get_rank() == 0:
         try:
             job = _validate(args)
             if comm.Get_size() != args.ranks:
                 raise ValueError(f"--ranks {args.ranks} but mpiexec started {comm.Get_size()} ranks")
+            message = b"J" + job.to_json().encode()
         except (ValueError, OSError) as exc:
-            error = str(exc)
-    error = comm.bcast(error, root=0)
-    if error is not None:
+            message = b"E" + str(exc).encode()
+    message = _broadcast_bytes(comm, message)
+    if message[:1] == b"E":
         if comm.Get_rank() == 0:
-            print(f"error: {error}", file=sys.stderr)
+            print(f"error: {message[1:].decode()}", file=sys.stderr)
         return EXIT_USAGE
-    job = comm.bcast(job, root=0)
-    if args.backend == "cupy":  # each rank takes the GPU of its node-local rank
-        import cupy  # type: ignore[import-not-found]
-
-        local = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
-        with cupy.cuda.Device(local % cupy.cuda.runtime.getDeviceCount()):
-            run_rank(job, comm)
-    else:
-        run_rank(job, comm)
+    run_job(ReconstructionJob.from_json(message[1:].decode()), comm)
     return 0
+
+
+def _broadcast_bytes(comm: Any, message: bytes) -> bytes:
+    """Rank 0's ``message`` on every rank (uppercase MPI: a length, then the bytes; never pickled)."""
+    import numpy as np
+
+    length = np.array([len(message)], dtype=np.int64)
+    comm.Bcast(length, root=0)
+    buffer = np.frombuffer(message, dtype=np.uint8).copy() if comm.Get_rank() == 0 else np.empty(int(length[0]),
+                                                                                                 np.uint8)
+    comm.Bcast(buffer, root=0)
+    return buffer.tobytes()
 
 
 def plan(args: argparse.Namespace, argv: list[str]) -> int:

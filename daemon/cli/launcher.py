@@ -36,11 +36,12 @@ def find_mpiexec() -> str:
     return found
 
 
-def relaunch(n_ranks: int, argv: list[str]) -> int:
-    """Run ``python -m ptylive.daemon.cli.main argv`` on ``n_ranks`` ranks; return its exit code."""
-    command = [find_mpiexec(), "-n", str(n_ranks), sys.executable, "-m", "ptylive.daemon.cli.main", *argv]
-    env = dict(os.environ)
-    # One compute thread per rank: ranks carry the parallelism (ARCHITECTURE §8).
+def relaunch(n_ranks: int, argv: list[str], module: str = "ptylive.daemon.cli.main",
+             env: dict[str, str] | None = None) -> int:
+    """Run ``python -m MODULE argv`` on ``n_ranks`` ranks, with ``env`` added; return its exit code."""
+    command = [find_mpiexec(), "-n", str(n_ranks), sys.executable, "-m", module, *argv]
+    env = {**os.environ, **(env or {})}
+    # One compute thread per rank: ranks carry the parallelism (docs/architecture.md, performance notes).
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         env.setdefault(name, "1")
     env.setdefault("OMP_WAIT_POLICY", "passive")

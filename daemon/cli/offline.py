@@ -1,12 +1,21 @@
-"""``ptylive reconstruct``: offline reconstruction of a scan file on R ranks.
+"""``ptylive reconstruct``: the offline job, a scan file reconstructed on R ranks.
 
-Every rank runs :mod:`engine` on its extended tile; rank 0 also stitches the
-tiles and writes the result. The very same worker code serves the daemon.
+The launcher (:func:`ptylive.daemon.cli.commands.reconstruct`) validates the job once
+(:func:`validate`: every attribute, every frame finite, windows inside the object) and hands the
+checked :class:`ReconstructionJob` to the ranks as JSON, never pickled: in the environment
+variable :data:`JOB_ENV` when it starts ``mpiexec`` itself (ranks run ``python -m
+ptylive.daemon.cli.offline``, not the CLI again), or broadcast as bytes by rank 0 when the user
+started ``mpiexec``. Every rank then runs the engine (:mod:`ptylive.daemon.engine`) on its extended
+tile, exactly as a streaming worker does; rank 0 stitches the tiles and writes the result through
+:func:`ptylive.daemon.service.results.write_result`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import os
 import sys
 import time
 import tracemalloc
@@ -14,17 +23,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
 from ptylive.daemon.engine.decomposition import RankDomain, decompose, stitch
-from ptylive.daemon.engine.iteration import EngineOptions, EngineReport, TileState, fit_scale, run_sync
+from ptylive.daemon.engine.exchange.factory import async_exchanger, sync_exchanger
+from ptylive.daemon.engine.exchange.gather import gather_to_root
+from ptylive.daemon.engine.exchange.protocols import SyncExchange
+from ptylive.daemon.engine.iteration import EngineReport, fit_scale, run_async, run_sync
 from ptylive.daemon.engine.memory_plan import rank_memory
+from ptylive.daemon.engine.options import EngineOptions
+from ptylive.daemon.engine.tile import TileOptics, TileState, set_up_tile
+from ptylive.daemon.service.results import RANK_STATS, write_result
 from ptylive.gpu.backend import PRECISIONS, backend_module, to_numpy
 from ptylive.gpu.patches import check_windows, window_starts
 from ptylive.gpu.physics import wavelength_A
-from ptylive.gpu.probe import ProbeOptics, make_probe
-from ptylive.gpu.propagation import fresnel_propagator
+from ptylive.gpu.warmup import compile_kernels
 from ptylive.streaming.scanfile import (
     ScanFileError,
     ScanMetadata,
@@ -36,6 +49,9 @@ from ptylive.streaming.scanfile import (
 )
 
 logger = logging.getLogger(__name__)
+
+#: Environment variable that carries the validated job (JSON) to ranks started by the launcher.
+JOB_ENV = "PTYLIVE_RECONSTRUCT_JOB"
 
 
 @dataclass(frozen=True)
@@ -58,6 +74,20 @@ class ReconstructionJob:
     @property
     def window_px(self) -> int:
         return self.metadata.detector_px * self.upsampling
+
+    def to_json(self) -> str:
+        """The job as JSON (paths as strings); :meth:`from_json` reads it back."""
+        return json.dumps(dataclasses.asdict(self), default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> ReconstructionJob:
+        fields = json.loads(text)
+        meta = fields["metadata"]
+        if meta["object_shape"] is not None:
+            meta["object_shape"] = tuple(meta["object_shape"])
+        return cls(**{**fields, "scan_path": Path(fields["scan_path"]), "out_path": Path(fields["out_path"]),
+                      "options": EngineOptions(**fields["options"]), "metadata": ScanMetadata(**meta),
+                      "object_shape": tuple(fields["object_shape"])})
 
 
 def validate(scan_path: Path, out_path: Path, n_ranks: int, n_slices: int | None,
@@ -109,22 +139,14 @@ def validate(scan_path: Path, out_path: Path, n_ranks: int, n_slices: int | None
 
 
 def _initial_state(job: ReconstructionJob, domain: RankDomain, all_positions: np.ndarray, xp: Any) -> TileState:
-    real_t, complex_t = PRECISIONS[job.precision]
     meta = job.metadata
-    pixel = meta.pixel_size_A
-    probe = read_optional(job.scan_path, "probe")
-    if probe is None:
-        optics = ProbeOptics(meta.energy_eV, meta.convergence_semiangle_mrad, meta.defocus_A)
-        probe = make_probe(optics, job.window_px, pixel, dtype=np.complex128)
-    positions = all_positions[domain.positions]
-    starts, shifts = window_starts(positions, job.window_px)
+    real_t = PRECISIONS[job.precision][0]
+    optics = TileOptics(meta.energy_eV, meta.convergence_semiangle_mrad, meta.defocus_A, meta.pixel_size_A,
+                        job.window_px, job.n_slices, job.slice_thickness_A, read_optional(job.scan_path, "probe"))
+    starts, shifts = window_starts(all_positions[domain.positions], job.window_px)
     starts = starts - np.array([domain.extended.row0, domain.extended.col0])
-    frames = read_frames(job.scan_path, domain.positions, dtype=real_t)
-    propagator = fresnel_propagator(xp, job.window_px, pixel, wavelength_A(meta.energy_eV),
-                                    job.slice_thickness_A, dtype=complex_t)
-    volume = xp.ones((job.n_slices, *domain.extended.shape), dtype=complex_t)
-    return TileState(domain, volume, xp.asarray(probe.astype(complex_t)), propagator, starts,
-                     shifts.astype(real_t), xp.asarray(frames))
+    frames = xp.asarray(read_frames(job.scan_path, domain.positions, dtype=real_t))
+    return set_up_tile(domain, optics, starts, shifts, frames, xp, job.precision)
 
 
 def infer_upsampling(meta: ScanMetadata) -> int:
@@ -136,72 +158,50 @@ def infer_upsampling(meta: ScanMetadata) -> int:
 def run_rank(job: ReconstructionJob, comm: Any | None) -> None:
     """Reconstruct this rank's tile; rank 0 stitches and writes ``job.out_path``.
 
-    Peak memory is measured with tracemalloc (numpy reports its buffers to
-    it) from after :func:`_warm_up`, so it counts the arrays of the
-    reconstruction rather than compiled code and imported modules.
+    Peak memory is measured with tracemalloc (numpy reports its buffers to it) from after the
+    kernels are compiled, so it counts the arrays of the reconstruction rather than compiled code
+    and imported modules.
     """
-    _warm_up(job)
+    if job.backend == "numpy":
+        compile_kernels(*PRECISIONS[job.precision])
     tracemalloc.start()
     rank = 0 if comm is None else comm.Get_rank()
     positions = read_positions(job.scan_path)
     domains = decompose(job.object_shape, positions, job.window_px, job.n_ranks)
     domain = domains[rank]
-    xp = backend_module(job.backend)
-    state = _initial_state(job, domain, positions, xp)
-    exchanger = _make_exchanger(job, comm, domain)
-    fit_scale(state, exchanger, job.options)
+    state = _initial_state(job, domain, positions, backend_module(job.backend))
     started = time.perf_counter()
     progress = None if (rank != 0 or job.quiet) else _print_progress(job.options.iterations, started)
+    exchanger: SyncExchange
     if job.options.mode == "sync" or job.n_ranks == 1:  # one rank: async has nobody to wait for
+        exchanger = sync_exchanger(comm, domain, job.n_slices, job.precision)
+        fit_scale(state, exchanger, job.options)
         report = run_sync(state, exchanger, job.options, progress)
     else:
-        from ptylive.daemon.engine.async_iteration import run_async
-
-        report = run_async(state, exchanger, job.options, progress)
+        asynchronous = async_exchanger(comm, domain, job.n_slices, job.precision, job.options)
+        fit_scale(state, asynchronous, job.options)
+        report = run_async(state, asynchronous, job.options, progress)
+        exchanger = asynchronous
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     predicted = rank_memory(domain, job.n_slices, job.window_px, job.metadata.detector_px,
                             job.options.batch_size, job.precision, job.options.mode,
                             job.options.updates_per_iteration).total
-    stats = np.array([report.compute_s, exchanger.stats.wait_s, exchanger.stats.bytes_sent,
-                      peak, predicted, _mean(exchanger.stats.staleness), max(exchanger.stats.staleness, default=0),
-                      sum(report.iterations_s)], dtype=np.float64)
-    volume = to_numpy(state.volume)
-    from ptylive.daemon.engine.exchange.gather import gather_to_root
-
-    volumes, all_stats = gather_to_root(comm, domains, volume, stats)
+    measured = {"compute_s": report.compute_s, "exchange_wait_s": exchanger.stats.wait_s, "consensus_wait_s": 0.0,
+                "bytes_sent": exchanger.stats.bytes_sent, "staleness_mean": _mean(exchanger.stats.staleness),
+                "staleness_max": max(exchanger.stats.staleness, default=0),
+                "iterations_total_s": sum(report.iterations_s), "frames_bytes": state.targets.nbytes,
+                "frames_received": len(domain.positions), "peak_memory_bytes": peak,
+                "predicted_memory_bytes": predicted}
+    stats = np.array([float(measured[name]) for name in RANK_STATS], dtype=np.float64)
+    volumes, all_stats = gather_to_root(comm, domains, to_numpy(state.volume), stats)
     if rank == 0:
         result = stitch((job.n_slices, *job.object_shape), domains, volumes)
         _write(job, result, to_numpy(state.probe), positions, report, all_stats, state.scale)
 
 
-def _warm_up(job: ReconstructionJob) -> None:
-    """Compile numba kernels and import lazily loaded modules before measuring memory."""
-    from ptylive.gpu.patches import accumulate_patches, extract_patches
-
-    for dtype in PRECISIONS[job.precision]:
-        volume = np.zeros((1, 4, 4), dtype)
-        accumulate_patches(volume, np.zeros((1, 2), np.int64), extract_patches(volume, np.zeros((1, 2), np.int64), 2))
-    if job.n_ranks > 1:
-        from mpi4py import MPI  # noqa: F401
-
-
 def _mean(values: list[int]) -> float:
     return float(np.mean(values)) if values else 0.0
-
-
-def _make_exchanger(job: ReconstructionJob, comm: Any | None, domain: RankDomain) -> Any:
-    from ptylive.daemon.engine.exchange.sync import NullExchanger, SyncExchanger
-
-    if comm is None or comm.Get_size() == 1:
-        return NullExchanger()
-    real_t, complex_t = PRECISIONS[job.precision]
-    if job.options.mode == "sync":
-        return SyncExchanger(comm, domain, job.n_slices, real_t)
-    from ptylive.daemon.engine.exchange.asynchronous import AsyncExchanger
-
-    return AsyncExchanger(comm, domain, job.n_slices, real_t, complex_t, job.options.max_staleness,
-                          job.options.updates_per_iteration)
 
 
 def _print_progress(total: int, started: float) -> Any:
@@ -212,27 +212,45 @@ def _print_progress(total: int, started: float) -> Any:
     return show
 
 
-STAT_NAMES = ("compute_s", "exchange_wait_s", "bytes_sent", "peak_memory_bytes", "predicted_memory_bytes",
-              "staleness_mean", "staleness_max", "iterations_total_s")
-
-
 def _write(job: ReconstructionJob, volume: np.ndarray, probe: np.ndarray, positions: np.ndarray,
            report: EngineReport, stats: np.ndarray, scale: float) -> None:
-    tmp = job.out_path.with_name(job.out_path.name + ".partial")
-    with h5py.File(tmp, "w") as f:
-        f.create_dataset("object", data=volume)
-        f.create_dataset("probe", data=probe)
-        f.create_dataset("loss", data=np.asarray(report.loss_history))
-        f.create_dataset("positions_px", data=positions)
-        ranks = f.create_group("ranks")
-        for i, name in enumerate(STAT_NAMES):
-            ranks.create_dataset(name, data=stats[:, i])
-        attrs = {"mode": job.options.mode, "n_ranks": job.n_ranks, "iterations": job.options.iterations,
-                 "precision": job.precision, "n_slices": job.n_slices, "slice_thickness_A": job.slice_thickness_A,
-                 "upsampling": job.upsampling, "loss_function": job.options.loss, "detector_scale": scale,
-                 "pixel_size_A": job.metadata.pixel_size_A, "energy_eV": job.metadata.energy_eV,
-                 "source": str(job.scan_path), "step_size": job.options.step, "backend": job.backend}
-        f.attrs.update(attrs)
-    tmp.replace(job.out_path)
+    attrs = {"mode": job.options.mode, "n_ranks": job.n_ranks, "iterations": job.options.iterations,
+             "precision": job.precision, "n_slices": job.n_slices, "slice_thickness_A": job.slice_thickness_A,
+             "upsampling": job.upsampling, "loss_function": job.options.loss, "detector_scale": scale,
+             "pixel_size_A": job.metadata.pixel_size_A, "energy_eV": job.metadata.energy_eV,
+             "source": str(job.scan_path), "step_size": job.options.step, "backend": job.backend}
+    per_rank = [dict(zip(RANK_STATS, row, strict=True)) for row in stats]
+    write_result(job.out_path, {"object": volume, "probe": probe, "loss": np.asarray(report.loss_history),
+                                "positions_px": positions}, per_rank, attrs)
     if not job.quiet:
         print(f"wrote {job.out_path}", file=sys.stderr)
+
+
+def run_job(job: ReconstructionJob, comm: Any | None) -> None:
+    """Run ``job`` on this rank; with CuPy each rank takes the GPU of its node-local rank."""
+    if job.backend != "cupy" or comm is None:
+        run_rank(job, comm)
+        return
+    import cupy  # type: ignore[import-not-found]
+    from mpi4py import MPI
+
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+    with cupy.cuda.Device(local % cupy.cuda.runtime.getDeviceCount()):
+        run_rank(job, comm)
+
+
+def main() -> int:
+    """Entry point of ranks started by the launcher: the job comes from :data:`JOB_ENV`."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    job = ReconstructionJob.from_json(os.environ[JOB_ENV])
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    if comm.Get_size() != job.n_ranks:
+        raise SystemExit(f"error: the job needs {job.n_ranks} ranks but mpiexec started {comm.Get_size()}")
+    run_job(job, comm)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,6 +16,9 @@ Because mini-batches are global, the sync result does not depend on the
 number of ranks; several updates per iteration converge far faster than
 one full-gradient step (measured: see BENCHMARKS.md).
 
+In ``async`` mode (:func:`run_async`, and the streaming workers) every update is
+:func:`async_update`: a rank applies its own update at once and neighbours' arrive later.
+
 The factor 2 turns our gradient convention (``2 ∂L/∂O*``) into the classic
 ePIE/LSQ step: with ``step = 1`` and one slice, a voxel lit by a single
 position moves all the way to the Fourier-projected object.
@@ -26,93 +29,22 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
 
-from ptylive.daemon.engine.decomposition import RankDomain
+from ptylive.daemon.engine.exchange.protocols import AsyncExchange, SyncExchange
+from ptylive.daemon.engine.options import EngineOptions
+from ptylive.daemon.engine.tile import TileState
 from ptylive.gpu.backend import get_array_module, to_numpy, zeros_aligned
-from ptylive.gpu.loss import LOSSES, fit_intensity_scale, measured_target
+from ptylive.gpu.loss import fit_intensity_scale, measured_target
 from ptylive.gpu.multislice import forward, loss_and_gradient
 from ptylive.gpu.patches import accumulate_patches, extract_patches
 from ptylive.gpu.update import constrain, object_update
 
 logger = logging.getLogger(__name__)
-
-MODES = ("sync", "async")
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """Iteration settings shared by every rank."""
-
-    iterations: int = 30
-    mode: str = "sync"
-    batch_size: int = 32
-    step_size: float | None = None  # None: see ``step``
-    illumination_floor: float = 0.05
-    loss: str = "amplitude"
-    refine_probe: bool = False
-    probe_step_size: float = 0.5
-    max_staleness: int = 4
-    max_amplitude: float | None = 1.0
-    updates_per_iteration: int = 16
-
-    def __post_init__(self) -> None:
-        if self.iterations < 1:
-            raise ValueError(f"iterations must be >= 1, got {self.iterations}")
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        if self.batch_size < 1 or not self.step > 0 or not self.illumination_floor > 0:
-            raise ValueError("batch_size, step_size and illumination_floor must be positive")
-        if self.updates_per_iteration < 1:
-            raise ValueError(f"updates_per_iteration must be >= 1, got {self.updates_per_iteration}")
-
-    @property
-    def step(self) -> float:
-        """The step size in use: ``step_size``, else 1.0 (sync) or 0.5 (async), halved for Poisson.
-
-        Async applies neighbours' updates one or more updates late; at step 1 (a
-        full projection per mini-batch) they over-correct and the iterations diverge.
-        Near the solution the Poisson gradient is twice the amplitude one (and larger
-        at dark pixels); at step 1 it diverged on PbTiO3 at 1e5 e/Å².
-        """
-        if self.step_size is not None:
-            return self.step_size
-        return (1.0 if self.mode == "sync" else 0.5) * (0.5 if self.loss == "poisson" else 1.0)
-
-
-@dataclass
-class TileState:
-    """Arrays one rank owns.
-
-    Attributes
-    ----------
-    domain : RankDomain
-    volume : (S, He, We) complex
-        Object transmission over the extended tile.
-    probe : (N, N) complex
-    propagator : (N, N) complex
-    starts : (P, 2) int
-        Window starts relative to the extended tile.
-    shifts : (P, 2) float
-        Sub-pixel shifts.
-    targets : (P, D, D) real
-        Raw intensities until :func:`fit_scale`, then the loss's target.
-    """
-
-    domain: RankDomain
-    volume: Any
-    probe: Any
-    propagator: Any
-    starts: np.ndarray
-    shifts: np.ndarray
-    targets: Any
-    scale: float = float("nan")
-
 
 @dataclass
 class EngineReport:
@@ -145,7 +77,7 @@ def minibatches(state: TileState, options: EngineOptions) -> list[np.ndarray]:
     return [np.flatnonzero(labels == m) for m in range(options.updates_per_iteration)]
 
 
-def fit_scale(state: TileState, exchanger: Any, options: EngineOptions) -> None:
+def fit_scale(state: TileState, exchanger: SyncExchange, options: EngineOptions) -> None:
     """Fit the detector scale over all ranks and turn intensities into loss targets."""
     xp = get_array_module(state.volume)
     window = state.probe.shape[-1]
@@ -208,7 +140,7 @@ def finish_iteration(report: EngineReport, iteration: int, loss: float, start: f
         on_iteration(iteration, loss, elapsed)
 
 
-def run_sync(state: TileState, exchanger: Any, options: EngineOptions,
+def run_sync(state: TileState, exchanger: SyncExchange, options: EngineOptions,
              on_iteration: Callable[[int, float, float], None] | None = None,
              on_exact_update: Callable[[int, int], None] | None = None) -> EngineReport:
     """Synchronous iterations: exact totals at every update (any number of ranks).
@@ -240,5 +172,103 @@ def run_sync(state: TileState, exchanger: Any, options: EngineOptions,
             loss += part
         report.loss_history.append(float(exchanger.allreduce_sum(np.array([loss]))[0]))
         finish_iteration(report, iteration, report.loss_history[-1], start, on_iteration)
+    report.compute_s = sum(report.iterations_s) - exchanger.stats.wait_s
+    return report
+
+
+def async_update(state: TileState, exchanger: AsyncExchange, options: EngineOptions, members: np.ndarray,
+                 minibatch: int, step: int, floor: float | None) -> tuple[float, Any, float]:
+    """One asynchronous update of the tile: the step offline async and the streaming workers share.
+
+    The local gradient of ``members`` (this rank's positions of global mini-batch ``minibatch``),
+    preconditioned by the own illumination plus each neighbour's latest of the same mini-batch, is
+    applied at once, constrained, pushed into the accumulated buffers, and what neighbours sent
+    meanwhile is added (:meth:`AsyncExchange.progress` also runs between chunks of the gradient).
+
+    Parameters
+    ----------
+    members : (k,) int
+        Local position indices.
+    step : int
+        Update counter (iteration × mini-batches + mini-batch), for staleness.
+    floor : float or None
+        Preconditioner floor; None: ``illumination_floor`` × this total illumination's maximum.
+
+    Returns
+    -------
+    loss : float
+        Local loss of ``members`` before the update.
+    probe_gradient : (N, N) complex or None
+        This rank's probe gradient (``options.refine_probe``), not yet reduced.
+    illumination_max : float
+        Maximum of the total illumination used (streaming workers agree on floors from it).
+    """
+    part, gradient, own, probe_gradient = local_gradient(
+        state, options, members, between_batches=partial(exchanger.progress, state.volume, step))
+    total = exchanger.total_illumination(own, minibatch)
+    illumination_max = float(total.max())
+    if floor is None or not floor > 0:
+        floor = options.illumination_floor * illumination_max
+    update = object_update(gradient, total, max(floor, 1e-30), options.step)
+    state.volume += update
+    constrain(state.volume, options.max_amplitude)
+    exchanger.push(update, own, step, minibatch)
+    exchanger.progress(state.volume, step)
+    exchanger.enforce_staleness(state.volume, step)
+    return part, probe_gradient, illumination_max
+
+
+def _apply_probe_total(state: TileState, total: Any, options: EngineOptions, n_positions: float) -> None:
+    """Async probe step: the mean gradient over all positions of one iteration."""
+    if total is not None:
+        xp = get_array_module(state.probe)
+        state.probe -= (0.5 * options.probe_step_size / n_positions) * xp.asarray(total)
+
+
+def run_async(state: TileState, exchanger: AsyncExchange, options: EngineOptions,
+              on_iteration: Callable[[int, float, float], None] | None = None) -> EngineReport:
+    """Asynchronous iterations with the three-buffer exchanger.
+
+    The first iteration is exact (blocking, :func:`run_sync`), so every rank
+    knows each neighbour's illumination of every mini-batch and the common
+    floor; afterwards a rank applies
+    its own update at once and neighbours' updates are added when they
+    arrive (:mod:`ptylive.daemon.engine.exchange.asynchronous`). The preconditioner uses the
+    latest illumination each neighbour sent for the same mini-batch.
+    Staleness is counted in updates. The loss history is the sum of every
+    rank's local losses, reduced at the end. With probe refinement, each
+    iteration's probe gradient is summed by a non-blocking all-reduce and
+    applied at the end of the next iteration (every rank applies the same
+    totals, so the probes agree).
+    """
+    batches = minibatches(state, options)
+    warm_up = replace(options, iterations=1)
+    report = run_sync(state, exchanger, warm_up, on_iteration,
+                      on_exact_update=exchanger.remember_neighbour_illumination)
+    local_losses = list(report.loss_history)  # iteration 0 is exact: already a global sum
+    n_positions = float(exchanger.allreduce_sum(np.array([float(len(state.starts))]))[0])
+    for iteration in range(1, options.iterations):
+        start = time.perf_counter()
+        loss = 0.0
+        probe_gradient_sum = None
+        for m, members in enumerate(batches):
+            step = iteration * len(batches) + m
+            part, probe_gradient, _ = async_update(state, exchanger, options, members, m, step, report.floors[m])
+            if probe_gradient is not None and probe_gradient_sum is None:
+                probe_gradient_sum = probe_gradient
+            elif probe_gradient is not None:
+                probe_gradient_sum += probe_gradient
+            loss += part
+        if probe_gradient_sum is not None:  # one non-blocking all-reduce per iteration, applied one late
+            _apply_probe_total(state, exchanger.finish_probe_reduction(), options, n_positions)
+            exchanger.start_probe_reduction(to_numpy(probe_gradient_sum))
+        local_losses.append(loss)
+        finish_iteration(report, iteration, loss, start, on_iteration)
+    if options.refine_probe:
+        _apply_probe_total(state, exchanger.finish_probe_reduction(), options, n_positions)
+    exchanger.finish(state.volume, options.iterations * len(batches))
+    constrain(state.volume, options.max_amplitude)
+    reduced = exchanger.allreduce_sum(np.array(local_losses[1:])) if len(local_losses) > 1 else []
+    report.loss_history = local_losses[:1] + [float(v) for v in reduced]
     report.compute_s = sum(report.iterations_s) - exchanger.stats.wait_s
     return report

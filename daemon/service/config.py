@@ -23,6 +23,8 @@ from typing import Any, ClassVar, Literal
 
 import tomli_w
 
+from ptylive.daemon.engine.options import EngineOptions
+
 logger = logging.getLogger(__name__)
 
 
@@ -165,6 +167,14 @@ class ReconstructionConfig(_Section):
     max_amplitude: float = _option(1.0, gt=0)
     final_iterations: int = _option(30, ge=0)
     final_seconds: float = _option(0.0, ge=0)
+    refine_probe: bool = False
+
+    def engine_options(self, mode: Literal["sync", "async"], iterations: int) -> EngineOptions:
+        """The engine's iteration settings from this section: the one translation, offline and streaming."""
+        return EngineOptions(iterations=iterations, mode=mode, batch_size=self.batch_size, step_size=self.step_size,
+                             illumination_floor=self.illumination_floor, loss=self.loss,
+                             refine_probe=self.refine_probe, max_staleness=self.max_staleness,
+                             max_amplitude=self.max_amplitude, updates_per_iteration=self.updates_per_iteration)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -1,6 +1,9 @@
-"""The final HDF5 file of a streamed series, assembled by rank 0 from every worker's ``final`` message.
+"""Result files: the one writer behind ``ptylive reconstruct`` and the streamed series' final files.
 
-Layout (the same names as ``ptylive reconstruct`` writes, plus streaming facts)::
+:func:`write_result` writes every result file (atomically, per-rank statistics under ``ranks/`` with
+the names of :data:`RANK_STATS`); :func:`write_final` assembles a streamed series from every worker's
+``final`` message and writes it through :func:`write_result`. Layout of a streamed series' file (the
+same names as ``ptylive reconstruct`` writes, plus streaming facts)::
 
     object          (S, H, W) complex   stitched tiles, halos dropped
     probe           (N, N) complex
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +34,33 @@ from ptylive.streaming.protocol import SeriesStart
 
 logger = logging.getLogger(__name__)
 
-STAT_NAMES = ("compute_s", "exchange_wait_s", "consensus_wait_s", "bytes_sent", "staleness_mean",
-              "staleness_max", "iterations_total_s", "frames_bytes", "frames_received")
+#: Per-rank statistics of every result file (``ranks/<name>``, one value per rank; NaN where a mode does
+#: not measure it: streaming workers do not trace peak memory, offline ranks have no consensus).
+RANK_STATS = ("compute_s", "exchange_wait_s", "consensus_wait_s", "bytes_sent", "staleness_mean", "staleness_max",
+              "iterations_total_s", "frames_bytes", "frames_received", "peak_memory_bytes", "predicted_memory_bytes")
+
+
+def write_result(path: Path, datasets: Mapping[str, np.ndarray], rank_stats: Sequence[Mapping[str, float]],
+                 attrs: Mapping[str, Any]) -> None:
+    """Write a result file atomically (``NAME.partial``, then renamed to ``path``).
+
+    Parameters
+    ----------
+    datasets : name -> array
+        Root datasets (``object`` (S, H, W) complex, ``probe``, ``loss``, ``positions_px`` ...).
+    rank_stats : one mapping per rank
+        Values of :data:`RANK_STATS`; missing names are written as NaN.
+    attrs : root attributes
+    """
+    partial = path.with_name(path.name + ".partial")
+    with h5py.File(partial, "w") as f:
+        for name, data in datasets.items():
+            f.create_dataset(name, data=data)
+        ranks = f.create_group("ranks")
+        for name in RANK_STATS:
+            ranks.create_dataset(name, data=np.array([float(stats.get(name, np.nan)) for stats in rank_stats]))
+        f.attrs.update(attrs)
+    partial.replace(path)
 
 
 def output_path(folder: Path, series_id: str) -> Path:
@@ -92,27 +121,21 @@ def write_final(folder: Path, start: SeriesStart, geometry: SeriesGeometry, fina
     histories = [np.asarray(m.header["loss_history"], dtype=np.float64) for m in finals]
     n_iterations = min(len(h) for h in histories)
     path = output_path(folder, start.series_id)
-    partial = path.with_name(path.name + ".partial")
-    with h5py.File(partial, "w") as f:
-        f.create_dataset("object", data=volume)
-        f.create_dataset("probe", data=finals[0].arrays[1])
-        f.create_dataset("loss", data=np.sum([h[:n_iterations] for h in histories], axis=0))
-        f.create_dataset("frames_used", data=np.sum(
-            [np.asarray(m.header["frames_history"][:n_iterations], dtype=np.int64) for m in finals], axis=0))
-        f.create_dataset("positions_px", data=geometry.positions_px)
-        f.create_dataset("received", data=received)
-        ranks = f.create_group("ranks")
-        for name in STAT_NAMES:
-            ranks.create_dataset(name, data=np.array([float(m.header["stats"][name]) for m in finals]))
-        f.attrs.update({
-            "series_id": start.series_id, "status": _status(finals), "iterations": n_iterations,
-            "n_workers": len(finals), "mode": "async", "detector_scale": float(finals[0].header["scale"]),
-            "pixel_size_A": geometry.pixel_size_A, "energy_eV": start.energy_eV,
-            "convergence_semiangle_mrad": start.convergence_semiangle_mrad, "defocus_A": start.defocus_A,
-            "detector_pixel_mrad": start.detector_pixel_mrad, "window_px": geometry.window_px,
-            "frames_expected": len(received), "frames_received": int(received.sum()), **extra_attrs})
-        for reason in sorted({r for m in finals for r in m.header.get("rejected", {})}):  # dropped on workers
-            f.attrs[f"worker_rejected_{reason}"] = sum(int(m.header.get("rejected", {}).get(reason, 0)) for m in finals)
-    partial.replace(path)
+    datasets = {
+        "object": volume, "probe": finals[0].arrays[1],
+        "loss": np.sum([h[:n_iterations] for h in histories], axis=0),
+        "frames_used": np.sum([np.asarray(m.header["frames_history"][:n_iterations], dtype=np.int64)
+                               for m in finals], axis=0),
+        "positions_px": geometry.positions_px, "received": received}
+    attrs = {
+        "series_id": start.series_id, "status": _status(finals), "iterations": n_iterations,
+        "n_workers": len(finals), "mode": "async", "detector_scale": float(finals[0].header["scale"]),
+        "pixel_size_A": geometry.pixel_size_A, "energy_eV": start.energy_eV,
+        "convergence_semiangle_mrad": start.convergence_semiangle_mrad, "defocus_A": start.defocus_A,
+        "detector_pixel_mrad": start.detector_pixel_mrad, "window_px": geometry.window_px,
+        "frames_expected": len(received), "frames_received": int(received.sum()), **extra_attrs}
+    for reason in sorted({r for m in finals for r in m.header.get("rejected", {})}):  # dropped on workers
+        attrs[f"worker_rejected_{reason}"] = sum(int(m.header.get("rejected", {}).get(reason, 0)) for m in finals)
+    write_result(path, datasets, [m.header["stats"] for m in finals], attrs)
     logger.info("series %r: wrote %s (%s)", start.series_id, path, _status(finals))
     return path

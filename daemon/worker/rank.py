@@ -21,16 +21,14 @@ import zmq
 from ptylive.daemon.service import messages as rank_messages
 from ptylive.daemon.service.config import ReconstructionConfig, apply_overrides
 from ptylive.daemon.engine.exchange.consensus import Consensus
-from ptylive.daemon.engine.iteration import EngineOptions, TileState
+from ptylive.daemon.engine.exchange.factory import async_exchanger
+from ptylive.daemon.engine.tile import TileOptics, set_up_tile, tile_view
 from ptylive.daemon.engine.geometry import series_geometry
 from ptylive.daemon.service.preview import downsample_factor, slice_phases
 from ptylive.daemon.worker.refine import N_SUM, SeriesFlags, StreamRun, probe_power, refine
 from ptylive.daemon.worker.frames import FrameStore
 from ptylive.daemon.worker.stats import WorkerStats
 from ptylive.gpu.backend import PRECISIONS, backend_module, to_numpy
-from ptylive.gpu.physics import wavelength_A
-from ptylive.gpu.probe import ProbeOptics, make_probe
-from ptylive.gpu.propagation import fresnel_propagator
 from ptylive.streaming.inbox import SeriesControl, WorkerInbox
 from ptylive.streaming.protocol import Frame, Message, SeriesEnd, SeriesStart
 
@@ -61,15 +59,6 @@ class SeriesSlot:
     reconstruction: ReconstructionConfig
     store: FrameStore
     flags: SeriesFlags = field(default_factory=SeriesFlags)
-
-
-def engine_options(reconstruction: ReconstructionConfig) -> EngineOptions:
-    """Engine settings of a streamed series (always the asynchronous exchange)."""
-    r = reconstruction
-    return EngineOptions(iterations=max(1, r.final_iterations), mode="async", batch_size=r.batch_size,
-                         step_size=r.step_size, illumination_floor=r.illumination_floor, loss=r.loss,
-                         max_staleness=r.max_staleness, max_amplitude=r.max_amplitude,
-                         updates_per_iteration=r.updates_per_iteration)
 
 
 class Worker:
@@ -170,16 +159,14 @@ class Worker:
         s, xp = self.settings, self.xp
         r, geometry = slot.reconstruction, slot.store.geometry
         domain = geometry.domains[s.worker]
-        optics = ProbeOptics(slot.start.energy_eV, slot.start.convergence_semiangle_mrad, slot.start.defocus_A)
-        probe = xp.asarray(make_probe(optics, geometry.window_px, geometry.pixel_size_A,
-                                      dtype=np.complex128).astype(self.complex_t))
-        propagator = fresnel_propagator(xp, geometry.window_px, geometry.pixel_size_A,
-                                        wavelength_A(slot.start.energy_eV), r.slice_thickness_A, dtype=self.complex_t)
-        volume = xp.ones((r.n_slices, *domain.extended.shape), dtype=self.complex_t)
-        state = TileState(domain, volume, probe, propagator, slot.store.starts, slot.store.shifts, slot.store.targets)
-        options = engine_options(r)
-        run = StreamRun(state, slot.store, self._exchanger(domain, r), options, s.n_workers, r.final_iterations,
-                        r.final_seconds, slot.flags, probe_power(probe, propagator, r.n_slices, geometry.detector_px))
+        optics = TileOptics(slot.start.energy_eV, slot.start.convergence_semiangle_mrad, slot.start.defocus_A,
+                            geometry.pixel_size_A, geometry.window_px, r.n_slices, r.slice_thickness_A)
+        state = set_up_tile(domain, optics, slot.store.starts, slot.store.shifts, slot.store.targets, xp,
+                            s.precision)
+        options = r.engine_options("async", max(1, r.final_iterations))
+        exchanger = async_exchanger(self.comm, domain, r.n_slices, s.precision, options)
+        run = StreamRun(state, slot.store, exchanger, options, s.n_workers, r.final_iterations, r.final_seconds,
+                        slot.flags, probe_power(state.probe, state.propagator, r.n_slices, geometry.detector_px))
         factor = max(downsample_factor(d.tile.shape, s.preview_max_px) for d in geometry.domains)
         consensus = Consensus(self.comm, N_SUM, 2 + options.updates_per_iteration)
         self._preview_due = 0.0
@@ -196,21 +183,6 @@ class Worker:
     def _idle(self, seconds: float) -> None:
         for message in self.inbox.poll(int(seconds * 1000)):
             self.handle(message)
-
-    def _exchanger(self, domain: Any, r: ReconstructionConfig) -> Any:
-        if self.comm is None or self.settings.n_workers == 1:
-            from ptylive.daemon.engine.exchange.sync import SoloExchanger
-
-            return SoloExchanger()
-        from ptylive.daemon.engine.exchange.asynchronous import AsyncExchanger
-
-        return AsyncExchanger(self.comm, domain, r.n_slices, self.real_t, self.complex_t, r.max_staleness,
-                              r.updates_per_iteration)
-
-    def _tile_volume(self, run: StreamRun) -> Any:
-        domain = run.state.domain
-        rows, cols = domain.tile.relative_to(domain.extended)
-        return run.state.volume[:, rows, cols]
 
     def _quality(self, run: StreamRun, consensus: Consensus) -> dict[str, Any]:
         frames = run.frames_history[-1] if run.frames_history else 0
@@ -230,7 +202,7 @@ class Worker:
             return
         # Twice the publication rate, so every mosaic rank 0 publishes holds tiles at most half a period old.
         self._preview_due = now + 0.5 / self.settings.preview_rate_hz
-        slices = slice_phases(self._tile_volume(run), factor)  # the angle of every slice is needed either way
+        slices = slice_phases(tile_view(run.state), factor)  # the angle of every slice is needed either way
         per_slice = (slices,) if len(slices) > 1 else ()
         t = run.state.domain.tile
         self._send("preview", {"series_id": run.store.geometry.series_id, "worker": self.settings.worker,
@@ -253,4 +225,4 @@ class Worker:
                             "iterations_total_s": sum(run.iteration_s), "frames_bytes": run.store.memory_bytes(),
                             "frames_received": run.store.n_received},
                   **self._quality(run, consensus)}
-        self._send("final", header, np.ascontiguousarray(to_numpy(self._tile_volume(run))), probe)
+        self._send("final", header, np.ascontiguousarray(to_numpy(tile_view(run.state))), probe)

@@ -29,18 +29,20 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import numpy as np
 
 from ptylive.daemon.engine.exchange.consensus import Consensus
-from ptylive.daemon.engine.iteration import EngineOptions, TileState, local_gradient, minibatch_of
+from ptylive.daemon.engine.exchange.protocols import AsyncExchange
+from ptylive.daemon.engine.iteration import async_update, minibatch_of
+from ptylive.daemon.engine.options import EngineOptions
+from ptylive.daemon.engine.tile import TileState
 from ptylive.daemon.worker.frames import FrameStore
 from ptylive.gpu.backend import get_array_module
 from ptylive.gpu.multislice import forward
 from ptylive.gpu.patches import extract_patches
-from ptylive.gpu.update import constrain, object_update
+from ptylive.gpu.update import constrain
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ class StreamRun:
 
     state: TileState
     store: FrameStore
-    exchanger: Any
+    exchanger: AsyncExchange
     options: EngineOptions
     n_workers: int
     final_iterations: int
@@ -132,17 +134,7 @@ def _iterate(run: StreamRun, drain: Callable[[], None]) -> float:
     for m in range(options.updates_per_iteration):
         step = run.step + m
         members = np.flatnonzero(usable & (run.labels == m))
-        part, gradient, own, _ = local_gradient(state, options, members,
-                                                between_batches=partial(exchanger.progress, state.volume, step))
-        total = exchanger.total_illumination(own, m)
-        run.illumination_max[m] = float(total.max())
-        floor = run.floors[m] if run.floors[m] > 0 else options.illumination_floor * run.illumination_max[m]
-        update = object_update(gradient, total, max(floor, 1e-30), options.step)
-        state.volume += update
-        constrain(state.volume, options.max_amplitude)
-        exchanger.push(update, own, step, m)
-        exchanger.progress(state.volume, step)
-        exchanger.enforce_staleness(state.volume, step)
+        part, _, run.illumination_max[m] = async_update(state, exchanger, options, members, m, step, run.floors[m])
         drain()
         loss += part
     return loss

@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 
 from ptylive.daemon.engine.decomposition import RankDomain
-from ptylive.daemon.engine.exchange.sync import ExchangeStats, SyncExchanger, add_pairs, pack, unpack
+from ptylive.daemon.engine.exchange.protocols import ExchangeStats
+from ptylive.daemon.engine.exchange.sync import SyncExchanger, add_pairs, pack, unpack
 from ptylive.gpu.backend import get_array_module, to_numpy
 
 logger = logging.getLogger(__name__)

@@ -1,9 +1,7 @@
 """Halo gradient exchange between ranks whose extended tiles overlap.
 
-Three implementations of one small protocol (:class:`Exchanger`):
+The protocols the engine is typed against are in :mod:`.protocols`.
 
-* :class:`NullExchanger` — one rank, no MPI; the single-rank path runs the
-  same engine code (tike's ``NoMPIComm`` idea).
 * :class:`SyncExchanger` — every iteration, each rank sends its local
   gradient and illumination over each exchange region, receives its
   neighbours' and adds them in place, so every copy of a voxel holds the
@@ -18,60 +16,17 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from ptylive.daemon.engine.decomposition import RankDomain
+from ptylive.daemon.engine.exchange.protocols import ExchangeStats
 from ptylive.gpu.backend import get_array_module, to_numpy
 
 logger = logging.getLogger(__name__)
 
 TAG_SYNC = 7
-
-
-@dataclass
-class ExchangeStats:
-    """Counters every exchanger keeps (reported per rank in the result file)."""
-
-    wait_s: float = 0.0
-    bytes_sent: int = 0
-    messages_sent: int = 0
-    staleness: list[int] = field(default_factory=list)
-
-
-class Exchanger(Protocol):
-    """What the engine needs from its communicator."""
-
-    stats: ExchangeStats
-    rank: int
-    size: int
-
-    def allreduce_sum(self, values: np.ndarray) -> np.ndarray: ...
-
-    def allreduce_max(self, values: np.ndarray) -> np.ndarray: ...
-
-    def reduce_gradients(self, gradient: Any, illumination: Any) -> tuple[Any, Any]: ...
-
-
-class NullExchanger:
-    """Single-rank exchanger: sums are identities, there are no neighbours."""
-
-    rank = 0
-    size = 1
-
-    def __init__(self) -> None:
-        self.stats = ExchangeStats()
-
-    def allreduce_sum(self, values: np.ndarray) -> np.ndarray:
-        return np.asarray(values)
-
-    def allreduce_max(self, values: np.ndarray) -> np.ndarray:
-        return np.asarray(values)
-
-    def reduce_gradients(self, gradient: Any, illumination: Any) -> tuple[Any, Any]:
-        return gradient, illumination
 
 
 def pack(complex_block: Any, real_block: Any, out: np.ndarray, header: tuple[float, ...] = ()) -> None:
@@ -160,23 +115,3 @@ class SyncExchanger:
             add_pairs(gradient[(slice(None), *region)], pairs)
             illumination[(slice(None), *region)] += xp.asarray(received_illumination)
         return gradient, illumination
-
-
-class SoloExchanger(NullExchanger):
-    """A single streaming worker: the asynchronous exchanger's interface with nobody to talk to."""
-
-    def progress(self, volume: Any, step: int) -> None:
-        """Nothing arrives."""
-
-    def push(self, update: Any, illumination: Any, step: int, minibatch: int) -> None:
-        """Nobody to send to."""
-
-    def enforce_staleness(self, volume: Any, step: int) -> None:
-        """Never behind."""
-
-    def finish(self, volume: Any, step: int) -> None:
-        """Nothing to drain."""
-
-    def total_illumination(self, own: Any, minibatch: int) -> Any:
-        """A copy of ``own`` (the update overwrites it as scratch)."""
-        return own.copy()

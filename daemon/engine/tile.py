@@ -1,0 +1,95 @@
+"""The arrays one rank owns and their set-up, the same for ``ptylive reconstruct`` and a streaming worker."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from ptylive.daemon.engine.decomposition import RankDomain
+from ptylive.gpu.backend import PRECISIONS
+from ptylive.gpu.physics import wavelength_A
+from ptylive.gpu.probe import ProbeOptics, make_probe
+from ptylive.gpu.propagation import fresnel_propagator
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TileState:
+    """Arrays one rank owns.
+
+    Attributes
+    ----------
+    domain : RankDomain
+    volume : (S, He, We) complex
+        Object transmission over the extended tile.
+    probe : (N, N) complex
+    propagator : (N, N) complex
+    starts : (P, 2) int
+        Window starts relative to the extended tile.
+    shifts : (P, 2) float
+        Sub-pixel shifts.
+    targets : (P, D, D) real
+        Raw intensities until the detector scale is fitted, then the loss's target.
+    """
+
+    domain: RankDomain
+    volume: Any
+    probe: Any
+    propagator: Any
+    starts: np.ndarray
+    shifts: np.ndarray
+    targets: Any
+    scale: float = float("nan")
+
+
+@dataclass(frozen=True)
+class TileOptics:
+    """What the probe and the propagator are built from.
+
+    ``probe`` (N, N) complex, real space and centred, replaces the probe synthesised from the optics
+    when given (a scan file may carry one).
+    """
+
+    energy_eV: float
+    convergence_semiangle_mrad: float
+    defocus_A: float
+    pixel_size_A: float
+    window_px: int
+    n_slices: int
+    slice_thickness_A: float
+    probe: np.ndarray | None = None
+
+
+def set_up_tile(domain: RankDomain, optics: TileOptics, starts: np.ndarray, shifts: np.ndarray, targets: Any,
+                xp: ModuleType, precision: str) -> TileState:
+    """A fresh tile: vacuum object (``O = 1``) over the extended tile, the probe and the propagator.
+
+    Parameters
+    ----------
+    starts : (P, 2) int64
+        Window starts relative to ``domain.extended``.
+    shifts : (P, 2) real
+    targets : (P, D, D) real, on ``xp``
+        Raw intensities (or preallocated rows a streaming worker fills as frames arrive).
+    """
+    real_t, complex_t = PRECISIONS[precision]
+    probe = optics.probe
+    if probe is None:
+        probe = make_probe(ProbeOptics(optics.energy_eV, optics.convergence_semiangle_mrad, optics.defocus_A),
+                           optics.window_px, optics.pixel_size_A, dtype=np.complex128)
+    propagator = fresnel_propagator(xp, optics.window_px, optics.pixel_size_A, wavelength_A(optics.energy_eV),
+                                    optics.slice_thickness_A, dtype=complex_t)
+    volume = xp.ones((optics.n_slices, *domain.extended.shape), dtype=complex_t)
+    return TileState(domain, volume, xp.asarray(np.asarray(probe).astype(complex_t)), propagator, starts,
+                     np.asarray(shifts).astype(real_t), targets)
+
+
+def tile_view(state: TileState) -> Any:
+    """The rank's own tile of ``state.volume`` (halos dropped): (S, h, w), a view."""
+    rows, cols = state.domain.tile.relative_to(state.domain.extended)
+    return state.volume[:, rows, cols]
