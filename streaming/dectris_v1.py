@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 
 from ptylive.streaming.compression import compress
-from ptylive.streaming.decoders import Decoded
 from ptylive.streaming.protocol import (
     DTYPES,
     MAX_HEADER_BYTES,
@@ -41,6 +40,7 @@ from ptylive.streaming.protocol import (
     encode_series_start,
 )
 from ptylive.streaming.scan_geometry import SKIP, SeriesTemplate
+from ptylive.streaming.stream_decoder import Decoded
 
 logger = logging.getLogger(__name__)
 

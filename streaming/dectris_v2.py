@@ -22,10 +22,10 @@ import cbor2
 import numpy as np
 
 from ptylive.streaming.compression import compress
-from ptylive.streaming.decoders import Decoded
 from ptylive.streaming.dectris_v1 import ImageSeries
 from ptylive.streaming.protocol import MAX_FRAME_BYTES, MAX_START_BYTES, ProtocolError
 from ptylive.streaming.scan_geometry import SeriesTemplate
+from ptylive.streaming.stream_decoder import Decoded
 
 logger = logging.getLogger(__name__)
 

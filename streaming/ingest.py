@@ -1,6 +1,6 @@
 """The ingest: receive ptylive stream v1 from a detector, validate and count, forward each frame to its worker.
 
-What the detector speaks is a pluggable :class:`~ptylive.streaming.decoders.StreamDecoder` (ptylive stream v1 by
+What the detector speaks is a pluggable :class:`~ptylive.streaming.stream_decoder.StreamDecoder` (ptylive stream v1 by
 default, DECTRIS SIMPLON stream v1 or v2); an optional :class:`~ptylive.streaming.recording.Recorder` keeps
 everything received. Compressed frames are checked and forwarded compressed: workers decode them.
 
@@ -24,13 +24,13 @@ from typing import Any
 
 import zmq
 
-from ptylive.streaming.decoders import PtyliveDecoder, StreamDecoder
 from ptylive.streaming.inbox import SeriesControl, encode_control
 from ptylive.streaming.protocol import Frame, Message, ProtocolError, SeriesStart
 from ptylive.streaming.recording import Recorder
 from ptylive.streaming.router import Router
 from ptylive.streaming.series import SeriesRegistry
 from ptylive.streaming.series_book import SeriesBook
+from ptylive.streaming.stream_decoder import PtyliveDecoder, StreamDecoder
 
 logger = logging.getLogger(__name__)
 

@@ -384,13 +384,14 @@ def main(quick: bool = False) -> int:
         print("Send time per frame index (sender) to receive time in the worker (after decode), one clock.\n")
         latency = latency_table(context, sender, [side for side, _ in cases])
         print("\n".join(latency))
+        from ptylive.tools.bench_decode import main as decode_benchmark
         from ptylive.tools.bench_preview import frame_to_preview_latency, latency_lines
 
         print("\n## 3. Frame-to-preview latency through `ptylive serve` (2 workers), 48² frames\n")
         print("Scheduled send time of each frame to the arrival of the first preview whose tile used it; the "
               "reference is the preview interval (2 Hz).\n")
         print("\n".join(latency_lines(frame_to_preview_latency(scan_shape=(16, 16) if quick else (24, 24)))))
-        __import__("ptylive.tools.bench_decode", fromlist=["main"]).main(quick)  # §4: DECTRIS decode on workers
+        decode_benchmark(quick)  # §4: DECTRIS decode on workers
         print(f"\nload average: {os.getloadavg()[0]:.2f}")
     finally:
         sender.close()

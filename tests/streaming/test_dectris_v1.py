@@ -16,7 +16,6 @@ import zmq
 
 from ptylive.streaming import dectris_v1 as v1
 from ptylive.streaming.compression import compress
-from ptylive.streaming.decoders import Decoded, PtyliveDecoder, StreamDecoder
 from ptylive.streaming.dectris_v1 import DectrisV1Decoder
 from ptylive.streaming.inbox import WorkerInbox
 from ptylive.streaming.ingest import Ingest, IngestConfig
@@ -24,6 +23,7 @@ from ptylive.streaming.protocol import Frame, ProtocolError, SeriesEnd, SeriesSt
 from ptylive.streaming.recording import Recorder, read_counts, read_parts
 from ptylive.streaming.router import Router
 from ptylive.streaming.scan_geometry import Optics, ScanGeometry, SeriesTemplate
+from ptylive.streaming.stream_decoder import Decoded, PtyliveDecoder, StreamDecoder
 
 ROWS, COLS, DETECTOR = 4, 5, (12, 10)
 OPTICS = Optics(300e3, 20.0, 0.0, 1.0)
