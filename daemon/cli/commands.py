@@ -138,13 +138,19 @@ def plan(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def bench(args: argparse.Namespace, argv: list[str]) -> int:
-    if args.what == "ingest":
-        from ptylive.tools.bench_ingest import main as bench_ingest
+    """Run a benchmark registered under the ``ptylive.bench`` entry points (``ptylive.tools``).
 
-        return bench_ingest(quick=args.quick)
-    from ptylive.tools.bench_engine import main as bench_engine
+    The benchmarks import the daemon, so the CLI finds them by entry point rather than by import:
+    imports flow one way (docs/architecture.md).
+    """
+    from importlib.metadata import entry_points
 
-    return bench_engine(quick=args.quick, backend=args.backend)
+    found = {point.name: point for point in entry_points(group="ptylive.bench")}
+    if args.what not in found:
+        raise ValueError(f"no benchmark {args.what!r} is installed; found {sorted(found) or 'none'} "
+                         "(reinstall ptylive: pip install -e .)")
+    options = {"quick": args.quick} if args.what == "ingest" else {"quick": args.quick, "backend": args.backend}
+    return int(found[args.what].load()(**options))
 
 
 def serve(args: argparse.Namespace, argv: list[str]) -> int:

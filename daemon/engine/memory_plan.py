@@ -18,6 +18,9 @@ The model counts the arrays the engine allocates (see :mod:`engine`,
 
 from __future__ import annotations
 
+import os
+import resource
+
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -121,3 +124,21 @@ def format_table(plan: list[RankMemory]) -> str:
         lines.append(f"{m.rank:>4} {str(m.extended_shape):>14} {m.n_positions:>9} {cells}")
     lines.append("(MiB per rank; total = peak array memory predicted)")
     return "\n".join(lines)
+
+
+def host_memory_bytes() -> int:
+    """Resident set size of this process (Linux ``/proc/self/statm``; peak RSS elsewhere)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def gpu_memory_bytes(backend: str) -> int:
+    """Bytes CuPy's default memory pool holds for this process (0 on numpy)."""
+    if backend != "cupy":
+        return 0
+    import cupy  # type: ignore[import-not-found]
+
+    return int(cupy.get_default_memory_pool().used_bytes())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import select
 import shutil
 import socket
@@ -109,3 +110,28 @@ def send_file(handler: BaseHTTPRequestHandler, path: Path, content_type: str) ->
         handler.send_header("Cache-Control", "no-store")
         handler.end_headers()
         shutil.copyfileobj(file, handler.wfile, FILE_CHUNK_BYTES)
+
+
+SERVED_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*\.h5")  # what service.results.output_path makes, nothing else
+
+
+def served_file(folder: Path, name: str) -> Path:
+    """The final file ``folder/name`` for download (``GET /files/<name>``).
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not a plain ``<stem>.h5`` name as :func:`ptylive.daemon.service.results.output_path` makes them (no folders, no
+        leading dot, no ``.partial``), or it resolves outside ``folder`` (a symbolic link).
+    FileNotFoundError
+        If there is no such regular file.
+    """
+    if not SERVED_NAME.fullmatch(name):
+        raise ValueError(f"{name!r} is not a final file name; expected <series id>.h5 with only "
+                         "letters, digits, '.', '_' and '-'")
+    path = folder / name
+    if not path.is_file():
+        raise FileNotFoundError(f"no final file {name!r}")
+    if path.resolve().parent != folder.resolve():
+        raise ValueError(f"{name!r} resolves outside the output folder")
+    return path

@@ -22,7 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 import ptylive
-from ptylive.daemon.worker.stats import host_memory_bytes
+from ptylive.daemon.engine.memory_plan import host_memory_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -73,31 +73,6 @@ def output_path(folder: Path, series_id: str) -> Path:
     return path
 
 
-SERVED_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*\.h5")  # what output_path makes, nothing else
-
-
-def served_file(folder: Path, name: str) -> Path:
-    """The final file ``folder/name`` for download (``GET /files/<name>``).
-
-    Raises
-    ------
-    ValueError
-        If ``name`` is not a plain ``<stem>.h5`` name as :func:`output_path` makes them (no folders, no
-        leading dot, no ``.partial``), or it resolves outside ``folder`` (a symbolic link).
-    FileNotFoundError
-        If there is no such regular file.
-    """
-    if not SERVED_NAME.fullmatch(name):
-        raise ValueError(f"{name!r} is not a final file name; expected <series id>.h5 with only "
-                         "letters, digits, '.', '_' and '-'")
-    path = folder / name
-    if not path.is_file():
-        raise FileNotFoundError(f"no final file {name!r}")
-    if path.resolve().parent != folder.resolve():
-        raise ValueError(f"{name!r} resolves outside the output folder")
-    return path
-
-
 def _status(finals: list[RankMessage]) -> str:
     statuses = {m.header["status"] for m in finals}
     return statuses.pop() if len(statuses) == 1 else "+".join(sorted(statuses))

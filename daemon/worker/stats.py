@@ -4,33 +4,14 @@ iteration durations, memory. Rank 0 turns them into Prometheus metrics (:mod:`pt
 from __future__ import annotations
 
 import logging
-import os
-import resource
 from dataclasses import dataclass, field
 from typing import Any
 
 from ptylive.daemon.engine.exchange.consensus import Consensus
+from ptylive.daemon.engine.memory_plan import gpu_memory_bytes, host_memory_bytes
 from ptylive.daemon.worker.refine import StreamRun
 
 logger = logging.getLogger(__name__)
-
-
-def host_memory_bytes() -> int:
-    """Resident set size of this process (Linux ``/proc/self/statm``; peak RSS elsewhere)."""
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def gpu_memory_bytes(backend: str) -> int:
-    """Bytes CuPy's default memory pool holds for this process (0 on numpy)."""
-    if backend != "cupy":
-        return 0
-    import cupy  # type: ignore[import-not-found]
-
-    return int(cupy.get_default_memory_pool().used_bytes())
 
 
 @dataclass
