@@ -1,0 +1,260 @@
+"""Halo exchange without mpiexec: pack/unpack, then two ranks in one process on a fake communicator.
+
+The two extended tiles overlap in a region offset in both directions, so a wrong slice (rows for
+columns, tile for extended tile, the other rank's offsets) shows up as a wrong sum::
+
+        col 0        3           9       12
+    row 0 ┌─ rank 0 extended ───┐
+          │          ┌──────────┼─────────┐ row 1
+          │          │ region   │ rank 1  │
+          │          │ 0 ↔ 1    │ extended│
+    row 7 └──────────┼──────────┘         │
+                     └────────────────────┘ row 8
+
+Values are small integers (held exactly in float64), so every expected sum is exact whatever the
+order of additions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from ptylive.daemon.engine.decomposition import Box, RankDomain
+from ptylive.daemon.engine.exchange.asynchronous import AsyncExchanger
+from ptylive.daemon.engine.exchange.sync import SyncExchanger, add_pairs, pack, unpack
+from tests.daemon import fake_mpi
+from tests.daemon.fake_mpi import FakeComm, FakeWorld, run_ranks
+
+N_SLICES = 2
+REGION = Box(1, 7, 3, 9)
+EXTENDED = (Box(0, 7, 0, 9), Box(1, 8, 3, 12))
+DOMAINS = (RankDomain(0, Box(0, 8, 0, 6), EXTENDED[0], np.arange(3), ((1, REGION),)),
+           RankDomain(1, Box(0, 8, 6, 12), EXTENDED[1], np.arange(3, 6), ((0, REGION),)))
+
+
+@pytest.fixture(autouse=True)
+def no_real_mpi(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_mpi.install(monkeypatch)
+
+
+def overlap(rank: int, volume: np.ndarray) -> np.ndarray:
+    """The region's view inside ``rank``'s extended-tile array ``(S, He, We)``."""
+    return volume[(slice(None), *REGION.relative_to(EXTENDED[rank]))]
+
+
+def integers(rng: np.random.Generator, shape: tuple[int, ...], complex_: bool = False) -> np.ndarray:
+    real = rng.integers(-8, 9, shape).astype(np.float64)
+    return real + 1j * rng.integers(-8, 9, shape) if complex_ else real
+
+
+def extended_shape(rank: int) -> tuple[int, int, int]:
+    return (N_SLICES, *EXTENDED[rank].shape)
+
+
+# pack / unpack / add_pairs ---------------------------------------------------------------------------
+
+def test_pack_then_unpack_gives_back_header_and_blocks_as_views() -> None:
+    rng = np.random.default_rng(1)
+    volume = integers(rng, (2, 5, 6), complex_=True)
+    complex_block = volume[:, 1:4, 2:5]  # a region of a bigger array, as the exchangers pass it
+    real_block = integers(rng, complex_block.shape)
+    buffer = np.full(3 + 3 * complex_block.size, np.nan)
+    pack(complex_block, real_block, buffer, header=(7.0, 1.0, 2.0))
+    np.testing.assert_array_equal(buffer[:3], [7.0, 1.0, 2.0])
+    pairs, real = unpack(buffer, complex_block.shape, n_head=3)
+    np.testing.assert_array_equal(pairs[..., 0] + 1j * pairs[..., 1], complex_block)
+    np.testing.assert_array_equal(real, real_block)
+    assert np.shares_memory(pairs, buffer) and np.shares_memory(real, buffer)
+    assert not np.isnan(buffer).any()  # every element written
+
+
+def test_pack_keeps_the_buffer_precision() -> None:
+    block = np.array([[1.5 + 2.25j, -3.0 - 0.5j]], np.complex64)
+    buffer = np.empty(3 * block.size, np.float32)
+    pack(block, np.array([[4.0, 5.0]], np.float32), buffer)
+    np.testing.assert_array_equal(buffer, np.array([1.5, 2.25, -3.0, -0.5, 4.0, 5.0], np.float32))
+
+
+def test_add_pairs_adds_real_and_imaginary_parts_in_place() -> None:
+    rng = np.random.default_rng(2)
+    target = integers(rng, (2, 3, 4), complex_=True)
+    before, pairs = target.copy(), integers(rng, (2, 3, 4, 2))
+    view = target[:, 1:, :]
+    add_pairs(view, pairs[:, 1:, :])
+    expected = before.copy()
+    expected[:, 1:, :] += pairs[:, 1:, :, 0] + 1j * pairs[:, 1:, :, 1]
+    np.testing.assert_array_equal(target, expected)
+
+
+# SyncExchanger --------------------------------------------------------------------------------------
+
+def test_sync_exchange_adds_exactly_the_neighbours_overlap_contribution() -> None:
+    rng = np.random.default_rng(3)
+    gradients = [integers(rng, extended_shape(r), complex_=True) for r in (0, 1)]
+    illuminations = [integers(rng, extended_shape(r)) for r in (0, 1)]
+    world = FakeWorld(2)
+
+    def rank(comm: FakeComm) -> tuple[np.ndarray, np.ndarray, Any]:
+        r = comm.Get_rank()
+        exchanger = SyncExchanger(comm, DOMAINS[r], N_SLICES, np.float64)
+        gradient, illumination = gradients[r].copy(), illuminations[r].copy()
+        total_gradient, total_illumination = exchanger.reduce_gradients(gradient, illumination)
+        assert total_gradient is gradient and total_illumination is illumination  # in place
+        return gradient, illumination, exchanger.stats
+
+    results = run_ranks(world, rank)
+    for r, (gradient, illumination, stats) in enumerate(results):
+        other = 1 - r
+        expected_gradient, expected_illumination = gradients[r].copy(), illuminations[r].copy()
+        overlap(r, expected_gradient)[...] += overlap(other, gradients[other])
+        overlap(r, expected_illumination)[...] += overlap(other, illuminations[other])
+        np.testing.assert_array_equal(gradient, expected_gradient)
+        np.testing.assert_array_equal(illumination, expected_illumination)
+        assert (stats.messages_sent, stats.bytes_sent) == (1, 3 * N_SLICES * REGION.size * 8)
+    np.testing.assert_array_equal(overlap(0, results[0][0]), overlap(1, results[1][0]))  # both copies agree
+    assert world.unmatched() == {"sends": 0, "recvs": 0}
+    assert [m[:2] for m in world.messages] in ([(0, 1), (1, 0)], [(1, 0), (0, 1)])
+
+
+def test_sync_collectives_sum_and_max_over_ranks() -> None:
+    def rank(comm: FakeComm) -> tuple[np.ndarray, np.ndarray]:
+        exchanger = SyncExchanger(comm, DOMAINS[comm.Get_rank()], N_SLICES, np.float64)
+        values = np.array([1.0 + comm.Get_rank(), 10.0 - 4 * comm.Get_rank()])
+        return exchanger.allreduce_sum(values), exchanger.allreduce_max(values)
+
+    for sums, maxes in run_ranks(FakeWorld(2), rank):
+        np.testing.assert_array_equal(sums, [3.0, 16.0])
+        np.testing.assert_array_equal(maxes, [2.0, 10.0])
+
+
+# AsyncExchanger -------------------------------------------------------------------------------------
+
+def make_async(world: FakeWorld, max_staleness: int = 4) -> list[AsyncExchanger]:
+    return [AsyncExchanger(world.comm(r), DOMAINS[r], N_SLICES, np.float64, np.complex128, max_staleness,
+                           n_minibatches=2) for r in (0, 1)]
+
+
+def test_async_exchange_delivers_accumulated_updates_to_the_overlap_only() -> None:
+    """Rank 0 pushes five updates while rank 1 progresses now and then; sends wait for a free link."""
+    rng = np.random.default_rng(4)
+    world = FakeWorld(2)
+    sender, receiver = make_async(world)
+    updates = [integers(rng, extended_shape(0), complex_=True) for _ in range(5)]
+    lights = [integers(rng, extended_shape(0)) for _ in range(5)]
+    sent_volume, volume = np.zeros(extended_shape(0), complex), np.zeros(extended_shape(1), complex)
+
+    sender.push(updates[0], lights[0], step=0, minibatch=0)  # receiver's Irecv is posted: delivered
+    receiver.progress(volume, step=0)
+    np.testing.assert_array_equal(overlap(1, volume), overlap(0, updates[0]))
+    np.testing.assert_array_equal(receiver.neighbour_illumination[0][0], overlap(0, lights[0]))
+    sender.push(updates[1], lights[1], step=1, minibatch=1)  # delivered into the re-posted Irecv
+    sender.push(updates[2], lights[2], step=2, minibatch=0)  # sent, but no Irecv yet: in flight
+    sender.push(updates[3], lights[3], step=3, minibatch=1)  # link busy: accumulated
+    sender.push(updates[4], lights[4], step=4, minibatch=0)  # accumulated with the previous one
+    assert sender.stats.messages_sent == 3 and sender.pending == [True]
+    receiver.progress(volume, step=4)  # takes the 2nd, then the 3rd (its Irecv re-posted in between)
+    np.testing.assert_array_equal(overlap(1, volume), overlap(0, updates[0] + updates[1] + updates[2]))
+    sender.progress(sent_volume, step=4)  # the link is free again: updates 3 + 4 go as one message
+    assert sender.stats.messages_sent == 4 and sender.pending == [False]
+    receiver.progress(volume, step=4)
+
+    np.testing.assert_array_equal(overlap(1, volume), overlap(0, np.sum(updates, axis=0)))
+    outside = volume.copy()
+    overlap(1, outside)[...] = 0
+    assert not outside.any()  # nothing lands outside the overlap
+    assert not sent_volume.any()  # a rank applies its own updates itself, never through the exchange
+    np.testing.assert_array_equal(receiver.neighbour_illumination[0][0], overlap(0, lights[4]))  # latest of mb 0
+    np.testing.assert_array_equal(receiver.neighbour_illumination[0][1], overlap(0, lights[1]))
+    assert receiver.stats.staleness == [0, 3, 2, 0] and receiver.last_received == [4]
+    assert sender.stats.bytes_sent == 4 * sender.async_send[0].nbytes
+    own = integers(rng, extended_shape(1))
+    total = receiver.total_illumination(own, 0)
+    expected = own.copy()
+    overlap(1, expected)[...] += overlap(0, lights[4])
+    np.testing.assert_array_equal(total, expected)
+    assert total is not own
+
+
+def test_async_ranks_end_with_the_same_overlap_after_finish() -> None:
+    """Both ranks push, progress and bound staleness in threads; ``finish`` leaves every copy equal."""
+    rng = np.random.default_rng(5)
+    world = FakeWorld(2)
+    exchangers = make_async(world, max_staleness=1)
+    steps = 8
+    updates = [[integers(rng, extended_shape(r), complex_=True) for _ in range(steps)] for r in (0, 1)]
+
+    def rank(comm: FakeComm) -> np.ndarray:
+        r = comm.Get_rank()
+        exchanger, volume = exchangers[r], np.zeros(extended_shape(r), complex)
+        for step, update in enumerate(updates[r]):
+            exchanger.enforce_staleness(volume, step)
+            volume += update  # own update first, as the engine does
+            exchanger.push(update, np.abs(update), step, step % 2)
+            exchanger.progress(volume, step)
+        exchanger.finish(volume, steps)
+        return volume
+
+    volumes = run_ranks(world, rank)
+    for r, volume in enumerate(volumes):
+        expected = np.sum(updates[r], axis=0)
+        overlap(r, expected)[...] += overlap(1 - r, np.sum(updates[1 - r], axis=0))
+        np.testing.assert_array_equal(volume, expected)
+        assert exchangers[r].finished == [True] and exchangers[r].recv_requests == [None]
+    np.testing.assert_array_equal(overlap(0, volumes[0]), overlap(1, volumes[1]))
+    assert world.unmatched() == {"sends": 0, "recvs": 0}  # finish drained every message, posted no new Irecv
+
+
+def test_async_first_update_keeps_the_neighbours_illumination_of_the_blocking_reduction() -> None:
+    rng = np.random.default_rng(6)
+    world = FakeWorld(2)
+    exchangers = make_async(world)
+    gradients = [integers(rng, extended_shape(r), complex_=True) for r in (0, 1)]
+    lights = [integers(rng, extended_shape(r)) for r in (0, 1)]
+
+    def rank(comm: FakeComm) -> None:
+        r = comm.Get_rank()
+        exchangers[r].reduce_gradients(gradients[r].copy(), lights[r].copy())
+        exchangers[r].remember_neighbour_illumination(minibatch=1, step=0)
+
+    run_ranks(world, rank)
+    for r in (0, 1):
+        np.testing.assert_array_equal(exchangers[r].neighbour_illumination[0][1], overlap(1 - r, lights[1 - r]))
+        assert not exchangers[r].neighbour_illumination[0][0].any() and exchangers[r].last_received == [0]
+
+
+def test_async_probe_reduction_sums_every_rank() -> None:
+    world = FakeWorld(2)
+    exchangers = make_async(world)
+
+    def rank(comm: FakeComm) -> np.ndarray | None:
+        exchanger = exchangers[comm.Get_rank()]
+        assert exchanger.finish_probe_reduction() is None  # nothing posted yet
+        exchanger.start_probe_reduction(np.full((2, 2), 1.0 + comm.Get_rank(), complex))
+        with pytest.raises(RuntimeError, match="still outstanding"):
+            exchanger.start_probe_reduction(np.zeros((2, 2), complex))
+        return exchanger.finish_probe_reduction()
+
+    for total in run_ranks(world, rank):
+        assert total is not None
+        np.testing.assert_array_equal(total, np.full((2, 2), 3.0 + 0j))
+
+
+def test_async_refuses_a_staleness_bound_below_one() -> None:
+    with pytest.raises(ValueError, match="max_staleness must be >= 1, got 0"):
+        make_async(FakeWorld(2), max_staleness=0)
+
+
+def test_fake_world_catches_a_send_buffer_changed_in_flight() -> None:
+    """The fake is strict where the exchangers rely on MPI's rules (so the tests above can fail)."""
+    world = FakeWorld(2, timeout_s=0.5)
+    buffer = np.zeros(3)
+    request = world.comm(0).Isend(buffer, dest=1, tag=1)
+    assert not request.Test()  # rendezvous: not complete before its receive is posted
+    buffer[0] = 1.0
+    with pytest.raises(RuntimeError, match="changed while the send was in flight"):
+        world.comm(1).Irecv(np.empty(3), source=0, tag=1)
+    with pytest.raises(TimeoutError):
+        world.comm(1).Irecv(np.empty(3), source=0, tag=2).Wait()
