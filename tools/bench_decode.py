@@ -21,6 +21,8 @@ from ptylive.streaming.protocol import Frame, decode, encode_frame
 ENCODINGS = ("raw", "bslz4", "lz4", "lz4_block")
 FULL_CASES = [(96, "uint16"), (192, "uint16"), (256, "uint32"), (512, "uint16")]
 QUICK_CASES = [(96, "uint16"), (192, "uint16")]
+TIMING_BYTES = 2_000_000  # frame bytes decoded per timing sample (at least MIN_REPEATS frames)
+MIN_REPEATS, SAMPLES = 20, 5  # the median of SAMPLES timings is reported
 
 
 def diffraction_like(side: int, dtype: str, seed: int = 0) -> np.ndarray:
@@ -32,7 +34,7 @@ def diffraction_like(side: int, dtype: str, seed: int = 0) -> np.ndarray:
 
 def _median_us(run: Callable[[], object], repeats: int) -> float:
     samples = []
-    for _ in range(5):
+    for _ in range(SAMPLES):
         began = time.perf_counter()
         for _ in range(repeats):
             run()
@@ -59,7 +61,7 @@ def decode_table(quick: bool = False) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     for side, dtype in QUICK_CASES if quick else FULL_CASES:
         pixels = diffraction_like(side, dtype)
-        repeats = max(20, 2_000_000 // pixels.nbytes)
+        repeats = max(MIN_REPEATS, TIMING_BYTES // pixels.nbytes)
         raw_us = 0.0
         for encoding in ENCODINGS:
             parts = [bytes(part) for part in encode_frame("bench", 0, pixels, encoding=encoding)]
