@@ -1,8 +1,16 @@
-"""Bad scan files and options: one clear ``error:`` line, exit status 2, no traceback."""
+"""Bad scan files and options: one clear ``error:`` line, exit status 2, no traceback.
+
+The errors are raised before any rank starts, so they run in this interpreter (:mod:`tests.daemon.cli_harness`);
+the console script itself and a run under ``mpiexec`` are checked in real processes at the end.
+"""
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,7 +18,13 @@ import h5py
 import numpy as np
 import pytest
 
-from tests.conftest import run_cli
+from ptylive.daemon.cli.launcher import find_mpiexec
+from tests.daemon.cli_harness import InProcessCli
+
+
+@pytest.fixture
+def cli(capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> InProcessCli:
+    return InProcessCli(capfd, monkeypatch)
 
 
 def corrupt(scan: Path, tmp_path: Path, edit: Callable[[h5py.File], None]) -> Path:
@@ -52,15 +66,15 @@ CASES = [
 
 
 @pytest.mark.parametrize("label, edit, message", CASES, ids=[c[0] for c in CASES])
-def test_bad_scan_file_gives_one_clear_error(small_scan: Path, tmp_path: Path, label: str,
+def test_bad_scan_file_gives_one_clear_error(cli: InProcessCli, small_scan: Path, tmp_path: Path, label: str,
                                              edit: Callable[[h5py.File], None], message: str) -> None:
     bad = corrupt(small_scan, tmp_path, edit)
-    result = run_cli("reconstruct", str(bad), "--ranks", "2", "--iterations", "1", "--out", str(tmp_path / "o.h5"))
+    result = cli("reconstruct", str(bad), "--ranks", "2", "--iterations", "1", "--out", str(tmp_path / "o.h5"))
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
-    assert pytest.importorskip("re").search(message, result.stderr), result.stderr
-    assert not (tmp_path / "o.h5").exists()
+    assert re.search(message, result.stderr), result.stderr
+    assert not (tmp_path / "o.h5").exists() and result.stdout == ""
 
 
 @pytest.mark.parametrize("args, message", [
@@ -69,25 +83,49 @@ def test_bad_scan_file_gives_one_clear_error(small_scan: Path, tmp_path: Path, l
     (("--ranks", "0"), "--ranks must be >= 1"),
     (("--upsampling", "2"), "does not match"),
 ])
-def test_bad_options_are_named(small_scan: Path, tmp_path: Path, args: tuple[str, ...], message: str) -> None:
-    result = run_cli("reconstruct", str(small_scan), "--out", str(tmp_path / "o.h5"), *args)
+def test_bad_options_are_named(cli: InProcessCli, small_scan: Path, tmp_path: Path, args: tuple[str, ...],
+                               message: str) -> None:
+    result = cli("reconstruct", str(small_scan), "--out", str(tmp_path / "o.h5"), *args)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
 
 
-def test_not_a_file(tmp_path: Path) -> None:
+def test_not_a_file(cli: InProcessCli, tmp_path: Path) -> None:
     (tmp_path / "junk.h5").write_bytes(b"not hdf5")
-    result = run_cli("reconstruct", str(tmp_path / "junk.h5"), "--out", str(tmp_path / "o.h5"))
+    result = cli("reconstruct", str(tmp_path / "junk.h5"), "--out", str(tmp_path / "o.h5"))
     assert result.returncode == 2 and "not a readable HDF5 file" in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr  # nothing from the HDF5 library itself
 
 
-def test_plan_from_sizes_alone_prints_table_and_json() -> None:
-    result = run_cli("plan", "--ranks", "24", "--object", "1024", "1024", "--slices", "100",
-                     "--positions", "462", "--window", "256")
+def test_plan_from_sizes_alone_prints_table_and_json(cli: InProcessCli) -> None:
+    result = cli("plan", "--ranks", "24", "--object", "1024", "1024", "--slices", "100",
+                 "--positions", "462", "--window", "256")
     assert result.returncode == 0, result.stderr
     assert "exchange_buf" in result.stdout and len(result.stdout.splitlines()) == 24 + 4
-    as_json = run_cli("plan", "--ranks", "4", "--object", "1024", "1024", "--slices", "100",
-                      "--positions", "462", "--window", "256", "--json")
-    import json
-
+    as_json = cli("plan", "--ranks", "4", "--object", "1024", "1024", "--slices", "100",
+                  "--positions", "462", "--window", "256", "--json")
     ranks = json.loads(as_json.stdout)["ranks"]
     assert len(ranks) == 4 and all(r["object"] > 0 and r["total"] >= r["object"] for r in ranks)
+
+
+# Real processes: what the in-process calls above cannot show. -------------------------------------
+
+def test_the_console_script_prints_one_error_line_and_exits_2(tmp_path: Path) -> None:
+    """The installed ``ptylive`` entry point, as a user runs it: stderr is exactly one line."""
+    script = Path(sys.executable).with_name("ptylive")
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5")
+    done = subprocess.run([str(script), "reconstruct", str(tmp_path / "junk.h5"), "--ranks", "2", "--out",
+                           str(tmp_path / "o.h5")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert re.fullmatch(r"error: \S+junk\.h5: not a readable HDF5 file \(.*\)\n", done.stderr), done.stderr
+
+
+@pytest.mark.mpi
+def test_under_mpiexec_rank_0_alone_reports_a_rank_count_mismatch(small_scan: Path, tmp_path: Path) -> None:
+    """``mpiexec -n 2 ptylive reconstruct --ranks 3``: validated on rank 0, one line, every rank exits 2."""
+    command = [find_mpiexec(), "-n", "2", sys.executable, "-m", "ptylive.daemon.cli.main", "reconstruct",
+               str(small_scan), "--ranks", "3", "--iterations", "1", "--out", str(tmp_path / "o.h5")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == "error: --ranks 3 but mpiexec started 2 ranks\n"
+    assert not (tmp_path / "o.h5").exists()

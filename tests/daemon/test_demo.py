@@ -1,4 +1,8 @@
-"""The README's main job (``ptylive demo``) and ``ptylive serve``'s start-up errors, through the CLI."""
+"""The README's main job (``ptylive demo``) and ``ptylive serve``'s start-up errors, through the CLI.
+
+The demo runs in a real process (it starts ``mpiexec``); the start-up errors come before any rank starts
+and run in this interpreter (:mod:`tests.daemon.cli_harness`).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,10 @@ import h5py
 import pytest
 
 from tests.conftest import run_cli
+from tests.daemon.cli_harness import InProcessCli
 
-pytestmark = pytest.mark.mpi
 
-
+@pytest.mark.mpi
 def test_demo_streams_reconstructs_and_prints_the_final_file(tmp_path: Path) -> None:
     done = run_cli("demo", "--out", str(tmp_path / "demo"), "--scan", "12", "12", "--rate", "200",
                    "--final-iterations", "10", timeout=240)
@@ -31,9 +35,11 @@ def test_demo_streams_reconstructs_and_prints_the_final_file(tmp_path: Path) -> 
     ("[output]\nfolder = '/nonexistent/ptylive'\n", "output folder /nonexistent/ptylive does not exist"),
     ("[workers\n", "invalid TOML"),
 ])
-def test_serve_rejects_a_bad_config_with_one_line(tmp_path: Path, text: str, message: str) -> None:
+def test_serve_rejects_a_bad_config_with_one_line(capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                                                  tmp_path: Path, text: str, message: str) -> None:
     config = tmp_path / "ptylive.toml"
     config.write_text(text)
-    done = run_cli("serve", "--config", str(config), timeout=60)
+    done = InProcessCli(capfd, monkeypatch)("serve", "--config", str(config))
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1
+    assert done.stderr.startswith("error: ") and done.stdout == ""
