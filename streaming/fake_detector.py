@@ -130,7 +130,7 @@ def _template(metadata: Mapping[str, Any], positions_px: np.ndarray, detector_sh
               ("energy_eV", "convergence_semiangle_mrad", "defocus_A", "detector_pixel_mrad")}
     return protocol.SeriesStart(series_id="", scan_shape=scan_shape or (1, len(positions_A)),
                                 scan_step_A=(step_A, step_A), detector_shape=(detector_shape[0], detector_shape[1]),
-                                dtype="", positions_A=positions_A, **optics)
+                                dtype="", positions_A=protocol.position_pairs(positions_A), **optics)
 
 
 def send_order(n_frames: int, options: FakeDetectorOptions) -> np.ndarray:

@@ -19,6 +19,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
+import numpy.typing as npt
 
 from ptylive.streaming.compression import ENCODINGS, CompressionError, check_framing, compress, decompress
 from ptylive.streaming.header_fields import (
@@ -48,6 +49,12 @@ MAX_HEADER_BYTES = 64 * 1024
 MAX_START_BYTES = 32 * 1024 * 1024  # a series_start may carry explicit positions (~18 B each)
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 _LITTLE_ENDIAN = {name: np.dtype(name).newbyteorder("<") for name in DTYPES}  # frames are little-endian
+def position_pairs(positions_A: npt.ArrayLike) -> tuple[tuple[float, float], ...]:
+    """``(n, 2)`` positions (any array-like) as the hashable pairs :class:`SeriesStart` holds."""
+    array = np.asarray(positions_A, dtype=np.float64).reshape(-1, 2)
+    return tuple((float(r), float(c)) for r, c in array)
+
+
 @dataclass(frozen=True)
 class SeriesStart:
     """Start of a series: scan geometry, detector and optics.
@@ -87,8 +94,7 @@ class SeriesStart:
 
     def __post_init__(self) -> None:
         if self.positions_A is not None and not isinstance(self.positions_A, tuple):
-            array = np.asarray(self.positions_A, dtype=np.float64).reshape(-1, 2)
-            object.__setattr__(self, "positions_A", tuple((float(r), float(c)) for r, c in array))
+            object.__setattr__(self, "positions_A", position_pairs(self.positions_A))
 
     @property
     def n_positions(self) -> int:

@@ -59,7 +59,8 @@ def _start(series_id: str, scan_shape: tuple[int, int], step_A: float, detector:
     return protocol.SeriesStart(series_id=series_id, scan_shape=scan_shape, scan_step_A=(step_A, step_A),
                                 detector_shape=detector, dtype=dtype, energy_eV=args.energy_eV,
                                 convergence_semiangle_mrad=args.convergence_mrad, defocus_A=args.defocus_A,
-                                detector_pixel_mrad=args.detector_pixel_mrad, positions_A=positions_A)
+                                detector_pixel_mrad=args.detector_pixel_mrad,
+                                positions_A=None if positions_A is None else protocol.position_pairs(positions_A))
 
 
 def _frames(start: protocol.SeriesStart, frames: Any, encoding: str) -> Iterator[tuple[list[Any], bool]]:

@@ -24,8 +24,8 @@ import msgpack
 import numpy as np
 import zmq
 
-from ptylive.daemon.service.config import ReconstructionConfig, loopback_config
 from ptylive.daemon.engine.geometry import series_geometry
+from ptylive.daemon.service.config import ReconstructionConfig, loopback_config
 from ptylive.daemon.service.metrics import PreviewLatency
 from ptylive.daemon.service.process import ServeProcess
 

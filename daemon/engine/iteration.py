@@ -37,6 +37,7 @@ import numpy as np
 
 from ptylive.daemon.engine.exchange.protocols import AsyncExchange, SyncExchange
 from ptylive.daemon.engine.options import EngineOptions
+from ptylive.daemon.engine.step import StepControl, finite_sum, line_search_subset, measure_step, trial_loss
 from ptylive.daemon.engine.tile import TileState
 from ptylive.gpu.backend import get_array_module, to_numpy, zeros_aligned
 from ptylive.gpu.loss import fit_intensity_scale, measured_target
@@ -54,6 +55,7 @@ class EngineReport:
     compute_s: float = 0.0
     floors: list[float] = field(default_factory=list)
     iterations_s: list[float] = field(default_factory=list)
+    step_control: StepControl | None = None
 
 
 def _chunks(indices: np.ndarray, size: int) -> list[np.ndarray]:
@@ -94,31 +96,49 @@ def fit_scale(state: TileState, exchanger: SyncExchange, options: EngineOptions)
     logger.info("fitted detector scale alpha = %.6g counts per unit probe power", state.scale)
 
 
+@dataclass
+class MinibatchGradient:
+    """What :func:`local_gradient` found for some of this rank's positions.
+
+    Attributes
+    ----------
+    loss : float
+        Local loss of every member (before the update).
+    subset_loss : float
+        Local loss of the first ``n_first`` members (the line-search subset, :mod:`.step`).
+    gradient : (S, He, We) complex
+    illumination : (S, He, We) real
+    probe_gradient : (N, N) complex or None
+    """
+
+    loss: float
+    subset_loss: float
+    gradient: Any
+    illumination: Any
+    probe_gradient: Any | None
+
+
 def local_gradient(
     state: TileState, options: EngineOptions, members: np.ndarray,
-    between_batches: Callable[[], None] | None = None,
-) -> tuple[float, Any, Any, Any]:
+    between_batches: Callable[[], None] | None = None, n_first: int = 0,
+) -> MinibatchGradient:
     """Loss, object gradient, illumination and probe gradient of some of this rank's positions.
 
     Parameters
     ----------
     members : (k,) int
-        Local position indices (one mini-batch), processed in chunks of ``batch_size``.
-
-    Returns
-    -------
-    loss : float
-    gradient : (S, He, We) complex
-    illumination : (S, He, We) real
-    probe_gradient : (N, N) complex or None
+        Local position indices (one mini-batch), processed in chunks of ``batch_size``; the first
+        ``n_first`` form chunks of their own so their loss is reported apart.
     """
     xp = get_array_module(state.volume)
     window = state.probe.shape[-1]
     gradient = zeros_aligned(xp, state.volume.shape, state.volume.dtype)
     illumination = xp.zeros(state.volume.shape, state.volume.real.dtype)
     probe_gradient = xp.zeros_like(state.probe) if options.refine_probe else None
-    total = 0.0
-    for b in _chunks(members, options.batch_size):
+    total = subset_total = 0.0
+    first = _chunks(members[:n_first], options.batch_size)
+    chunks, n_first_chunks = first + _chunks(members[n_first:], options.batch_size), len(first)
+    for i, b in enumerate(chunks):
         patches = extract_patches(state.volume, state.starts[b], window)
         result = loss_and_gradient(state.probe, xp.asarray(state.shifts[b]), patches, state.propagator,
                                    state.targets[b], options.loss, options.refine_probe)
@@ -127,9 +147,33 @@ def local_gradient(
         if probe_gradient is not None:
             probe_gradient += result.probe_gradient
         total += result.loss
+        if i < n_first_chunks:
+            subset_total += result.loss
         if between_batches is not None:
             between_batches()
-    return total, gradient, illumination, probe_gradient
+    return MinibatchGradient(total, subset_total, gradient, illumination, probe_gradient)
+
+
+def take_step(state: TileState, options: EngineOptions, control: StepControl, subset: np.ndarray,
+              gradient: MinibatchGradient, direction: Any, reduce: Callable[[np.ndarray], np.ndarray]) -> Any:
+    """Scale ``direction`` (Δ, the update at step 1) in place by the step of :mod:`.step`; returns it.
+
+    ``reduce`` sums the line-search numbers over the ranks that share the step (every rank in
+    ``sync`` mode; the identity in ``async`` mode). A rejected update comes back as zeros.
+    """
+    alpha = measure_step(control, gradient.subset_loss, finite_sum(direction),
+                         partial(trial_loss, state, options, subset, direction), reduce)
+    if alpha == 0.0:
+        direction[...] = 0
+    else:
+        direction *= direction.real.dtype.type(alpha)
+    return direction
+
+
+def ordered_for_line_search(state: TileState, members: np.ndarray, n_global: int) -> tuple[np.ndarray, int]:
+    """``members`` with the line-search subset first, and the subset's size."""
+    chosen = line_search_subset(state.domain.positions[members], n_global)
+    return np.concatenate([members[chosen], members[~chosen]]), int(chosen.sum())
 
 
 def finish_iteration(report: EngineReport, iteration: int, loss: float, start: float,
@@ -153,31 +197,37 @@ def run_sync(state: TileState, exchanger: SyncExchange, options: EngineOptions,
     n_positions = float(exchanger.allreduce_sum(np.array([float(len(state.starts))]))[0])
     xp = get_array_module(state.volume)
     floors = report.floors = [0.0] * len(batches)
+    sizes = exchanger.allreduce_sum(np.array([float(len(members)) for members in batches]))
+    ordered = [ordered_for_line_search(state, members, int(n)) for members, n in zip(batches, sizes, strict=True)]
+    control = report.step_control = StepControl.from_options(options)
     for iteration in range(options.iterations):
         start = time.perf_counter()
         loss = 0.0
-        for m, members in enumerate(batches):
-            part, gradient, illumination, probe_gradient = local_gradient(state, options, members)
-            gradient, illumination = exchanger.reduce_gradients(gradient, illumination)
+        for m, (members, n_subset) in enumerate(ordered):
+            found = local_gradient(state, options, members, n_first=n_subset)
+            gradient, illumination = exchanger.reduce_gradients(found.gradient, found.illumination)
             if iteration == 0:  # fixed per mini-batch after the first pass: the same on every rank
                 floors[m] = options.illumination_floor * float(
                     exchanger.allreduce_max(np.array([float(illumination.max())]))[0])
-            state.volume += object_update(gradient, illumination, floors[m], options.step)
+            direction = object_update(gradient, illumination, floors[m], 1.0)
+            state.volume += take_step(state, options, control, members[:n_subset], found, direction,
+                                      exchanger.allreduce_sum)
             constrain(state.volume, options.max_amplitude)
             if on_exact_update is not None:
                 on_exact_update(m, iteration * len(batches) + m)
-            if probe_gradient is not None:
-                total = xp.asarray(exchanger.allreduce_sum(to_numpy(probe_gradient)))
+            if found.probe_gradient is not None:
+                total = xp.asarray(exchanger.allreduce_sum(to_numpy(found.probe_gradient)))
                 state.probe -= (0.5 * options.probe_step_size * options.updates_per_iteration / n_positions) * total
-            loss += part
+            loss += found.loss
         report.loss_history.append(float(exchanger.allreduce_sum(np.array([loss]))[0]))
+        control.end_iteration(report.loss_history[-1] / n_positions)
         finish_iteration(report, iteration, report.loss_history[-1], start, on_iteration)
     report.compute_s = sum(report.iterations_s) - exchanger.stats.wait_s
     return report
 
 
-def async_update(state: TileState, exchanger: AsyncExchange, options: EngineOptions, members: np.ndarray,
-                 minibatch: int, step: int, floor: float | None) -> tuple[float, Any, float]:
+def async_update(state: TileState, exchanger: AsyncExchange, options: EngineOptions, control: StepControl,
+                 members: np.ndarray, minibatch: int, step: int, floor: float | None) -> tuple[float, Any, float]:
     """One asynchronous update of the tile: the step offline async and the streaming workers share.
 
     The local gradient of ``members`` (this rank's positions of global mini-batch ``minibatch``),
@@ -203,19 +253,22 @@ def async_update(state: TileState, exchanger: AsyncExchange, options: EngineOpti
     illumination_max : float
         Maximum of the total illumination used (streaming workers agree on floors from it).
     """
-    part, gradient, own, probe_gradient = local_gradient(
-        state, options, members, between_batches=partial(exchanger.progress, state.volume, step))
+    members, n_subset = ordered_for_line_search(state, members, len(members))
+    found = local_gradient(state, options, members, between_batches=partial(exchanger.progress, state.volume, step),
+                           n_first=n_subset)
+    own = found.illumination
     total = exchanger.total_illumination(own, minibatch)
     illumination_max = float(total.max())
     if floor is None or not floor > 0:
         floor = options.illumination_floor * illumination_max
-    update = object_update(gradient, total, max(floor, 1e-30), options.step)
+    update = take_step(state, options, control, members[:n_subset], found,
+                       object_update(found.gradient, total, max(floor, 1e-30), 1.0), np.asarray)
     state.volume += update
     constrain(state.volume, options.max_amplitude)
     exchanger.push(update, own, step, minibatch)
     exchanger.progress(state.volume, step)
     exchanger.enforce_staleness(state.volume, step)
-    return part, probe_gradient, illumination_max
+    return found.loss, found.probe_gradient, illumination_max
 
 
 def _apply_probe_total(state: TileState, total: Any, options: EngineOptions, n_positions: float) -> None:
@@ -246,6 +299,8 @@ def run_async(state: TileState, exchanger: AsyncExchange, options: EngineOptions
     report = run_sync(state, exchanger, warm_up, on_iteration,
                       on_exact_update=exchanger.remember_neighbour_illumination)
     local_losses = list(report.loss_history)  # iteration 0 is exact: already a global sum
+    control = report.step_control
+    assert control is not None  # run_sync made it
     n_positions = float(exchanger.allreduce_sum(np.array([float(len(state.starts))]))[0])
     for iteration in range(1, options.iterations):
         start = time.perf_counter()
@@ -253,7 +308,8 @@ def run_async(state: TileState, exchanger: AsyncExchange, options: EngineOptions
         probe_gradient_sum = None
         for m, members in enumerate(batches):
             step = iteration * len(batches) + m
-            part, probe_gradient, _ = async_update(state, exchanger, options, members, m, step, report.floors[m])
+            part, probe_gradient, _ = async_update(state, exchanger, options, control, members, m, step,
+                                                   report.floors[m])
             if probe_gradient is not None and probe_gradient_sum is None:
                 probe_gradient_sum = probe_gradient
             elif probe_gradient is not None:
@@ -263,12 +319,13 @@ def run_async(state: TileState, exchanger: AsyncExchange, options: EngineOptions
             _apply_probe_total(state, exchanger.finish_probe_reduction(), options, n_positions)
             exchanger.start_probe_reduction(to_numpy(probe_gradient_sum))
         local_losses.append(loss)
+        control.end_iteration(loss / max(len(state.starts), 1))
         finish_iteration(report, iteration, loss, start, on_iteration)
     if options.refine_probe:
         _apply_probe_total(state, exchanger.finish_probe_reduction(), options, n_positions)
     exchanger.finish(state.volume, options.iterations * len(batches))
     constrain(state.volume, options.max_amplitude)
-    reduced = exchanger.allreduce_sum(np.array(local_losses[1:])) if len(local_losses) > 1 else []
+    reduced = exchanger.allreduce_sum(np.array(local_losses[1:])) if len(local_losses) > 1 else np.zeros(0)
     report.loss_history = local_losses[:1] + [float(v) for v in reduced]
     report.compute_s = sum(report.iterations_s) - exchanger.stats.wait_s
     return report

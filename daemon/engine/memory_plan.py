@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import resource
-
 from dataclasses import asdict, dataclass
 from typing import Any
 

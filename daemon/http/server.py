@@ -39,7 +39,6 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from ptylive.daemon.http.sse import EventHub, json_ready
 from ptylive.daemon.http.requests import (
     CONTROL_DISABLED,
     MAX_CONTROL_BODY_BYTES,
@@ -47,6 +46,7 @@ from ptylive.daemon.http.requests import (
     parse_control,
     parse_preview_query,
 )
+from ptylive.daemon.http.sse import EventHub, json_ready
 from ptylive.daemon.http.streams import OpenConnections, send_event_stream, send_file, served_file
 from ptylive.daemon.http.viewer import viewer_asset
 

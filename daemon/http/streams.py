@@ -121,8 +121,9 @@ def served_file(folder: Path, name: str) -> Path:
     Raises
     ------
     ValueError
-        If ``name`` is not a plain ``<stem>.h5`` name as :func:`ptylive.daemon.service.results.output_path` makes them (no folders, no
-        leading dot, no ``.partial``), or it resolves outside ``folder`` (a symbolic link).
+        If ``name`` is not a plain ``<stem>.h5`` name as :func:`ptylive.daemon.service.results.output_path`
+        makes them (no folders, no leading dot, no ``.partial``), or it resolves outside ``folder`` (a
+        symbolic link).
     FileNotFoundError
         If there is no such regular file.
     """

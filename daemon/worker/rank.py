@@ -18,15 +18,15 @@ from typing import Any
 import numpy as np
 import zmq
 
-from ptylive.daemon.service import messages as rank_messages
-from ptylive.daemon.service.config import ReconstructionConfig, apply_overrides
 from ptylive.daemon.engine.exchange.consensus import Consensus
 from ptylive.daemon.engine.exchange.factory import async_exchanger
-from ptylive.daemon.engine.tile import TileOptics, set_up_tile, tile_view
 from ptylive.daemon.engine.geometry import series_geometry
+from ptylive.daemon.engine.tile import TileOptics, set_up_tile, tile_view
+from ptylive.daemon.service import messages as rank_messages
+from ptylive.daemon.service.config import ReconstructionConfig, apply_overrides
 from ptylive.daemon.service.preview import downsample_factor, slice_phases
-from ptylive.daemon.worker.refine import N_SUM, SeriesFlags, StreamRun, probe_power, refine
 from ptylive.daemon.worker.frames import FrameStore
+from ptylive.daemon.worker.refine import N_SUM, SeriesFlags, StreamRun, probe_power, refine
 from ptylive.daemon.worker.stats import WorkerStats
 from ptylive.gpu.backend import PRECISIONS, backend_module, to_numpy
 from ptylive.streaming.inbox import SeriesControl, WorkerInbox
@@ -80,10 +80,11 @@ class Worker:
             from ptylive.gpu.warmup import compile_kernels
 
             compile_kernels(self.real_t, self.complex_t)
-        self._send("hello", {"worker": settings.worker, "pid": os.getpid()})
+        self._send(rank_messages.encode("hello", {"worker": settings.worker, "pid": os.getpid()}))
 
-    def _send(self, htype: str, header: dict[str, Any], *arrays: np.ndarray) -> None:
-        self.outbox.send_multipart(rank_messages.encode(htype, header, *arrays), copy=False)
+    def _send(self, frames: list[Any]) -> None:
+        """Send one message made by :func:`ptylive.daemon.service.messages.encode` (typed per message)."""
+        self.outbox.send_multipart(frames, copy=False)
 
     def handle(self, message: Message | SeriesControl) -> None:
         """Apply one inbox message."""
@@ -103,7 +104,7 @@ class Worker:
             self.shutdown = True
             for slot in self.slots.values():
                 slot.flags.stop_level = 3
-        elif message.series_id in self.slots:
+        elif message.series_id is not None and message.series_id in self.slots:
             flags = self.slots[message.series_id].flags
             if message.action == "finalize":
                 flags.ended = True
@@ -120,7 +121,8 @@ class Worker:
             geometry = series_geometry(start, self.settings.n_workers, reconstruction.upsampling)
         except ValueError as exc:  # rank 0 admitted it with the same checks: this is a bug, not bad input
             logger.error("series %r cannot be set up on worker %d: %s", start.series_id, self.settings.worker, exc)
-            self._send("error", {"worker": self.settings.worker, "series_id": start.series_id, "error": str(exc)})
+            self._send(rank_messages.encode("error", {"worker": self.settings.worker, "series_id": start.series_id,
+                                                      "error": str(exc)}))
             return
         store = FrameStore.allocate(geometry, self.settings.worker, reconstruction.loss, self.xp, self.real_t)
         self.slots[start.series_id] = slot = SeriesSlot(start, reconstruction, store)
@@ -135,9 +137,10 @@ class Worker:
         if now >= self._heartbeat_due:
             self._heartbeat_due = now + HEARTBEAT_S
             report = self.stats.report(*(self._run or (None, None)))
-            self._send("heartbeat", {"worker": self.settings.worker, "series_id": self._running,
-                                     "messages_taken": self.messages_taken, "unknown_frames": self.unknown_frames,
-                                     **report})
+            heartbeat: rank_messages.HeartbeatHeader = {
+                "worker": self.settings.worker, "series_id": self._running, "messages_taken": self.messages_taken,
+                "unknown_frames": self.unknown_frames, **report}
+            self._send(rank_messages.encode("heartbeat", heartbeat))
 
     def run(self) -> None:
         """Serve series until a shutdown arrives and no series is left."""
@@ -184,7 +187,7 @@ class Worker:
         for message in self.inbox.poll(int(seconds * 1000)):
             self.handle(message)
 
-    def _quality(self, run: StreamRun, consensus: Consensus) -> dict[str, Any]:
+    def _quality(self, run: StreamRun, consensus: Consensus) -> rank_messages.TileQuality:
         frames = run.frames_history[-1] if run.frames_history else 0
         per_frame = [loss / max(n, 1) for loss, n in zip(run.loss_history[-2:], run.frames_history[-2:], strict=True)]
         rate = (per_frame[0] - per_frame[1]) / per_frame[0] if len(per_frame) == 2 and per_frame[0] > 0 else None
@@ -205,16 +208,18 @@ class Worker:
         slices = slice_phases(tile_view(run.state), factor)  # the angle of every slice is needed either way
         per_slice = (slices,) if len(slices) > 1 else ()
         t = run.state.domain.tile
-        self._send("preview", {"series_id": run.store.geometry.series_id, "worker": self.settings.worker,
-                               "iteration": run.iterations, "tile": [t.row0, t.row1, t.col0, t.col1],
-                               "factor": factor, "sent_s": time.time(), **self._quality(run, consensus)},
-                   slices.sum(axis=0, dtype=np.float32), *per_slice)
+        header: rank_messages.PreviewHeader = {
+            "series_id": run.store.geometry.series_id, "worker": self.settings.worker, "iteration": run.iterations,
+            "tile": [t.row0, t.row1, t.col0, t.col1], "factor": factor, "sent_s": time.time(),
+            **self._quality(run, consensus)}
+        self._send(rank_messages.encode("preview", header, slices.sum(axis=0, dtype=np.float32), *per_slice))
 
     def _send_final(self, run: StreamRun, consensus: Consensus) -> None:
         t = run.state.domain.tile
         stats = run.exchanger.stats
         probe = to_numpy(run.state.probe) if self.settings.worker == 0 else np.zeros(0, self.complex_t)
-        header = {"series_id": run.store.geometry.series_id, "worker": self.settings.worker, "status": run.status,
+        header: rank_messages.FinalHeader = {
+                  "series_id": run.store.geometry.series_id, "worker": self.settings.worker, "status": run.status,
                   "tile": [t.row0, t.row1, t.col0, t.col1], "iterations": run.iterations,
                   "loss_history": run.loss_history, "frames_history": run.frames_history, "scale": run.store.scale,
                   "rejected": run.store.rejected, "received": run.store.global_index[run.store.received].tolist(),
@@ -225,4 +230,4 @@ class Worker:
                             "iterations_total_s": sum(run.iteration_s), "frames_bytes": run.store.memory_bytes(),
                             "frames_received": run.store.n_received},
                   **self._quality(run, consensus)}
-        self._send("final", header, np.ascontiguousarray(to_numpy(tile_view(run.state))), probe)
+        self._send(rank_messages.encode("final", header, np.ascontiguousarray(to_numpy(tile_view(run.state))), probe))

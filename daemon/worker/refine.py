@@ -37,6 +37,7 @@ from ptylive.daemon.engine.exchange.consensus import Consensus
 from ptylive.daemon.engine.exchange.protocols import AsyncExchange
 from ptylive.daemon.engine.iteration import async_update, minibatch_of
 from ptylive.daemon.engine.options import EngineOptions
+from ptylive.daemon.engine.step import StepControl
 from ptylive.daemon.engine.tile import TileState
 from ptylive.daemon.worker.frames import FrameStore
 from ptylive.gpu.backend import get_array_module
@@ -82,8 +83,10 @@ class StreamRun:
     labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     floors: np.ndarray = field(default_factory=lambda: np.zeros(0))
     illumination_max: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    step_control: StepControl = field(init=False)
 
     def __post_init__(self) -> None:
+        self.step_control = StepControl.from_options(self.options)
         m = self.options.updates_per_iteration
         self.labels = minibatch_of(self.store.global_index, m)
         self.floors, self.illumination_max = np.zeros(m), np.zeros(m)
@@ -134,7 +137,8 @@ def _iterate(run: StreamRun, drain: Callable[[], None]) -> float:
     for m in range(options.updates_per_iteration):
         step = run.step + m
         members = np.flatnonzero(usable & (run.labels == m))
-        part, _, run.illumination_max[m] = async_update(state, exchanger, options, members, m, step, run.floors[m])
+        part, _, run.illumination_max[m] = async_update(state, exchanger, options, run.step_control, members, m,
+                                                        step, run.floors[m])
         drain()
         loss += part
     return loss
@@ -173,6 +177,7 @@ def refine(run: StreamRun, consensus: Consensus, drain: Callable[[], None],
         run.store.set_scale(sums[0] / (sums[1] * run.probe_power))
         run.floors = run.options.illumination_floor * maxes[2:]
         loss = _iterate(run, drain)
+        run.step_control.end_iteration(loss / max(int(run.store.converted.sum()), 1))
         run.iterations += 1
         run.final_done += run.final_started is not None
         run.loss_history.append(loss)

@@ -9,6 +9,7 @@ from typing import Any
 
 from ptylive.daemon.engine.exchange.consensus import Consensus
 from ptylive.daemon.engine.memory_plan import gpu_memory_bytes, host_memory_bytes
+from ptylive.daemon.service.messages import WorkerReport
 from ptylive.daemon.worker.refine import StreamRun
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ class WorkerStats:
         return {"iterations": run.iterations, "exchange_bytes": stats.bytes_sent, "exchange_wait_s": stats.wait_s,
                 "consensus_wait_s": consensus.wait_s, "busy_s": sum(run.iteration_s), "series": 0}
 
-    def report(self, run: StreamRun | None, consensus: Consensus | None) -> dict[str, Any]:
+    def report(self, run: StreamRun | None, consensus: Consensus | None) -> WorkerReport:
         """Heartbeat fields: ``totals`` (cumulative), ``iteration_s`` (new since the last report), gauges."""
         current = self._of(run, consensus) if run is not None and consensus is not None else {}
         totals = {k: v + current.get(k, 0.0) for k, v in self.finished.items()}

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from ptylive.daemon.http.sse import EventHub
 from ptylive.daemon.http.server import Providers
+from ptylive.daemon.http.sse import EventHub
 
 STATUS = {"series_id": "s-042", "frames_received": 120, "frames_expected": 400, "iteration": 7}
 TILES = {"tiles": [{"rank": 1, "row0": 0, "row1": 32, "col0": 0, "col1": 32, "iteration": 7}]}

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from ptylive.daemon.http.server import CONTROL_DISABLED, StatusServer
-from ptylive.daemon.service.preview import to_png
 from ptylive.daemon.http.viewer import ASSETS
+from ptylive.daemon.service.preview import to_png
 from tests.daemon.http_harness import STATUS, TILES, FakeDaemon, post_json, request
 
 

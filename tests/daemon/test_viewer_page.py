@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ptylive.daemon.http.sse import EventHub
 from ptylive.daemon.http.server import Providers, StatusServer
+from ptylive.daemon.http.sse import EventHub
 from ptylive.daemon.service.preview import to_png
 from tests.daemon.browser_harness import PageLog, overlay_counts, pixel_checksum, save_screenshot
 
