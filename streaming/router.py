@@ -21,9 +21,13 @@ A positive angle turns the ``+col`` axis towards ``+row`` (counter-clockwise in 
 plane; on an image drawn with rows going down it looks clockwise). At θ = 90° a step along ``+col``
 lands on ``+row`` and a step along ``+row`` lands on ``−col``. Multiples of 90° are computed exactly.
 
-Which worker owns a position is decided by ``owner_of``, injected by the daemon (which knows the
-decomposition): it maps ``(n, 2)`` float64 positions in Å to ``(n,)`` worker indices in
-``[0, n_workers)``, the decomposition's tile index; the daemon maps an index to an MPI rank.
+Which worker owns a frame is decided by an :class:`OwnerRule`, injected by the caller. The daemon, which
+knows the decomposition, passes the series' :class:`~ptylive.streaming.ownership.OwnerTable`: a frame goes
+to the worker of its index's probe group, and a header position only moves its window
+(:func:`~ptylive.streaming.ownership.owner_for`, the rule every worker's frame store applies too). Callers
+without a decomposition (benchmarks, tests) pass a bare ``owner_of``, which maps ``(n, 2)`` float64
+positions in Å to ``(n,)`` worker indices in ``[0, n_workers)`` (:class:`ByPosition`: a header position
+decides the owner). The daemon maps a worker index to an MPI rank.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -106,27 +111,57 @@ def position_A_of(start: SeriesStart, frame_index: int,
     return cos * r + sin * c, -sin * r + cos * c
 
 
+@runtime_checkable
+class OwnerRule(Protocol):
+    """Who owns the frames of a series (see the module doc)."""
+
+    def owners(self, start: SeriesStart) -> npt.NDArray[np.integer[Any]]:
+        """``(n_positions,)`` worker of every frame of ``start`` at its nominal position."""
+        ...
+
+    def owner_of_frame(self, start: SeriesStart, frame_index: int, position_A: tuple[float, float]) -> int:
+        """Worker of a frame whose header gives ``position_A``; ``NotPlaceable`` if none can use it there."""
+        ...
+
+
+@dataclass(frozen=True)
+class ByPosition:
+    """The rule of a bare ``owner_of``: the owner of a frame's position (header, explicit or raster)."""
+
+    owner_of: OwnerOf
+
+    def owners(self, start: SeriesStart) -> npt.NDArray[np.integer[Any]]:
+        return self.owner_of(scan_positions_A(start))
+
+    def owner_of_frame(self, start: SeriesStart, frame_index: int, position_A: tuple[float, float]) -> int:
+        owners = np.asarray(self.owner_of(np.array([position_A], dtype=np.float64)))
+        if owners.shape != (1,) or owners.dtype.kind not in "iu":
+            raise ValueError(f"owner_of must return (1,) integers, got {owners.dtype} {owners.shape}")
+        return int(owners[0])
+
+
 class Router:
     """Map frames to worker indices and count what each worker was sent.
 
     Parameters
     ----------
-    owner_of : callable
-        ``(n, 2) float64`` positions in Å → ``(n,)`` integer worker indices in ``[0, n_workers)``.
+    rule : OwnerRule or callable
+        Who owns each frame; a bare ``(n, 2) float64`` positions in Å → ``(n,)`` workers callable is used
+        as :class:`ByPosition`.
     n_workers : int
 
     Attributes
     ----------
     frames_routed, bytes_routed : (n_workers,) int64
-        Per worker, counted by :meth:`route` (not by :meth:`route_all`).
+        Per worker, counted by :meth:`route` (not by :meth:`route_all` or :meth:`owner`).
     queue_depth : dict[int, int]
         Hook the caller keeps up to date (worker index → messages waiting); reported by :meth:`snapshot`.
     """
 
-    def __init__(self, owner_of: OwnerOf, n_workers: int) -> None:
+    def __init__(self, rule: OwnerRule | OwnerOf, n_workers: int) -> None:
         if not 1 <= n_workers < 2**31:
             raise ValueError(f"n_workers must be in [1, 2**31), got {n_workers!r}")
-        self.owner_of = owner_of
+        self.rule: OwnerRule = rule if isinstance(rule, OwnerRule) else ByPosition(rule)
         self.n_workers = n_workers
         self.frames_routed = np.zeros(n_workers, dtype=np.int64)
         self.bytes_routed = np.zeros(n_workers, dtype=np.int64)
@@ -134,14 +169,14 @@ class Router:
         self._table_start: SeriesStart | None = None
         self._table: npt.NDArray[np.int32] | None = None
 
-    def _owners(self, positions_A: npt.NDArray[np.float64]) -> npt.NDArray[np.int32]:
-        owners = np.asarray(self.owner_of(positions_A))
-        if owners.shape != (len(positions_A),) or (owners.size and owners.dtype.kind not in "iu"):
-            raise ValueError(f"owner_of must return ({len(positions_A)},) integers, "
-                             f"got {owners.dtype} {owners.shape}")
+    def _checked(self, owners: npt.ArrayLike, n: int) -> npt.NDArray[np.int32]:
+        """``owners`` as int32 if it holds ``n`` worker indices in ``[0, n_workers)``; ValueError otherwise."""
+        owners = np.asarray(owners)
+        if owners.shape != (n,) or (owners.size and owners.dtype.kind not in "iu"):
+            raise ValueError(f"the owner rule must return ({n},) integers, got {owners.dtype} {owners.shape}")
         if owners.size and (owners.min() < 0 or owners.max() >= self.n_workers):
             bad = int(np.flatnonzero((owners < 0) | (owners >= self.n_workers))[0])
-            raise ValueError(f"owner_of gave worker {owners[bad]} for position {positions_A[bad]}; "
+            raise ValueError(f"the owner rule gave worker {owners[bad]} for frame {bad}; "
                              f"expected [0, {self.n_workers})")
         return owners.astype(np.int32, copy=False)
 
@@ -156,28 +191,36 @@ class Router:
         (n_positions,) int32
         """
         if self._table_start is not start or self._table is None:
-            self._table = self._owners(scan_positions_A(start))
+            self._table = self._checked(self.rule.owners(start), start.n_positions)
             self._table_start = start
         return self._table.copy()
 
-    def route(self, start: SeriesStart, frame: Frame) -> int:
-        """Worker index for ``frame`` of series ``start``; counts the frame and its bytes for that worker.
+    def owner(self, start: SeriesStart, frame: Frame) -> int:
+        """Worker index for ``frame`` of series ``start``, counting nothing.
 
         Raises
         ------
         ValueError
-            If the frame index is outside the scan (and the header gives no position), or ``owner_of``
-            answers something other than one worker index in ``[0, n_workers)``.
+            If the frame index is outside the scan (and the rule needs it), or the rule answers something other
+            than one worker index in ``[0, n_workers)``.
+        NotPlaceable
+            (a ValueError) If the rule finds no worker that can use the frame at its header position.
         """
-        table = self._table if self._table_start is start else None
-        if frame.position_A is None and table is not None:
-            if not 0 <= frame.frame_index < len(table):
-                raise ValueError(f"frame_index {frame.frame_index} outside [0, {len(table)}) "
-                                 f"of series {start.series_id!r}")
-            worker = int(table[frame.frame_index])
-        else:
-            position = position_A_of(start, frame.frame_index, frame.position_A)
-            worker = int(self._owners(np.array([position], dtype=np.float64))[0])
+        if frame.position_A is not None:
+            worker = self.rule.owner_of_frame(start, frame.frame_index, frame.position_A)
+            if not 0 <= worker < self.n_workers:
+                raise ValueError(f"the owner rule gave worker {worker} for frame {frame.frame_index} at "
+                                 f"{frame.position_A} Å; expected [0, {self.n_workers})")
+            return worker
+        table = self._table if self._table_start is start and self._table is not None else self.route_all(start)
+        if not 0 <= frame.frame_index < len(table):
+            raise ValueError(f"frame_index {frame.frame_index} outside [0, {len(table)}) "
+                             f"of series {start.series_id!r}")
+        return int(table[frame.frame_index])
+
+    def route(self, start: SeriesStart, frame: Frame) -> int:
+        """:meth:`owner` of ``frame``, counting the frame and its bytes for that worker."""
+        worker = self.owner(start, frame)
         self.frames_routed[worker] += 1
         self.bytes_routed[worker] += frame.pixels.nbytes
         return worker

@@ -1,8 +1,10 @@
 """The ingest's bookkeeping, apart from its sockets: admission, the series registry and one router per series.
 
 :class:`~ptylive.streaming.ingest.Ingest` owns the sockets and the thread; it asks a :class:`SeriesBook` what
-to do with each decoded message. Every method takes the book's lock, so HTTP threads can read
-:meth:`SeriesBook.snapshot` while the ingest thread changes it.
+to do with each decoded message. Every method takes the book's lock, and every read returns a copy
+(:meth:`SeriesBook.snapshot`, :meth:`SeriesBook.find`, :meth:`SeriesBook.latest`), so HTTP and collector
+threads read while the ingest thread changes the registry. Read the registry through these, never through
+:attr:`SeriesBook.registry` itself from another thread.
 """
 
 from __future__ import annotations
@@ -11,15 +13,55 @@ import logging
 import math
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
+from ptylive.streaming.ownership import NotPlaceable
 from ptylive.streaming.protocol import Frame, SeriesEnd, SeriesStart
 from ptylive.streaming.router import Router
-from ptylive.streaming.series import SeriesRegistry
+from ptylive.streaming.series import SeriesRegistry, SeriesState
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class SeriesProgress:
+    """One series' counters as they were under the book's lock; safe to keep and read on any thread.
+
+    Attributes
+    ----------
+    start : SeriesStart
+    received, n_expected : int
+        Distinct frames accepted so far; frames of the scan.
+    coverage : (n_expected,) bool or None
+        Copy of which frames were accepted (None unless asked for).
+    received_s : (n_expected,) float64 or None
+        Copy of each frame's monotonic acceptance time, NaN until then (None unless asked for).
+    """
+
+    start: SeriesStart
+    received: int
+    n_expected: int
+    coverage: npt.NDArray[np.bool_] | None = None
+    received_s: npt.NDArray[np.float64] | None = None
+
+    @property
+    def series_id(self) -> str:
+        return self.start.series_id
+
+    @property
+    def coverage_fraction(self) -> float:
+        return self.received / self.n_expected if self.n_expected else 1.0
+
+    @classmethod
+    def of(cls, state: SeriesState, arrays: bool) -> SeriesProgress:
+        """Copy ``state`` (its arrays too when ``arrays``); the caller holds the lock that guards it."""
+        if not arrays:
+            return cls(state.start, state.received, state.n_expected)
+        return cls(state.start, state.received, state.n_expected, state.coverage.copy(), state.received_s.copy())
 
 
 class SeriesBook:
@@ -84,16 +126,23 @@ class SeriesBook:
         return series_id, state is not None
 
     def route(self, frame: Frame) -> int | None:
-        """Worker for an accepted frame; None for duplicates, rejections and frames that cannot be routed."""
+        """Worker for an accepted frame; None for duplicates, rejections and frames that cannot be routed.
+
+        A frame whose worker could not place it at its header position (the router's rule says
+        :class:`~ptylive.streaming.ownership.NotPlaceable`) is rejected as ``"position_outside"`` before it
+        counts as received.
+        """
         with self._lock:
             entry = self._routers.get(frame.series_id)
             if entry is not None and frame.position_A is not None and all(map(math.isfinite, frame.position_A)):
                 try:  # a header position must be placeable before the frame counts as received
-                    entry[1].owner_of(np.array([frame.position_A], dtype=np.float64))
-                except ValueError as exc:
+                    entry[1].owner(entry[0], frame)
+                except NotPlaceable as exc:
                     self.registry.reject(frame, "position_outside")
                     logger.warning("frame %d of series %r rejected: %s", frame.frame_index, frame.series_id, exc)
                     return None
+                except ValueError:
+                    pass  # an index outside the scan or a broken rule: counted below, by accept_frame or route
             if not self.registry.accept_frame(frame).accepted:
                 return None
             if entry is None:
@@ -114,6 +163,21 @@ class SeriesBook:
             entry = self._routers.get(current.series_id) if current is not None else None
             router = None if entry is None else {"series_id": entry[0].series_id, **entry[1].snapshot()}
         return registry, router
+
+    def find(self, series_id: str, arrays: bool = False) -> SeriesProgress | None:
+        """Progress of the newest series named ``series_id`` (current, queued or finished), or None.
+
+        ``arrays`` adds copies of its coverage and acceptance times (O(frames)).
+        """
+        with self._lock:
+            state = self.registry.find(series_id)
+            return None if state is None else SeriesProgress.of(state, arrays)
+
+    def latest(self, arrays: bool = False) -> SeriesProgress | None:
+        """Progress of the current series, else of the last finished one that was not refused; None before any."""
+        with self._lock:
+            state = self.registry.latest()
+            return None if state is None else SeriesProgress.of(state, arrays)
 
     def _admit(self, start: SeriesStart) -> str | None:
         """The admission hook's verdict; a hook that raises refuses the series (logged), never the thread."""

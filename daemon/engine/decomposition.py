@@ -3,7 +3,7 @@
 The object (H×W pixels, all slices) is cut into a grid of near-square tiles,
 one per rank. A probe position belongs to the tile containing its window
 centre (its *probe group*). The *extended tile* of a rank is the bounding box
-of its tile and of every window of its group::
+of its tile and of every window of its group (grown by an optional margin)::
 
       ┌────────────── object ───────────────┐
       │   ┌─ extended tile of rank 0 ──┐     │
@@ -53,6 +53,10 @@ class Box:
         box = Box(max(self.row0, other.row0), min(self.row1, other.row1),
                   max(self.col0, other.col0), min(self.col1, other.col1))
         return box if box.row1 > box.row0 and box.col1 > box.col0 else None
+
+    def grown(self, margin: int) -> Box:
+        """This box with ``margin`` pixels more on every side (not clipped)."""
+        return Box(self.row0 - margin, self.row1 + margin, self.col0 - margin, self.col1 + margin)
 
     def union(self, other: Box) -> Box:
         return Box(min(self.row0, other.row0), max(self.row1, other.row1),
@@ -126,7 +130,7 @@ def probe_owner(shape: tuple[int, int], positions_px: np.ndarray, window_px: int
 
 
 def decompose(
-    shape: tuple[int, int], positions_px: np.ndarray, window_px: int, n_ranks: int,
+    shape: tuple[int, int], positions_px: np.ndarray, window_px: int, n_ranks: int, margin_px: int = 0,
 ) -> list[RankDomain]:
     """Decompose an object of ``shape`` (H, W) and its scan over ``n_ranks`` ranks.
 
@@ -137,11 +141,17 @@ def decompose(
         Probe centres ``(row, col)`` in object pixels.
     window_px : int
     n_ranks : int
+    margin_px : int
+        Pixels added on every side of each extended tile (clipped to the object), so that a window moved
+        by up to ``margin_px`` from its nominal position still lies in its rank's extended tile (the streaming
+        daemon's header positions, :mod:`ptylive.streaming.ownership`); 0 offline.
 
     Returns
     -------
     list of RankDomain, indexed by rank (row-major over the tile grid).
     """
+    if margin_px < 0:
+        raise ValueError(f"margin_px must be >= 0, got {margin_px}")
     grid_rows, grid_cols = rank_grid(shape, n_ranks)
     row_edges, col_edges = _edges(shape[0], grid_rows), _edges(shape[1], grid_cols)
     starts, _ = window_starts(positions_px, window_px)
@@ -158,7 +168,7 @@ def decompose(
             box = box.union(Box(int(s[:, 0].min()), int(s[:, 0].max()) + window_px,
                                 int(s[:, 1].min()), int(s[:, 1].max()) + window_px))
         tiles.append(tile)
-        extended.append(box.intersect(whole) or tile)
+        extended.append(box.grown(margin_px).intersect(whole) or tile)
         groups.append(group)
     domains = []
     for rank in range(n_ranks):

@@ -9,22 +9,25 @@ offline reconstruction of its file share one grid::
 
     px = A / pixel_size_A − min(A / pixel_size_A) + N//2 + 0.5
 
-The object is the smallest one holding every window (:func:`object_shape_for`). Rank 0 (for
-routing) and every worker (for its tile) compute the same :class:`SeriesGeometry` from the same
-start, so they agree on who owns which frame without talking.
+The object is the smallest one holding every window (:func:`object_shape_for`). Each extended tile
+carries a margin of one scan step (:func:`header_margin_px`), so a frame whose header position moved it
+by up to a step is still placed by its owner (:mod:`ptylive.streaming.ownership`). Rank 0 (for routing)
+and every worker (for its tile) compute the same :class:`SeriesGeometry` from the same start, and both
+ask its :attr:`SeriesGeometry.owners` table who owns a frame, so they agree without talking.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
-from ptylive.daemon.engine.decomposition import RankDomain, decompose, probe_owner
-from ptylive.gpu.patches import check_windows, window_starts
+from ptylive.daemon.engine.decomposition import RankDomain, decompose
 from ptylive.gpu.physics import wavelength_A
+from ptylive.streaming.ownership import SNAP_PX, OwnerTable, snap_px
 from ptylive.streaming.protocol import SeriesStart
 from ptylive.streaming.router import scan_positions_A
 from ptylive.streaming.scanfile import object_shape_for
@@ -56,6 +59,9 @@ class SeriesGeometry:
         One per worker; ``domains[w].positions`` are the frame indices routed to worker ``w``.
     owner : (n,) int64
         Worker of each frame at its nominal position.
+    owners : OwnerTable
+        What the router and the workers' frame stores ask who owns a frame and where its window goes
+        (:func:`~ptylive.streaming.ownership.owner_for`).
     """
 
     series_id: str
@@ -67,23 +73,16 @@ class SeriesGeometry:
     object_shape: tuple[int, int]
     domains: list[RankDomain]
     owner: npt.NDArray[np.int64]
+    owners: OwnerTable
 
     def to_px(self, positions_A: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """``(n, 2)`` positions in Å → object pixels (snapped to integers within 1e-9 px)."""
-        return _snapped(np.asarray(positions_A, dtype=np.float64).reshape(-1, 2) / self.pixel_size_A
-                        + self.offset_px)
-
-    def owner_of(self, positions_A: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
-        """Worker of arbitrary positions (header positions); ValueError if a window leaves the object."""
-        px = self.to_px(positions_A)
-        check_windows(self.object_shape, window_starts(px, self.window_px)[0], self.window_px)
-        return probe_owner(self.object_shape, px, self.window_px, len(self.domains))
+        return self.owners.to_px(positions_A)
 
 
-def _snapped(px: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    """Coordinates within 1e-9 px of an integer become that integer (Å → px rounding must not move a window)."""
-    nearest = np.round(px)
-    return np.where(np.abs(px - nearest) < 1e-9, nearest, px)
+def header_margin_px(start: SeriesStart, pixel_size_A: float) -> int:
+    """Margin of every extended tile of a streamed series: one scan step, in whole object pixels."""
+    return math.ceil(max(abs(step) for step in start.scan_step_A) / pixel_size_A - SNAP_PX)
 
 
 def series_geometry(start: SeriesStart, n_workers: int, upsampling: int) -> SeriesGeometry:
@@ -105,18 +104,22 @@ def series_geometry(start: SeriesStart, n_workers: int, upsampling: int) -> Seri
     if not np.isfinite(positions_A).all():
         raise SeriesRefused(f"series {start.series_id!r}: scan positions are not all finite")
     offset = window // 2 + 0.5 - (positions_A / pixel_A).min(axis=0)
-    positions_px = _snapped(positions_A / pixel_A + offset)
+    positions_px = snap_px(positions_A / pixel_A + offset)
     shape = object_shape_for(positions_px, window)
     if max(shape) > MAX_OBJECT_PX:
         raise SeriesRefused(f"series {start.series_id!r}: object {shape} px exceeds {MAX_OBJECT_PX} px per side "
                             f"(scan extent / pixel {pixel_A:.4g} Å)")
     try:
-        domains = decompose(shape, positions_px, window, n_workers)
+        domains = decompose(shape, positions_px, window, n_workers, header_margin_px(start, pixel_A))
     except ValueError as exc:
         raise SeriesRefused(f"series {start.series_id!r}: {exc}") from None
     owner = np.empty(len(positions_px), dtype=np.int64)
     for domain in domains:
         owner[domain.positions] = domain.rank
+    extended = np.array([[d.extended.row0, d.extended.row1, d.extended.col0, d.extended.col1] for d in domains],
+                        dtype=np.int64)
+    owners = OwnerTable(owner, extended, positions_px, pixel_A, offset, window)
     logger.info("series %r: %d positions, pixel %.4f Å, window %d px, object %s px, %d tiles",
                 start.series_id, len(positions_px), pixel_A, window, shape, n_workers)
-    return SeriesGeometry(start.series_id, pixel_A, window, rows, offset, positions_px, shape, domains, owner)
+    return SeriesGeometry(start.series_id, pixel_A, window, rows, offset, positions_px, shape, domains, owner,
+                          owners)

@@ -23,13 +23,13 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import h5py
 import numpy as np
 
 from ptylive.daemon.engine.geometry import SeriesGeometry
-from ptylive.daemon.service.messages import RankMessage
+from ptylive.daemon.service.messages import FinalMessage
 from ptylive.streaming.protocol import SeriesStart
 
 logger = logging.getLogger(__name__)
@@ -73,12 +73,12 @@ def output_path(folder: Path, series_id: str) -> Path:
     return path
 
 
-def _status(finals: list[RankMessage]) -> str:
+def _status(finals: list[FinalMessage]) -> str:
     statuses = {m.header["status"] for m in finals}
     return statuses.pop() if len(statuses) == 1 else "+".join(sorted(statuses))
 
 
-def write_final(folder: Path, start: SeriesStart, geometry: SeriesGeometry, finals: list[RankMessage],
+def write_final(folder: Path, start: SeriesStart, geometry: SeriesGeometry, finals: list[FinalMessage],
                 extra_attrs: dict[str, Any]) -> Path:
     """Stitch ``finals`` (one per worker, any order) and write the series' HDF5 file; returns its path."""
     finals = sorted(finals, key=lambda m: m.header["worker"])
@@ -111,6 +111,6 @@ def write_final(folder: Path, start: SeriesStart, geometry: SeriesGeometry, fina
         "frames_expected": len(received), "frames_received": int(received.sum()), **extra_attrs}
     for reason in sorted({r for m in finals for r in m.header.get("rejected", {})}):  # dropped on workers
         attrs[f"worker_rejected_{reason}"] = sum(int(m.header.get("rejected", {}).get(reason, 0)) for m in finals)
-    write_result(path, datasets, [m.header["stats"] for m in finals], attrs)
+    write_result(path, datasets, [cast(Mapping[str, float], m.header["stats"]) for m in finals], attrs)
     logger.info("series %r: wrote %s (%s)", start.series_id, path, _status(finals))
     return path

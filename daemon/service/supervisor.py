@@ -23,13 +23,14 @@ from typing import Any
 import zmq
 from prometheus_client import CollectorRegistry
 
-from ptylive.daemon.service.collector import Collector
-from ptylive.daemon.service.config import DaemonConfig, apply_overrides
 from ptylive.daemon.engine.geometry import SeriesGeometry, series_geometry
-from ptylive.daemon.http.server import Providers, StatusServer
 from ptylive.daemon.engine.memory_plan import rank_memory
+from ptylive.daemon.http.server import Providers, StatusServer
+from ptylive.daemon.service.collector import Collector, CollectorHooks
+from ptylive.daemon.service.config import DaemonConfig, apply_overrides
 from ptylive.daemon.service.metrics import DaemonMetrics, PreviewLatency
 from ptylive.daemon.service.notify import Watchdog, notify, watchdog_period_s
+from ptylive.daemon.service.series_views import coverage_rows
 from ptylive.streaming.decoders import make_decoder
 from ptylive.streaming.inbox import SeriesControl
 from ptylive.streaming.ingest import Ingest, IngestConfig
@@ -37,6 +38,7 @@ from ptylive.streaming.protocol import SeriesStart
 from ptylive.streaming.recording import Recorder
 from ptylive.streaming.router import Router
 from ptylive.streaming.series import RegistryConfig, SeriesRegistry
+from ptylive.streaming.series_book import SeriesProgress
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +48,15 @@ SHUTDOWN_TIMEOUT_S = 8.0
 
 
 class Admission:
-    """Decides whether a series can run, and remembers the geometry of those that can."""
+    """Decides whether a series can run, and remembers the geometry of those that can.
+
+    Called on the ingest thread; :meth:`lookup` answers other threads (under the lock).
+    """
 
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
-        self.series: dict[str, tuple[SeriesStart, SeriesGeometry]] = {}
+        self._series: dict[str, tuple[SeriesStart, SeriesGeometry]] = {}
+        self._lock = threading.Lock()
 
     def __call__(self, start: SeriesStart) -> str | None:
         c = self.config
@@ -66,11 +72,21 @@ class Admission:
             return (f"series {start.series_id!r} needs {largest.total / 2**30:.2f} GiB on worker {largest.rank} "
                     f"(object {largest.extended_shape} px × {r.n_slices} slices, {largest.n_positions} frames); "
                     f"the budget is {c.workers.memory_budget_bytes / 2**30:.2f} GiB per worker")
-        self.series[start.series_id] = (start, geometry)
+        with self._lock:
+            self._series[start.series_id] = (start, geometry)
         return None
 
+    def lookup(self, series_id: str) -> tuple[SeriesStart, SeriesGeometry] | None:
+        """Start and geometry of an admitted series, or None."""
+        with self._lock:
+            return self._series.get(series_id)
+
     def router(self, start: SeriesStart) -> Router:
-        return Router(self.series[start.series_id][1].owner_of, self.config.workers.ranks)
+        """The series' router: its geometry's owner table, the rule the workers' frame stores apply too."""
+        entry = self.lookup(start.series_id)
+        if entry is None:
+            raise ValueError(f"series {start.series_id!r} was not admitted")
+        return Router(entry[1].owners, self.config.workers.ranks)
 
 
 class Rank0:
@@ -87,15 +103,17 @@ class Rank0:
         self.ingest = Ingest(ingest_config, self.admission.router, registry, context, admit=self.admission,
                              decoder=make_decoder(c.ingest.format, c.scan, c.ingest.channel),
                              recorder=Recorder.open(c.ingest.record_to))
-        self.collector = Collector(context, INTERNAL_ENDPOINT, c.preview.endpoint, self.series_info,
-                                   Path(c.output.folder), n, c.preview.rate_hz)
-        control = self.control if c.http.control else None
         self.metrics = DaemonMetrics(metrics_registry or CollectorRegistry(), self.metrics_snapshot)
         self.latency = PreviewLatency()
-        self.collector.on_report, self.collector.on_publish = self.metrics.observe_report, self._preview_published
-        self.http = StatusServer(Providers(self.status, self.collector.tiles, self.collector.preview_png, control,
+        hooks = CollectorHooks(series=self.admission.lookup, progress=self._progress,
+                               on_heartbeat=self.metrics.observe_report, on_preview=self._observe_latency)
+        self.collector = Collector(context, INTERNAL_ENDPOINT, c.preview.endpoint, hooks, Path(c.output.folder), n,
+                                   c.preview.rate_hz)
+        control = self.control if c.http.control else None
+        views = self.collector.views
+        self.http = StatusServer(Providers(self.status, views.tiles, views.preview_png, control,
                                            metrics=self.metrics.exposition, events=self.collector.events,
-                                           slice_png=self.collector.slice_png, output_folder=Path(c.output.folder)),
+                                           slice_png=views.slice_png, output_folder=Path(c.output.folder)),
                                  c.http.host, c.http.port)
         self.stop = threading.Event()
 
@@ -105,12 +123,9 @@ class Rank0:
                 "collector": self.collector.pull_endpoint, "preview": self.collector.pub_endpoint,
                 "http": self.http.url, "pid": os.getpid()}
 
-    def series_info(self, series_id: str) -> tuple[SeriesStart, SeriesGeometry, int] | None:
-        entry = self.admission.series.get(series_id)
-        if entry is None:
-            return None
-        state = self.ingest.registry.find(series_id)
-        return entry[0], entry[1], state.received if state is not None else 0
+    def _progress(self, series_id: str) -> SeriesProgress | None:
+        """The ingest's progress of a series, with its acceptance times (for the latency), under the book's lock."""
+        return self.ingest.book.find(series_id, arrays=True)
 
     def status(self) -> dict[str, Any]:
         """``/status``: :meth:`counters` plus the coverage map."""
@@ -132,15 +147,10 @@ class Rank0:
     def coverage(self) -> dict[str, Any] | None:
         """Coverage map of the current series (between series: the last one that ran), one string of 0/1 per
         scan row (frame ``k`` at row ``k // cols``)."""
-        state = self.ingest.registry.latest()
-        if state is None:
+        latest = self.ingest.book.latest(arrays=True)
+        if latest is None or latest.coverage is None:
             return None
-        covered = state.coverage.copy()
-        rows, cols = state.start.scan_shape
-        if covered.size != rows * cols:
-            rows, cols = 1, covered.size
-        lines = ["".join("1" if c else "0" for c in row) for row in covered.reshape(rows, cols)]
-        return {"series_id": state.series_id, "scan_shape": [rows, cols], "rows": lines}
+        return coverage_rows(latest.series_id, latest.start.scan_shape, latest.coverage)
 
     def control(self, action: str, series_id: str | None) -> tuple[bool, str]:
         return self.ingest.request(SeriesControl(action, series_id))  # type: ignore[arg-type]
@@ -149,20 +159,20 @@ class Rank0:
         """:meth:`counters` plus the two figures only metrics need (the coverage map is not built per scrape)."""
         status = self.counters()
         ages = status["heartbeat_age_s"].values()
-        latest = self.ingest.registry.latest()
+        latest = self.ingest.book.latest()
         status["workers_fresh"] = sum(age < self.config.service.heartbeat_timeout_s for age in ages)
         status["coverage_ratio"] = latest.coverage_fraction if latest is not None else None
         return status
 
-    def _preview_published(self, header: dict[str, Any]) -> None:
-        series_id = str(header["series_id"])
-        entry, state = self.admission.series.get(series_id), self.ingest.registry.find(series_id)
-        if entry is not None and state is not None:
-            self.metrics.observe_latencies(self.latency.newly_shown(header, state.received_s, entry[1].owner,
+    def _observe_latency(self, header: dict[str, Any], progress: SeriesProgress | None,
+                         geometry: SeriesGeometry) -> None:
+        """Frame-to-preview latencies of the frames a published preview shows first (collector thread)."""
+        if progress is not None and progress.received_s is not None:
+            self.metrics.observe_latencies(self.latency.newly_shown(header, progress.received_s, geometry.owner,
                                                                     time.monotonic()))
 
     def healthy(self) -> bool:
-        ages = self.collector.status()["heartbeat_age_s"]
+        ages = self.collector.roster.heartbeat_ages()
         limit = self.config.service.heartbeat_timeout_s
         return len(ages) >= self.config.workers.ranks and all(age < limit for age in ages.values())
 
@@ -174,9 +184,10 @@ class Rank0:
         self.collector.start()
         self.http.start()
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while len(self.collector.hello) < self.config.workers.ranks and not self.stop.is_set():
+        roster = self.collector.roster
+        while len(roster.said_hello()) < self.config.workers.ranks and not self.stop.is_set():
             if time.monotonic() > deadline:
-                raise RuntimeError(f"only workers {sorted(self.collector.hello)} of {self.config.workers.ranks} "
+                raise RuntimeError(f"only workers {sorted(roster.said_hello())} of {self.config.workers.ranks} "
                                    f"said hello within {STARTUP_TIMEOUT_S} s")
             time.sleep(0.05)
         self._announce()
@@ -207,9 +218,9 @@ class Rank0:
         if not accepted:
             logger.error("could not tell the workers to stop: %s", message)
         deadline = time.monotonic() + SHUTDOWN_TIMEOUT_S
-        while len(self.collector.byes) < self.config.workers.ranks:
+        while len(self.collector.roster.said_bye()) < self.config.workers.ranks:
             if time.monotonic() > deadline:
-                missing = sorted(set(range(self.config.workers.ranks)) - self.collector.byes)
+                missing = sorted(set(range(self.config.workers.ranks)) - self.collector.roster.said_bye())
                 logger.error("workers %s did not stop within %.0f s; aborting the job", missing, SHUTDOWN_TIMEOUT_S)
                 self.close()
                 abort()

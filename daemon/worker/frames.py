@@ -5,6 +5,9 @@ before the first frame (the daemon refuses series that would not fit). A frame's
 intensities until the next iteration turns them into the loss's target with the current detector
 scale ``α``; when the (global, running) estimate of ``α`` moves, rows already converted are rescaled
 in place (``√(1/α)`` for the amplitude loss, ``1/α`` for Poisson), so the raw frames never exist twice.
+
+A frame with a header position is placed by :func:`~ptylive.streaming.ownership.owner_for`, the rule the
+ingest routed it by, so a frame the ingest counted as received is a frame this store keeps.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import numpy as np
 from ptylive.daemon.engine.geometry import SeriesGeometry
 from ptylive.gpu.backend import get_array_module
 from ptylive.gpu.loss import measured_target
-from ptylive.gpu.patches import check_windows, window_starts
+from ptylive.gpu.patches import window_starts
 from ptylive.streaming.compression import CompressionError
+from ptylive.streaming.ownership import NotPlaceable, owner_for
 from ptylive.streaming.protocol import Frame
 
 logger = logging.getLogger(__name__)
@@ -96,7 +100,7 @@ class FrameStore:
         if frame.encoding != "raw" and pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
             self.rejected["non_finite"] += 1  # the ingest checks raw frames only
             return False
-        if frame.position_A is not None and not self._place(row, frame.position_A):
+        if frame.position_A is not None and not self._place(row, frame.frame_index, frame.position_A):
             return False
         xp = get_array_module(self.targets)
         self.targets[row] = xp.asarray(pixels, dtype=self.targets.dtype)
@@ -105,17 +109,22 @@ class FrameStore:
         self.converted[row] = False
         return True
 
-    def _place(self, row: int, position_A: tuple[float, float]) -> bool:
+    def _place(self, row: int, frame_index: int, position_A: tuple[float, float]) -> bool:
+        """Move row ``row``'s window to the header position, by the ingest's rule; False if it cannot go there."""
         domain = self.geometry.domains[self.worker]
-        starts, shifts = window_starts(self.geometry.to_px([position_A]), self.geometry.window_px)
-        start = starts[0] - np.array([domain.extended.row0, domain.extended.col0])
         try:
-            check_windows(domain.extended.shape, start[None], self.geometry.window_px)
-        except ValueError:
+            placement = owner_for(self.geometry.owners, frame_index, position_A)
+        except NotPlaceable as exc:  # the ingest rejects these before they count: a bug if it happens
             self.rejected["position_outside_tile"] += 1
-            logger.error("frame at %s Å lies outside worker %d's extended tile; dropped", position_A, self.worker)
+            logger.error("worker %d dropped a frame: %s", self.worker, exc)
             return False
-        self.starts[row], self.shifts[row] = start, shifts[0]
+        if placement.worker != self.worker:  # the same rule routed it: a bug if it happens
+            self.rejected["not_in_group"] += 1
+            logger.error("worker %d got frame %d of series %r, which belongs to worker %d", self.worker, frame_index,
+                         self.geometry.series_id, placement.worker)
+            return False
+        self.starts[row] = np.subtract(placement.start_px, (domain.extended.row0, domain.extended.col0))
+        self.shifts[row] = placement.shift_px
         return True
 
     def set_scale(self, scale: float) -> None:

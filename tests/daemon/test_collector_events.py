@@ -1,12 +1,14 @@
 """Rank 0's collector as the viewer sees it: events on its hub, per-slice mosaics, the final coverage map.
 
-Tile previews are pushed into a real collector over loopback ZMQ, as worker ranks send them.
+Tile previews and finals are pushed into a real collector over loopback ZMQ, as worker ranks send them.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,11 +17,14 @@ import pytest
 import zmq
 from PIL import Image
 
-from ptylive.daemon.service import messages as rank_messages
-from ptylive.daemon.service.collector import Collector, coverage_map
-from ptylive.daemon.http.sse import ServerEvent, Subscription
 from ptylive.daemon.engine.geometry import SeriesGeometry, series_geometry
+from ptylive.daemon.http.sse import ServerEvent, Subscription
+from ptylive.daemon.service import messages as rank_messages
+from ptylive.daemon.service.collector import Collector, CollectorHooks
+from ptylive.daemon.service.final_writer import FinalWriter
+from ptylive.daemon.service.series_views import coverage_map
 from ptylive.streaming.protocol import SeriesStart
+from ptylive.streaming.series_book import SeriesProgress
 
 START = SeriesStart(series_id="c-1", scan_shape=(6, 8), scan_step_A=(1.0, 1.0), detector_shape=(32, 32),
                     dtype="uint16", energy_eV=300e3, convergence_semiangle_mrad=20.0, defocus_A=0.0,
@@ -35,9 +40,10 @@ def geometry() -> SeriesGeometry:
 @pytest.fixture
 def collector(geometry: SeriesGeometry, tmp_path: Path) -> Iterator[tuple[Collector, zmq.Socket]]:
     context = zmq.Context()
-    running = Collector(context, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0",
-                        lambda series_id: (START, geometry, 17) if series_id == START.series_id else None,
-                        tmp_path, n_workers=2, rate_hz=50.0)
+    hooks = CollectorHooks(series=lambda series_id: (START, geometry) if series_id == START.series_id else None,
+                           progress=lambda series_id: SeriesProgress(START, 17, START.n_positions))
+    running = Collector(context, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0", hooks, tmp_path, n_workers=2,
+                        rate_hz=50.0)
     push = context.socket(zmq.PUSH)
     push.linger = 0
     push.connect(running.pull_endpoint)
@@ -86,11 +92,11 @@ def test_previews_become_events_and_slice_mosaics(collector: tuple[Collector, zm
     assert [t["frames_received"] for t in preview["tiles"]] == [5, 6]
     assert preview["tiles"][0]["convergence_rate"] is None  # NaN travels as null
 
-    projected = np.asarray(Image.open(io.BytesIO(running.preview_png() or b"")))
-    slice_images = [np.asarray(Image.open(io.BytesIO(running.slice_png(k) or b""))) for k in range(N_SLICES)]
+    projected = np.asarray(Image.open(io.BytesIO(running.views.preview_png() or b"")))
+    slice_images = [np.asarray(Image.open(io.BytesIO(running.views.slice_png(k) or b""))) for k in range(N_SLICES)]
     assert all(image.shape == projected.shape for image in slice_images)
-    assert running.slice_png(N_SLICES) is None and running.slice_png(-1) is None
-    tiles = running.tiles()
+    assert running.views.slice_png(N_SLICES) is None and running.views.slice_png(-1) is None
+    tiles = running.views.tiles()
     assert tiles["n_slices"] == N_SLICES and tiles["object_shape"] == list(geometry.object_shape)
     assert tiles["coverage"] is None  # only once the series is finished
 
@@ -109,3 +115,54 @@ def test_coverage_map_marks_every_frame_some_worker_received() -> None:
     assert coverage_map(start, [[0, 1], [5], []]) == {"series_id": "m", "scan_shape": [2, 3], "rows": ["110", "001"]}
     explicit = SeriesStart(**{**start.__dict__, "positions_A": ((0.0, 0.0), (0.0, 1.0), (1.0, 0.0), (1.0, 1.0))})
     assert coverage_map(explicit, [[3]])["rows"] == ["0001"]  # positions that do not fill the raster: one row
+
+
+def send_final(push: zmq.Socket, geometry: SeriesGeometry, worker: int) -> None:
+    tile = geometry.domains[worker].tile
+    header = {"series_id": START.series_id, "worker": worker, "status": "complete", "iterations": 4,
+              "tile": [tile.row0, tile.row1, tile.col0, tile.col1], "loss_history": [1.0] * 4,
+              "frames_history": [2] * 4, "scale": 1.0, "rejected": {}, "received": [worker], "stats": {},
+              "frames_used": 2, "frames_received": 2, "frames_expected": 24, "loss": 1.0, "loss_per_frame": 0.5,
+              "convergence_rate": None, "wait_fraction": 0.0, "staleness_max": 0}
+    push.send_multipart(rank_messages.encode("final", header, np.ones((N_SLICES, 2, 2), np.complex64)), copy=False)
+
+
+def test_a_final_file_being_written_does_not_hold_up_previews(geometry: SeriesGeometry, tmp_path: Path) -> None:
+    """The writer blocks on its first file; previews and /status go on, and the series ends once it is written."""
+    release = threading.Event()
+
+    def slow_write(folder: Path, start: SeriesStart, *_: object) -> Path:
+        assert release.wait(10.0)
+        return folder / "c-1.h5"
+
+    context = zmq.Context()
+    hooks = CollectorHooks(series=lambda series_id: (START, geometry),
+                           progress=lambda series_id: SeriesProgress(START, 17, START.n_positions))
+    running = Collector(context, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0", hooks, tmp_path, n_workers=2,
+                        rate_hz=50.0, writer=FinalWriter(tmp_path, slow_write))
+    push = context.socket(zmq.PUSH)
+    push.linger = 0
+    push.connect(running.pull_endpoint)
+    running.start()
+    try:
+        with running.events.subscribe() as subscription:
+            send_final(push, geometry, 0)
+            send_final(push, geometry, 1)
+            assert json.loads(next_event(subscription, "series_start").data)["series_id"] == "c-1"
+            deadline = time.monotonic() + 5.0
+            while running.status()["finals_pending"] != 1:
+                assert time.monotonic() < deadline, "the final job never reached the writer"
+                time.sleep(0.01)
+            send_preview(push, geometry, worker=0, iteration=9)
+            assert json.loads(next_event(subscription, "preview").data)["iteration"] == 9  # while the file waits
+            assert running.status()["finished"] == []
+            release.set()
+            ended = json.loads(next_event(subscription, "series_end").data)
+        assert ended["path"] == str(tmp_path / "c-1.h5") and ended["error"] is None
+        assert ended["coverage"]["rows"][0] == "11000000"
+        assert running.status()["finals_pending"] == 0 and running.views.tiles()["coverage"] == ended["coverage"]
+    finally:
+        release.set()
+        push.close()
+        running.close()
+        context.term()

@@ -21,6 +21,7 @@ import zmq
 from ptylive.daemon.engine.geometry import series_geometry
 from ptylive.daemon.service.process import ServeProcess
 from ptylive.gpu.quality import phase_correlation
+from ptylive.streaming import protocol
 from ptylive.streaming.fake_detector import FakeDetector, FakeDetectorOptions, ScanSource
 from ptylive.streaming.scanfile import read_optional, read_positions
 from tests.daemon.serve_harness import (
@@ -105,3 +106,32 @@ def test_streaming_matches_offline_reconstruction(daemon: tuple[ServeProcess, Pr
     assert abs(streamed["loss"][-1] / reference["loss"][-1] - 1) <= 0.05
     positions = read_positions(dosed_scan)
     assert phase_correlation(streamed["object"], reference["object"], positions) >= 0.98
+
+
+def test_a_frame_whose_header_position_lies_in_another_tile_is_reconstructed(
+        daemon: tuple[ServeProcess, PreviewListener], dosed_scan: Path) -> None:
+    """One frame of worker 0's group carries a header position in worker 1's tile (less than a scan step from its
+    nominal one). It must be routed to worker 0, which holds its row, and be used in every last iteration."""
+    from tests.daemon.test_frame_owner import crossing_frame
+
+    process, listener = daemon
+    source = ScanSource.from_file(dosed_scan)
+    start = dataclasses.replace(source.start, series_id="header-across", dtype="uint16")
+    geometry = series_geometry(start, 2, 1)
+    index, position_A = crossing_frame(start, geometry)
+    frames = np.clip(np.rint(source.read(np.arange(source.n_frames))), 0, 65535).astype(np.uint16)
+    with zmq.Context() as context, context.socket(zmq.PUSH) as push:
+        push.connect(process.endpoints["ingest"])
+        push.send_multipart(protocol.encode_series_start(start))
+        for k, pixels in enumerate(frames):
+            push.send_multipart(protocol.encode_frame(start.series_id, k, pixels,
+                                                      position_A=position_A if k == index else None))
+        push.send_multipart(protocol.encode_series_end(start.series_id, source.n_frames))
+        result = read_final(listener.wait_final(start.series_id)["path"])
+
+    expected = [len(d.positions) for d in geometry.domains]
+    assert result["received"].all() and list(result["ranks/frames_received"]) == expected
+    assert result["frames_used"][-1] == source.n_frames  # the moved frame among them
+    assert not any(key.startswith("worker_rejected_") and value for key, value in result["attrs"].items())
+    record = registry_series(get_json(process.endpoints["http"] + "status"), start.series_id)
+    assert record["received"] == source.n_frames and record["rejected"]["position_outside"] == 0

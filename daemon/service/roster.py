@@ -1,0 +1,85 @@
+"""Rank 0's roster of worker ranks: who said hello (and its pid), who said bye, heartbeats, reported errors.
+
+The collector thread records each worker message (:meth:`Roster.record`); the supervisor and HTTP threads
+read copies (:meth:`Roster.snapshot`, :meth:`said_hello`, :meth:`said_bye`, :meth:`heartbeat_ages`). Any
+message from a worker counts as a sign of life; a ``heartbeat`` also replaces that worker's report and is
+passed to the ``on_heartbeat`` hook (metrics), on the collector thread and outside the roster's lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ptylive.daemon.service.messages import RankMessage
+
+logger = logging.getLogger(__name__)
+
+HeartbeatHook = Callable[[int, dict[str, Any]], None]
+
+
+class Roster:
+    """Thread-safe record of every worker rank.
+
+    Parameters
+    ----------
+    on_heartbeat : callable, optional
+        ``on_heartbeat(worker, report)`` for each heartbeat (e.g. :meth:`DaemonMetrics.observe_report`).
+    clock : callable
+        Monotonic seconds (injected by tests).
+    """
+
+    def __init__(self, on_heartbeat: HeartbeatHook | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self._on_heartbeat, self._clock = on_heartbeat, clock
+        self._pids: dict[int, int] = {}
+        self._byes: set[int] = set()
+        self._reports: dict[int, dict[str, Any]] = {}
+        self._seen_s: dict[int, float] = {}
+        self._errors: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+
+    def record(self, message: RankMessage) -> None:
+        """Note ``message``'s worker as alive; keep what a ``hello``, ``heartbeat``, ``bye`` or ``error`` says."""
+        worker = int(message.header.get("worker", -1))
+        with self._lock:
+            self._seen_s[worker] = self._clock()
+            if message.htype == "heartbeat":
+                report: dict[str, Any] = dict(message.header)
+                self._reports[worker] = report
+            elif message.htype == "hello":
+                self._pids[worker] = int(message.header["pid"])
+            elif message.htype == "bye":
+                self._byes.add(worker)
+            elif message.htype == "error":
+                error: dict[str, Any] = dict(message.header)
+                self._errors.append(error)
+                logger.error("worker %d reports: %s", worker, message.header.get("error"))
+        if message.htype == "heartbeat" and self._on_heartbeat is not None:
+            self._on_heartbeat(worker, report)
+
+    def said_hello(self) -> dict[int, int]:
+        """Worker → pid of every worker that said hello."""
+        with self._lock:
+            return dict(self._pids)
+
+    def said_bye(self) -> set[int]:
+        with self._lock:
+            return set(self._byes)
+
+    def heartbeat_ages(self) -> dict[int, float]:
+        """Worker → seconds since its last message."""
+        now = self._clock()
+        with self._lock:
+            return {w: now - t for w, t in self._seen_s.items()}
+
+    def snapshot(self) -> dict[str, Any]:
+        """The roster's part of ``/status``."""
+        now = self._clock()
+        with self._lock:
+            return {"workers_up": sorted(self._pids), "worker_pids": dict(self._pids),
+                    "worker_reports": {w: dict(r) for w, r in self._reports.items()},
+                    "heartbeat_age_s": {w: now - t for w, t in self._seen_s.items()},
+                    "worker_errors": list(self._errors)}

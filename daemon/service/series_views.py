@@ -1,0 +1,262 @@
+"""What rank 0 shows of each series' reconstruction: per-series mosaics, tiles, finals, and their HTTP readers.
+
+The collector thread feeds :class:`SeriesViews` the workers' ``preview`` and ``final`` messages; HTTP threads
+read :meth:`SeriesViews.tiles`, :meth:`preview_png`, :meth:`slice_png` and :meth:`status`. Every method takes
+the views' lock and readers get copies, so nothing a reader holds changes under it::
+
+    collector thread ── handle(worker, message) ──► SeriesViews ◄── tiles(), preview_png(), ... ── HTTP threads
+                    ── take_preview() ──────────►  (lock)
+                    ── finished(outcome) ───────►
+
+A series' view is made from its admitted start and geometry (the ``series`` hook, asked once per series)
+when a worker first mentions it; the view of the latest such series is the one published and served.
+When every worker's ``final`` is in, :meth:`SeriesViews.handle` hands back the job of writing the file.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ptylive.daemon.engine.geometry import SeriesGeometry
+from ptylive.daemon.service.final_writer import FinalJob, FinalOutcome
+from ptylive.daemon.service.messages import FinalMessage, PreviewMessage
+from ptylive.daemon.service.preview import Mosaic, to_png
+from ptylive.streaming.protocol import SeriesStart
+
+logger = logging.getLogger(__name__)
+
+TILE_KEYS = ("worker", "tile", "iteration", "frames_used", "frames_received", "frames_expected", "loss",
+             "loss_per_frame", "convergence_rate", "wait_fraction", "staleness_max", "status")
+FINAL_HEADER_SKIPPED = ("loss_history", "frames_history", "received")  # long lists kept out of /tiles
+
+SeriesLookup = Callable[[str], tuple[SeriesStart, SeriesGeometry] | None]
+
+
+def coverage_rows(series_id: str, scan_shape: tuple[int, int], covered: npt.NDArray[np.bool_]) -> dict[str, Any]:
+    """``/status``' coverage format: one 0/1 string per scan row (frame ``k`` at row ``k // cols``; one row if the
+    scan shape does not fit ``covered``)."""
+    rows, cols = scan_shape
+    if rows * cols != covered.size:
+        rows, cols = 1, covered.size
+    lines = ["".join("1" if c else "0" for c in row) for row in covered.reshape(rows, cols)]
+    return {"series_id": series_id, "scan_shape": [rows, cols], "rows": lines}
+
+
+def coverage_map(start: SeriesStart, received: list[list[int]]) -> dict[str, Any]:
+    """Coverage of a finished series from every worker's ``received`` frame indices (:func:`coverage_rows`)."""
+    covered = np.zeros(start.n_positions, dtype=bool)
+    for indices in received:
+        covered[np.asarray(indices, dtype=np.int64)] = True
+    return coverage_rows(start.series_id, start.scan_shape, covered)
+
+
+@dataclass
+class SeriesView:
+    """What rank 0 knows of one series' reconstruction (guarded by the :class:`SeriesViews` lock)."""
+
+    start: SeriesStart
+    geometry: SeriesGeometry
+    mosaic: Mosaic | None = None
+    slices: list[Mosaic] = field(default_factory=list)  # one per slice when workers send them (S > 1)
+    tiles: dict[int, dict[str, Any]] = field(default_factory=dict)
+    finals: dict[int, FinalMessage] = field(default_factory=dict)
+    iteration: int = 0
+    published_version: int = 0
+    first_preview_s: float | None = None
+    path: str | None = None
+    status: str | None = None
+    coverage: dict[str, Any] | None = None  # which frames reached a worker, once every final is in
+
+    def tile_list(self) -> list[dict[str, Any]]:
+        return [{k: self.tiles[w].get(k) for k in TILE_KEYS} for w in sorted(self.tiles)]
+
+
+@dataclass(frozen=True)
+class ViewUpdate:
+    """What one worker message changed: a new series (the ``series_start`` event's payload) and/or a final
+    file to write (every worker's final is in)."""
+
+    started: dict[str, Any] | None = None
+    final_job: FinalJob | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class PendingPreview:
+    """The latest series' mosaic, new since the last publication: copies, taken under the views' lock.
+
+    Attributes
+    ----------
+    image : (h, w) float32
+        The projected-phase mosaic.
+    tiles : list of dict
+        Each reporting worker's tile entry (``/tiles``' format).
+    extra : dict
+        The ``preview`` event's fields beyond the PUB header: ``version``, ``object_shape``, ``n_slices``.
+    frames_received_by_tiles : int
+        The tiles' own count of frames received (used when the ingest no longer knows the series).
+    """
+
+    start: SeriesStart
+    geometry: SeriesGeometry
+    image: npt.NDArray[np.float32]
+    iteration: int
+    tiles: list[dict[str, Any]]
+    factor: int
+    extra: dict[str, Any]
+    frames_received_by_tiles: int
+
+    @property
+    def series_id(self) -> str:
+        return self.start.series_id
+
+    def header(self, frames_received: int | None) -> dict[str, Any]:
+        """The PUB header, with the ingest's ``frames_received`` (None: the tiles' count)."""
+        received = self.frames_received_by_tiles if frames_received is None else frames_received
+        expected = self.start.n_positions
+        return {"htype": "preview", "series_id": self.series_id, "iteration": self.iteration,
+                "frames_received": received, "frames_expected": expected,
+                "coverage": received / expected if expected else 1.0, "tiles": self.tiles,
+                "shape": list(self.image.shape), "dtype": "<f4", "factor": self.factor, "published_s": time.time()}
+
+
+class SeriesViews:
+    """Every series' view, the latest one's for HTTP readers.
+
+    Parameters
+    ----------
+    series : callable
+        ``series(series_id)`` → ``(start, geometry)`` of an admitted series, or None (messages about it are
+        dropped, logged). Called on the collector thread, once per series.
+    n_workers : int
+        Finals a series needs before its file is written.
+    """
+
+    def __init__(self, series: SeriesLookup, n_workers: int) -> None:
+        self._series, self.n_workers = series, n_workers
+        self._views: dict[str, SeriesView] = {}
+        self._latest: str | None = None
+        self._finished: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+
+    # Collector thread ----------------------------------------------------------------------------------------
+    def handle(self, message: PreviewMessage | FinalMessage) -> ViewUpdate:
+        """Apply a worker's ``preview`` or ``final`` message."""
+        worker = int(message.header["worker"])
+        view, started = self._view(str(message.header["series_id"]))
+        if view is None:
+            return ViewUpdate()
+        job = None
+        with self._lock:
+            if message.htype == "preview":
+                self._place(view, worker, message)
+            else:
+                view.finals[worker] = message
+                view.tiles[worker] = {k: v for k, v in message.header.items() if k not in FINAL_HEADER_SKIPPED}
+                view.tiles[worker]["iteration"] = message.header["iterations"]
+                if len(view.finals) == self.n_workers:
+                    job = FinalJob(view.start, view.geometry, list(view.finals.values()))
+        return ViewUpdate(started, job)
+
+    def _view(self, series_id: str) -> tuple[SeriesView | None, dict[str, Any] | None]:
+        with self._lock:
+            view = self._views.get(series_id)
+        if view is not None:
+            return view, None
+        info = self._series(series_id)
+        if info is None:
+            logger.error("message about unknown series %r ignored", series_id)
+            return None, None
+        view = SeriesView(info[0], info[1])
+        with self._lock:
+            self._views[series_id], self._latest = view, series_id
+        return view, {"series_id": series_id, "frames_expected": info[0].n_positions,
+                      "object_shape": list(info[1].object_shape)}
+
+    @staticmethod
+    def _place(view: SeriesView, worker: int, message: PreviewMessage) -> None:
+        row0, row1, col0, col1 = message.header["tile"]
+        tile = (row0, row1, col0, col1)
+        if view.mosaic is None:
+            view.mosaic = Mosaic(view.geometry.object_shape, int(message.header["factor"]))
+        view.mosaic.place(tile, message.arrays[0])
+        if len(message.arrays) > 1:  # each slice's phase, (S, h, w)
+            if not view.slices:
+                view.slices = [Mosaic(view.mosaic.object_shape, view.mosaic.factor) for _ in message.arrays[1]]
+            for mosaic, layer in zip(view.slices, message.arrays[1], strict=True):
+                mosaic.place(tile, layer)
+        view.tiles[worker] = dict(message.header)
+        view.iteration = max(view.iteration, int(message.header["iteration"]))
+        if view.first_preview_s is None:
+            view.first_preview_s = time.time()
+
+    def take_preview(self) -> PendingPreview | None:
+        """The latest series' mosaic if it changed since the last call (which it then counts as published)."""
+        with self._lock:
+            view = self._views.get(self._latest) if self._latest else None
+            if view is None or view.mosaic is None or view.mosaic.version == view.published_version:
+                return None
+            view.published_version = view.mosaic.version
+            mosaic = view.mosaic
+            extra = {"version": view.published_version, "object_shape": list(mosaic.object_shape),
+                     "n_slices": len(view.slices) or 1}
+            by_tiles = sum(t.get("frames_received", 0) for t in view.tiles.values())
+            return PendingPreview(view.start, view.geometry, mosaic.image, view.iteration, view.tile_list(),
+                                  mosaic.factor, extra, by_tiles)
+
+    def finished(self, outcome: FinalOutcome) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Record a written (or failed) final file: ``(the /status 'finished' entry, the coverage map)``."""
+        job = outcome.job
+        finals = job.finals
+        path = None if outcome.path is None else str(outcome.path)
+        status = str(finals[0].header["status"])
+        coverage = coverage_map(job.start, [m.header["received"] for m in finals])
+        entry = {"series_id": job.start.series_id, "path": path, "file": outcome.path.name if outcome.path else None,
+                 "status": status, "iterations": finals[0].header["iterations"], "error": outcome.error}
+        with self._lock:
+            view = self._views.get(job.start.series_id)
+            if view is not None:
+                view.path, view.status, view.coverage = path, status, coverage
+                view.finals.clear()  # the tile volumes are in the file (or lost, and said so): free them
+            self._finished.append(entry)
+        return entry, coverage
+
+    # HTTP threads --------------------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """The latest series' id and iteration, and every finished series' entry."""
+        with self._lock:
+            view = self._views.get(self._latest) if self._latest else None
+            return {"series_id": view.start.series_id if view else None,
+                    "iteration": view.iteration if view else None,
+                    "finished": [dict(entry) for entry in self._finished]}
+
+    def tiles(self) -> dict[str, Any]:
+        """``/tiles``: the latest series' tiles, object shape, slice count and (once finished) coverage."""
+        with self._lock:
+            view = self._views.get(self._latest) if self._latest else None
+            return {"series_id": view.start.series_id if view else None,
+                    "object_shape": list(view.geometry.object_shape) if view else None,
+                    "n_slices": (len(view.slices) or 1) if view else None,
+                    "coverage": view.coverage if view else None,
+                    "tiles": view.tile_list() if view else []}
+
+    def preview_png(self) -> bytes | None:
+        """PNG of the latest series' projected phase; None before its first preview."""
+        with self._lock:
+            view = self._views.get(self._latest) if self._latest else None
+            image = view.mosaic.image if view is not None and view.mosaic is not None else None
+        return None if image is None else to_png(image)
+
+    def slice_png(self, index: int) -> bytes | None:
+        """Slice ``index``'s phase mosaic of the latest series; None if it has no such slice (yet)."""
+        with self._lock:
+            view = self._views.get(self._latest) if self._latest else None
+            image = view.slices[index].image if view is not None and 0 <= index < len(view.slices) else None
+        return None if image is None else to_png(image)

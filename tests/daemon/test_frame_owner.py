@@ -1,0 +1,111 @@
+"""The daemon's one owner rule end to end without sockets: rank 0's router (as admission builds it) and the
+worker's frame store agree on every frame, so a frame counted as received is a frame some worker keeps.
+
+The verified loss this guards against: a frame whose header position lay in another worker's tile was routed
+to that worker by its position, counted as received, and dropped there as ``not_in_group``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ptylive.daemon.engine.decomposition import probe_owner
+from ptylive.daemon.engine.geometry import SeriesGeometry, header_margin_px, series_geometry
+from ptylive.daemon.service.config import ReconstructionConfig, loopback_config
+from ptylive.daemon.service.supervisor import Admission
+from ptylive.daemon.worker.frames import FrameStore
+from ptylive.streaming.ownership import NotPlaceable, owner_for
+from ptylive.streaming.protocol import Frame, SeriesStart
+from ptylive.streaming.router import Router
+from ptylive.streaming.series import SeriesRegistry
+from ptylive.streaming.series_book import SeriesBook
+
+START = SeriesStart(series_id="owned", scan_shape=(6, 8), scan_step_A=(1.0, 1.0), detector_shape=(32, 32),
+                    dtype="float32", energy_eV=300e3, convergence_semiangle_mrad=20.0, defocus_A=0.0,
+                    detector_pixel_mrad=2.0)
+
+
+@pytest.fixture(scope="module")
+def geometry() -> SeriesGeometry:
+    return series_geometry(START, 2, 1)
+
+
+def crossing_frame(start: SeriesStart, geometry: SeriesGeometry) -> tuple[int, tuple[float, float]]:
+    """A frame of worker 0's group and a header position (Å), less than one scan step from its nominal one, whose
+    window centre lies in worker 1's tile (of ``geometry``, two workers)."""
+    margin = header_margin_px(start, geometry.pixel_size_A)
+    for index in np.flatnonzero(geometry.owner == 0):
+        for axis in (0, 1):
+            for step_px in np.arange(0.25, margin, 0.25):
+                moved = geometry.positions_px[index].copy()
+                moved[axis] += step_px
+                tile = probe_owner(geometry.object_shape, moved[None], geometry.window_px, 2)[0]
+                row_A, col_A = (moved - geometry.offset_px) * geometry.pixel_size_A
+                position_A = (float(row_A), float(col_A))
+                try:
+                    owner_for(geometry.owners, int(index), position_A)
+                except NotPlaceable:
+                    continue
+                if tile == 1:
+                    return int(index), position_A
+    raise AssertionError("no frame of group 0 can cross into tile 1 within a scan step")
+
+
+def pixels(value: float = 1.0) -> np.ndarray:
+    return np.full((32, 32), value, np.float32)
+
+
+def test_a_frame_whose_header_position_lies_in_another_tile_is_stored_and_used_by_its_owner(
+        geometry: SeriesGeometry, tmp_path: Path) -> None:
+    index, position_A = crossing_frame(START, geometry)
+    admission = Admission(loopback_config(tmp_path, 2, ReconstructionConfig()))
+    assert admission(START) is None
+    book = SeriesBook(admission.router, SeriesRegistry(), 2)
+    assert book.start(START)
+    frame = Frame(START.series_id, index, pixels(), position_A)
+
+    worker = book.route(frame)
+    assert worker == 0  # its group's worker, though the header position lies in tile 1
+    progress = book.find(START.series_id)
+    assert progress is not None and progress.received == 1
+
+    store = FrameStore.allocate(geometry, worker, "amplitude", np, np.float32)
+    assert store.add(frame) and not any(store.rejected.values())
+    row = int(np.flatnonzero(store.global_index == index)[0])
+    placement = owner_for(geometry.owners, index, position_A)
+    extended = geometry.domains[worker].extended
+    assert tuple(store.starts[row]) == (placement.start_px[0] - extended.row0, placement.start_px[1] - extended.col0)
+    assert (store.starts[row] >= 0).all() and (store.starts[row] + geometry.window_px <= extended.shape).all()
+    store.set_scale(2.0)
+    assert store.converted[row]  # the rows an iteration uses (refine: usable = store.converted)
+
+    by_tile = FrameStore.allocate(geometry, 1, "amplitude", np, np.float32)  # where position routing sent it
+    assert not by_tile.add(frame) and by_tile.rejected["not_in_group"] == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 47), st.floats(-2.5, 2.5), st.floats(-2.5, 2.5))
+def test_a_frame_counted_as_received_is_always_kept_by_the_worker_it_went_to(
+        index: int, drow_A: float, dcol_A: float) -> None:
+    geometry = series_geometry(START, 2, 1)
+    nominal_A = (geometry.positions_px[index] - geometry.offset_px) * geometry.pixel_size_A
+    position_A = (float(nominal_A[0] + drow_A), float(nominal_A[1] + dcol_A))
+    book = SeriesBook(lambda start: Router(geometry.owners, 2), SeriesRegistry(), 2)
+    assert book.start(START)
+    frame = Frame(START.series_id, index, pixels(), position_A)
+    worker = book.route(frame)
+    progress = book.find(START.series_id)
+    assert progress is not None
+    if worker is None:  # refused at the ingest, before it counted
+        assert progress.received == 0
+        with pytest.raises(NotPlaceable):
+            owner_for(geometry.owners, index, position_A)
+    else:
+        assert progress.received == 1
+        store = FrameStore.allocate(geometry, worker, "amplitude", np, np.float32)
+        assert store.add(frame), store.rejected
