@@ -90,6 +90,25 @@ class ReconstructionJob:
                       "object_shape": tuple(fields["object_shape"])})
 
 
+def slice_thickness_for(meta: ScanMetadata, n_slices: int, slice_thickness_A: float | None) -> float:
+    """Slice thickness in Å: as given, else the file's total thickness shared by ``n_slices``.
+
+    A file that says 40 slices of 1.95 Å holds a 78 Å specimen: ``--slices 20`` then reconstructs
+    20 slices of 3.9 Å, not half the specimen. ``--slice-thickness-A`` overrides the total.
+    """
+    if slice_thickness_A is not None:
+        if not slice_thickness_A >= 0 or (n_slices > 1 and slice_thickness_A == 0):
+            raise ValueError(f"--slice-thickness-A must be > 0 for {n_slices} slices, got {slice_thickness_A}")
+        return float(slice_thickness_A)
+    if meta.slice_thickness_A is None:
+        if n_slices > 1:
+            raise ValueError("several slices need a slice thickness: give --slice-thickness-A or the file's "
+                             "slice_thickness_A attribute")
+        return 0.0
+    total = meta.slice_thickness_A * (meta.n_slices or 1)
+    return total / n_slices
+
+
 def validate(scan_path: Path, out_path: Path, n_ranks: int, n_slices: int | None,
              slice_thickness_A: float | None, upsampling: int | None, precision: str, backend: str,
              options: EngineOptions, quiet: bool = False) -> ReconstructionJob:
@@ -98,10 +117,7 @@ def validate(scan_path: Path, out_path: Path, n_ranks: int, n_slices: int | None
     slices = n_slices if n_slices is not None else (meta.n_slices or 1)
     if slices < 1:
         raise ValueError(f"number of slices must be >= 1, got {slices}")
-    thickness = slice_thickness_A if slice_thickness_A is not None else meta.slice_thickness_A
-    if slices > 1 and thickness is None:
-        raise ValueError("several slices need a slice thickness: give --slice-thickness or the file attribute")
-    thickness = float(thickness or 0.0)
+    thickness = slice_thickness_for(meta, slices, slice_thickness_A)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be 'single' or 'double', got {precision!r}")
     if upsampling is None:
@@ -172,6 +188,10 @@ def run_rank(job: ReconstructionJob, comm: Any | None) -> None:
     state = _initial_state(job, domain, positions, backend_module(job.backend))
     started = time.perf_counter()
     progress = None if (rank != 0 or job.quiet) else _print_progress(job.options.iterations, started)
+    if progress is not None:
+        print(f"{job.n_slices} slices x {job.slice_thickness_A:.4g} A = {job.n_slices * job.slice_thickness_A:.4g} A "
+              f"thick; window {job.window_px} px (upsampling {job.upsampling}) of {job.metadata.pixel_size_A:.4g} A; "
+              f"{job.n_ranks} rank(s), {job.options.mode}", file=sys.stderr, flush=True)
     exchanger: SyncExchange
     if job.options.mode == "sync" or job.n_ranks == 1:  # one rank: async has nobody to wait for
         exchanger = sync_exchanger(comm, domain, job.n_slices, job.precision)

@@ -177,7 +177,10 @@ def refine(run: StreamRun, consensus: Consensus, drain: Callable[[], None],
         run.store.set_scale(sums[0] / (sums[1] * run.probe_power))
         run.floors = run.options.illumination_floor * maxes[2:]
         loss = _iterate(run, drain)
-        run.step_control.end_iteration(loss / max(int(run.store.converted.sum()), 1))
+        used = int(run.store.converted.sum())
+        if run.frames_history and run.frames_history[-1] != used:  # new frames: losses are not comparable
+            run.step_control.last_loss = float("inf")
+        run.step_control.end_iteration(loss / max(used, 1))
         run.iterations += 1
         run.final_done += run.final_started is not None
         run.loss_history.append(loss)
