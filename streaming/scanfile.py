@@ -1,6 +1,6 @@
 """The scan file (HDF5) for simulation, replay and offline reconstruction.
 
-Layout (ARCHITECTURE §6, documented in ``docs/scanfile.md``)::
+Layout (documented in ``docs/scanfile.md``)::
 
     /                      attrs: energy_eV, convergence_semiangle_mrad, defocus_A,
                                   pixel_size_A, detector_pixel_mrad,

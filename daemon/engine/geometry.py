@@ -1,6 +1,6 @@
 """From a ``series_start`` to the reconstruction grid: pixel size, object extent, tiles and probe groups.
 
-The detector sends positions in ångström (ARCHITECTURE §5); the engine works in object pixels.
+The detector sends positions in ångström (``docs/protocol.md``); the engine works in object pixels.
 The object pixel is ``λ / (u·D·Δθ)`` for a ``D``-px detector of angular pixel ``Δθ`` and
 upsampling ``u`` (window ``N = u·D``). Positions are placed so that the smallest row and column
 sit at ``N//2 + 0.5`` pixels, which makes the first window start at pixel 0 with a half-pixel
