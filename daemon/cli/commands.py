@@ -108,15 +108,28 @@ def plan(args: argparse.Namespace, argv: list[str]) -> int:
     from ptylive.daemon.engine.memory_plan import format_table, plan_memory, synthetic_positions
 
     if args.scan is not None:
-        from ptylive.daemon.cli.offline import infer_upsampling
-        from ptylive.streaming.scanfile import object_shape_for, read_metadata, read_positions
+        from ptylive.daemon.cli.offline import (
+            EDGE_HINT,
+            edge_fraction,
+            infer_upsampling,
+            reconstruction_pixel_A,
+            scaled_positions,
+        )
+        from ptylive.streaming.scanfile import object_shape_for, read_frames, read_metadata, read_positions
 
         meta = read_metadata(args.scan)
         upsampling = args.upsampling or infer_upsampling(meta)
         detector, window = meta.detector_px, meta.detector_px * upsampling
-        positions = read_positions(args.scan)
-        shape = meta.object_shape or object_shape_for(positions, window)
+        pixel = reconstruction_pixel_A(meta, upsampling)
+        positions = scaled_positions(read_positions(args.scan), meta, pixel, window)
+        shape = (meta.object_shape if pixel == meta.pixel_size_A and meta.object_shape
+                 else object_shape_for(positions, window))
         slices = args.slices or meta.n_slices or 1
+        sample = np.unique(np.linspace(0, meta.n_positions - 1, min(meta.n_positions, 256)).astype(np.int64))
+        edge = edge_fraction(read_frames(args.scan, sample).sum(axis=0))
+        if upsampling == 1 and edge > EDGE_HINT:
+            print(f"note: {edge:.2%} of the intensity falls on the detector's outer ring: --upsampling 2 may fit "
+                  "better (memory below is for upsampling 1)", file=sys.stderr)
     else:
         if args.object is None or args.positions is None or args.window is None:
             raise ValueError("without a scan file, give --object ROWS COLS, --positions N and --window N")

@@ -69,11 +69,16 @@ class ReconstructionJob:
     options: EngineOptions
     metadata: ScanMetadata
     object_shape: tuple[int, int]
+    pixel_size_A: float
     quiet: bool = False
 
     @property
     def window_px(self) -> int:
         return self.metadata.detector_px * self.upsampling
+
+    def positions(self) -> np.ndarray:
+        """(n, 2) probe positions in reconstruction pixels (the file's, rescaled to :attr:`pixel_size_A`)."""
+        return scaled_positions(read_positions(self.scan_path), self.metadata, self.pixel_size_A, self.window_px)
 
     def to_json(self) -> str:
         """The job as JSON (paths as strings); :meth:`from_json` reads it back."""
@@ -128,37 +133,44 @@ def validate(scan_path: Path, out_path: Path, n_ranks: int, n_slices: int | None
         raise ValueError(f"--ranks must be >= 1, got {n_ranks}")
     backend_module(backend)
     window = meta.detector_px * upsampling
-    expected_pixel = wavelength_A(meta.energy_eV) / (window * meta.detector_pixel_mrad * 1e-3)
-    if abs(expected_pixel - meta.pixel_size_A) > 0.01 * expected_pixel:
-        implied = window * expected_pixel / (meta.detector_px * meta.pixel_size_A)
-        raise ScanFileError(
-            f"{scan_path}: pixel_size_A={meta.pixel_size_A:.5g} does not match lambda/(N*dtheta)="
-            f"{expected_pixel:.5g} for a {window}-px window (upsampling {upsampling}); the file implies "
-            f"upsampling {implied:.3g}")
-    positions = read_positions(scan_path)
-    shape = meta.object_shape or object_shape_for(positions, window)
+    pixel = reconstruction_pixel_A(meta, upsampling)
+    positions = scaled_positions(read_positions(scan_path), meta, pixel, window)
+    shape = meta.object_shape if pixel == meta.pixel_size_A and meta.object_shape else object_shape_for(positions,
+                                                                                                      window)
     starts, _ = window_starts(positions, window)
     try:
         check_windows(shape, starts, window)
     except ValueError as exc:
         raise ScanFileError(f"{scan_path}: positions outside the object: {exc}") from None
+    pattern_sum = np.zeros((meta.detector_px, meta.detector_px))
     for first in range(0, meta.n_positions, 256):  # NaN anywhere fails before any rank starts
-        read_frames(scan_path, np.arange(first, min(first + 256, meta.n_positions)))
+        pattern_sum += read_frames(scan_path, np.arange(first, min(first + 256, meta.n_positions))).sum(axis=0)
+    edge = edge_fraction(pattern_sum)
+    if upsampling == 1 and edge > EDGE_HINT and not quiet:
+        print(f"note: {edge:.2%} of the intensity falls on the detector's outer ring: scattering beyond the "
+              "detector aliases on a grid at the detector's Nyquist pixel; --upsampling 2 may fit better",
+              file=sys.stderr)
     probe = read_optional(scan_path, "probe")
     if probe is not None and probe.shape != (window, window):
-        raise ScanFileError(f"{scan_path}: 'probe' is {probe.shape}, expected ({window}, {window}) "
-                            f"for detector {meta.detector_px} px x upsampling {upsampling}")
+        if pixel == meta.pixel_size_A:
+            raise ScanFileError(f"{scan_path}: 'probe' is {probe.shape}, expected ({window}, {window}) "
+                                f"for detector {meta.detector_px} px x upsampling {upsampling}")
+        logger.warning("the file's probe is on its own %s grid, not the %d-px window of upsampling %d: the probe "
+                       "is built from the optics attributes", probe.shape, window, upsampling)
     if not out_path.parent.exists():
         raise ValueError(f"output folder {out_path.parent} does not exist")
     return ReconstructionJob(scan_path, out_path, n_ranks, slices, thickness, upsampling, precision,
-                             backend, options, meta, shape, quiet)
+                             backend, options, meta, shape, pixel, quiet)
 
 
 def _initial_state(job: ReconstructionJob, domain: RankDomain, all_positions: np.ndarray, xp: Any) -> TileState:
     meta = job.metadata
     real_t = PRECISIONS[job.precision][0]
-    optics = TileOptics(meta.energy_eV, meta.convergence_semiangle_mrad, meta.defocus_A, meta.pixel_size_A,
-                        job.window_px, job.n_slices, job.slice_thickness_A, read_optional(job.scan_path, "probe"))
+    probe = read_optional(job.scan_path, "probe")
+    if probe is not None and probe.shape != (job.window_px, job.window_px):
+        probe = None  # on the file's grid, not this upsampling's (validate warned)
+    optics = TileOptics(meta.energy_eV, meta.convergence_semiangle_mrad, meta.defocus_A, job.pixel_size_A,
+                        job.window_px, job.n_slices, job.slice_thickness_A, probe)
     starts, shifts = window_starts(all_positions[domain.positions], job.window_px)
     starts = starts - np.array([domain.extended.row0, domain.extended.col0])
     frames = xp.asarray(read_frames(job.scan_path, domain.positions, dtype=real_t))
@@ -169,6 +181,40 @@ def infer_upsampling(meta: ScanMetadata) -> int:
     """Upsampling implied by the file's pixel size: λ / (D · Δθ · pixel), rounded."""
     ratio = wavelength_A(meta.energy_eV) / (meta.detector_px * meta.detector_pixel_mrad * 1e-3 * meta.pixel_size_A)
     return max(1, int(round(ratio)))
+
+
+#: Fraction of the mean pattern's intensity on the detector's outer ring above which a hint suggests upsampling.
+EDGE_HINT = 1e-3
+
+
+def reconstruction_pixel_A(meta: ScanMetadata, upsampling: int) -> float:
+    """Object pixel of a window ``upsampling`` × the detector: ``λ / (u D Δθ)``, Å.
+
+    The file's own pixel must be such a pixel for a whole ``u`` (the file is consistent); any
+    ``upsampling`` then works on it, the positions rescaled to the finer or coarser grid.
+    """
+    implied = wavelength_A(meta.energy_eV) / (meta.detector_px * meta.detector_pixel_mrad * 1e-3 * meta.pixel_size_A)
+    if implied < 0.99 or abs(implied - round(implied)) > 0.01 * implied:
+        raise ScanFileError(
+            f"pixel_size_A={meta.pixel_size_A:.5g} is not lambda/(u*N*dtheta) for a whole u (it implies u = "
+            f"{implied:.3g} with N = {meta.detector_px} px, dtheta = {meta.detector_pixel_mrad} mrad)")
+    return wavelength_A(meta.energy_eV) / (upsampling * meta.detector_px * meta.detector_pixel_mrad * 1e-3)
+
+
+def scaled_positions(positions_px: np.ndarray, meta: ScanMetadata, pixel_size_A: float, window_px: int) -> np.ndarray:
+    """(n, 2) file positions in pixels of ``pixel_size_A``; shifted whole pixels so no window starts below 0."""
+    if pixel_size_A == meta.pixel_size_A:
+        return positions_px
+    scaled = positions_px * (meta.pixel_size_A / pixel_size_A)
+    starts, _ = window_starts(scaled, window_px)
+    return scaled + np.maximum(-starts.min(axis=0), 0)
+
+
+def edge_fraction(pattern: np.ndarray, ring_px: int = 2) -> float:
+    """Share of ``pattern`` (D, D) intensity within ``ring_px`` of the detector edge."""
+    total = float(pattern.sum())
+    inner = float(pattern[ring_px:-ring_px, ring_px:-ring_px].sum())
+    return (total - inner) / total if total > 0 else 0.0
 
 
 def run_rank(job: ReconstructionJob, comm: Any | None) -> None:
@@ -182,7 +228,7 @@ def run_rank(job: ReconstructionJob, comm: Any | None) -> None:
         compile_kernels(*PRECISIONS[job.precision])
     tracemalloc.start()
     rank = 0 if comm is None else comm.Get_rank()
-    positions = read_positions(job.scan_path)
+    positions = job.positions()
     domains = decompose(job.object_shape, positions, job.window_px, job.n_ranks)
     domain = domains[rank]
     state = _initial_state(job, domain, positions, backend_module(job.backend))
@@ -190,7 +236,7 @@ def run_rank(job: ReconstructionJob, comm: Any | None) -> None:
     progress = None if (rank != 0 or job.quiet) else _print_progress(job.options.iterations, started)
     if progress is not None:
         print(f"{job.n_slices} slices x {job.slice_thickness_A:.4g} A = {job.n_slices * job.slice_thickness_A:.4g} A "
-              f"thick; window {job.window_px} px (upsampling {job.upsampling}) of {job.metadata.pixel_size_A:.4g} A; "
+              f"thick; window {job.window_px} px (upsampling {job.upsampling}) of {job.pixel_size_A:.4g} A; "
               f"{job.n_ranks} rank(s), {job.options.mode}", file=sys.stderr, flush=True)
     exchanger: SyncExchange
     if job.options.mode == "sync" or job.n_ranks == 1:  # one rank: async has nobody to wait for
@@ -237,7 +283,7 @@ def _write(job: ReconstructionJob, volume: np.ndarray, probe: np.ndarray, positi
     attrs = {"mode": job.options.mode, "n_ranks": job.n_ranks, "iterations": job.options.iterations,
              "precision": job.precision, "n_slices": job.n_slices, "slice_thickness_A": job.slice_thickness_A,
              "upsampling": job.upsampling, "loss_function": job.options.loss, "detector_scale": scale,
-             "pixel_size_A": job.metadata.pixel_size_A, "energy_eV": job.metadata.energy_eV,
+             "pixel_size_A": job.pixel_size_A, "energy_eV": job.metadata.energy_eV,
              "source": str(job.scan_path), "step_size": job.options.step, "backend": job.backend}
     per_rank = [dict(zip(RANK_STATS, row, strict=True)) for row in stats]
     write_result(job.out_path, {"object": volume, "probe": probe, "loss": np.asarray(report.loss_history),
