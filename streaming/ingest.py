@@ -38,7 +38,7 @@ RECV_BATCH = 256  # messages drained per poll before the stop flag is looked at 
 
 
 @dataclass(frozen=True)
-class IngestConfig:
+class IngestSockets:
     """Sockets of the ingest: ``endpoint``, the detector side (PULL), bound when ``bind`` else connected;
     ``worker_endpoints``, one PUSH per worker, always bound (port 0 allowed: :attr:`Ingest.worker_endpoints`);
     ``send_hwm``, messages a worker socket queues before the ingest blocks; ``poll_ms``, how often loops look at
@@ -65,7 +65,7 @@ class Ingest:
 
     Parameters
     ----------
-    config : IngestConfig
+    config : IngestSockets
     router_factory : callable
         Builds the :class:`Router` of a series from its start (one router per live series); its
         ``n_workers`` must equal the number of worker endpoints.
@@ -88,7 +88,7 @@ class Ingest:
         ``stop`` was set while a worker's queue was full.
     """
 
-    def __init__(self, config: IngestConfig, router_factory: Callable[[SeriesStart], Router],
+    def __init__(self, config: IngestSockets, router_factory: Callable[[SeriesStart], Router],
                  registry: SeriesRegistry | None = None, context: zmq.Context | None = None,
                  admit: Callable[[SeriesStart], str | None] | None = None, decoder: StreamDecoder | None = None,
                  recorder: Recorder | None = None) -> None:

@@ -34,7 +34,7 @@ import numpy as np
 import zmq
 
 from ptylive.streaming.inbox import WorkerInbox
-from ptylive.streaming.ingest import Ingest, IngestConfig
+from ptylive.streaming.ingest import Ingest, IngestSockets
 from ptylive.streaming.protocol import (
     Frame,
     SeriesEnd,
@@ -275,7 +275,7 @@ def ingest_run(context: zmq.Context, sender: Sender, side: int, n: int, rate: fl
                n_workers: int = N_WORKERS) -> RunResult:
     """Sender process → Ingest (thread) → ``n_workers`` WorkerInboxes (main thread or threads)."""
     owner_of = _split_columns(n)
-    config = IngestConfig(endpoint="tcp://127.0.0.1:0", worker_endpoints=("tcp://127.0.0.1:0",) * n_workers)
+    config = IngestSockets(endpoint="tcp://127.0.0.1:0", worker_endpoints=("tcp://127.0.0.1:0",) * n_workers)
     ingest = Ingest(config, lambda start: Router(owner_of, n_workers), context=context)
     inboxes: list[WorkerInbox] = []
     threads: list[threading.Thread] = []

@@ -62,6 +62,7 @@ def _validate(args: argparse.Namespace) -> Any:
 def reconstruct(args: argparse.Namespace, argv: list[str]) -> int:
     """Validate once, then run here (one rank), under a new ``mpiexec``, or under the user's ``mpiexec``."""
     from ptylive.daemon.cli.offline import JOB_ENV, ReconstructionJob, run_job
+    from ptylive.daemon.engine.exchange.gather import broadcast_bytes
 
     if not under_mpi():
         job = _validate(args)  # one clear message before any rank starts
@@ -81,25 +82,13 @@ def reconstruct(args: argparse.Namespace, argv: list[str]) -> int:
             message = b"J" + job.to_json().encode()
         except (ValueError, OSError) as exc:
             message = b"E" + str(exc).encode()
-    message = _broadcast_bytes(comm, message)
+    message = broadcast_bytes(comm, message if comm.Get_rank() == 0 else None)
     if message[:1] == b"E":
         if comm.Get_rank() == 0:
             print(f"error: {message[1:].decode()}", file=sys.stderr)
         return EXIT_USAGE
     run_job(ReconstructionJob.from_json(message[1:].decode()), comm)
     return 0
-
-
-def _broadcast_bytes(comm: Any, message: bytes) -> bytes:
-    """Rank 0's ``message`` on every rank (uppercase MPI: a length, then the bytes; never pickled)."""
-    import numpy as np
-
-    length = np.array([len(message)], dtype=np.int64)
-    comm.Bcast(length, root=0)
-    buffer = np.frombuffer(message, dtype=np.uint8).copy() if comm.Get_rank() == 0 else np.empty(int(length[0]),
-                                                                                                 np.uint8)
-    comm.Bcast(buffer, root=0)
-    return buffer.tobytes()
 
 
 def plan(args: argparse.Namespace, argv: list[str]) -> int:

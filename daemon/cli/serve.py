@@ -15,23 +15,15 @@ import sys
 from typing import Any
 
 import msgpack
-import numpy as np
 import zmq
 
+from ptylive.daemon.engine.exchange.gather import broadcast_bytes
+from ptylive.daemon.service import messages
 from ptylive.daemon.service.config import DaemonConfig
 from ptylive.daemon.worker.rank import Worker, WorkerSettings
 from ptylive.streaming.inbox import WorkerInbox
 
 logger = logging.getLogger(__name__)
-
-
-def broadcast_bytes(comm: Any, payload: bytes | None) -> bytes:
-    """Rank 0's ``payload`` on every rank (length, then buffer; uppercase MPI, no pickling)."""
-    length = np.array([len(payload) if payload is not None else 0], dtype=np.int64)
-    comm.Bcast(length, root=0)
-    buffer = np.frombuffer(payload, dtype=np.uint8).copy() if payload is not None else np.empty(length[0], np.uint8)
-    comm.Bcast(buffer, root=0)
-    return buffer.tobytes()
 
 
 def check_startup(config: DaemonConfig, size: int) -> None:
@@ -96,7 +88,7 @@ def _run_worker(config: DaemonConfig, worker: int, endpoints: dict[str, Any], wo
     try:
         node.run()
     finally:
-        outbox.send_multipart([msgpack.packb({"htype": "bye", "worker": worker, "arrays": []})])
+        outbox.send_multipart(messages.encode("bye", {"worker": worker}))
         inbox.close()
         outbox.close()
         context.term()

@@ -33,7 +33,7 @@ from ptylive.daemon.service.notify import Watchdog, notify, watchdog_period_s
 from ptylive.daemon.service.series_views import coverage_rows
 from ptylive.streaming.decoders import make_decoder
 from ptylive.streaming.inbox import SeriesControl
-from ptylive.streaming.ingest import Ingest, IngestConfig
+from ptylive.streaming.ingest import Ingest, IngestSockets
 from ptylive.streaming.protocol import SeriesStart
 from ptylive.streaming.recording import Recorder
 from ptylive.streaming.router import Router
@@ -98,7 +98,7 @@ class Rank0:
         self.admission = Admission(config)
         c, n = config, config.workers.ranks
         registry = SeriesRegistry(RegistryConfig(c.ingest.on_new_start, c.ingest.history, c.ingest.max_queued_series))
-        ingest_config = IngestConfig(c.ingest.endpoint, (INTERNAL_ENDPOINT,) * n, c.ingest.bind,
+        ingest_config = IngestSockets(c.ingest.endpoint, (INTERNAL_ENDPOINT,) * n, c.ingest.bind,
                                      c.ingest.queue_messages, socket_buffer_bytes=c.ingest.socket_buffer_bytes)
         self.ingest = Ingest(ingest_config, self.admission.router, registry, context, admit=self.admission,
                              decoder=make_decoder(c.ingest.format, c.scan, c.ingest.channel),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
 
 from ptylive.daemon.engine.exchange.consensus import Consensus
 from ptylive.daemon.engine.memory_plan import gpu_memory_bytes, host_memory_bytes

@@ -18,7 +18,7 @@ from ptylive.streaming import dectris_v1 as v1
 from ptylive.streaming.compression import compress
 from ptylive.streaming.dectris_v1 import DectrisV1Decoder
 from ptylive.streaming.inbox import WorkerInbox
-from ptylive.streaming.ingest import Ingest, IngestConfig
+from ptylive.streaming.ingest import Ingest, IngestSockets
 from ptylive.streaming.protocol import Frame, ProtocolError, SeriesEnd, SeriesStart, decode, encode_frame
 from ptylive.streaming.recording import Recorder, read_counts, read_parts
 from ptylive.streaming.router import Router
@@ -164,7 +164,7 @@ def run_ingest(decoder: StreamDecoder, messages: list[list[Any]], record_to: Any
                single_parts: bool = False) -> tuple[list[list[Frame]], dict[str, Any]]:
     """Send ``messages`` through an Ingest with ``decoder`` to two WorkerInboxes; their frames and the snapshot."""
     context = zmq.Context()
-    ingest = Ingest(IngestConfig(LOOPBACK, (LOOPBACK, LOOPBACK)), lambda start: Router(halves, 2), context=context,
+    ingest = Ingest(IngestSockets(LOOPBACK, (LOOPBACK, LOOPBACK)), lambda start: Router(halves, 2), context=context,
                     decoder=decoder, recorder=Recorder.open(record_to))
     inboxes = [WorkerInbox(endpoint, context) for endpoint in ingest.worker_endpoints]
     push = context.socket(zmq.PUSH)

@@ -17,7 +17,7 @@ import zmq
 from ptylive.gpu.simulate import SimulationSpec
 from ptylive.streaming.fake_detector import CORRUPT_REASONS, FakeDetector, FakeDetectorOptions, ScanSource
 from ptylive.streaming.inbox import WorkerInbox
-from ptylive.streaming.ingest import Ingest, IngestConfig
+from ptylive.streaming.ingest import Ingest, IngestSockets
 from ptylive.streaming.protocol import (
     Frame,
     Message,
@@ -88,7 +88,7 @@ def make_rig(sources: dict[str, ScanSource]) -> Iterator[MakeRig]:
             routers.append(Router(owner_of, 2))
             return routers[-1]
 
-        ingest = Ingest(IngestConfig(LOOPBACK, (LOOPBACK, LOOPBACK), **config), factory, context=context)
+        ingest = Ingest(IngestSockets(LOOPBACK, (LOOPBACK, LOOPBACK), **config), factory, context=context)
         rig = Rig(context, scan, ingest, [], routers, starts)
         rigs.append(rig)
         assert not ingest.endpoint.endswith(":0") and not any(e.endswith(":0") for e in ingest.worker_endpoints)

@@ -1,4 +1,4 @@
-"""Collect per-rank extended tiles and statistics on rank 0 (uppercase MPI, no pickling of arrays)."""
+"""Per-rank tiles and statistics gathered on rank 0; bytes broadcast from it (uppercase MPI, never pickled)."""
 
 from __future__ import annotations
 
@@ -28,3 +28,12 @@ def gather_to_root(comm: Any | None, domains: list[RankDomain], volume: np.ndarr
         comm.Recv(buffer, source=other, tag=TAG_GATHER)
         volumes.append(buffer)
     return volumes, all_stats  # type: ignore[return-value]
+
+
+def broadcast_bytes(comm: Any, payload: bytes | None) -> bytes:
+    """Rank 0's ``payload`` on every rank (length, then buffer; uppercase MPI, no pickling)."""
+    length = np.array([len(payload) if payload is not None else 0], dtype=np.int64)
+    comm.Bcast(length, root=0)
+    buffer = np.frombuffer(payload, dtype=np.uint8).copy() if payload is not None else np.empty(length[0], np.uint8)
+    comm.Bcast(buffer, root=0)
+    return buffer.tobytes()
