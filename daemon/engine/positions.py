@@ -1,0 +1,272 @@
+"""Position correction on one rank: one iteration's position gradients → new window starts and shifts.
+
+The rank keeps a :class:`PositionState` (its positions ``p_j`` in object pixels, float64, and each one's step
+gain and last gradient) next to the nominal positions ``n_j``. During an iteration every position is visited
+once; :func:`ptylive.gpu.multislice.loss_and_gradient` with ``want_position_gradient=True`` gives its
+``∂L/∂d_j`` and curvature ``h_j``: write both into (P, 2) host arrays by local index, zeroed at the start of
+every iteration (a position not visited since the last call must come with zeros, or its old step is
+applied again and its gain grows). After the iteration :func:`refine_positions` turns them into new
+positions (:mod:`ptylive.gpu.positions` has the rules and why)::
+
+    all-reduce 1   Σ h, count         → h_floor (the same on every rank)
+    local          γ_j ← adapt(γ_j); c_j = p_j + δp_j    (curvature-normalised step, gain, trust region)
+    all-reduce 2   affine normal equations (weights ρ_j), Σ n, P, step statistics
+    local          p_j ← n_j + B (n_j − n̄) + ρ_j (c_j − affine(n_j))   (unless g_j or h_j is not finite)
+    local          clip p_j so its window stays inside the extended tile → starts, shifts
+
+Windows must stay inside the rank's extended tile (its volume holds nothing else). A window of ``N`` px
+starts at ``floor(p) − N//2``, so ``p`` is clipped to the box below (``e`` the extended tile)::
+
+         e.col0                                      e.col1
+    e.row0 ┌────────────── extended tile ──────────────┐
+           │            N//2 px                        │
+           │        ┌──── allowed p ────┐              │
+           │ N//2 px│                   │ N − N//2 px  │
+           │        └───────────────────┘              │
+           │            N − N//2 px                    │
+    e.row1 └───────────────────────────────────────────┘
+
+    floor(p_row) ∈ [e.row0 + N//2, e.row1 − N + N//2], and the same for columns
+
+Clipping depends on the extended tile, hence on the number of ranks: for sync results that do not
+depend on it, decompose with a ``margin_px`` at least the largest correction expected (then only the
+object's own edge clips, the same for every rank count).
+
+Both reductions go through ``exchanger.allreduce_sum`` (a blocking sum over every rank:
+:class:`~ptylive.daemon.engine.exchange.protocols.SyncExchange`, or the
+:class:`~ptylive.daemon.engine.exchange.protocols.NullExchanger` of one rank), so every rank must call
+:func:`refine_positions` at the same point of the same iteration.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from ptylive.daemon.engine.decomposition import Box
+from ptylive.gpu.patches import window_starts
+from ptylive.gpu.positions import (
+    CURVATURE_FLOOR,
+    MAX_MOVE_PX,
+    N_AFFINE_SUMS,
+    NEWTON_FRACTION,
+    Affine,
+    adapt_gain,
+    affine_normal_equations,
+    blend_positions,
+    informative,
+    position_step,
+    solve_affine,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class SumReducer(Protocol):
+    """What position correction needs from an exchanger: a blocking elementwise sum over every rank."""
+
+    def allreduce_sum(self, values: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class PositionOptions:
+    """Position-correction settings (the defaults need no tuning per data set, see :mod:`ptylive.gpu.positions`).
+
+    Attributes
+    ----------
+    max_move_px : float
+        Trust region: the largest move of one position per call.
+    newton_fraction : float
+        Fraction of the estimated Newton step.
+    curvature_floor : float
+        ``h_floor`` as a fraction of the mean curvature over all positions; positions below it follow the
+        affine.
+    fit_affine : bool
+        False: ``B = 0`` (every position refined on its own; the translation is still pinned).
+    adaptive_gain : bool
+        False: ``γ = 1`` (the plain half-Newton step).
+    """
+
+    max_move_px: float = MAX_MOVE_PX
+    newton_fraction: float = NEWTON_FRACTION
+    curvature_floor: float = CURVATURE_FLOOR
+    fit_affine: bool = True
+    adaptive_gain: bool = True
+
+    def __post_init__(self) -> None:
+        if not (self.max_move_px > 0 and self.newton_fraction > 0 and 0 <= self.curvature_floor < 1):
+            raise ValueError(f"need max_move_px > 0, newton_fraction > 0 and 0 <= curvature_floor < 1, got "
+                             f"{self.max_move_px}, {self.newton_fraction}, {self.curvature_floor}")
+
+
+@dataclass(frozen=True)
+class PositionState:
+    """What a rank carries from one position update to the next, for its own positions.
+
+    Attributes
+    ----------
+    positions_px : (P, 2) float64
+        Current positions, object pixels.
+    gain : (P, 2) float64
+        Step gain ``γ`` per position and axis.
+    last_gradient : (P, 2) float64
+        The gradient the last update used (zero before the first).
+    """
+
+    positions_px: npt.NDArray[np.float64]
+    gain: npt.NDArray[np.float64]
+    last_gradient: npt.NDArray[np.float64]
+
+    @classmethod
+    def start(cls, positions_px: npt.ArrayLike) -> PositionState:
+        """The state before any correction: ``positions_px`` (P, 2), gain 1."""
+        p = np.array(positions_px, dtype=np.float64)
+        if p.ndim != 2 or p.shape[1] != 2:
+            raise ValueError(f"need positions of shape (P, 2), got {p.shape}")
+        return cls(p, np.ones_like(p), np.zeros_like(p))
+
+
+@dataclass(frozen=True)
+class PositionUpdate:
+    """What :func:`refine_positions` returns.
+
+    Attributes
+    ----------
+    state : PositionState
+        For the next call; ``state.positions_px`` (P, 2) float64 are the new positions.
+    starts : (P, 2) int64
+        Window starts relative to the extended tile.
+    shifts : (P, 2) float64
+        Sub-pixel shifts in [0, 1).
+    affine : Affine
+        The scan's affine fitted over every rank (``c − n ≈ B n + t``); the same on every rank.
+    rms_step_px : float
+        Root mean square of the proposed steps ``|δp_j|`` over every rank.
+    limited : int
+        Steps the trust region shortened, over every rank.
+    nonfinite : int
+        Positions whose gradient or curvature was not finite (not moved), over every rank.
+    uninformative : int
+        Positions placed by the affine alone (``ρ_j = 0``), over every rank.
+    clipped : int
+        Positions of *this rank* moved back so their window stays inside the extended tile.
+    """
+
+    state: PositionState
+    starts: npt.NDArray[np.int64]
+    shifts: npt.NDArray[np.float64]
+    affine: Affine
+    rms_step_px: float
+    limited: int
+    nonfinite: int
+    uninformative: int
+    clipped: int
+
+
+def positions_of_windows(starts: npt.ArrayLike, shifts: npt.ArrayLike, extended: Box,
+                         window_px: int) -> npt.NDArray[np.float64]:
+    """Object-pixel positions ``(P, 2)`` of windows at ``starts`` (relative to ``extended``) with ``shifts``.
+
+    The inverse of :func:`ptylive.gpu.patches.window_starts` followed by the shift to ``extended``.
+    """
+    origin = np.array([extended.row0, extended.col0], dtype=np.float64)
+    return np.asarray(starts, dtype=np.float64) + origin + window_px // 2 + np.asarray(shifts, dtype=np.float64)
+
+
+def clip_to_tile(positions_px: npt.ArrayLike, extended: Box,
+                 window_px: int) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
+    """Positions whose window of ``window_px`` lies inside ``extended``, and which ones had to move.
+
+    Returns
+    -------
+    positions : (P, 2) float64
+    clipped : (P,) bool
+    """
+    p = np.asarray(positions_px, dtype=np.float64)
+    half = window_px // 2
+    low = np.array([extended.row0 + half, extended.col0 + half], dtype=np.float64)
+    high = np.array([extended.row1 - window_px + half + 1, extended.col1 - window_px + half + 1], dtype=np.float64)
+    if (high <= low).any():
+        raise ValueError(f"extended tile {extended} is smaller than a window of {window_px} px")
+    high = np.nextafter(high, -np.inf)  # floor(high) is the last allowed floor(p)
+    inside = np.clip(p, low, high)
+    return inside, (inside != p).any(axis=1)
+
+
+def refine_positions(
+    state: PositionState, nominal_px: npt.ArrayLike, position_gradient: npt.ArrayLike,
+    curvature: npt.ArrayLike, extended: Box, window_px: int, exchanger: SumReducer,
+    options: PositionOptions | None = None,
+) -> PositionUpdate:
+    """One position-correction step of this rank's positions; a collective call (two sums over ranks).
+
+    Parameters
+    ----------
+    state : PositionState
+        This rank's current positions (object pixels), gains and last gradients.
+    nominal_px : (P, 2) real
+        Their nominal (scan-file or header) positions.
+    position_gradient : (P, 2) real
+        ``∂L/∂d`` of each position from its visit in this iteration; zero, with zero curvature, for a
+        position not visited since the last call (no frame yet): it is then placed by the affine.
+    curvature : (P, 2) real
+        ``h`` of each position from the same visit.
+    extended : Box
+        The rank's extended tile (object coordinates).
+    window_px : int
+    exchanger : SumReducer
+    options : PositionOptions or None
+
+    Returns
+    -------
+    PositionUpdate
+    """
+    options = options or PositionOptions()
+    p = state.positions_px
+    n = np.asarray(nominal_px, dtype=np.float64)
+    g = np.asarray(position_gradient, dtype=np.float64)
+    h = np.asarray(curvature, dtype=np.float64)
+    if not (p.shape == n.shape == g.shape == h.shape and p.ndim == 2 and p.shape[1] == 2):
+        raise ValueError(f"need positions, nominal, gradient and curvature of one shape (P, 2), got "
+                         f"{p.shape}, {n.shape}, {g.shape}, {h.shape}")
+    with np.errstate(invalid="ignore"):
+        seen = np.isfinite(h).all(axis=1) & np.isfinite(g).all(axis=1) & (h.sum(axis=1) > 0)
+    first = exchanger.allreduce_sum(np.array([float(h[seen].sum()), 2.0 * float(seen.sum())]))
+    floor = options.curvature_floor * float(first[0]) / float(first[1]) if first[1] > 0 else 0.0
+    gain = adapt_gain(state.gain, g, state.last_gradient) if options.adaptive_gain else state.gain
+    step = position_step(g, h, floor, options.max_move_px, options.newton_fraction, gain)
+    corrected = p + step.moves_px
+    weights = (informative(h, floor) & ~step.nonfinite).astype(np.float64)
+    sums = np.concatenate([
+        affine_normal_equations(n, corrected, weights), n.sum(axis=0),
+        [float(len(n)), float((step.moves_px**2).sum()), float(step.limited.sum()), float(step.nonfinite.sum()),
+         float(len(n) - weights.sum())],
+    ])
+    totals = exchanger.allreduce_sum(sums)
+    affine = solve_affine(totals[:N_AFFINE_SUMS]) if options.fit_affine else _translation_only(totals)
+    count = float(totals[N_AFFINE_SUMS + 2])
+    nominal_mean = totals[N_AFFINE_SUMS:N_AFFINE_SUMS + 2] / max(count, 1.0)
+    blended = blend_positions(n, corrected, weights, affine, nominal_mean)
+    blended[step.nonfinite] = p[step.nonfinite]  # a non-finite gradient is never applied
+    blended, clipped = clip_to_tile(blended, extended, window_px)
+    starts, shifts = window_starts(blended, window_px)
+    starts -= np.array([extended.row0, extended.col0], dtype=np.int64)
+    rest = totals[N_AFFINE_SUMS + 3:]
+    kept = step.nonfinite[:, None]  # a non-finite gradient leaves gain and memory as they were
+    new_state = PositionState(blended, np.where(kept, state.gain, gain), np.where(kept, state.last_gradient, g))
+    update = PositionUpdate(new_state, starts, shifts, affine, float(np.sqrt(rest[0] / max(count, 1.0))),
+                            int(round(rest[1])), int(round(rest[2])), int(round(rest[3])), int(clipped.sum()))
+    logger.debug("positions: rms step %.3g px, %d limited, %d non-finite, %d uninformative, %d clipped here",
+                 update.rms_step_px, update.limited, update.nonfinite, update.uninformative, update.clipped)
+    return update
+
+
+def _translation_only(totals: npt.NDArray[np.float64]) -> Affine:
+    """``B = 0`` and ``t`` the weighted mean displacement, from the normal-equation sums."""
+    weight = float(totals[8])  # Σ w: the (offset, offset) entry of the 3×3 matrix
+    offset = totals[13:15] / weight if weight > 0 else np.zeros(2)
+    return Affine(np.zeros((2, 2)), np.asarray(offset, dtype=np.float64))
