@@ -70,6 +70,7 @@ class ReconstructionJob:
     metadata: ScanMetadata
     object_shape: tuple[int, int]
     pixel_size_A: float
+    edge_fraction: float
     quiet: bool = False
 
     @property
@@ -145,11 +146,6 @@ def validate(scan_path: Path, out_path: Path, n_ranks: int, n_slices: int | None
     pattern_sum = np.zeros((meta.detector_px, meta.detector_px))
     for first in range(0, meta.n_positions, 256):  # NaN anywhere fails before any rank starts
         pattern_sum += read_frames(scan_path, np.arange(first, min(first + 256, meta.n_positions))).sum(axis=0)
-    edge = edge_fraction(pattern_sum)
-    if upsampling == 1 and edge > EDGE_HINT and not quiet:
-        print(f"note: {edge:.2%} of the intensity falls on the detector's outer ring: scattering beyond the "
-              "detector aliases on a grid at the detector's Nyquist pixel; --upsampling 2 may fit better",
-              file=sys.stderr)
     probe = read_optional(scan_path, "probe")
     if probe is not None and probe.shape != (window, window):
         if pixel == meta.pixel_size_A:
@@ -160,7 +156,7 @@ def validate(scan_path: Path, out_path: Path, n_ranks: int, n_slices: int | None
     if not out_path.parent.exists():
         raise ValueError(f"output folder {out_path.parent} does not exist")
     return ReconstructionJob(scan_path, out_path, n_ranks, slices, thickness, upsampling, precision,
-                             backend, options, meta, shape, pixel, quiet)
+                             backend, options, meta, shape, pixel, edge_fraction(pattern_sum), quiet)
 
 
 def _initial_state(job: ReconstructionJob, domain: RankDomain, all_positions: np.ndarray, xp: Any) -> TileState:
@@ -238,6 +234,10 @@ def run_rank(job: ReconstructionJob, comm: Any | None) -> None:
         print(f"{job.n_slices} slices x {job.slice_thickness_A:.4g} A = {job.n_slices * job.slice_thickness_A:.4g} A "
               f"thick; window {job.window_px} px (upsampling {job.upsampling}) of {job.pixel_size_A:.4g} A; "
               f"{job.n_ranks} rank(s), {job.options.mode}", file=sys.stderr, flush=True)
+        if job.upsampling == 1 and job.edge_fraction > EDGE_HINT:
+            print(f"note: {job.edge_fraction:.2%} of the intensity falls on the detector's outer ring: scattering "
+                  "beyond the detector aliases on a grid at its Nyquist pixel; --upsampling 2 may fit better",
+                  file=sys.stderr, flush=True)
     exchanger: SyncExchange
     if job.options.mode == "sync" or job.n_ranks == 1:  # one rank: async has nobody to wait for
         exchanger = sync_exchanger(comm, domain, job.n_slices, job.precision)

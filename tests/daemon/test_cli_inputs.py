@@ -62,6 +62,8 @@ CASES = [
     ("position outside", set_value("positions_px", (0, 0), -40.0), "positions outside the object"),
     ("wrong dtype", replace("intensities", np.full((140, 32, 32), b"x", dtype="S1")), "must be real numbers"),
     ("missing dataset", lambda f: f.__delitem__("intensities"), "missing dataset 'intensities'"),
+    ("inconsistent pixel", lambda f: f.attrs.__setitem__("pixel_size_A", f.attrs["pixel_size_A"] * 0.7),
+     "is not lambda/\\(u\\*N\\*dtheta\\) for a whole u"),
 ]
 
 
@@ -81,13 +83,28 @@ def test_bad_scan_file_gives_one_clear_error(cli: InProcessCli, small_scan: Path
     (("--slices", "0"), "slices must be >= 1"),
     (("--iterations", "0"), "iterations must be >= 1"),
     (("--ranks", "0"), "--ranks must be >= 1"),
-    (("--upsampling", "2"), "does not match"),
+    (("--upsampling", "0"), "upsampling must be >= 1"),
 ])
 def test_bad_options_are_named(cli: InProcessCli, small_scan: Path, tmp_path: Path, args: tuple[str, ...],
                                message: str) -> None:
     result = cli("reconstruct", str(small_scan), "--out", str(tmp_path / "o.h5"), *args)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_any_upsampling_reconstructs_a_file_written_at_the_detector_nyquist_pixel(
+        cli: InProcessCli, small_scan: Path, tmp_path: Path) -> None:
+    out = tmp_path / "u2.h5"
+    result = cli("reconstruct", str(small_scan), "--upsampling", "2", "--iterations", "2", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    with h5py.File(small_scan) as f, h5py.File(out) as r:
+        assert r.attrs["upsampling"] == 2
+        assert r.attrs["pixel_size_A"] == pytest.approx(f.attrs["pixel_size_A"] / 2, rel=1e-12)
+        offset = r["positions_px"][0] - 2 * f["positions_px"][0]  # rescaled, shifted by whole pixels only
+        np.testing.assert_allclose(r["positions_px"][...], 2 * f["positions_px"][...] + offset, atol=1e-12)
+        assert np.all(offset == np.round(offset)) and np.all(offset >= 0)
+        assert r["object"].shape[-1] >= 2 * f["intensities"].shape[-1]  # the window doubled
+        assert np.isfinite(r["object"][...]).all() and r["loss"][-1] < r["loss"][0]
 
 
 def test_not_a_file(cli: InProcessCli, tmp_path: Path) -> None:
