@@ -151,7 +151,9 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
     if args.what not in found:
         raise ValueError(f"no benchmark {args.what!r} is installed; found {sorted(found) or 'none'} "
                          "(reinstall ptylive: pip install -e .)")
-    options = {"quick": args.quick} if args.what == "ingest" else {"quick": args.quick, "backend": args.backend}
+    options = {"engine": {"quick": args.quick, "backend": args.backend}, "ingest": {"quick": args.quick},
+               "quality": {"cases": args.cases, "ranks": args.ranks, "iterations": args.iterations,
+                           "peers": args.peers, "as_json": args.json}}[args.what]
     return int(found[args.what].load()(**options))
 
 

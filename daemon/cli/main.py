@@ -78,9 +78,14 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (ratios against references measured in the same run)")
-    p.add_argument("what", choices=("engine", "ingest"))
+    p.add_argument("what", choices=("engine", "ingest", "quality"))
+    p.add_argument("cases", type=Path, nargs="*", help="quality: scan files (default: tests/data/abtem/*.h5)")
     p.add_argument("--quick", action="store_true", help="small shapes only (seconds)")
     p.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")
+    p.add_argument("--ranks", type=int, default=4, help="quality: ranks of the async run (the other: 1, sync)")
+    p.add_argument("--iterations", type=int, default=30, help="quality: iterations, for every code")
+    p.add_argument("--peers", default="py4dstem,ptyrad", help="quality: peer codes, comma-separated, or 'none'")
+    p.add_argument("--json", action="store_true", help="quality: JSON instead of the table")
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
