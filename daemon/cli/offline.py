@@ -27,11 +27,12 @@ import numpy as np
 
 from ptylive.daemon.engine.decomposition import RankDomain, decompose, stitch
 from ptylive.daemon.engine.exchange.factory import async_exchanger, sync_exchanger
-from ptylive.daemon.engine.exchange.gather import gather_to_root
+from ptylive.daemon.engine.exchange.gather import gather_rows, gather_to_root
 from ptylive.daemon.engine.exchange.protocols import SyncExchange
 from ptylive.daemon.engine.iteration import EngineReport, fit_scale, run_async, run_sync
 from ptylive.daemon.engine.memory_plan import rank_memory
 from ptylive.daemon.engine.options import EngineOptions
+from ptylive.daemon.engine.positions import PositionCorrection
 from ptylive.daemon.engine.tile import TileOptics, TileState, set_up_tile
 from ptylive.daemon.service.results import RANK_STATS, write_result
 from ptylive.gpu.backend import PRECISIONS, backend_module, to_numpy
@@ -49,6 +50,10 @@ from ptylive.streaming.scanfile import (
 )
 
 logger = logging.getLogger(__name__)
+
+#: Halo margin (px) around every extended tile when positions are corrected: windows move inside it, so
+#: the clipping of a corrected window depends on the object's edges only, never on the number of ranks.
+POSITION_MARGIN_PX = 6
 
 #: Environment variable that carries the validated job (JSON) to ranks started by the launcher.
 JOB_ENV = "PTYLIVE_RECONSTRUCT_JOB"
@@ -170,7 +175,11 @@ def _initial_state(job: ReconstructionJob, domain: RankDomain, all_positions: np
     starts, shifts = window_starts(all_positions[domain.positions], job.window_px)
     starts = starts - np.array([domain.extended.row0, domain.extended.col0])
     frames = xp.asarray(read_frames(job.scan_path, domain.positions, dtype=real_t))
-    return set_up_tile(domain, optics, starts, shifts, frames, xp, job.precision)
+    state = set_up_tile(domain, optics, starts, shifts, frames, xp, job.precision)
+    if job.options.correct_positions:
+        state.positions = PositionCorrection.start(all_positions[domain.positions],
+                                                   job.options.positions_from_iteration)
+    return state
 
 
 def infer_upsampling(meta: ScanMetadata) -> int:
@@ -225,7 +234,8 @@ def run_rank(job: ReconstructionJob, comm: Any | None) -> None:
     tracemalloc.start()
     rank = 0 if comm is None else comm.Get_rank()
     positions = job.positions()
-    domains = decompose(job.object_shape, positions, job.window_px, job.n_ranks)
+    margin = POSITION_MARGIN_PX if job.options.correct_positions else 0  # corrected windows stay inside
+    domains = decompose(job.object_shape, positions, job.window_px, job.n_ranks, margin_px=margin)
     domain = domains[rank]
     state = _initial_state(job, domain, positions, backend_module(job.backend))
     started = time.perf_counter()
@@ -261,9 +271,14 @@ def run_rank(job: ReconstructionJob, comm: Any | None) -> None:
                 "predicted_memory_bytes": predicted}
     stats = np.array([float(measured[name]) for name in RANK_STATS], dtype=np.float64)
     volumes, all_stats = gather_to_root(comm, domains, to_numpy(state.volume), stats)
+    corrected = state.positions.state.positions_px if state.positions is not None else positions[domain.positions]
+    rows = gather_rows(comm, [len(d.positions) for d in domains], corrected)
     if rank == 0:
         result = stitch((job.n_slices, *job.object_shape), domains, volumes)
-        _write(job, result, to_numpy(state.probe), positions, report, all_stats, state.scale)
+        final_positions = positions.copy()
+        for d, r in zip(domains, rows, strict=True):
+            final_positions[d.positions] = r
+        _write(job, result, to_numpy(state.probe), positions, final_positions, report, all_stats, state.scale)
 
 
 def _mean(values: list[int]) -> float:
@@ -278,16 +293,17 @@ def _print_progress(total: int, started: float) -> Any:
     return show
 
 
-def _write(job: ReconstructionJob, volume: np.ndarray, probe: np.ndarray, positions: np.ndarray,
-           report: EngineReport, stats: np.ndarray, scale: float) -> None:
+def _write(job: ReconstructionJob, volume: np.ndarray, probe: np.ndarray, nominal: np.ndarray,
+           positions: np.ndarray, report: EngineReport, stats: np.ndarray, scale: float) -> None:
     attrs = {"mode": job.options.mode, "n_ranks": job.n_ranks, "iterations": job.options.iterations,
              "precision": job.precision, "n_slices": job.n_slices, "slice_thickness_A": job.slice_thickness_A,
              "upsampling": job.upsampling, "loss_function": job.options.loss, "detector_scale": scale,
              "pixel_size_A": job.pixel_size_A, "energy_eV": job.metadata.energy_eV,
              "source": str(job.scan_path), "step_size": job.options.step, "backend": job.backend}
     per_rank = [dict(zip(RANK_STATS, row, strict=True)) for row in stats]
+    attrs["positions_corrected"] = job.options.correct_positions
     write_result(job.out_path, {"object": volume, "probe": probe, "loss": np.asarray(report.loss_history),
-                                "positions_px": positions}, per_rank, attrs)
+                                "positions_px": positions, "positions_nominal_px": nominal}, per_rank, attrs)
     if not job.quiet:
         print(f"wrote {job.out_path}", file=sys.stderr)
 

@@ -37,6 +37,7 @@ import numpy as np
 
 from ptylive.daemon.engine.exchange.protocols import AsyncExchange, SyncExchange
 from ptylive.daemon.engine.options import EngineOptions
+from ptylive.daemon.engine.positions import PositionCorrection
 from ptylive.daemon.engine.step import StepControl, finite_sum, line_search_subset, measure_step, trial_loss
 from ptylive.daemon.engine.tile import TileState
 from ptylive.gpu.backend import get_array_module, to_numpy, zeros_aligned
@@ -121,6 +122,7 @@ class MinibatchGradient:
 def local_gradient(
     state: TileState, options: EngineOptions, members: np.ndarray,
     between_batches: Callable[[], None] | None = None, n_first: int = 0,
+    positions: PositionCorrection | None = None,
 ) -> MinibatchGradient:
     """Loss, object gradient, illumination and probe gradient of some of this rank's positions.
 
@@ -129,6 +131,8 @@ def local_gradient(
     members : (k,) int
         Local position indices (one mini-batch), processed in chunks of ``batch_size``; the first
         ``n_first`` form chunks of their own so their loss is reported apart.
+    positions : PositionCorrection or None
+        When given, each member's position gradient and curvature are written into it.
     """
     xp = get_array_module(state.volume)
     window = state.probe.shape[-1]
@@ -141,7 +145,11 @@ def local_gradient(
     for i, b in enumerate(chunks):
         patches = extract_patches(state.volume, state.starts[b], window)
         result = loss_and_gradient(state.probe, xp.asarray(state.shifts[b]), patches, state.propagator,
-                                   state.targets[b], options.loss, options.refine_probe)
+                                   state.targets[b], options.loss, options.refine_probe,
+                                   want_position_gradient=positions is not None)
+        if positions is not None:
+            positions.gradient[b] = to_numpy(result.position_gradient)
+            positions.curvature[b] = to_numpy(result.position_curvature)
         accumulate_patches(gradient, state.starts[b], result.object_gradient)
         accumulate_patches(illumination, state.starts[b], result.illumination)
         if probe_gradient is not None:
@@ -184,6 +192,24 @@ def finish_iteration(report: EngineReport, iteration: int, loss: float, start: f
         on_iteration(iteration, loss, elapsed)
 
 
+def _begin_positions(state: TileState, iteration: int) -> PositionCorrection | None:
+    """The position correction collecting gradients in ``iteration`` (zeroed), or None."""
+    if state.positions is None or not state.positions.active(iteration):
+        return None
+    state.positions.begin_iteration()
+    return state.positions
+
+
+def _finish_positions(state: TileState, correcting: PositionCorrection | None, exchanger: SyncExchange) -> None:
+    """Move the windows after an iteration that collected position gradients (collective: every rank)."""
+    if correcting is None:
+        return
+    update = correcting.finish_iteration(state.starts, state.shifts, state.domain.extended, state.probe.shape[-1],
+                                         exchanger)
+    logger.info("positions: rms step %.3g px, %d limited, %d clipped, %d not finite; affine %s", update.rms_step_px,
+                update.limited, update.clipped, update.nonfinite, update.affine.rotation_scale())
+
+
 def run_sync(state: TileState, exchanger: SyncExchange, options: EngineOptions,
              on_iteration: Callable[[int, float, float], None] | None = None,
              on_exact_update: Callable[[int, int], None] | None = None) -> EngineReport:
@@ -203,8 +229,9 @@ def run_sync(state: TileState, exchanger: SyncExchange, options: EngineOptions,
     for iteration in range(options.iterations):
         start = time.perf_counter()
         loss = 0.0
+        correcting = _begin_positions(state, iteration)
         for m, (members, n_subset) in enumerate(ordered):
-            found = local_gradient(state, options, members, n_first=n_subset)
+            found = local_gradient(state, options, members, n_first=n_subset, positions=correcting)
             gradient, illumination = exchanger.reduce_gradients(found.gradient, found.illumination)
             if iteration == 0:  # fixed per mini-batch after the first pass: the same on every rank
                 floors[m] = options.illumination_floor * float(
@@ -221,13 +248,15 @@ def run_sync(state: TileState, exchanger: SyncExchange, options: EngineOptions,
             loss += found.loss
         report.loss_history.append(float(exchanger.allreduce_sum(np.array([loss]))[0]))
         control.end_iteration(report.loss_history[-1] / n_positions)
+        _finish_positions(state, correcting, exchanger)
         finish_iteration(report, iteration, report.loss_history[-1], start, on_iteration)
     report.compute_s = sum(report.iterations_s) - exchanger.stats.wait_s
     return report
 
 
 def async_update(state: TileState, exchanger: AsyncExchange, options: EngineOptions, control: StepControl,
-                 members: np.ndarray, minibatch: int, step: int, floor: float | None) -> tuple[float, Any, float]:
+                 members: np.ndarray, minibatch: int, step: int, floor: float | None,
+                 positions: PositionCorrection | None = None) -> tuple[float, Any, float]:
     """One asynchronous update of the tile: the step offline async and the streaming workers share.
 
     The local gradient of ``members`` (this rank's positions of global mini-batch ``minibatch``),
@@ -243,6 +272,8 @@ def async_update(state: TileState, exchanger: AsyncExchange, options: EngineOpti
         Update counter (iteration × mini-batches + mini-batch), for staleness.
     floor : float or None
         Preconditioner floor; None: ``illumination_floor`` × this total illumination's maximum.
+    positions : PositionCorrection or None
+        Collects the members' position gradients (this iteration corrects positions).
 
     Returns
     -------
@@ -255,7 +286,7 @@ def async_update(state: TileState, exchanger: AsyncExchange, options: EngineOpti
     """
     members, n_subset = ordered_for_line_search(state, members, len(members))
     found = local_gradient(state, options, members, between_batches=partial(exchanger.progress, state.volume, step),
-                           n_first=n_subset)
+                           n_first=n_subset, positions=positions)
     own = found.illumination
     total = exchanger.total_illumination(own, minibatch)
     illumination_max = float(total.max())
@@ -271,8 +302,8 @@ def async_update(state: TileState, exchanger: AsyncExchange, options: EngineOpti
     return found.loss, found.probe_gradient, illumination_max
 
 
-def _apply_probe_total(state: TileState, total: Any, options: EngineOptions, n_positions: float) -> None:
-    """Async probe step: the mean gradient over all positions of one iteration."""
+def apply_probe_total(state: TileState, total: Any, options: EngineOptions, n_positions: float) -> None:
+    """Async probe step: the mean gradient over all positions of one iteration (offline and streaming)."""
     if total is not None:
         xp = get_array_module(state.probe)
         state.probe -= (0.5 * options.probe_step_size / n_positions) * xp.asarray(total)
@@ -306,23 +337,25 @@ def run_async(state: TileState, exchanger: AsyncExchange, options: EngineOptions
         start = time.perf_counter()
         loss = 0.0
         probe_gradient_sum = None
+        correcting = _begin_positions(state, iteration)
         for m, members in enumerate(batches):
             step = iteration * len(batches) + m
             part, probe_gradient, _ = async_update(state, exchanger, options, control, members, m, step,
-                                                   report.floors[m])
+                                                   report.floors[m], correcting)
             if probe_gradient is not None and probe_gradient_sum is None:
                 probe_gradient_sum = probe_gradient
             elif probe_gradient is not None:
                 probe_gradient_sum += probe_gradient
             loss += part
         if probe_gradient_sum is not None:  # one non-blocking all-reduce per iteration, applied one late
-            _apply_probe_total(state, exchanger.finish_probe_reduction(), options, n_positions)
+            apply_probe_total(state, exchanger.finish_probe_reduction(), options, n_positions)
             exchanger.start_probe_reduction(to_numpy(probe_gradient_sum))
         local_losses.append(loss)
         control.end_iteration(loss / max(len(state.starts), 1))
+        _finish_positions(state, correcting, exchanger)
         finish_iteration(report, iteration, loss, start, on_iteration)
     if options.refine_probe:
-        _apply_probe_total(state, exchanger.finish_probe_reduction(), options, n_positions)
+        apply_probe_total(state, exchanger.finish_probe_reduction(), options, n_positions)
     exchanger.finish(state.volume, options.iterations * len(batches))
     constrain(state.volume, options.max_amplitude)
     reduced = exchanger.allreduce_sum(np.array(local_losses[1:])) if len(local_losses) > 1 else np.zeros(0)

@@ -29,6 +29,8 @@ class EngineOptions:
     max_staleness: int = 4
     max_amplitude: float | None = 1.0
     updates_per_iteration: int = 16
+    correct_positions: bool = False
+    positions_from_iteration: int = 3
 
     def __post_init__(self) -> None:
         if self.iterations < 1:

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -270,3 +270,54 @@ def _translation_only(totals: npt.NDArray[np.float64]) -> Affine:
     weight = float(totals[8])  # Σ w: the (offset, offset) entry of the 3×3 matrix
     offset = totals[13:15] / weight if weight > 0 else np.zeros(2)
     return Affine(np.zeros((2, 2)), np.asarray(offset, dtype=np.float64))
+
+
+@dataclass
+class PositionCorrection:
+    """One rank's position correction across iterations (the engine's side of :func:`refine_positions`).
+
+    Every rank holds one (or none: correction off); each iteration from ``first_iteration`` on, the
+    gradient pass writes its positions' ``∂L/∂d`` and curvature into :attr:`gradient` and
+    :attr:`curvature` (by local index), and :meth:`finish_iteration` moves the windows, on every rank
+    at the same point (two all-reduces).
+
+    Attributes
+    ----------
+    nominal_px : (P, 2) float64
+        The file's (or headers') positions of this rank's group, object pixels.
+    gradient, curvature : (P, 2) float64
+        This iteration's, zeroed by :meth:`begin_iteration`.
+    """
+
+    nominal_px: npt.NDArray[np.float64]
+    state: PositionState
+    gradient: npt.NDArray[np.float64]
+    curvature: npt.NDArray[np.float64]
+    first_iteration: int
+    options: PositionOptions
+    last: PositionUpdate | None = None
+
+    @classmethod
+    def start(cls, nominal_px: npt.ArrayLike, first_iteration: int,
+              options: PositionOptions | None = None) -> PositionCorrection:
+        nominal = np.array(nominal_px, dtype=np.float64)
+        return cls(nominal, PositionState.start(nominal), np.zeros_like(nominal), np.zeros_like(nominal),
+                   first_iteration, options or PositionOptions())
+
+    def active(self, iteration: int) -> bool:
+        """Whether ``iteration`` measures position gradients."""
+        return iteration >= self.first_iteration
+
+    def begin_iteration(self) -> None:
+        self.gradient[...] = 0.0
+        self.curvature[...] = 0.0
+
+    def finish_iteration(self, starts: npt.NDArray[np.int64], shifts: npt.NDArray[np.floating[Any]],
+                         extended: Box, window_px: int, exchanger: SumReducer) -> PositionUpdate:
+        """Move this rank's windows: ``starts`` (P, 2) and ``shifts`` (P, 2) are updated in place."""
+        update = refine_positions(self.state, self.nominal_px, self.gradient, self.curvature, extended, window_px,
+                                  exchanger, self.options)
+        self.state, self.last = update.state, update
+        starts[...] = update.starts
+        shifts[...] = update.shifts
+        return update

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from ptylive.daemon.engine.decomposition import RankDomain
+from ptylive.daemon.engine.positions import PositionCorrection
 from ptylive.gpu.backend import PRECISIONS
 from ptylive.gpu.physics import wavelength_A
 from ptylive.gpu.probe import ProbeOptics, make_probe
@@ -35,6 +36,8 @@ class TileState:
         Sub-pixel shifts.
     targets : (P, D, D) real
         Raw intensities until the detector scale is fitted, then the loss's target.
+    positions : PositionCorrection or None
+        Position correction of this rank's windows (None: positions fixed).
     """
 
     domain: RankDomain
@@ -45,6 +48,7 @@ class TileState:
     shifts: np.ndarray
     targets: Any
     scale: float = float("nan")
+    positions: PositionCorrection | None = None
 
 
 @dataclass(frozen=True)

@@ -168,12 +168,14 @@ class ReconstructionConfig(_Section):
     final_iterations: int = _option(30, ge=0)
     final_seconds: float = _option(0.0, ge=0)
     refine_probe: bool = False
+    correct_positions: bool = False
 
     def engine_options(self, mode: Literal["sync", "async"], iterations: int) -> EngineOptions:
         """The engine's iteration settings from this section: the one translation, offline and streaming."""
         return EngineOptions(iterations=iterations, mode=mode, batch_size=self.batch_size, step_size=self.step_size,
                              illumination_floor=self.illumination_floor, loss=self.loss,
-                             refine_probe=self.refine_probe, max_staleness=self.max_staleness,
+                             refine_probe=self.refine_probe, correct_positions=self.correct_positions,
+                             max_staleness=self.max_staleness,
                              max_amplitude=self.max_amplitude, updates_per_iteration=self.updates_per_iteration)
 
     def __post_init__(self) -> None:
@@ -235,6 +237,7 @@ class DaemonConfig:
     scan: ScanConfig = field(default_factory=ScanConfig)
 
     def __post_init__(self) -> None:
+        check_streamable(self.reconstruction)
         if self.ingest.format != "ptylive" and min(self.scan.rows, self.scan.cols) < 1:
             raise ConfigError(f"'ingest.format' = {self.ingest.format!r} needs the scan raster: set 'scan.rows' and "
                               f"'scan.cols' (got {self.scan.rows} × {self.scan.cols}); DECTRIS streams carry only "
@@ -298,7 +301,15 @@ def apply_overrides(reconstruction: ReconstructionConfig, overrides: Mapping[str
     """``reconstruction`` with a series' overrides applied (``[reconstruction]`` keys only, validated)."""
     known = [spec.name for spec in dataclasses.fields(ReconstructionConfig)]
     _reject_unknown(overrides, known, "key", "reconstruction.", "series overrides")
-    return dataclasses.replace(reconstruction, **overrides)
+    return check_streamable(dataclasses.replace(reconstruction, **overrides))
+
+
+def check_streamable(reconstruction: ReconstructionConfig) -> ReconstructionConfig:
+    """``reconstruction`` if ``ptylive serve`` can run it, else :class:`ConfigError` naming the key."""
+    if reconstruction.correct_positions:
+        raise ConfigError("'reconstruction.correct_positions' = true is not available in ptylive serve yet "
+                          "(offline: ptylive reconstruct --correct-positions)")
+    return reconstruction
 
 
 def loopback_config(output_folder: Path, ranks: int, reconstruction: ReconstructionConfig,

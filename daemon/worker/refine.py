@@ -35,12 +35,12 @@ import numpy as np
 
 from ptylive.daemon.engine.exchange.consensus import Consensus
 from ptylive.daemon.engine.exchange.protocols import AsyncExchange
-from ptylive.daemon.engine.iteration import async_update, minibatch_of
+from ptylive.daemon.engine.iteration import apply_probe_total, async_update, minibatch_of
 from ptylive.daemon.engine.options import EngineOptions
 from ptylive.daemon.engine.step import StepControl
 from ptylive.daemon.engine.tile import TileState
 from ptylive.daemon.worker.frames import FrameStore
-from ptylive.gpu.backend import get_array_module
+from ptylive.gpu.backend import get_array_module, to_numpy
 from ptylive.gpu.multislice import forward
 from ptylive.gpu.patches import extract_patches
 from ptylive.gpu.update import constrain
@@ -84,6 +84,7 @@ class StreamRun:
     floors: np.ndarray = field(default_factory=lambda: np.zeros(0))
     illumination_max: np.ndarray = field(default_factory=lambda: np.zeros(0))
     step_control: StepControl = field(init=False)
+    probe_frames: float = 1.0
 
     def __post_init__(self) -> None:
         self.step_control = StepControl.from_options(self.options)
@@ -128,19 +129,32 @@ def _decide(run: StreamRun, sums: np.ndarray, maxes: np.ndarray) -> str | None:
     return None
 
 
-def _iterate(run: StreamRun, drain: Callable[[], None]) -> float:
-    """One pass over every converted frame in the global mini-batches; returns the local loss."""
+def _iterate(run: StreamRun, drain: Callable[[], None], n_frames: float) -> float:
+    """One pass over every converted frame in the global mini-batches; returns the local loss.
+
+    With probe refinement, the iteration's probe gradient is summed over workers by one
+    non-blocking all-reduce and applied at the end of the next iteration, as offline async does;
+    every worker posts one per iteration (they iterate on the same ticks), so the probes agree.
+    ``n_frames`` is the number of frames every worker holds together (the mean gradient's divisor).
+    """
     state, options, exchanger = run.state, run.options, run.exchanger
     usable = run.store.converted.copy()
     loss = 0.0
+    probe_sum = None
     run.illumination_max[...] = 0.0
     for m in range(options.updates_per_iteration):
         step = run.step + m
         members = np.flatnonzero(usable & (run.labels == m))
-        part, _, run.illumination_max[m] = async_update(state, exchanger, options, run.step_control, members, m,
-                                                        step, run.floors[m])
+        part, probe_gradient, run.illumination_max[m] = async_update(state, exchanger, options, run.step_control,
+                                                                     members, m, step, run.floors[m])
+        if probe_gradient is not None:
+            probe_sum = probe_gradient if probe_sum is None else probe_sum + probe_gradient
         drain()
         loss += part
+    if probe_sum is not None:
+        apply_probe_total(state, exchanger.finish_probe_reduction(), options, run.probe_frames)
+        exchanger.start_probe_reduction(to_numpy(probe_sum))
+        run.probe_frames = max(n_frames, 1.0)
     return loss
 
 
@@ -176,7 +190,7 @@ def refine(run: StreamRun, consensus: Consensus, drain: Callable[[], None],
         started = time.perf_counter()
         run.store.set_scale(sums[0] / (sums[1] * run.probe_power))
         run.floors = run.options.illumination_floor * maxes[2:]
-        loss = _iterate(run, drain)
+        loss = _iterate(run, drain, float(sums[1]))
         used = int(run.store.converted.sum())
         if run.frames_history and run.frames_history[-1] != used:  # new frames: losses are not comparable
             run.step_control.last_loss = float("inf")
@@ -188,6 +202,8 @@ def refine(run: StreamRun, consensus: Consensus, drain: Callable[[], None],
         run.iteration_s.append(time.perf_counter() - started)
         after_iteration(run)
     consensus.collect(while_waiting)
+    if run.options.refine_probe:  # the last iteration's probe total
+        apply_probe_total(run.state, run.exchanger.finish_probe_reduction(), run.options, run.probe_frames)
     run.exchanger.finish(run.state.volume, run.step)
     constrain(run.state.volume, run.options.max_amplitude)
     logger.info("worker finished series %r: %s after %d iterations, %d of %d frames", run.store.geometry.series_id,

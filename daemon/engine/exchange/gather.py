@@ -37,3 +37,19 @@ def broadcast_bytes(comm: Any, payload: bytes | None) -> bytes:
     buffer = np.frombuffer(payload, dtype=np.uint8).copy() if payload is not None else np.empty(length[0], np.uint8)
     comm.Bcast(buffer, root=0)
     return buffer.tobytes()
+
+
+def gather_rows(comm: Any | None, counts: list[int], rows: np.ndarray) -> list[np.ndarray]:
+    """Every rank's ``rows`` (``counts[r]``, k) float64 on rank 0, in rank order; empty elsewhere."""
+    rows = np.ascontiguousarray(rows, dtype=np.float64)
+    if comm is None or comm.Get_size() == 1:
+        return [rows]
+    if comm.Get_rank() != 0:
+        comm.Send(rows, dest=0, tag=TAG_GATHER + 1)
+        return []
+    gathered = [rows]
+    for other in range(1, comm.Get_size()):
+        buffer = np.empty((counts[other], *rows.shape[1:]), np.float64)
+        comm.Recv(buffer, source=other, tag=TAG_GATHER + 1)
+        gathered.append(buffer)
+    return gathered
