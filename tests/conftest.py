@@ -41,7 +41,8 @@ def default_scan(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def read_result(path: Path) -> dict[str, np.ndarray]:
     with h5py.File(path, "r") as f:
-        out = {name: f[name][...] for name in ("object", "probe", "loss")}
+        out = {name: f[name][...] for name in ("object", "probe", "loss", "positions_px", "positions_nominal_px")
+               if name in f}
         out.update({f"ranks/{k}": f["ranks"][k][...] for k in f["ranks"]})
         out["attrs"] = dict(f.attrs)
     return out

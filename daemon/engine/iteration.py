@@ -332,6 +332,7 @@ def run_async(state: TileState, exchanger: AsyncExchange, options: EngineOptions
     local_losses = list(report.loss_history)  # iteration 0 is exact: already a global sum
     control = report.step_control
     assert control is not None  # run_sync made it
+    control.last_loss = float("inf")  # from here on each rank compares its own (local) losses
     n_positions = float(exchanger.allreduce_sum(np.array([float(len(state.starts))]))[0])
     for iteration in range(1, options.iterations):
         start = time.perf_counter()

@@ -94,3 +94,18 @@ def test_async_probe_refinement_runs_and_moves_the_probe(small_scan: Path, tmp_p
     assert np.isfinite(result["object"]).all() and np.isfinite(result["probe"]).all()
     assert np.abs(result["probe"] - initial_probe).max() > 1e-4 * np.abs(initial_probe).max()
     assert result["loss"][-1] < result["loss"][0]
+
+
+def test_sync_with_probe_refinement_and_position_correction_is_independent_of_rank_count(
+        small_scan: Path, tmp_path: Path) -> None:
+    """Float64, probe refined and positions corrected (from iteration 3): 1, 2 and 4 ranks agree to rounding."""
+    args = ("--iterations", "5", "--precision", "double", "--refine-probe", "--correct-positions")
+    results = {r: reconstruct(small_scan, tmp_path / f"pc{r}.h5", r, *args) for r in (1, 2, 4)}
+    reference = results[1]
+    moved = np.abs(reference["positions_px"] - reference["positions_nominal_px"]).max()
+    assert moved > 1e-3  # the positions really were corrected
+    for ranks in (2, 4):
+        other = results[ranks]
+        assert np.abs(other["object"] - reference["object"]).max() < 1e-10 * np.abs(reference["object"]).max()
+        assert np.abs(other["probe"] - reference["probe"]).max() < 1e-10 * np.abs(reference["probe"]).max()
+        assert np.abs(other["positions_px"] - reference["positions_px"]).max() < 1e-8  # pixels

@@ -135,3 +135,22 @@ def test_a_frame_whose_header_position_lies_in_another_tile_is_reconstructed(
     assert not any(key.startswith("worker_rejected_") and value for key, value in result["attrs"].items())
     record = registry_series(get_json(process.endpoints["http"] + "status"), start.series_id)
     assert record["received"] == source.n_frames and record["rejected"]["position_outside"] == 0
+
+
+def test_streamed_probe_refinement_moves_the_probe_and_keeps_the_image(
+        daemon: tuple[ServeProcess, PreviewListener], dosed_scan: Path) -> None:
+    """A series that asks for probe refinement (per-series override): the final probe moved, both workers'
+    probes stayed one (the final file holds worker 0's), and the phase image is as good as without it."""
+    from ptylive.gpu.probe import ProbeOptics, make_probe
+
+    process, listener = daemon
+    source = ScanSource.from_file(dosed_scan)
+    start = dataclasses.replace(source.start, overrides={"refine_probe": True})
+    stream(process, dataclasses.replace(source, start=start), series_id="probe-refined", dtype="uint16")
+    streamed = read_final(listener.wait_final("probe-refined")["path"])
+    initial = make_probe(ProbeOptics(start.energy_eV, start.convergence_semiangle_mrad, start.defocus_A),
+                         streamed["probe"].shape[-1], streamed["attrs"]["pixel_size_A"], dtype=np.complex128)
+    assert np.isfinite(streamed["probe"]).all() and np.isfinite(streamed["object"]).all()
+    assert np.abs(streamed["probe"] - initial).max() > 1e-4 * np.abs(initial).max()
+    truth = read_optional(dosed_scan, "object_truth")
+    assert phase_correlation(streamed["object"], truth, read_positions(dosed_scan)) >= 0.9
