@@ -52,7 +52,9 @@ def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--step-size", type=float, default=None,
                    help="default: 1.0 sync, 0.5 async; halved for --loss poisson")
-    p.add_argument("--refine-probe", action="store_true")
+    p.add_argument("--refine-probe", action=argparse.BooleanOptionalAction, default=True,
+                   help="refine the probe with the object (default: on; the probe built from the optics "
+                        "attributes is rarely the microscope's)")
     p.add_argument("--correct-positions", action=argparse.BooleanOptionalAction, default=False,
                    help="refine every probe position and a global affine of the scan from iteration 3 "
                         "(result: positions_px corrected, positions_nominal_px as read)")

@@ -24,7 +24,7 @@ class EngineOptions:
     step_size: float | None = None  # None: see ``step``
     illumination_floor: float = 0.05
     loss: str = "amplitude"
-    refine_probe: bool = False
+    refine_probe: bool = True
     probe_step_size: float = 0.5
     max_staleness: int = 4
     max_amplitude: float | None = 1.0
