@@ -36,6 +36,7 @@ from ptylive.daemon.engine.decomposition import RankDomain
 from ptylive.daemon.engine.exchange.protocols import ExchangeStats
 from ptylive.daemon.engine.exchange.sync import SyncExchanger, add_pairs, pack, unpack
 from ptylive.gpu.backend import get_array_module, to_numpy
+from ptylive.gpu.update import constrain
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +53,10 @@ class AsyncExchanger(SyncExchanger):
     """
 
     def __init__(self, comm: Any, domain: RankDomain, n_slices: int, real_dtype: Any,
-                 complex_dtype: Any, max_staleness: int = 4, n_minibatches: int = 1) -> None:
+                 complex_dtype: Any, max_staleness: int = 4, n_minibatches: int = 1,
+                 max_amplitude: float | None = 1.0) -> None:
         super().__init__(comm, domain, n_slices, real_dtype)
+        self.max_amplitude = max_amplitude
         if max_staleness < 1:
             raise ValueError(f"max_staleness must be >= 1, got {max_staleness}")
         self.max_staleness = max_staleness
@@ -119,7 +122,11 @@ class AsyncExchanger(SyncExchanger):
         _, region, shape = self.regions[i]
         sent_step, last, minibatch = (int(v) for v in self.async_recv[i][:HEADER])
         update, illumination = unpack(self.async_recv[i], shape, n_head=HEADER)
-        add_pairs(volume[(slice(None), *region)], update)
+        target = volume[(slice(None), *region)]
+        add_pairs(target, update)
+        # A neighbour's update arrives after this rank's own constraint: without its own, |O| > 1 grew
+        # through the slices until the wave overflowed (NaN from the second iteration on a thick crystal).
+        constrain(target, self.max_amplitude)
         self.neighbour_illumination[i][minibatch] = illumination
         self.last_received[i] = sent_step
         self.stats.staleness.append(max(step - sent_step, 0))

@@ -30,4 +30,4 @@ def async_exchanger(comm: Any | None, domain: RankDomain, n_slices: int, precisi
         return NullExchanger()
     real_t, complex_t = PRECISIONS[precision]
     return AsyncExchanger(comm, domain, n_slices, real_t, complex_t, options.max_staleness,
-                          options.updates_per_iteration)
+                          options.updates_per_iteration, options.max_amplitude)
