@@ -192,6 +192,17 @@ def finish_iteration(report: EngineReport, iteration: int, loss: float, start: f
         on_iteration(iteration, loss, elapsed)
 
 
+def options_at(options: EngineOptions, iteration: int) -> EngineOptions:
+    """The options of ``iteration``: the probe is refined from ``probe_from_iteration`` on.
+
+    From a vacuum object the probe gradient holds the specimen's whole scattering: refined at once,
+    the probe took up object structure (a 12-slice crystal's first-iteration loss rose 8-fold).
+    """
+    if options.refine_probe and iteration < options.probe_from_iteration:
+        return replace(options, refine_probe=False)
+    return options
+
+
 def _begin_positions(state: TileState, iteration: int) -> PositionCorrection | None:
     """The position correction collecting gradients in ``iteration`` (zeroed), or None."""
     if state.positions is None or not state.positions.active(iteration):
@@ -230,8 +241,9 @@ def run_sync(state: TileState, exchanger: SyncExchange, options: EngineOptions,
         start = time.perf_counter()
         loss = 0.0
         correcting = _begin_positions(state, iteration)
+        now = options_at(options, iteration)
         for m, (members, n_subset) in enumerate(ordered):
-            found = local_gradient(state, options, members, n_first=n_subset, positions=correcting)
+            found = local_gradient(state, now, members, n_first=n_subset, positions=correcting)
             gradient, illumination = exchanger.reduce_gradients(found.gradient, found.illumination)
             if iteration == 0:  # fixed per mini-batch after the first pass: the same on every rank
                 floors[m] = options.illumination_floor * float(
@@ -341,8 +353,8 @@ def run_async(state: TileState, exchanger: AsyncExchange, options: EngineOptions
         correcting = _begin_positions(state, iteration)
         for m, members in enumerate(batches):
             step = iteration * len(batches) + m
-            part, probe_gradient, _ = async_update(state, exchanger, options, control, members, m, step,
-                                                   report.floors[m], correcting)
+            part, probe_gradient, _ = async_update(state, exchanger, options_at(options, iteration), control,
+                                                   members, m, step, report.floors[m], correcting)
             if probe_gradient is not None and probe_gradient_sum is None:
                 probe_gradient_sum = probe_gradient
             elif probe_gradient is not None:

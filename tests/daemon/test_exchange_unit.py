@@ -133,8 +133,9 @@ def test_sync_collectives_sum_and_max_over_ranks() -> None:
 # AsyncExchanger -------------------------------------------------------------------------------------
 
 def make_async(world: FakeWorld, max_staleness: int = 4) -> list[AsyncExchanger]:
+    """Two ranks' exchangers; no amplitude constraint (these tests check the exchange's arithmetic)."""
     return [AsyncExchanger(world.comm(r), DOMAINS[r], N_SLICES, np.float64, np.complex128, max_staleness,
-                           n_minibatches=2) for r in (0, 1)]
+                           n_minibatches=2, max_amplitude=None) for r in (0, 1)]
 
 
 def test_async_exchange_delivers_accumulated_updates_to_the_overlap_only() -> None:
@@ -258,3 +259,23 @@ def test_fake_world_catches_a_send_buffer_changed_in_flight() -> None:
         world.comm(1).Irecv(np.empty(3), source=0, tag=1)
     with pytest.raises(TimeoutError):
         world.comm(1).Irecv(np.empty(3), source=0, tag=2).Wait()
+
+
+def test_a_received_update_is_constrained_where_it_lands() -> None:
+    """With ``max_amplitude`` set, a neighbour's update cannot raise |O| above it (it arrives after the
+    receiver's own constraint); directions are kept, other voxels untouched."""
+    rng = np.random.default_rng(8)
+    world = FakeWorld(2)
+    sender, receiver = (AsyncExchanger(world.comm(r), DOMAINS[r], N_SLICES, np.float64, np.complex128,
+                                       n_minibatches=2, max_amplitude=1.0) for r in (0, 1))
+    update = 3.0 * integers(rng, extended_shape(0), complex_=True)
+    volume = np.full(extended_shape(1), 0.6 + 0.0j)
+    sender.push(update, integers(rng, extended_shape(0)), step=0, minibatch=0)
+    receiver.progress(volume, step=0)
+    landed = overlap(1, volume)
+    unconstrained = 0.6 + overlap(0, update)
+    assert np.abs(landed).max() <= 1.0 + 1e-12 and (np.abs(unconstrained) > 1.0).any()
+    np.testing.assert_allclose(landed, unconstrained / np.maximum(np.abs(unconstrained), 1.0), rtol=1e-12)
+    outside = volume.copy()
+    overlap(1, outside)[...] = 0.6
+    np.testing.assert_array_equal(outside, 0.6)
