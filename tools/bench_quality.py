@@ -82,7 +82,8 @@ def _ptylive_rows(case: Any, ranks: int, iterations: int, work: Path, probe: str
     rows = []
     for run_ranks, mode in ((1, "sync"), (ranks, "async")):
         row: dict[str, Any] = {"code": "ptylive", "run": f"{run_ranks} rank{'s' if run_ranks > 1 else ''} {mode}",
-                               "iterations": iterations, "probe": probe, "loss_metric": "ptylive loss"}
+                               "iterations": iterations, "probe": probe, "loss_metric": "ptylive loss",
+                               "source": _source_revision()}
         out = work / f"{case.name}-ptylive-{run_ranks}-{mode}.h5"
         try:
             row.update(run_ptylive(case.path, run_ranks, mode, iterations, out))
@@ -109,7 +110,8 @@ def _peer_rows(name: str, case: Any, request: PeerRequest, work: Path) -> list[d
                 version=summary["version"])
     losses = summary["losses"]
     at_k = dict(base, run=f"{request.iterations} iterations", iterations=request.iterations,
-                loop_s=summary["seconds_at_iterations"],
+                loop_s=summary["seconds_at_iterations"], warm_up_s=summary.get("warm_up_s", 0.0),
+                adapter_wall_s=got["wall_s"],
                 seconds_per_iteration=summary["seconds_at_iterations"] / request.iterations,
                 final_loss=losses[request.iterations - 1])
     at_k.update(score_phases(got["phase_iterations"], request.slice_thickness_A, case, got["positions_iterations"]))
@@ -118,7 +120,7 @@ def _peer_rows(name: str, case: Any, request: PeerRequest, work: Path) -> list[d
                 seconds_per_iteration=summary["seconds_at_time"] / n_t if n_t else float("nan"),
                 final_loss=losses[n_t - 1] if n_t else float("nan"))
     if got["phase_time"] is None:
-        at_t["error"] = (f"no iteration ended within {request.budget_s:.1f} s "
+        at_t["note"] = (f"no iteration ended within {request.budget_s:.1f} s "
                          f"(the first took {summary['total_seconds'] / max(len(losses), 1):.1f} s)")
     else:
         at_t.update(score_phases(got["phase_time"], request.slice_thickness_A, case, got["positions_time"]))
@@ -151,12 +153,23 @@ def bench_case(path: Path, ranks: int, iterations: int, peers: Sequence[str], wo
     return result
 
 
+def _source_revision() -> str:
+    """``git describe --always --dirty`` of the checkout ptylive runs from ('dirty': uncommitted changes ran)."""
+    try:
+        proc = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                              timeout=30, cwd=Path(__file__).resolve().parents[1])
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return proc.stdout.strip() or "unknown"
+
+
 def machine() -> dict[str, Any]:
-    """Cores, CPU model, load and versions of what ran."""
+    """Cores, CPU model, load and versions of what ran (ptylive's with its source revision)."""
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     return {"cores": CORES, "cpu": model, "load_average": os.getloadavg()[0], "python": platform.python_version(),
-            "ptylive": version("ptylive"), "numpy": np.__version__, "platform": platform.platform()}
+            "ptylive": f"{version('ptylive')} ({_source_revision()})", "numpy": np.__version__,
+            "platform": platform.platform()}
 
 
 def _number(value: Any, fmt: str) -> str:
@@ -170,8 +183,11 @@ def format_table(report: dict[str, Any]) -> str:
     for case in report["cases"]:
         for row in case["rows"]:
             head = f"| {case['case']} | {row['code']} | {row['run']} |"
-            if "error" in row and "correlation" not in row:
+            if "error" in row:
                 lines.append(f"{head} | **failed** | {row['error'][:300]} | | | | |")
+                continue
+            if "note" in row:
+                lines.append(f"{head} {row.get('iterations', '')} | — | {row['note']} | | | | |")
                 continue
             slices = " ".join(_number(x, ".2f") for x in row.get("per_slice", []))
             positions = (f"{_number(row.get('position_rms_before_A'), '.3f')} → "
@@ -219,6 +235,7 @@ def main(cases: Sequence[Path] | None = None, ranks: int = 4, iterations: int = 
         for path in files:
             logger.warning("case %s", path)
             report["cases"].append(bench_case(path, ranks, iterations, names, Path(tmp)))
+            logger.warning("case %s done:\n%s", path.name, format_table({"cases": report["cases"][-1:]}))
     report["machine"]["load_average_end"] = os.getloadavg()[0]
     peer_versions = {row["code"]: row["version"] for case in report["cases"] for row in case["rows"]
                      if "version" in row}

@@ -15,6 +15,7 @@ needs a checkout (its default cases are there too).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import sys
@@ -77,11 +78,18 @@ def load_case(path: Path) -> Any:
         attrs = {k: (v.item() if np.ndim(v) == 0 and hasattr(v, "item") else v) for k, v in f.attrs.items()}
         truth = np.asarray(f["object_truth"][...])
         positions = np.asarray(f["positions_px"][...], np.float64)
+        detector_px = int(f["intensities"].shape[-1])
     phases = np.angle(truth).astype(np.float64)
     attrs.setdefault("n_slices", phases.shape[0])
     attrs.setdefault("slice_thickness_A", 1.0)
     attrs["truth_slice_thickness_A"] = float(attrs["slice_thickness_A"])
-    return module.AbtemCase(path.stem, path, attrs, positions, positions.copy(), phases.sum(axis=0), phases)
+    known = {"name": path.stem, "path": path, "attrs": attrs, "positions_px": positions,
+             "positions_true_px": positions.copy(), "projected_phase_truth": phases.sum(axis=0),
+             "phase_truth_per_slice": phases, "detector_px": detector_px}
+    fields = {field.name for field in dataclasses.fields(module.AbtemCase)}
+    if fields - set(known):
+        raise ValueError(f"the scorer's AbtemCase wants {sorted(fields - set(known))}, which a simulate file lacks")
+    return module.AbtemCase(**{name: value for name, value in known.items() if name in fields})
 
 
 def file_has_probe(path: Path) -> bool:

@@ -18,6 +18,7 @@ import platform
 import shutil
 import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,7 +161,8 @@ def run_peer(peer: Peer, request: PeerRequest, out: Path) -> dict[str, Any]:
     Returns
     -------
     dict
-        ``summary`` (the adapter's JSON) and ``phase_iterations``, ``positions_iterations``,
+        ``summary`` (the adapter's JSON), ``wall_s`` (the whole adapter run: imports, set-up, warm-up,
+        every iteration) and ``phase_iterations``, ``positions_iterations``,
         ``phase_time``, ``positions_time`` ((S, H, W) and (n, 2) arrays; the last two None when not
         even one iteration fitted in the budget).
 
@@ -177,7 +179,9 @@ def run_peer(peer: Peer, request: PeerRequest, out: Path) -> dict[str, Any]:
         command += ["--probe", str(request.probe)]
     logger.warning("running %s on %s (%d iterations, budget %.1f s)", peer.label, request.scan.name,
                    request.iterations, request.budget_s)
+    start = time.perf_counter()
     rc, text = _run(command, RUN_TIMEOUT_S, cwd=out.parent)
+    wall_s = time.perf_counter() - start
     if rc != 0 or not (out / "summary.json").is_file():
         raise PeerUnavailable(f"{peer.adapter.name} failed ({rc}): {_tail(text, 8)}")
 
@@ -185,7 +189,7 @@ def run_peer(peer: Peer, request: PeerRequest, out: Path) -> dict[str, Any]:
         path = out / f"{name}.npy"
         return np.load(path) if path.is_file() else None
 
-    return {"summary": json.loads((out / "summary.json").read_text()),
+    return {"summary": json.loads((out / "summary.json").read_text()), "wall_s": wall_s,
             "phase_iterations": np.load(out / "phase_iterations.npy"),
             "positions_iterations": np.load(out / "positions_iterations.npy"),
             "phase_time": optional("phase_time"), "positions_time": optional("positions_time")}

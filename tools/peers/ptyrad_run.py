@@ -72,8 +72,10 @@ def main() -> int:
     from ptyrad.params import PtyRADParams
     from ptyrad.solver import PtyRADSolver
     from ptyrad.solver.reconstruction import (
+        compute_loss,
         create_optimizer,
         create_scheduler,
+        parse_torch_compile_configs,
         prepare_recon,
         recon_step,
         toggle_grad_requires,
@@ -109,20 +111,46 @@ def main() -> int:
     offset = (corners + d // 2 - scan.positions_px).mean(axis=0)
     start_offset = (positions() + d // 2 - scan.positions_px).mean(axis=0)
     shape = tuple(args.object_shape)
-    iteration = [0]
+    compiler = parse_torch_compile_configs(dict(params["recon_params"]["compiler_configs"]))
+    state: dict[str, Any] = {"iteration": 0, "loss_fn": compute_loss, "optimizer_step": optimizer.step}
 
-    def step() -> float:
-        iteration[0] += 1
-        toggle_grad_requires(model, iteration[0])
+    def set_up_compiler() -> None:  # torch.compile(disable=True) by default: a pass-through
+        torch._dynamo.reset()
+        state["loss_fn"] = torch.compile(compute_loss, **compiler)
+        if not isinstance(optimizer, torch.optim.LBFGS):
+            optimizer.step = torch.compile(state["optimizer_step"], **dict(compiler, fullgraph=False))
+
+    def warm_up() -> None:
+        """Iteration 1's compiler set-up, then one whole iteration of a throw-away copy of the model.
+
+        The copy (built from the same initial variables, with its own optimiser) pays torch's one-off
+        costs of a first iteration (lazy kernel registration, a few seconds on this CPU) outside the
+        timing; the model that is scored is not touched.
+        """
+        set_up_compiler()
+        scratch = PtychoModel(solver.init.init_variables, params["model_params"], device=device)
+        scratch_optimizer = create_optimizer(scratch.optimizer_params, scratch.optimizable_params)
+        toggle_grad_requires(scratch, 1)
+        recon_step(batches, grad_accumulation, scratch, scratch_optimizer,
+                   create_scheduler(scratch.scheduler_params, scratch_optimizer), solver.loss_fn,
+                   solver.constraint_fn, 1, compute_loss_fn=state["loss_fn"], scheduler_step_unit=step_unit)
+
+    def step() -> float:  # one pass of PtyRAD's recon_loop, without its saving and plotting
+        state["iteration"] += 1
+        niter = state["iteration"]
+        toggle_grad_requires(model, niter)
+        if niter in model.compilation_iters and niter > 1:  # iteration 1's set-up was the warm-up's
+            set_up_compiler()
         losses = recon_step(batches, grad_accumulation, model, optimizer, scheduler, solver.loss_fn,
-                            solver.constraint_fn, iteration[0], scheduler_step_unit=step_unit)
+                            solver.constraint_fn, niter, compute_loss_fn=state["loss_fn"],
+                            scheduler_step_unit=step_unit)
         return float(sum(np.mean(v) for v in losses.values()))
 
     def snapshot() -> tuple[np.ndarray, np.ndarray]:
         objp = model.opt_objp.detach().cpu().numpy()[0]  # first object mode: (Nz, Ny, Nx)
         return to_ptylive_grid(objp, start_offset, shape), positions() + d // 2 - start_offset
 
-    done = run_with_checkpoints(step, snapshot, args.iterations, args.time_budget_s)
+    done = run_with_checkpoints(step, snapshot, args.iterations, args.time_budget_s, warm_up)
     write_outputs(args.out, done, {
         "code": "PtyRAD", "version": version("ptyrad"), "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),

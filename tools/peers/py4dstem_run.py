@@ -75,7 +75,7 @@ def main() -> int:
         phases = to_ptylive_grid(np.angle(np.asarray(ptycho._object)), offset, shape)
         return phases, np.asarray(ptycho._positions_px, np.float64) - offset
 
-    done = run_with_checkpoints(step, snapshot, args.iterations, args.time_budget_s)
+    done = run_with_checkpoints(step, snapshot, args.iterations, args.time_budget_s)  # no warm-up: numpy
     write_outputs(args.out, done, {
         "code": "py4DSTEM", "version": version("py4DSTEM"), "class": "MultislicePtychography",
         "probe": "the file's probe" if probe is not None else
