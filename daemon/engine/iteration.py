@@ -193,10 +193,10 @@ def finish_iteration(report: EngineReport, iteration: int, loss: float, start: f
 
 
 def options_at(options: EngineOptions, iteration: int) -> EngineOptions:
-    """The options of ``iteration``: the probe is refined from ``probe_from_iteration`` on.
+    """The options of ``iteration``: the probe is refined from ``probe_from_iteration`` on (default 0).
 
-    From a vacuum object the probe gradient holds the specimen's whole scattering: refined at once,
-    the probe took up object structure (a 12-slice crystal's first-iteration loss rose 8-fold).
+    Measured with the power-preserving probe step (:func:`step_probe`): from iteration 0, abTEM's low-dose
+    graphene reached 0.79 and from iteration 2 only 0.67; the thick SrTiO3 case 0.978 either way.
     """
     if options.refine_probe and iteration < options.probe_from_iteration:
         return replace(options, refine_probe=False)
@@ -256,7 +256,8 @@ def run_sync(state: TileState, exchanger: SyncExchange, options: EngineOptions,
                 on_exact_update(m, iteration * len(batches) + m)
             if found.probe_gradient is not None:
                 total = xp.asarray(exchanger.allreduce_sum(to_numpy(found.probe_gradient)))
-                state.probe -= (0.5 * options.probe_step_size * options.updates_per_iteration / n_positions) * total
+                step_probe(state.probe, (0.5 * options.probe_step_size * options.updates_per_iteration / n_positions)
+                           * total)
             loss += found.loss
         report.loss_history.append(float(exchanger.allreduce_sum(np.array([loss]))[0]))
         control.end_iteration(report.loss_history[-1] / n_positions)
@@ -314,11 +315,25 @@ def async_update(state: TileState, exchanger: AsyncExchange, options: EngineOpti
     return found.loss, found.probe_gradient, illumination_max
 
 
+def step_probe(probe: Any, step: Any) -> None:
+    """``probe -= step`` in place, keeping ``Σ|P|²`` (the detector scale α already holds the beam's power).
+
+    Probe power and α are degenerate: a probe step that changed the power was paid back by the object's
+    amplitude (own 1e5 e/Å² PbTiO3: correlation 0.89 instead of 0.996).
+    """
+    xp = get_array_module(probe)
+    power = float(xp.sum(probe.real**2 + probe.imag**2))
+    probe -= step
+    new_power = float(xp.sum(probe.real**2 + probe.imag**2))
+    if new_power > 0 and np.isfinite(new_power):
+        probe *= probe.real.dtype.type(np.sqrt(power / new_power))
+
+
 def apply_probe_total(state: TileState, total: Any, options: EngineOptions, n_positions: float) -> None:
     """Async probe step: the mean gradient over all positions of one iteration (offline and streaming)."""
     if total is not None:
         xp = get_array_module(state.probe)
-        state.probe -= (0.5 * options.probe_step_size / n_positions) * xp.asarray(total)
+        step_probe(state.probe, (0.5 * options.probe_step_size / n_positions) * xp.asarray(total))
 
 
 def run_async(state: TileState, exchanger: AsyncExchange, options: EngineOptions,

@@ -30,7 +30,7 @@ class EngineOptions:
     max_amplitude: float | None = 1.0
     updates_per_iteration: int = 16
     correct_positions: bool = False
-    probe_from_iteration: int = 2
+    probe_from_iteration: int = 0
     positions_from_iteration: int = 3
 
     def __post_init__(self) -> None:

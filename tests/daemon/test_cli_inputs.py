@@ -100,8 +100,9 @@ def test_any_upsampling_reconstructs_a_file_written_at_the_detector_nyquist_pixe
     with h5py.File(small_scan) as f, h5py.File(out) as r:
         assert r.attrs["upsampling"] == 2
         assert r.attrs["pixel_size_A"] == pytest.approx(f.attrs["pixel_size_A"] / 2, rel=1e-12)
-        offset = r["positions_px"][0] - 2 * f["positions_px"][0]  # rescaled, shifted by whole pixels only
-        np.testing.assert_allclose(r["positions_px"][...], 2 * f["positions_px"][...] + offset, atol=1e-12)
+        nominal = r["positions_nominal_px"][...]  # as read, on the finer grid (positions_px: corrected)
+        offset = nominal[0] - 2 * f["positions_px"][0]  # rescaled, shifted by whole pixels only
+        np.testing.assert_allclose(nominal, 2 * f["positions_px"][...] + offset, atol=1e-12)
         assert np.all(offset == np.round(offset)) and np.all(offset >= 0)
         assert r["object"].shape[-1] >= 2 * f["intensities"].shape[-1]  # the window doubled
         assert np.isfinite(r["object"][...]).all() and r["loss"][-1] < r["loss"][0]

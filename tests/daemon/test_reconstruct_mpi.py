@@ -53,7 +53,9 @@ def test_async_loss_within_five_percent_of_sync(small_scan: Path, tmp_path: Path
     # Step 0.5 for both modes: at step 1 (full projection per mini-batch) neighbours' updates
     # arriving one or more updates late over-correct and async lags sync by 15-45 % at 10
     # iterations (docs/decomposition.md). Measured at 20 iterations, step 0.5: 1-3 %.
-    common = ("--iterations", "20", "--step-size", "0.5")
+    # Probe and positions fixed: this compares the two exchanges (async refines the probe one iteration
+    # late by design, and that schedule is tested on its own below).
+    common = ("--iterations", "20", "--step-size", "0.5", "--no-refine-probe", "--no-correct-positions")
     sync = reconstruct(small_scan, tmp_path / "sync.h5", 4, *common)
     asyn = reconstruct(small_scan, tmp_path / "async.h5", 4, *common, "--mode", "async")
     assert asyn["attrs"]["mode"] == "async"
