@@ -167,7 +167,7 @@ class ReconstructionConfig(_Section):
     max_amplitude: float = _option(1.0, gt=0)
     final_iterations: int = _option(30, ge=0)
     final_seconds: float = _option(0.0, ge=0)
-    refine_probe: bool = True
+    refine_probe: bool = False
     correct_positions: bool = False
 
     def engine_options(self, mode: Literal["sync", "async"], iterations: int) -> EngineOptions:
