@@ -94,7 +94,7 @@ def test_streaming_matches_offline_reconstruction(daemon: tuple[ServeProcess, Pr
     offline = tmp_path / "offline.h5"
     command = [sys.executable, "-m", "ptylive.daemon.cli.main", "reconstruct", str(dosed_scan), "--ranks", "2",
                "--mode", "async", "--iterations", str(FINAL_ITERATIONS), "--out", str(offline), "--quiet",
-               "--no-correct-positions"]  # like for like: ptylive serve does not correct positions yet
+               "--no-correct-positions", "--no-refine-probe"]  # like for like: serve defaults
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     stream(process, ScanSource.from_file(dosed_scan), series_id="versus-offline", dtype="uint16")
