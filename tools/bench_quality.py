@@ -120,8 +120,8 @@ def _peer_rows(name: str, case: Any, request: PeerRequest, work: Path) -> list[d
                 seconds_per_iteration=summary["seconds_at_time"] / n_t if n_t else float("nan"),
                 final_loss=losses[n_t - 1] if n_t else float("nan"))
     if got["phase_time"] is None:
-        at_t["note"] = (f"no iteration ended within {request.budget_s:.1f} s "
-                         f"(the first took {summary['total_seconds'] / max(len(losses), 1):.1f} s)")
+        first_s = summary.get("iteration_seconds", [float("nan")])[0]
+        at_t["note"] = f"no iteration ended within {request.budget_s:.1f} s (the first took {first_s:.1f} s)"
     else:
         at_t.update(score_phases(got["phase_time"], request.slice_thickness_A, case, got["positions_time"]))
     return [at_k, at_t]

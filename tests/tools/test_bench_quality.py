@@ -95,6 +95,8 @@ def test_checkpoints_cover_iterations_and_time_budget() -> None:
 
     done = common.run_with_checkpoints(step, lambda: len(calls), iterations=3, budget_s=0.0)
     assert len(calls) == 3 and done.at_iterations[0] == 3 and done.at_time is None
+    assert len(done.iteration_seconds) == 3 and done.iteration_seconds == sorted(done.iteration_seconds)
+    assert done.iteration_seconds[-1] == done.seconds
     calls.clear()
     done = common.run_with_checkpoints(step, lambda: len(calls), iterations=2, budget_s=1e9)
     assert len(calls) == 2 + common.MAX_EXTRA_ITERATIONS and done.at_time[1] == len(calls)

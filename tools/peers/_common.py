@@ -15,7 +15,7 @@ and reads from ``DIR``:
   time (the peer keeps iterating past K until T is spent), absent if not even one iteration fitted;
 * ``positions_iterations.npy`` (n, 2): the peer's positions after K iterations, on the same grid;
 * ``summary.json``: version, what the peer was given, seconds and iterations at both checkpoints, its
-  own loss per iteration.
+  own loss and cumulative seconds after each iteration.
 
 Reconstruction time counts only the peer's iterations (set-up, imports, an untimed warm-up that leaves
 the reconstruction unchanged, and checkpoint copies excluded),
@@ -130,6 +130,7 @@ class Checkpoints:
     iterations: int
     budget_s: float
     losses: list[float] = field(default_factory=list)
+    iteration_seconds: list[float] = field(default_factory=list)  # cumulative, after each iteration
     seconds: float = 0.0
     warm_up_s: float = 0.0
     at_iterations: tuple[Any, float] | None = None  # (snapshot, seconds)
@@ -155,6 +156,7 @@ def run_with_checkpoints(step: Callable[[], float], snapshot: Callable[[], Any],
         start = time.perf_counter()
         done.losses.append(float(step()))
         done.seconds += time.perf_counter() - start
+        done.iteration_seconds.append(done.seconds)
         count += 1
         if count == iterations:
             done.at_iterations = (snapshot(), done.seconds)
@@ -172,7 +174,8 @@ def write_outputs(out: Path, done: Checkpoints, summary: dict[str, Any]) -> None
     np.save(out / "phase_iterations.npy", phases)
     np.save(out / "positions_iterations.npy", positions)
     summary = dict(summary, iterations=done.iterations, seconds_at_iterations=seconds,
-                   budget_s=done.budget_s, losses=done.losses, total_iterations=len(done.losses),
+                   budget_s=done.budget_s, losses=done.losses, iteration_seconds=done.iteration_seconds,
+                   total_iterations=len(done.losses),
                    total_seconds=done.seconds, warm_up_s=done.warm_up_s, iterations_at_time=0, seconds_at_time=0.0)
     if done.at_time is not None:
         (phases, positions), count, seconds = done.at_time
