@@ -76,11 +76,41 @@ def make_probe(
         )
     c10 = -optics.defocus_A
     chi = (2 * math.pi / lam) * (0.5 * c10 * lam**2 * k2 + 0.25 * optics.c30_A * lam**4 * k2**2)
-    aperture = (lam**2 * k2 <= alpha**2).astype(np.float64)
+    aperture = aperture_amplitude(k, alpha / lam)
     spectrum = aperture * np.exp(-1j * chi)
     probe = np.fft.fftshift(np.fft.ifft2(spectrum))
     probe /= np.sqrt(np.sum(np.abs(probe) ** 2))
     return xp.asarray(probe.astype(dtype))
+
+
+APERTURE_SUPERSAMPLING = 16
+
+
+def aperture_amplitude(k: np.ndarray, k_max: float, supersampling: int = APERTURE_SUPERSAMPLING) -> np.ndarray:
+    """Amplitude of a round aperture of radius ``k_max`` on the Fourier pixels of frequencies ``k``.
+
+    A detector pixel integrates the intensity over its area, so a pixel that the aperture edge
+    cuts receives the fraction of its area inside the aperture; the amplitude is that fraction's
+    square root (measured on ``supersampling``² sub-pixels; 1 inside, 0 outside).
+
+    Parameters
+    ----------
+    k : (N,) float
+        Frequencies of the grid (``numpy.fft.fftfreq`` order), 1/Å.
+    k_max : float
+        Aperture radius α/λ in 1/Å.
+
+    Returns
+    -------
+    (N, N) float64
+    """
+    dk = abs(k[1] - k[0])
+    sub = (np.arange(supersampling) + 0.5) / supersampling - 0.5
+    fine = (k[:, None] + dk * sub[None, :]).ravel()  # (N·s,) sub-pixel centres per axis
+    inside = (fine[:, None] ** 2 + fine[None, :] ** 2 <= k_max**2)
+    n = len(k)
+    fraction = inside.reshape(n, supersampling, n, supersampling).mean(axis=(1, 3))
+    return np.sqrt(fraction)
 
 
 def shift_ramps(xp: ModuleType, n: int, shifts_px: Any, dtype: Any) -> tuple[Any, Any]:
