@@ -72,6 +72,60 @@ def poisson_loss(field: Any, measured_intensity: Any, epsilon: float = 1e-6) -> 
     return loss, field * (2.0 * (1.0 - measured_intensity / (model + epsilon)))
 
 
+def amplitude_loss_modes(fields: Any, measured_amplitude: Any) -> tuple[float, Any]:
+    """:func:`amplitude_loss` of the incoherent sum of K probe modes.
+
+    ``L = Σ (a − √I)²`` with ``a = √(Σ_k |Ψ_k|² + δ²)``; every mode's gradient is the same
+    per-pixel factor times its own field.
+
+    Parameters
+    ----------
+    fields : (K, B, D, D) complex
+        Far field Ψ_k of every mode.
+    measured_amplitude : (B, D, D) real
+        ``√(I/α)``.
+
+    Returns
+    -------
+    loss : float
+    gradient : (K, B, D, D) complex
+        ``2 (a − √I) Ψ_k / a``.
+    """
+    xp = get_array_module(fields)
+    delta = AMPLITUDE_DELTA_PER_PIXEL / fields.shape[-1]
+    amplitude = xp.sqrt(_mode_sum(fields) + delta * delta)
+    residual = amplitude - measured_amplitude
+    loss = float(xp.sum(residual * residual))
+    return loss, fields * (2.0 * residual / amplitude)[None]
+
+
+def poisson_loss_modes(fields: Any, measured_intensity: Any, epsilon: float = 1e-6) -> tuple[float, Any]:
+    """:func:`poisson_loss` of the incoherent sum of K probe modes, ``m = Σ_k |Ψ_k|²``.
+
+    Parameters
+    ----------
+    fields : (K, B, D, D) complex
+    measured_intensity : (B, D, D) real
+        ``I/α``.
+
+    Returns
+    -------
+    loss : float
+        ``Σ m − I log(m + ε)``.
+    gradient : (K, B, D, D) complex
+        ``2 (1 − I/(m+ε)) Ψ_k``.
+    """
+    xp = get_array_module(fields)
+    model = _mode_sum(fields)
+    loss = float(xp.sum(model - measured_intensity * xp.log(model + epsilon)))
+    return loss, fields * (2.0 * (1.0 - measured_intensity / (model + epsilon)))[None]
+
+
+def _mode_sum(fields: Any) -> Any:
+    """``Σ_k |Ψ_k|²`` of (K, B, D, D) fields: (B, D, D) real."""
+    return (fields.real * fields.real + fields.imag * fields.imag).sum(axis=0)
+
+
 def loss_function(name: str) -> Callable[[Any, Any], tuple[float, Any]]:
     """Return the loss by name (``"amplitude"`` or ``"poisson"``)."""
     if name == "amplitude":
@@ -79,6 +133,26 @@ def loss_function(name: str) -> Callable[[Any, Any], tuple[float, Any]]:
     if name == "poisson":
         return poisson_loss
     raise ValueError(f"unknown loss {name!r}; expected one of {LOSSES}")
+
+
+def mode_summed_loss(name: str) -> Callable[[Any, Any], tuple[float, Any]]:
+    """The loss by name for (K, B, D, D) fields of K probe modes (:func:`amplitude_loss_modes`, ...)."""
+    if name == "amplitude":
+        return amplitude_loss_modes
+    if name == "poisson":
+        return poisson_loss_modes
+    raise ValueError(f"unknown loss {name!r}; expected one of {LOSSES}")
+
+
+def field_loss(name: str, fields: Any, measured: Any) -> tuple[float, Any]:
+    """The loss of :func:`ptylive.gpu.multislice.forward`'s output, one probe or K modes.
+
+    ``fields`` (B, D, D) (one probe) takes :func:`loss_function`, (K, B, D, D) (K modes, one more
+    axis than ``measured`` (B, D, D)) :func:`mode_summed_loss`.
+    """
+    if fields.ndim == measured.ndim + 1:
+        return mode_summed_loss(name)(fields, measured)
+    return loss_function(name)(fields, measured)
 
 
 def measured_target(name: str, intensity: Any) -> Any:

@@ -10,11 +10,24 @@ For probe positions ``j`` of a batch and slices ``s = 0 … S−1``::
 The gradient is back-propagated through exactly these steps (each linear step
 by its adjoint), see :func:`loss_and_gradient`; on request it continues through
 the sub-pixel shift to ``∂L/∂d_j`` (:func:`position_gradient`).
+
+**Probe modes** (mixed states, Thibault & Menzel, Nature 494, 68 (2013)): a probe is
+either one (N, N) array or K incoherent modes (K, N, N). Every mode ``P_k`` is
+propagated through the same windows, and the detector sees ``Σ_k |Ψ_{k,j}|²``;
+the loss compares that sum with the data (:func:`ptylive.gpu.loss.mode_summed_loss`).
+Each mode's far-field gradient is the loss's per-pixel factor times its own field,
+and back-propagates as one probe's does::
+
+    ∂L/∂O_s[window_j] = Σ_k conj(ψ_{k,s}) ∂L/∂φ_{k,s}      illumination Σ_k |ψ_{k,s}|²
+    ∂L/∂P_k           = Σ_j shift⁻¹(∂L/∂ψ_{k,0})           ∂L/∂d_j = Σ_k (one mode's)
+
+A (1, N, N) probe runs the one-probe code path (the results are the same arrays, with
+the mode axis kept), so K = 1 is bit for bit today's model.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any
 
@@ -24,7 +37,7 @@ import numpy as np
 from ptylive.gpu.backend import empty_aligned, get_array_module
 from ptylive.gpu.fft import fft2, ifft2
 from ptylive.gpu.fused import backward_slice, detector_amplitude_in_place, transmit
-from ptylive.gpu.loss import loss_function
+from ptylive.gpu.loss import loss_function, mode_summed_loss
 from ptylive.gpu.probe import fourier_shift, shift_ramps
 from ptylive.gpu.propagation import farfield, farfield_adjoint, propagate
 
@@ -43,8 +56,8 @@ class BatchGradient:
         Gradient with respect to each slice's window.
     illumination : (S, B, N, N) real
         ``|ψ_s|²``, the illumination preconditioner's contribution.
-    probe_gradient : (N, N) complex or None
-        Summed over the batch; None unless requested.
+    probe_gradient : (N, N) or (K, N, N) complex or None
+        Summed over the batch, the probe's shape (one per mode); None unless requested.
     position_gradient : (B, 2) float64 or None
         ``∂L/∂d_j`` (row, col) in loss units per pixel, on the array module of the inputs;
         None unless requested (``want_position_gradient``).
@@ -66,7 +79,8 @@ def forward(probe: Any, shifts_px: Any, patches: Any, propagator: Any, detector_
 
     Parameters
     ----------
-    probe : (N, N) complex
+    probe : (N, N) or (K, N, N) complex
+        One probe, or K incoherent modes.
     shifts_px : (B, 2) float
         Sub-pixel shift of each position inside its window.
     patches : (S, B, N, N) complex
@@ -76,14 +90,39 @@ def forward(probe: Any, shifts_px: Any, patches: Any, propagator: Any, detector_
 
     Returns
     -------
-    (B, D, D) complex
+    (B, D, D) or (K, B, D, D) complex
+        One far field per position (and mode); the model intensity is ``Σ_k |Ψ_k|²``
+        (:func:`model_intensity`).
     """
-    wave = fourier_shift(probe, shifts_px)
+    _check_probe(probe)
+    if probe.ndim == 3 and probe.shape[0] == 1:
+        return forward(probe[0], shifts_px, patches, propagator, detector_px)[None]
+    wave = fourier_shift(probe, shifts_px) if probe.ndim == 2 else shifted_modes(probe, shifts_px)
     for s in range(patches.shape[0]):
         wave *= patches[s]
         if s < patches.shape[0] - 1:
             propagate(wave, propagator)
     return farfield(wave, detector_px)
+
+
+def model_intensity(fields: Any) -> Any:
+    """``Σ_k |Ψ_k|²`` of :func:`forward`'s far fields: (B, D, D) real (``|Ψ|²`` for one probe)."""
+    intensity = fields.real**2 + fields.imag**2
+    return intensity.sum(axis=0) if fields.ndim == 4 else intensity
+
+
+def shifted_modes(probe: Any, shifts_px: Any) -> Any:
+    """Every mode shifted to every position: (K, N, N) and (B, 2) -> (K, B, N, N), SIMD-aligned."""
+    xp = get_array_module(probe)
+    out = empty_aligned(xp, (probe.shape[0], len(shifts_px), *probe.shape[1:]), probe.dtype)
+    for k in range(probe.shape[0]):
+        out[k] = fourier_shift(probe[k], shifts_px)
+    return out
+
+
+def _check_probe(probe: Any) -> None:
+    if probe.ndim not in (2, 3) or probe.shape[-1] != probe.shape[-2] or probe.shape[0] < 1:
+        raise ValueError(f"probe must be (N, N) or (K, N, N) with K >= 1, got shape {probe.shape}")
 
 
 def loss_and_gradient(
@@ -94,7 +133,8 @@ def loss_and_gradient(
 
     Parameters
     ----------
-    probe : (N, N) complex
+    probe : (N, N) or (K, N, N) complex
+        One probe, or K incoherent modes (see the module docstring).
     shifts_px : (B, 2) float
     patches : (S, B, N, N) complex
         Object windows; read only.
@@ -111,7 +151,18 @@ def loss_and_gradient(
     Returns
     -------
     BatchGradient
+        ``probe_gradient`` has the probe's shape.
     """
+    _check_probe(probe)
+    if probe.ndim == 3 and probe.shape[0] == 1:  # one mode: the one-probe path, the mode axis kept
+        result = loss_and_gradient(probe[0], shifts_px, patches, propagator, measured, loss, want_probe_gradient,
+                                   want_position_gradient)
+        if result.probe_gradient is None:
+            return result
+        return replace(result, probe_gradient=result.probe_gradient[None])
+    if probe.ndim == 3:
+        return _loss_and_gradient_modes(probe, shifts_px, patches, propagator, measured, loss, want_probe_gradient,
+                                        want_position_gradient)
     xp = get_array_module(patches)
     n_slices, batch, n, _ = patches.shape
     waves = empty_aligned(xp, patches.shape, patches.dtype)  # ψ_s, later the gradients
@@ -141,6 +192,51 @@ def loss_and_gradient(
     positions = position_gradient(probe, shifts_px, gradient)  # overwrites gradient (no longer needed)
     curvature = position_curvature(patches, illumination, loss)
     return BatchGradient(value, waves, illumination, probe_gradient, positions, curvature)
+
+
+def _loss_and_gradient_modes(
+    probe: Any, shifts_px: Any, patches: Any, propagator: Any, measured: Any, loss: str,
+    want_probe_gradient: bool, want_position_gradient: bool,
+) -> BatchGradient:
+    """:func:`loss_and_gradient` for K > 1 modes: the modes ride along the batch, (K, B, N, N).
+
+    Scratch: ψ_{k,s} of every mode and slice (K, S, B, N, N), about K times one probe's memory
+    and time; the fused amplitude pass is one probe's, so the loss runs on the far fields.
+    """
+    xp = get_array_module(patches)
+    n_slices, batch, n, _ = patches.shape
+    n_modes = probe.shape[0]
+    waves = empty_aligned(xp, (n_modes, *patches.shape), patches.dtype)  # ψ_{k,s}, later the gradients
+    wave = shifted_modes(probe, shifts_px)
+    for s in range(n_slices):
+        for k in range(n_modes):
+            transmit(wave[k], patches[s], waves[k, s])
+        if s < n_slices - 1:
+            propagate(wave, propagator)
+    value, field_gradient = mode_summed_loss(loss)(farfield(wave, measured.shape[-1]), measured)
+    gradient = farfield_adjoint(field_gradient, n, out=wave)  # ∂L/∂φ_{k,S-1}
+    illumination = xp.empty(patches.shape, dtype=patches.real.dtype)
+    mode_illumination = xp.empty(patches.shape[1:], dtype=patches.real.dtype)
+    backward = propagator.conj()
+    for s in range(n_slices - 1, -1, -1):
+        backward_slice(waves[0, s], gradient[0], patches[s], illumination[s])
+        for k in range(1, n_modes):  # sums over modes into mode 0's arrays
+            backward_slice(waves[k, s], gradient[k], patches[s], mode_illumination)
+            illumination[s] += mode_illumination
+            waves[0, s] += waves[k, s]
+        if s > 0:
+            propagate(gradient, backward)
+    probe_gradient = None
+    if want_probe_gradient:
+        back = -xp.asarray(shifts_px)
+        probe_gradient = xp.stack([fourier_shift(gradient[k], back).sum(axis=0) for k in range(n_modes)])
+    if not want_position_gradient:
+        return BatchGradient(value, waves[0], illumination, probe_gradient)
+    positions = position_gradient(probe[0], shifts_px, gradient[0])
+    for k in range(1, n_modes):
+        positions += position_gradient(probe[k], shifts_px, gradient[k])
+    curvature = position_curvature(patches, illumination, loss)
+    return BatchGradient(value, waves[0], illumination, probe_gradient, positions, curvature)
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz", "arcp"})

@@ -5,6 +5,10 @@ projected potential of :mod:`ptylive.gpu.potential`; the data are the
 multislice far fields of :mod:`ptylive.gpu.multislice` on the same grid
 (the reconstruction's own model, so noise-free data are exactly
 reproducible), with optional Poisson noise at a given dose.
+
+A partially coherent beam (``focal_spread_A > 0``: the chromatic focal spread, a Gaussian
+distribution of defocus) is the incoherent sum over the probes of :func:`source_probes`, the
+model of ``K`` probe modes (:mod:`ptylive.gpu.multislice`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from ptylive.gpu.multislice import forward
+from ptylive.gpu.multislice import forward, model_intensity
 from ptylive.gpu.patches import extract_patches, window_starts
 from ptylive.gpu.physics import interaction_constant_per_VA, real_space_pixel_size_A, wavelength_A
 from ptylive.gpu.potential import perovskite_potential_slices
@@ -52,6 +56,8 @@ class SimulationSpec:
     lattice_A: float = 3.905
     dose_e_per_A2: float | None = None
     seed: int = 0
+    focal_spread_A: float = 0.0  # standard deviation of the defocus; 0: a coherent beam
+    focal_spread_samples: int = 3  # Gauss-Hermite nodes of the defocus distribution when focal_spread_A > 0
 
     @property
     def window_px(self) -> int:
@@ -76,7 +82,8 @@ class Simulation:
     positions_px : (n, 2) float64
         Probe centres (row, col) in object pixels.
     probe : (N, N) complex64
-        The real-space probe, ``N = D * upsampling``.
+        The real-space probe of the nominal optics, ``N = D * upsampling`` (with a focal spread the
+        data are the incoherent sum over :func:`source_probes`).
     object_truth : (S, H, W) complex64
         The transmission of each slice.
     """
@@ -94,6 +101,34 @@ def scan_positions(spec: SimulationSpec) -> np.ndarray:
     cols = np.arange(spec.scan_shape[1]) * spec.scan_step_px
     grid = np.stack(np.meshgrid(rows, cols, indexing="ij"), axis=-1).reshape(-1, 2)
     return grid + spec.window_px // 2 + 0.5
+
+
+def source_probes(spec: SimulationSpec) -> np.ndarray:
+    """The beam as incoherent probes: (N, N) coherent, or (K, N, N) over a Gaussian focal spread.
+
+    With ``focal_spread_A = σ > 0`` the defocus is sampled at the ``K = focal_spread_samples``
+    Gauss-Hermite nodes ``Δf + σ x_i`` of the normal distribution, and probe ``i`` carries the node's
+    weight ``w_i`` (``Σ w_i = 1``) as its power: ``Σ_i Σ|P_i|² = 1``, and ``Σ_i w_i |Ψ(Δf + σ x_i)|²``
+    is exact for intensities polynomial in the defocus up to degree ``2K − 1``.
+
+    Returns
+    -------
+    (N, N) or (K, N, N) complex128
+    """
+    pixel = spec.pixel_size_A
+
+    def probe_at(defocus_A: float) -> np.ndarray:
+        optics = ProbeOptics(spec.energy_eV, spec.convergence_semiangle_mrad, defocus_A, spec.c30_A)
+        return np.asarray(make_probe(optics, spec.window_px, pixel, dtype=np.complex128))
+
+    if not spec.focal_spread_A > 0:
+        return probe_at(spec.defocus_A)
+    if spec.focal_spread_samples < 1:
+        raise ValueError(f"focal_spread_samples must be >= 1, got {spec.focal_spread_samples}")
+    nodes, weights = np.polynomial.hermite_e.hermegauss(spec.focal_spread_samples)
+    weights = weights / weights.sum()
+    return np.stack([np.sqrt(w) * probe_at(spec.defocus_A + spec.focal_spread_A * x)
+                     for x, w in zip(nodes, weights, strict=True)])
 
 
 def simulate(spec: SimulationSpec, batch_size: int = 64) -> Simulation:
@@ -122,14 +157,15 @@ def simulate(spec: SimulationSpec, batch_size: int = 64) -> Simulation:
     truth = np.exp(1j * interaction_constant_per_VA(spec.energy_eV) * potential)
     optics = ProbeOptics(spec.energy_eV, spec.convergence_semiangle_mrad, spec.defocus_A, spec.c30_A)
     probe = make_probe(optics, n, pixel, dtype=np.complex128)
+    beam = source_probes(spec)
     propagator = fresnel_propagator(np, n, pixel, wavelength_A(spec.energy_eV), spec.slice_thickness_A,
                                     dtype=np.complex128)
     starts, shifts = window_starts(positions, n)
     intensities = np.empty((len(positions), spec.detector_px, spec.detector_px), np.float32)
     for b in range(0, len(positions), batch_size):
         sl = slice(b, b + batch_size)
-        field = forward(probe, shifts[sl], extract_patches(truth, starts[sl], n), propagator, spec.detector_px)
-        intensities[sl] = np.abs(field) ** 2
+        field = forward(beam, shifts[sl], extract_patches(truth, starts[sl], n), propagator, spec.detector_px)
+        intensities[sl] = np.abs(field) ** 2 if field.ndim == 3 else model_intensity(field)
     if spec.dose_e_per_A2 is not None:
         step_A = spec.scan_step_px * pixel
         electrons = spec.dose_e_per_A2 * step_A**2

@@ -59,6 +59,9 @@ def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
                    help="refine every probe position and a global affine of the scan from iteration 3 "
                         "(result: positions_px corrected, positions_nominal_px as read); off by default: "
                         "with probe refinement it cost noise-free PbTiO3 0.998 -> 0.88")
+    p.add_argument("--probe-modes", type=int, default=1, metavar="K",
+                   help="incoherent probe modes for a partially coherent beam (default: 1, one coherent probe; "
+                        "K > 1 needs --refine-probe and costs about K times per position; result: probe (K, N, N))")
     p.add_argument("--max-staleness", type=int, default=4, help="in updates")
     p.add_argument("--updates-per-iteration", type=int, default=16, help="global mini-batches per iteration")
     p.add_argument("--out", type=Path, required=True)

@@ -175,7 +175,7 @@ def _initial_state(job: ReconstructionJob, domain: RankDomain, all_positions: np
     starts, shifts = window_starts(all_positions[domain.positions], job.window_px)
     starts = starts - np.array([domain.extended.row0, domain.extended.col0])
     frames = xp.asarray(read_frames(job.scan_path, domain.positions, dtype=real_t))
-    state = set_up_tile(domain, optics, starts, shifts, frames, xp, job.precision)
+    state = set_up_tile(domain, optics, starts, shifts, frames, xp, job.precision, job.options.probe_modes)
     if job.options.correct_positions:
         state.positions = PositionCorrection.start(all_positions[domain.positions],
                                                    job.options.positions_from_iteration)

@@ -32,6 +32,7 @@ class EngineOptions:
     correct_positions: bool = False
     probe_from_iteration: int = 0
     positions_from_iteration: int = 3
+    probe_modes: int = 1  # K incoherent probe modes (mixed states); 1: one coherent probe
 
     def __post_init__(self) -> None:
         if self.iterations < 1:
@@ -44,6 +45,8 @@ class EngineOptions:
             raise ValueError("batch_size, step_size and illumination_floor must be positive")
         if self.updates_per_iteration < 1:
             raise ValueError(f"updates_per_iteration must be >= 1, got {self.updates_per_iteration}")
+        if self.probe_modes < 1:
+            raise ValueError(f"probe_modes must be >= 1, got {self.probe_modes}")
 
     @property
     def step(self) -> float:

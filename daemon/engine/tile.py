@@ -14,6 +14,7 @@ from ptylive.daemon.engine.positions import PositionCorrection
 from ptylive.gpu.backend import PRECISIONS
 from ptylive.gpu.physics import wavelength_A
 from ptylive.gpu.probe import ProbeOptics, make_probe
+from ptylive.gpu.probe_modes import initial_modes, mode_powers
 from ptylive.gpu.propagation import fresnel_propagator
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ class TileState:
     domain : RankDomain
     volume : (S, He, We) complex
         Object transmission over the extended tile.
-    probe : (N, N) complex
+    probe : (N, N) complex, or (K, N, N) with K > 1 incoherent modes
     propagator : (N, N) complex
     starts : (P, 2) int
         Window starts relative to the extended tile.
@@ -70,7 +71,7 @@ class TileOptics:
 
 
 def set_up_tile(domain: RankDomain, optics: TileOptics, starts: np.ndarray, shifts: np.ndarray, targets: Any,
-                xp: ModuleType, precision: str) -> TileState:
+                xp: ModuleType, precision: str, probe_modes: int = 1) -> TileState:
     """A fresh tile: vacuum object (``O = 1``) over the extended tile, the probe and the propagator.
 
     Parameters
@@ -80,12 +81,19 @@ def set_up_tile(domain: RankDomain, optics: TileOptics, starts: np.ndarray, shif
     shifts : (P, 2) real
     targets : (P, D, D) real, on ``xp``
         Raw intensities (or preallocated rows a streaming worker fills as frames arrive).
+    probe_modes : int
+        K: 1 keeps one (N, N) probe; K > 1 makes ``state.probe`` (K, N, N) incoherent modes, the optics'
+        (or file's) probe with 95 % of the power and K − 1 Hermite-like modes
+        (:func:`ptylive.gpu.probe_modes.initial_modes`).
     """
     real_t, complex_t = PRECISIONS[precision]
     probe = optics.probe
     if probe is None:
         probe = make_probe(ProbeOptics(optics.energy_eV, optics.convergence_semiangle_mrad, optics.defocus_A),
                            optics.window_px, optics.pixel_size_A, dtype=np.complex128)
+    if probe_modes > 1:
+        probe = initial_modes(np.asarray(probe).astype(np.complex128), probe_modes)
+        logger.info("%d probe modes, powers %s", probe_modes, np.array2string(mode_powers(probe), precision=4))
     propagator = fresnel_propagator(xp, optics.window_px, optics.pixel_size_A, wavelength_A(optics.energy_eV),
                                     optics.slice_thickness_A, dtype=complex_t)
     volume = xp.ones((optics.n_slices, *domain.extended.shape), dtype=complex_t)

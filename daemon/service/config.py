@@ -169,13 +169,14 @@ class ReconstructionConfig(_Section):
     final_seconds: float = _option(0.0, ge=0)
     refine_probe: bool = False
     correct_positions: bool = False
+    probe_modes: int = _option(1, ge=1)
 
     def engine_options(self, mode: Literal["sync", "async"], iterations: int) -> EngineOptions:
         """The engine's iteration settings from this section: the one translation, offline and streaming."""
         return EngineOptions(iterations=iterations, mode=mode, batch_size=self.batch_size, step_size=self.step_size,
                              illumination_floor=self.illumination_floor, loss=self.loss,
                              refine_probe=self.refine_probe, correct_positions=self.correct_positions,
-                             max_staleness=self.max_staleness,
+                             probe_modes=self.probe_modes, max_staleness=self.max_staleness,
                              max_amplitude=self.max_amplitude, updates_per_iteration=self.updates_per_iteration)
 
     def __post_init__(self) -> None:
@@ -183,6 +184,9 @@ class ReconstructionConfig(_Section):
         if self.n_slices > 1 and self.slice_thickness_A <= 0:
             raise ConfigError(f"invalid value {self.slice_thickness_A!r} for 'reconstruction.slice_thickness_A'; "
                               f"expected > 0 when n_slices = {self.n_slices} > 1")
+        if self.probe_modes > 1 and not self.refine_probe:  # the first guess's modes are not the beam's
+            raise ConfigError(f"probe_modes = {self.probe_modes} needs probe refinement ('reconstruction.refine_probe'"
+                              " = true, --refine-probe): fixed modes would stay the first guess's made-up shapes")
 
 
 @dataclass(frozen=True)

@@ -164,9 +164,9 @@ class Worker:
         domain = geometry.domains[s.worker]
         optics = TileOptics(slot.start.energy_eV, slot.start.convergence_semiangle_mrad, slot.start.defocus_A,
                             geometry.pixel_size_A, geometry.window_px, r.n_slices, r.slice_thickness_A)
-        state = set_up_tile(domain, optics, slot.store.starts, slot.store.shifts, slot.store.targets, xp,
-                            s.precision)
         options = r.engine_options("async", max(1, r.final_iterations))
+        state = set_up_tile(domain, optics, slot.store.starts, slot.store.shifts, slot.store.targets, xp,
+                            s.precision, options.probe_modes)
         exchanger = async_exchanger(self.comm, domain, r.n_slices, s.precision, options)
         run = StreamRun(state, slot.store, exchanger, options, s.n_workers, r.final_iterations, r.final_seconds,
                         slot.flags, probe_power(state.probe, state.propagator, r.n_slices, geometry.detector_px))
