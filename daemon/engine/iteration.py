@@ -165,20 +165,14 @@ def local_gradient(
 
 
 def take_step(state: TileState, options: EngineOptions, control: StepControl, subset: np.ndarray,
-              gradient: MinibatchGradient, direction: Any, reduce: Callable[[np.ndarray], np.ndarray],
-              held_out: np.ndarray | None = None) -> Any:
+              gradient: MinibatchGradient, direction: Any, reduce: Callable[[np.ndarray], np.ndarray]) -> Any:
     """Scale ``direction`` (Δ, the update at step 1) in place by the step of :mod:`.step`; returns it.
 
     ``reduce`` sums the line-search numbers over the ranks that share the step (every rank in
     ``sync`` mode; the identity in ``async`` mode). A rejected update comes back as zeros.
-    ``held_out`` (local indices, not members of this update; may be empty on a rank) measures the
-    step instead of ``subset`` (the update's own positions): see :mod:`.step` for why. Its loss at
-    the current object costs one more forward pass of it.
     """
-    measured_on = subset if held_out is None else held_out
-    loss0 = gradient.subset_loss if held_out is None else trial_loss(state, options, held_out, direction, 0.0)
-    alpha = measure_step(control, loss0, finite_sum(direction),
-                         partial(trial_loss, state, options, measured_on, direction), reduce)
+    alpha = measure_step(control, gradient.subset_loss, finite_sum(direction),
+                         partial(trial_loss, state, options, subset, direction), reduce)
     if alpha == 0.0:
         direction[...] = 0
     else:
@@ -190,12 +184,6 @@ def ordered_for_line_search(state: TileState, members: np.ndarray, n_global: int
     """``members`` with the line-search subset first, and the subset's size."""
     chosen = line_search_subset(state.domain.positions[members], n_global)
     return np.concatenate([members[chosen], members[~chosen]]), int(chosen.sum())
-
-
-def held_out_subset(ordered: tuple[np.ndarray, int]) -> np.ndarray:
-    """The line-search subset of another mini-batch (``ordered_for_line_search``'s result): the held-out set."""
-    members, n_subset = ordered
-    return members[:n_subset]
 
 
 def finish_iteration(report: EngineReport, iteration: int, loss: float, start: float,
@@ -257,7 +245,6 @@ def run_sync(state: TileState, exchanger: SyncExchange, options: EngineOptions,
         correcting = _begin_positions(state, iteration)
         now = options_at(options, iteration)
         for m, (members, n_subset) in enumerate(ordered):
-            held_out = None if len(ordered) == 1 else held_out_subset(ordered[(m + 1) % len(ordered)])
             found = local_gradient(state, now, members, n_first=n_subset, positions=correcting)
             gradient, illumination = exchanger.reduce_gradients(found.gradient, found.illumination)
             if iteration == 0:  # fixed per mini-batch after the first pass: the same on every rank
@@ -265,7 +252,7 @@ def run_sync(state: TileState, exchanger: SyncExchange, options: EngineOptions,
                     exchanger.allreduce_max(np.array([float(illumination.max())]))[0])
             direction = object_update(gradient, illumination, floors[m], 1.0)
             state.volume += take_step(state, options, control, members[:n_subset], found, direction,
-                                      exchanger.allreduce_sum, held_out)
+                                      exchanger.allreduce_sum)
             constrain(state.volume, options.max_amplitude)
             if on_exact_update is not None:
                 on_exact_update(m, iteration * len(batches) + m)
@@ -284,8 +271,7 @@ def run_sync(state: TileState, exchanger: SyncExchange, options: EngineOptions,
 
 def async_update(state: TileState, exchanger: AsyncExchange, options: EngineOptions, control: StepControl,
                  members: np.ndarray, minibatch: int, step: int, floor: float | None,
-                 positions: PositionCorrection | None = None,
-                 next_members: np.ndarray | None = None) -> tuple[float, Any, float]:
+                 positions: PositionCorrection | None = None) -> tuple[float, Any, float]:
     """One asynchronous update of the tile: the step offline async and the streaming workers share.
 
     The local gradient of ``members`` (this rank's positions of global mini-batch ``minibatch``),
@@ -303,9 +289,6 @@ def async_update(state: TileState, exchanger: AsyncExchange, options: EngineOpti
         Preconditioner floor; None: ``illumination_floor`` × this total illumination's maximum.
     positions : PositionCorrection or None
         Collects the members' position gradients (this iteration corrects positions).
-    next_members : (k,) int or None
-        This rank's members of the next mini-batch: their line-search subset measures the step (held
-        out); None (one mini-batch per iteration): the members' own subset does.
 
     Returns
     -------
@@ -324,10 +307,8 @@ def async_update(state: TileState, exchanger: AsyncExchange, options: EngineOpti
     illumination_max = float(total.max())
     if floor is None or not floor > 0:
         floor = options.illumination_floor * illumination_max
-    held_out = None if next_members is None else held_out_subset(
-        ordered_for_line_search(state, next_members, len(next_members)))
     update = take_step(state, options, control, members[:n_subset], found,
-                       object_update(found.gradient, total, max(floor, 1e-30), 1.0), np.asarray, held_out)
+                       object_update(found.gradient, total, max(floor, 1e-30), 1.0), np.asarray)
     state.volume += update
     constrain(state.volume, options.max_amplitude)
     exchanger.push(update, own, step, minibatch)
@@ -400,8 +381,7 @@ def run_async(state: TileState, exchanger: AsyncExchange, options: EngineOptions
         for m, members in enumerate(batches):
             step = iteration * len(batches) + m
             part, probe_gradient, _ = async_update(state, exchanger, options_at(options, iteration), control,
-                                                   members, m, step, report.floors[m], correcting,
-                                                   batches[(m + 1) % len(batches)] if len(batches) > 1 else None)
+                                                   members, m, step, report.floors[m], correcting)
             if probe_gradient is not None and probe_gradient_sum is None:
                 probe_gradient_sum = probe_gradient
             elif probe_gradient is not None:
