@@ -5,6 +5,10 @@ Gradients are ``g = ∂L/∂Re Ψ + i ∂L/∂Im Ψ`` (twice the Wirtinger deriv
 
 Measured intensities are divided once by the fitted scale ``α`` of
 :func:`fit_intensity_scale` before they reach these functions.
+
+With K incoherent probe modes the model intensity is ``Σ_k |Ψ_k|²``
+(:func:`mode_summed_loss`: the same losses of (K, B, D, D) fields, every mode's
+gradient the per-pixel factor times its own field); :func:`field_loss` picks by shape.
 """
 
 from __future__ import annotations

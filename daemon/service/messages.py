@@ -99,7 +99,8 @@ class FinalStats(TypedDict):
 
 
 class FinalHeader(TileQuality):
-    """A worker's finished tile; arrays: the tile volume ``(S, h, w)`` complex, the probe ``(N, N)`` or empty."""
+    """A worker's finished tile; arrays: the tile volume ``(S, h, w)`` complex, the probe ``(N, N)``
+    (``(K, N, N)`` with K probe modes) or empty."""
 
     series_id: str
     worker: int

@@ -6,7 +6,7 @@ the names of :data:`RANK_STATS`); :func:`write_final` assembles a streamed serie
 same names as ``ptylive reconstruct`` writes, plus streaming facts)::
 
     object          (S, H, W) complex   stitched tiles, halos dropped
-    probe           (N, N) complex
+    probe           (N, N) complex, or (K, N, N): K incoherent probe modes (``probe_modes`` > 1)
     loss            (I,) float64        summed over workers, per iteration (over the frames used so far)
     frames_used     (I,) int64          frames in each iteration, all workers
     positions_px    (n, 2) float64      nominal probe centres of every frame of the scan
