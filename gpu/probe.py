@@ -2,7 +2,8 @@
 
 ``P(k) = A(k) · exp(−i χ(k))`` with ``χ(k) = (2π/λ)(½ C10 (λk)² + ¼ C30 (λk)⁴)``,
 ``C10 = −defocus_A`` (abTEM convention: positive defocus is underfocus) and a
-hard aperture ``λ|k| ≤ α``. The real-space probe is centred at pixel
+round aperture ``λ|k| ≤ α`` whose rim pixels carry the root of their area inside (a detector pixel
+integrates intensity). The real-space probe is centred at pixel
 ``(N//2, N//2)`` and normalised to ``Σ|P|² = 1``.
 """
 
@@ -54,9 +55,12 @@ class ProbeOptics:
 
 def make_probe(
     optics: ProbeOptics, window_px: int, pixel_size_A: float, xp: ModuleType = np,
-    dtype: Any = np.complex64,
+    dtype: Any = np.complex64, aperture_supersampling: int = 16,
 ) -> Any:
     """Synthesise the real-space probe.
+
+    ``aperture_supersampling`` sub-pixels per axis measure the aperture rim (:func:`aperture_amplitude`);
+    1 is the hard, point-sampled aperture.
 
     Returns
     -------
@@ -76,7 +80,7 @@ def make_probe(
         )
     c10 = -optics.defocus_A
     chi = (2 * math.pi / lam) * (0.5 * c10 * lam**2 * k2 + 0.25 * optics.c30_A * lam**4 * k2**2)
-    aperture = aperture_amplitude(k, alpha / lam)
+    aperture = aperture_amplitude(k, alpha / lam, aperture_supersampling)
     spectrum = aperture * np.exp(-1j * chi)
     probe = np.fft.fftshift(np.fft.ifft2(spectrum))
     probe /= np.sqrt(np.sum(np.abs(probe) ** 2))

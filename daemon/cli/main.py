@@ -38,6 +38,8 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
+    from ptylive.daemon.engine.options import DEFAULT_UPDATES_PER_ITERATION
+
     p = sub.add_parser("reconstruct", help="reconstruct a scan file on R ranks")
     p.add_argument("scan", type=Path)
     p.add_argument("--ranks", type=int, default=1)
@@ -63,12 +65,15 @@ def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
                    help="incoherent probe modes for a partially coherent beam (default: 1, one coherent probe; "
                         "K > 1 needs --refine-probe and costs about K times per position; result: probe (K, N, N))")
     p.add_argument("--max-staleness", type=int, default=4, help="in updates")
-    p.add_argument("--updates-per-iteration", type=int, default=16, help="global mini-batches per iteration")
+    p.add_argument("--updates-per-iteration", type=int, default=DEFAULT_UPDATES_PER_ITERATION,
+                   help=f"mini-batches per iteration (default: {DEFAULT_UPDATES_PER_ITERATION}; docs/physics.md)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--quiet", action="store_true")
 
 
 def _add_plan(sub: argparse._SubParsersAction) -> None:
+    from ptylive.daemon.engine.options import DEFAULT_UPDATES_PER_ITERATION
+
     p = sub.add_parser("plan", help="predict memory per rank (from a scan file or from sizes)")
     p.add_argument("scan", type=Path, nargs="?")
     p.add_argument("--ranks", type=int, required=True)
@@ -81,7 +86,8 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--precision", choices=("single", "double"), default="single")
     p.add_argument("--mode", choices=("sync", "async"), default="sync")
-    p.add_argument("--updates-per-iteration", type=int, default=16)
+    p.add_argument("--updates-per-iteration", type=int, default=DEFAULT_UPDATES_PER_ITERATION,
+                   help=f"global mini-batches per iteration (default: {DEFAULT_UPDATES_PER_ITERATION})")
     p.add_argument("--json", action="store_true")
 
 

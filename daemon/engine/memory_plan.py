@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ptylive.daemon.engine.decomposition import RankDomain, decompose
+from ptylive.daemon.engine.options import DEFAULT_UPDATES_PER_ITERATION
 from ptylive.gpu.backend import PRECISIONS
 
 
@@ -54,7 +55,8 @@ class RankMemory:
 
 
 def rank_memory(domain: RankDomain, n_slices: int, window_px: int, detector_px: int,
-                batch_size: int, precision: str, mode: str, updates_per_iteration: int = 16) -> RankMemory:
+                batch_size: int, precision: str, mode: str,
+                updates_per_iteration: int = DEFAULT_UPDATES_PER_ITERATION) -> RankMemory:
     """Predict one rank's peak array memory in bytes.
 
     Batches are chunks of at most ``batch_size`` of the rank's members of each
@@ -90,7 +92,7 @@ def rank_memory(domain: RankDomain, n_slices: int, window_px: int, detector_px: 
 
 def plan_memory(object_shape: tuple[int, int], positions_px: np.ndarray, n_ranks: int, n_slices: int,
                 window_px: int, detector_px: int, batch_size: int = 32, precision: str = "single",
-                mode: str = "sync", updates_per_iteration: int = 16) -> list[RankMemory]:
+                mode: str = "sync", updates_per_iteration: int = DEFAULT_UPDATES_PER_ITERATION) -> list[RankMemory]:
     """Predicted memory of every rank of a decomposition."""
     domains = decompose(object_shape, positions_px, window_px, n_ranks)
     return [rank_memory(d, n_slices, window_px, detector_px, batch_size, precision, mode, updates_per_iteration)

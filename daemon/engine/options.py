@@ -12,6 +12,11 @@ from dataclasses import dataclass
 from ptylive.gpu.loss import LOSSES
 
 MODES = ("sync", "async")
+# Global mini-batches per iteration. Measured at 30 iterations (projected-phase correlation, M = 16 / 4 / 1):
+# abTEM thick SrTiO3 1e4 e/Å² 0.909 / 0.947 / 0.987, its 1e5 0.966 / 0.969 / 0.992, abTEM graphene 1e4
+# 0.43 / 0.68 / 0.75, own PbTiO3 (3 slices, 1e5) 0.916 / 0.958 / 0.53, own noise-free 4 slices 0.879 / 0.876 / 0.72.
+# Many small updates each fit their own positions' noise; a single update per iteration stalls in multislice.
+DEFAULT_UPDATES_PER_ITERATION = 4
 
 
 @dataclass(frozen=True)
@@ -28,7 +33,7 @@ class EngineOptions:
     probe_step_size: float = 0.5
     max_staleness: int = 4
     max_amplitude: float | None = 1.0
-    updates_per_iteration: int = 16
+    updates_per_iteration: int = DEFAULT_UPDATES_PER_ITERATION
     correct_positions: bool = False
     probe_from_iteration: int = 0
     positions_from_iteration: int = 3

@@ -24,6 +24,7 @@ from ptylive.gpu.loss import measured_target
 from ptylive.gpu.multislice import forward, loss_and_gradient
 from ptylive.gpu.patches import accumulate_patches, extract_patches, window_starts
 from ptylive.gpu.physics import wavelength_A
+from ptylive.gpu.probe import ProbeOptics, make_probe
 from ptylive.gpu.propagation import fresnel_propagator
 from ptylive.gpu.simulate import SimulationSpec, simulate
 from ptylive.gpu.update import constrain, object_update
@@ -198,7 +199,11 @@ def perturbed_scan(loss: str, dose: float | None, seed: int = 0) -> PerturbedSca
     matrix = SCALE * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
     centre = nominal.mean(axis=0)
     true = centre + (nominal - centre) @ matrix.T + errors
-    truth, probe = sim.object_truth.astype(np.complex128), sim.probe.astype(np.complex128)
+    truth = sim.object_truth.astype(np.complex128)
+    # A hard aperture rim, as when these numbers were measured: with the default antialiased rim the random
+    # part is cut as far, but the weakly pinned affine less (all-in 1.22 -> 0.50 px, 2.4x, against 4.5x).
+    probe = make_probe(ProbeOptics(spec.energy_eV, spec.convergence_semiangle_mrad, spec.defocus_A), n,
+                       spec.pixel_size_A, dtype=np.complex128, aperture_supersampling=1)
     propagator = fresnel_propagator(np, n, spec.pixel_size_A, wavelength_A(spec.energy_eV), spec.slice_thickness_A,
                                     dtype=np.complex128)
     starts, shifts = window_starts(true, n)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ptylive.gpu.physics import interaction_constant_per_VA, wavelength_A
-from ptylive.gpu.probe import ProbeOptics, fourier_shift, make_probe
+from ptylive.gpu.probe import ProbeOptics, aperture_amplitude, fourier_shift, make_probe
 from ptylive.gpu.propagation import farfield, farfield_adjoint, fresnel_propagator, propagate
 
 RNG = np.random.default_rng(7)
@@ -88,8 +88,28 @@ def test_probe_is_normalised_centred_and_band_limited() -> None:
     assert np.unravel_index(np.argmax(np.abs(probe)), probe.shape) == (32, 32)
     spectrum = np.abs(np.fft.fft2(np.fft.ifftshift(probe)))
     k = np.fft.fftfreq(64, 0.2)
-    outside = (k[:, None] ** 2 + k[None, :] ** 2) * wavelength_A(200e3) ** 2 > (20e-3) ** 2
+    dk = k[1]
+    # A Fourier pixel whose whole square lies beyond the aperture (its nearest point farther than α/λ)
+    # carries nothing; one wholly inside carries the full amplitude.
+    nearest = np.maximum(np.abs(k) - dk / 2, 0.0)
+    farthest = np.abs(k) + dk / 2
+    k_max = 20e-3 / wavelength_A(200e3)
+    outside = nearest[:, None] ** 2 + nearest[None, :] ** 2 > k_max**2
+    inside = farthest[:, None] ** 2 + farthest[None, :] ** 2 <= k_max**2
     assert spectrum[outside].max() < 1e-12 * spectrum.max()
+    np.testing.assert_allclose(spectrum[inside], spectrum.max(), rtol=1e-12)
+
+
+def test_aperture_amplitude_is_the_root_of_the_area_inside() -> None:
+    """Σ amplitude² is the aperture's area in pixels, within the sub-pixel sampling's error on the rim."""
+    k = np.fft.fftfreq(64, 0.2)
+    radius_px = 9.37
+    amplitude = aperture_amplitude(k, radius_px * k[1], supersampling=16)
+    assert amplitude.min() >= 0 and amplitude.max() == 1.0
+    rim_error = 2 * np.pi * radius_px / 16  # at most ~1/s of a pixel per rim pixel crossed
+    assert np.sum(amplitude**2) == pytest.approx(np.pi * radius_px**2, abs=rim_error)
+    partial = (amplitude > 0) & (amplitude < 1)
+    assert 0 < partial.sum() < 2 * 2 * np.pi * radius_px  # only the rim is partial
 
 
 def test_defocus_sign_underfocused_probe_comes_to_focus_downstream() -> None:
