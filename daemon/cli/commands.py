@@ -55,7 +55,8 @@ def _validate(args: argparse.Namespace) -> Any:
     settings = ReconstructionConfig(loss=args.loss, batch_size=args.batch_size, step_size=args.step_size,
                                     refine_probe=args.refine_probe, correct_positions=args.correct_positions,
                                     probe_modes=args.probe_modes, max_staleness=args.max_staleness,
-                                    updates_per_iteration=args.updates_per_iteration)
+                                    updates_per_iteration=args.updates_per_iteration,
+                                    depth_regularisation=args.depth_regularisation)
     return validate(args.scan, args.out, args.ranks, args.slices, args.slice_thickness_A, args.upsampling,
                     args.precision, args.backend, settings.engine_options(args.mode, args.iterations), args.quiet)
 

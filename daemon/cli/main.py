@@ -67,6 +67,10 @@ def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-staleness", type=int, default=4, help="in updates")
     p.add_argument("--updates-per-iteration", type=int, default=DEFAULT_UPDATES_PER_ITERATION,
                    help=f"mini-batches per iteration (default: {DEFAULT_UPDATES_PER_ITERATION}; docs/physics.md)")
+    p.add_argument("--depth-regularisation", type=float, default=0.0, metavar="MU",
+                   help="weight of a penalty on slice-to-slice differences, dimensionless (relative to the "
+                        "illumination; MU = 0.1 removes about a tenth of the difference per update); default: 0, "
+                        "off (docs/physics.md, Depth regularisation)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--quiet", action="store_true")
 

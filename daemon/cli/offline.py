@@ -302,6 +302,7 @@ def _write(job: ReconstructionJob, volume: np.ndarray, probe: np.ndarray, nomina
              "source": str(job.scan_path), "step_size": job.options.step, "backend": job.backend}
     per_rank = [dict(zip(RANK_STATS, row, strict=True)) for row in stats]
     attrs["positions_corrected"] = job.options.correct_positions
+    attrs["depth_regularisation"] = job.options.depth_regularisation
     write_result(job.out_path, {"object": volume, "probe": probe, "loss": np.asarray(report.loss_history),
                                 "positions_px": positions, "positions_nominal_px": nominal}, per_rank, attrs)
     if not job.quiet:

@@ -7,6 +7,7 @@ each mini-batch::
 
     g, p   = Σ over the rank's members  ∂L/∂O over windows,  |ψ_s|² over windows
     g, p   = halo exchange (sync: exact totals; async: see async_exchange)
+    g     += ∇R(O)   (optional depth penalty, ptylive.gpu.depth: local along z, so exact per rank)
     O     -= step · g / (2 (p + floor_m)),   then |O| ≤ max_amplitude
 
 (``floor_m`` = ``illumination_floor`` × the largest total illumination of
@@ -41,6 +42,7 @@ from ptylive.daemon.engine.positions import PositionCorrection
 from ptylive.daemon.engine.step import StepControl, finite_sum, line_search_subset, measure_step, trial_loss
 from ptylive.daemon.engine.tile import TileState
 from ptylive.gpu.backend import get_array_module, to_numpy, zeros_aligned
+from ptylive.gpu.depth import add_depth_gradient, depth_weight
 from ptylive.gpu.loss import fit_intensity_scale, measured_target
 from ptylive.gpu.multislice import forward, loss_and_gradient
 from ptylive.gpu.patches import accumulate_patches, extract_patches
@@ -164,6 +166,33 @@ def local_gradient(
     return MinibatchGradient(total, subset_total, gradient, illumination, probe_gradient)
 
 
+def regularise_depth(gradient: Any, volume: Any, illumination: Any, floor: float, strength: float,
+                     own: tuple[slice, slice] | None = None) -> None:
+    """Add the depth penalty's gradient (:mod:`ptylive.gpu.depth`, weight μ = ``strength``) to ``gradient``.
+
+    It goes into the gradient before the preconditioned step, so the step measured by :mod:`.step`
+    scales the data's and the penalty's parts of the update alike; the line search itself compares
+    data losses only (the penalty is not in its trial).
+
+    Parameters
+    ----------
+    gradient : (S, He, We) complex
+        ``sync``: the total over every rank (after :meth:`SyncExchange.reduce_gradients`); every copy of
+        a voxel is identical then, so each rank adds the penalty over its whole extended tile and the
+        result does not depend on the number of ranks. ``async``: the rank's own gradient.
+    illumination : (S, He, We) real
+        The total illumination ``p`` the update is preconditioned with (read only).
+    own : (rows, cols) slices or None
+        ``async``: only this rank's tile (relative to the extended tile) takes the penalty, so each
+        voxel's share reaches its other copies once, in the owner's pushed update. None: everywhere.
+    """
+    if strength == 0 or volume.shape[0] < 2:
+        return
+    rows, cols = own if own is not None else (slice(None), slice(None))
+    add_depth_gradient(gradient[:, rows, cols], volume[:, rows, cols],
+                       depth_weight(illumination[:, rows, cols], floor), strength)
+
+
 def take_step(state: TileState, options: EngineOptions, control: StepControl, subset: np.ndarray,
               gradient: MinibatchGradient, direction: Any, reduce: Callable[[np.ndarray], np.ndarray]) -> Any:
     """Scale ``direction`` (Δ, the update at step 1) in place by the step of :mod:`.step`; returns it.
@@ -250,6 +279,7 @@ def run_sync(state: TileState, exchanger: SyncExchange, options: EngineOptions,
             if iteration == 0:  # fixed per mini-batch after the first pass: the same on every rank
                 floors[m] = options.illumination_floor * float(
                     exchanger.allreduce_max(np.array([float(illumination.max())]))[0])
+            regularise_depth(gradient, state.volume, illumination, floors[m], options.depth_regularisation)
             direction = object_update(gradient, illumination, floors[m], 1.0)
             state.volume += take_step(state, options, control, members[:n_subset], found, direction,
                                       exchanger.allreduce_sum)
@@ -307,6 +337,8 @@ def async_update(state: TileState, exchanger: AsyncExchange, options: EngineOpti
     illumination_max = float(total.max())
     if floor is None or not floor > 0:
         floor = options.illumination_floor * illumination_max
+    regularise_depth(found.gradient, state.volume, total, floor, options.depth_regularisation,
+                     own=state.domain.tile.relative_to(state.domain.extended))
     update = take_step(state, options, control, members[:n_subset], found,
                        object_update(found.gradient, total, max(floor, 1e-30), 1.0), np.asarray)
     state.volume += update

@@ -38,6 +38,9 @@ class EngineOptions:
     probe_from_iteration: int = 0
     positions_from_iteration: int = 3
     probe_modes: int = 1  # K incoherent probe modes (mixed states); 1: one coherent probe
+    # μ of the slice-to-slice penalty (ptylive.gpu.depth), dimensionless (relative to the illumination
+    # preconditioner); 0: off. Off by default: see docs/physics.md, "Depth regularisation".
+    depth_regularisation: float = 0.0
 
     def __post_init__(self) -> None:
         if self.iterations < 1:
@@ -52,6 +55,8 @@ class EngineOptions:
             raise ValueError(f"updates_per_iteration must be >= 1, got {self.updates_per_iteration}")
         if self.probe_modes < 1:
             raise ValueError(f"probe_modes must be >= 1, got {self.probe_modes}")
+        if not 0 <= self.depth_regularisation < float("inf"):
+            raise ValueError(f"depth_regularisation must be finite and >= 0, got {self.depth_regularisation}")
 
     @property
     def step(self) -> float:

@@ -170,6 +170,7 @@ class ReconstructionConfig(_Section):
     refine_probe: bool = False
     correct_positions: bool = False
     probe_modes: int = _option(1, ge=1)
+    depth_regularisation: float = _option(0.0, ge=0)
 
     def engine_options(self, mode: Literal["sync", "async"], iterations: int) -> EngineOptions:
         """The engine's iteration settings from this section: the one translation, offline and streaming."""
@@ -177,7 +178,8 @@ class ReconstructionConfig(_Section):
                              illumination_floor=self.illumination_floor, loss=self.loss,
                              refine_probe=self.refine_probe, correct_positions=self.correct_positions,
                              probe_modes=self.probe_modes, max_staleness=self.max_staleness,
-                             max_amplitude=self.max_amplitude, updates_per_iteration=self.updates_per_iteration)
+                             max_amplitude=self.max_amplitude, updates_per_iteration=self.updates_per_iteration,
+                             depth_regularisation=self.depth_regularisation)
 
     def __post_init__(self) -> None:
         super().__post_init__()
