@@ -110,6 +110,7 @@ class FinalHeader(TileQuality):
     loss_history: list[float]
     frames_history: list[int]
     scale: float
+    slice_thickness_A: float
     rejected: dict[str, int]
     received: list[int]
     stats: FinalStats

@@ -12,7 +12,7 @@ same names as ``ptylive reconstruct`` writes, plus streaming facts)::
     positions_px    (n, 2) float64      nominal probe centres of every frame of the scan
     received        (n,) bool           frames that reached a worker
     ranks/<stat>    (R,)                per worker: compute_s, exchange_wait_s, bytes_sent, ...
-    attrs           series_id, status, iterations, detector_scale, pixel_size_A, energy_eV, ...
+    attrs           series_id, status, iterations, detector_scale, pixel_size_A, n_slices, slice_thickness_A, ...
 
 The file appears atomically: it is written as ``NAME.partial`` and renamed.
 """
@@ -105,7 +105,8 @@ def write_final(folder: Path, start: SeriesStart, geometry: SeriesGeometry, fina
     attrs = {
         "series_id": start.series_id, "status": _status(finals), "iterations": n_iterations,
         "n_workers": len(finals), "mode": "async", "detector_scale": float(finals[0].header["scale"]),
-        "pixel_size_A": geometry.pixel_size_A, "energy_eV": start.energy_eV,
+        "pixel_size_A": geometry.pixel_size_A, "n_slices": n_slices,
+        "slice_thickness_A": float(finals[0].header["slice_thickness_A"]), "energy_eV": start.energy_eV,
         "convergence_semiangle_mrad": start.convergence_semiangle_mrad, "defocus_A": start.defocus_A,
         "detector_pixel_mrad": start.detector_pixel_mrad, "window_px": geometry.window_px,
         "frames_expected": len(received), "frames_received": int(received.sum()), **extra_attrs}

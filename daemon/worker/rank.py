@@ -181,7 +181,7 @@ class Worker:
         finally:
             self._run = None
             self.stats.finish(run, consensus)
-        self._send_final(run, consensus)
+        self._send_final(run, consensus, r.slice_thickness_A)
 
     def _idle(self, seconds: float) -> None:
         for message in self.inbox.poll(int(seconds * 1000)):
@@ -214,7 +214,7 @@ class Worker:
             **self._quality(run, consensus)}
         self._send(rank_messages.encode("preview", header, slices.sum(axis=0, dtype=np.float32), *per_slice))
 
-    def _send_final(self, run: StreamRun, consensus: Consensus) -> None:
+    def _send_final(self, run: StreamRun, consensus: Consensus, slice_thickness_A: float) -> None:
         t = run.state.domain.tile
         stats = run.exchanger.stats
         probe = to_numpy(run.state.probe) if self.settings.worker == 0 else np.zeros(0, self.complex_t)
@@ -222,7 +222,8 @@ class Worker:
                   "series_id": run.store.geometry.series_id, "worker": self.settings.worker, "status": run.status,
                   "tile": [t.row0, t.row1, t.col0, t.col1], "iterations": run.iterations,
                   "loss_history": run.loss_history, "frames_history": run.frames_history, "scale": run.store.scale,
-                  "rejected": run.store.rejected, "received": run.store.global_index[run.store.received].tolist(),
+                  "slice_thickness_A": slice_thickness_A, "rejected": run.store.rejected,
+                  "received": run.store.global_index[run.store.received].tolist(),
                   "stats": {"compute_s": sum(run.iteration_s) - stats.wait_s, "exchange_wait_s": stats.wait_s,
                             "consensus_wait_s": consensus.wait_s, "bytes_sent": stats.bytes_sent,
                             "staleness_mean": float(np.mean(stats.staleness)) if stats.staleness else 0.0,

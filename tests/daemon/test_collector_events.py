@@ -121,7 +121,8 @@ def send_final(push: zmq.Socket, geometry: SeriesGeometry, worker: int) -> None:
     tile = geometry.domains[worker].tile
     header = {"series_id": START.series_id, "worker": worker, "status": "complete", "iterations": 4,
               "tile": [tile.row0, tile.row1, tile.col0, tile.col1], "loss_history": [1.0] * 4,
-              "frames_history": [2] * 4, "scale": 1.0, "rejected": {}, "received": [worker], "stats": {},
+              "frames_history": [2] * 4, "scale": 1.0, "slice_thickness_A": 1.0, "rejected": {}, "received": [worker],
+              "stats": {},
               "frames_used": 2, "frames_received": 2, "frames_expected": 24, "loss": 1.0, "loss_per_frame": 0.5,
               "convergence_rate": None, "wait_fraction": 0.0, "staleness_max": 0}
     push.send_multipart(rank_messages.encode("final", header, np.ones((N_SLICES, 2, 2), np.complex64)), copy=False)

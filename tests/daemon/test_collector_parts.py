@@ -57,7 +57,8 @@ def final(geometry: SeriesGeometry, worker: int, indices: list[int]) -> rank_mes
     tile = geometry.domains[worker].tile
     header = {"series_id": "p-1", "worker": worker, "status": "complete", "iterations": 7,
               "tile": [tile.row0, tile.row1, tile.col0, tile.col1], "loss_history": [1.0] * 7,
-              "frames_history": [3] * 7, "scale": 1.0, "rejected": {}, "received": indices, "stats": {},
+              "frames_history": [3] * 7, "scale": 1.0, "slice_thickness_A": 0.0, "rejected": {}, "received": indices,
+              "stats": {},
               "frames_received": len(indices), **QUALITY}
     message = received("final", header, np.ones((1, 2, 2), np.complex64), np.ones((4, 4), np.complex64))
     assert isinstance(message, rank_messages.FinalMessage)
