@@ -53,12 +53,14 @@ def _validate(args: argparse.Namespace) -> Any:
     from ptylive.daemon.service.config import ReconstructionConfig
 
     settings = ReconstructionConfig(loss=args.loss, batch_size=args.batch_size, step_size=args.step_size,
-                                    refine_probe=args.refine_probe, correct_positions=args.correct_positions,
+                                    refine_probe=args.refine_probe is not False,
+                                    correct_positions=args.correct_positions,
                                     probe_modes=args.probe_modes, max_staleness=args.max_staleness,
                                     updates_per_iteration=args.updates_per_iteration,
                                     depth_regularisation=args.depth_regularisation)
     return validate(args.scan, args.out, args.ranks, args.slices, args.slice_thickness_A, args.upsampling,
-                    args.precision, args.backend, settings.engine_options(args.mode, args.iterations), args.quiet)
+                    args.precision, args.backend, settings.engine_options(args.mode, args.iterations), args.quiet,
+                    probe_refinement_chosen=args.refine_probe is not None)
 
 
 def reconstruct(args: argparse.Namespace, argv: list[str]) -> int:

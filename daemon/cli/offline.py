@@ -122,8 +122,13 @@ def slice_thickness_for(meta: ScanMetadata, n_slices: int, slice_thickness_A: fl
 
 def validate(scan_path: Path, out_path: Path, n_ranks: int, n_slices: int | None,
              slice_thickness_A: float | None, upsampling: int | None, precision: str, backend: str,
-             options: EngineOptions, quiet: bool = False) -> ReconstructionJob:
-    """Check the scan and the options; raise ScanFileError/ValueError naming the problem."""
+             options: EngineOptions, quiet: bool = False, probe_refinement_chosen: bool = True) -> ReconstructionJob:
+    """Check the scan and the options; raise ScanFileError/ValueError naming the problem.
+
+    Unless ``probe_refinement_chosen``, a probe that the file holds for this window is trusted: it is not
+    refined (one probe mode). On own PbTiO3 simulations at 1e5 e/Å² with the exact probe in the file,
+    refining it cost 0.976 -> 0.916 (16 × 16 scan) and 0.80 on the default scan.
+    """
     meta = read_metadata(scan_path)
     slices = n_slices if n_slices is not None else (meta.n_slices or 1)
     if slices < 1:
@@ -158,6 +163,9 @@ def validate(scan_path: Path, out_path: Path, n_ranks: int, n_slices: int | None
                                 f"for detector {meta.detector_px} px x upsampling {upsampling}")
         logger.warning("the file's probe is on its own %s grid, not the %d-px window of upsampling %d: the probe "
                        "is built from the optics attributes", probe.shape, window, upsampling)
+    elif probe is not None and not probe_refinement_chosen and options.refine_probe and options.probe_modes == 1:
+        logger.info("the file holds the probe: it is not refined (--refine-probe to refine it)")
+        options = dataclasses.replace(options, refine_probe=False)
     if not out_path.parent.exists():
         raise ValueError(f"output folder {out_path.parent} does not exist")
     return ReconstructionJob(scan_path, out_path, n_ranks, slices, thickness, upsampling, precision,

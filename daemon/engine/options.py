@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from ptylive.gpu.loss import LOSSES
 
 MODES = ("sync", "async")
-# Global mini-batches per iteration. Measured at 30 iterations (projected-phase correlation, M = 16 / 4 / 1):
-# abTEM thick SrTiO3 1e4 e/Å² 0.909 / 0.947 / 0.987, its 1e5 0.966 / 0.969 / 0.992, abTEM graphene 1e4
-# 0.43 / 0.68 / 0.75, own PbTiO3 (3 slices, 1e5) 0.916 / 0.958 / 0.53, own noise-free 4 slices 0.879 / 0.876 / 0.72.
-# Many small updates each fit their own positions' noise; a single update per iteration stalls in multislice.
-DEFAULT_UPDATES_PER_ITERATION = 4
+# Global mini-batches per iteration by loss (docs/physics.md has the measurements): many small updates each fit
+# their own positions' noise, one update per iteration stalls in multislice; the Poisson loss, whose step is
+# halved, reached 0.69 at M = 4 against 0.88 at 8 and 16 (own PbTiO3, 1e5 e/Å², 30 iterations).
+UPDATES_PER_ITERATION_BY_LOSS = {"amplitude": 4, "poisson": 16}
+DEFAULT_UPDATES_PER_ITERATION = UPDATES_PER_ITERATION_BY_LOSS["amplitude"]
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class EngineOptions:
     probe_step_size: float = 0.5
     max_staleness: int = 4
     max_amplitude: float | None = 1.0
-    updates_per_iteration: int = DEFAULT_UPDATES_PER_ITERATION
+    updates_per_iteration: int = 0  # 0: UPDATES_PER_ITERATION_BY_LOSS[loss]
     correct_positions: bool = False
     probe_from_iteration: int = 0
     positions_from_iteration: int = 3
@@ -51,6 +51,8 @@ class EngineOptions:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.batch_size < 1 or not self.step > 0 or not self.illumination_floor > 0:
             raise ValueError("batch_size, step_size and illumination_floor must be positive")
+        if self.updates_per_iteration == 0:
+            object.__setattr__(self, "updates_per_iteration", UPDATES_PER_ITERATION_BY_LOSS[self.loss])
         if self.updates_per_iteration < 1:
             raise ValueError(f"updates_per_iteration must be >= 1, got {self.updates_per_iteration}")
         if self.probe_modes < 1:
