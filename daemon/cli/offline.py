@@ -32,7 +32,7 @@ from ptylive.daemon.engine.exchange.protocols import SyncExchange
 from ptylive.daemon.engine.iteration import EngineReport, fit_scale, run_async, run_sync
 from ptylive.daemon.engine.memory_plan import rank_memory
 from ptylive.daemon.engine.options import EngineOptions
-from ptylive.daemon.engine.positions import PositionCorrection
+from ptylive.daemon.engine.positions import PositionCorrection, counting_noise
 from ptylive.daemon.engine.tile import TileOptics, TileState, set_up_tile
 from ptylive.daemon.service.results import RANK_STATS, write_result
 from ptylive.gpu.backend import PRECISIONS, backend_module, to_numpy
@@ -77,6 +77,7 @@ class ReconstructionJob:
     pixel_size_A: float
     edge_fraction: float
     quiet: bool = False
+    counted: bool = False  # every intensity an integer: detector counts (Poisson noise of known size)
 
     @property
     def window_px(self) -> int:
@@ -154,8 +155,11 @@ def validate(scan_path: Path, out_path: Path, n_ranks: int, n_slices: int | None
     except ValueError as exc:
         raise ScanFileError(f"{scan_path}: positions outside the object: {exc}") from None
     pattern_sum = np.zeros((meta.detector_px, meta.detector_px))
+    counted = True
     for first in range(0, meta.n_positions, 256):  # NaN anywhere fails before any rank starts
-        pattern_sum += read_frames(scan_path, np.arange(first, min(first + 256, meta.n_positions))).sum(axis=0)
+        block = read_frames(scan_path, np.arange(first, min(first + 256, meta.n_positions)))
+        pattern_sum += block.sum(axis=0)
+        counted = counted and bool(np.all(block == np.rint(block)))
     probe = read_optional(scan_path, "probe")
     if probe is not None and probe.shape != (window, window):
         if pixel == meta.pixel_size_A:
@@ -169,7 +173,8 @@ def validate(scan_path: Path, out_path: Path, n_ranks: int, n_slices: int | None
     if not out_path.parent.exists():
         raise ValueError(f"output folder {out_path.parent} does not exist")
     return ReconstructionJob(scan_path, out_path, n_ranks, slices, thickness, upsampling, precision,
-                             backend, options, meta, shape, pixel, edge_fraction(pattern_sum), quiet)
+                             backend, options, meta, shape, pixel, edge_fraction(pattern_sum), quiet,
+                             counted=counted and bool(pattern_sum.sum() > 0))
 
 
 def _initial_state(job: ReconstructionJob, domain: RankDomain, all_positions: np.ndarray, xp: Any) -> TileState:
@@ -188,6 +193,12 @@ def _initial_state(job: ReconstructionJob, domain: RankDomain, all_positions: np
         state.positions = PositionCorrection.start(all_positions[domain.positions],
                                                    job.options.positions_from_iteration)
     return state
+
+
+def _shot_noise_prior(state: TileState, job: ReconstructionJob) -> None:
+    """Position correction on counted data gets the shot-noise prior (:func:`refine_positions`)."""
+    if state.positions is not None and job.counted:
+        state.positions.noise_px2_loss = counting_noise(job.options.loss, state.scale)
 
 
 def infer_upsampling(meta: ScanMetadata) -> int:
@@ -260,10 +271,12 @@ def run_rank(job: ReconstructionJob, comm: Any | None) -> None:
     if job.options.mode == "sync" or job.n_ranks == 1:  # one rank: async has nobody to wait for
         exchanger = sync_exchanger(comm, domain, job.n_slices, job.precision)
         fit_scale(state, exchanger, job.options)
+        _shot_noise_prior(state, job)
         report = run_sync(state, exchanger, job.options, progress)
     else:
         asynchronous = async_exchanger(comm, domain, job.n_slices, job.precision, job.options)
         fit_scale(state, asynchronous, job.options)
+        _shot_noise_prior(state, job)
         report = run_async(state, asynchronous, job.options, progress)
         exchanger = asynchronous
     _, peak = tracemalloc.get_traced_memory()

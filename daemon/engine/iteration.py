@@ -38,7 +38,7 @@ import numpy as np
 
 from ptylive.daemon.engine.exchange.protocols import AsyncExchange, SyncExchange
 from ptylive.daemon.engine.options import EngineOptions
-from ptylive.daemon.engine.positions import PositionCorrection
+from ptylive.daemon.engine.positions import PositionCorrection, residual_noise
 from ptylive.daemon.engine.step import StepControl, finite_sum, line_search_subset, measure_step, trial_loss
 from ptylive.daemon.engine.tile import TileState
 from ptylive.gpu.backend import get_array_module, to_numpy, zeros_aligned
@@ -242,12 +242,18 @@ def _begin_positions(state: TileState, iteration: int) -> PositionCorrection | N
     return state.positions
 
 
-def _finish_positions(state: TileState, correcting: PositionCorrection | None, exchanger: SyncExchange) -> None:
-    """Move the windows after an iteration that collected position gradients (collective: every rank)."""
+def _finish_positions(state: TileState, correcting: PositionCorrection | None, exchanger: SyncExchange,
+                      options: EngineOptions, loss_per_position: float) -> None:
+    """Move the windows after an iteration that collected position gradients (collective: every rank).
+
+    ``loss_per_position`` (this iteration's) sets the prior's noise from the fit's residual
+    (:func:`~ptylive.daemon.engine.positions.residual_noise`).
+    """
     if correcting is None:
         return
+    fit_noise = residual_noise(options.loss, loss_per_position / float(state.targets[0].size))
     update = correcting.finish_iteration(state.starts, state.shifts, state.domain.extended, state.probe.shape[-1],
-                                         exchanger)
+                                         exchanger, fit_noise)
     logger.info("positions: rms step %.3g px, %d limited, %d clipped, %d not finite; affine %s", update.rms_step_px,
                 update.limited, update.clipped, update.nonfinite, update.affine.rotation_scale())
 
@@ -293,7 +299,7 @@ def run_sync(state: TileState, exchanger: SyncExchange, options: EngineOptions,
             loss += found.loss
         report.loss_history.append(float(exchanger.allreduce_sum(np.array([loss]))[0]))
         control.end_iteration(report.loss_history[-1] / n_positions)
-        _finish_positions(state, correcting, exchanger)
+        _finish_positions(state, correcting, exchanger, options, report.loss_history[-1] / n_positions)
         finish_iteration(report, iteration, report.loss_history[-1], start, on_iteration)
     report.compute_s = sum(report.iterations_s) - exchanger.stats.wait_s
     return report
@@ -424,7 +430,7 @@ def run_async(state: TileState, exchanger: AsyncExchange, options: EngineOptions
             exchanger.start_probe_reduction(to_numpy(probe_gradient_sum))
         local_losses.append(loss)
         control.end_iteration(loss / max(len(state.starts), 1))
-        _finish_positions(state, correcting, exchanger)
+        _finish_positions(state, correcting, exchanger, options, loss / max(len(state.starts), 1))
         finish_iteration(report, iteration, loss, start, on_iteration)
     if options.refine_probe:
         apply_probe_total(state, exchanger.finish_probe_reduction(), options, n_positions)

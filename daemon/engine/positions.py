@@ -41,7 +41,7 @@ Both reductions go through ``exchanger.allreduce_sum`` (a blocking sum over ever
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -115,15 +115,25 @@ class PositionState:
         Step gain ``γ`` per position and axis.
     last_gradient : (P, 2) float64
         The gradient the last update used (zero before the first).
+    spread_px2 : float
+        ``τ²``, the estimated variance (px² per axis) of the positions' true deviations from the affine
+        (counted data only, see :func:`refine_positions`); inf: no prior.
+    displacement : (2, 2) float64
+        ``B`` of the last affine fit (zero before the first).
+    nominal_mean_px : (2,) float64
+        ``n̄`` over every rank (set by the first call).
     """
 
     positions_px: npt.NDArray[np.float64]
     gain: npt.NDArray[np.float64]
     last_gradient: npt.NDArray[np.float64]
+    spread_px2: float = float("inf")
+    displacement: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros((2, 2)))
+    nominal_mean_px: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(2))
 
     @classmethod
     def start(cls, positions_px: npt.ArrayLike) -> PositionState:
-        """The state before any correction: ``positions_px`` (P, 2), gain 1."""
+        """The state before any correction: ``positions_px`` (P, 2), gain 1, no prior yet."""
         p = np.array(positions_px, dtype=np.float64)
         if p.ndim != 2 or p.shape[1] != 2:
             raise ValueError(f"need positions of shape (P, 2), got {p.shape}")
@@ -200,7 +210,7 @@ def clip_to_tile(positions_px: npt.ArrayLike, extended: Box,
 def refine_positions(
     state: PositionState, nominal_px: npt.ArrayLike, position_gradient: npt.ArrayLike,
     curvature: npt.ArrayLike, extended: Box, window_px: int, exchanger: SumReducer,
-    options: PositionOptions | None = None,
+    options: PositionOptions | None = None, noise_px2_loss: float | None = None,
 ) -> PositionUpdate:
     """One position-correction step of this rank's positions; a collective call (two sums over ranks).
 
@@ -220,10 +230,26 @@ def refine_positions(
     window_px : int
     exchanger : SumReducer
     options : PositionOptions or None
+    noise_px2_loss : float or None
+        ``k`` of the counting noise: a position's shot-noise variance is ``σ_j² = k / h_j`` px² per axis
+        (:func:`counting_noise`); None (data not counts, or noise-free): no prior.
 
     Returns
     -------
     PositionUpdate
+
+    Notes
+    -----
+    **Shot-noise prior** (counted data). Where the data pin a position only weakly (a weak phase object
+    at low dose), the maximum-likelihood position is the true one plus shot noise of variance ``σ_j²``, and
+    correction walks exact positions away by about ``σ`` (graphene at 1e4 e/Å²: 0.44 Å rms). So the step
+    minimises ``L + (λ/2) Σ_j |p_j − a_j|²`` instead, with ``a_j = n_j + B(n_j − n̄)`` the affine's place
+    for ``j`` (last call's ``B``) and ``λ = k / τ²``: a Gaussian prior of variance ``τ²`` px² in the loss's
+    units (near its minimum ``L ≈ h σ² · (−log likelihood)`` and ``h σ² = k``). ``τ²`` is estimated from
+    the data after each call (empirical Bayes): a full Newton step's proposals ``q_j = p_j − g_j/h_j``
+    scatter about the affine by the true spread plus the noise, so
+    ``τ² = max(mean(|q − a|² − 2σ²)/2, SPREAD_MIN_PX2)`` over every rank's informative positions (a third
+    sum over ranks). The first call, and data that are not counts, take the plain step (``λ = 0``).
     """
     options = options or PositionOptions()
     p = state.positions_px
@@ -237,8 +263,15 @@ def refine_positions(
         seen = np.isfinite(h).all(axis=1) & np.isfinite(g).all(axis=1) & (h.sum(axis=1) > 0)
     first = exchanger.allreduce_sum(np.array([float(h[seen].sum()), 2.0 * float(seen.sum())]))
     floor = options.curvature_floor * float(first[0]) / float(first[1]) if first[1] > 0 else 0.0
+    prior = 0.0 if noise_px2_loss is None or not np.isfinite(state.spread_px2) else noise_px2_loss / state.spread_px2
+    placed = n + (n - state.nominal_mean_px) @ state.displacement.T  # the last affine's place of each position
+    data_gradient = g
+    with np.errstate(invalid="ignore"):
+        g = g + prior * (p - placed)  # the gradient of the objective minimised: data plus prior
     gain = adapt_gain(state.gain, g, state.last_gradient) if options.adaptive_gain else state.gain
-    step = position_step(g, h, floor, options.max_move_px, options.newton_fraction, gain)
+    with np.errstate(invalid="ignore"):
+        step = position_step(g, h + prior * (h > 0), floor + prior, options.max_move_px, options.newton_fraction,
+                             gain)
     corrected = p + step.moves_px
     weights = (informative(h, floor) & ~step.nonfinite).astype(np.float64)
     sums = np.concatenate([
@@ -257,12 +290,66 @@ def refine_positions(
     starts -= np.array([extended.row0, extended.col0], dtype=np.int64)
     rest = totals[N_AFFINE_SUMS + 3:]
     kept = step.nonfinite[:, None]  # a non-finite gradient leaves gain and memory as they were
-    new_state = PositionState(blended, np.where(kept, state.gain, gain), np.where(kept, state.last_gradient, g))
+    spread = state.spread_px2
+    if noise_px2_loss is not None:
+        spread = _spread(p, data_gradient, h, n, weights > 0, affine, noise_px2_loss, exchanger)
+    new_state = PositionState(blended, np.where(kept, state.gain, gain), np.where(kept, state.last_gradient, g),
+                              spread, affine.displacement.copy(), np.asarray(nominal_mean, dtype=np.float64))
     update = PositionUpdate(new_state, starts, shifts, affine, float(np.sqrt(rest[0] / max(count, 1.0))),
                             int(round(rest[1])), int(round(rest[2])), int(round(rest[3])), int(clipped.sum()))
     logger.debug("positions: rms step %.3g px, %d limited, %d non-finite, %d uninformative, %d clipped here",
                  update.rms_step_px, update.limited, update.nonfinite, update.uninformative, update.clipped)
     return update
+
+
+SPREAD_MIN_PX2 = 1e-4  # τ² floor: (0.01 px)², far below any position error that matters
+
+
+def counting_noise(loss: str, counts_per_unit_power: float) -> float:
+    """``k`` with shot-noise variance ``σ² = k / h`` (px², per axis) of a position of curvature scale ``h``.
+
+    Data in counts divided by the detector scale ``α`` (counts per unit probe power) carry Poisson noise:
+    ``Var(I/α) = m/α`` and ``Var(√(I/α)) ≈ 1/(4α)``. With ``S = Σ|∂a/∂d|²`` over the detector (``a`` the
+    model amplitude): the amplitude loss has ``h = 2S`` and ``Var(g) = S/α``; the Poisson loss has
+    ``h = 4S`` and ``Var(g) = 4S/α``. Either way ``σ² = Var(g)/h² = 1/(4αS) = c_loss/(4αh)``, with
+    ``c_loss`` the factor of :func:`ptylive.gpu.multislice.position_curvature` (2 and 4).
+    """
+    from ptylive.gpu.multislice import CURVATURE_PER_LOSS
+
+    if not counts_per_unit_power > 0:
+        raise ValueError(f"counts per unit probe power must be positive, got {counts_per_unit_power!r}")
+    return CURVATURE_PER_LOSS[loss] / (4.0 * counts_per_unit_power)
+
+
+def residual_noise(loss: str, loss_per_pixel: float) -> float | None:
+    """``k`` of :func:`counting_noise` from the fit's residual: the amplitude loss per detector pixel.
+
+    The amplitude loss per pixel is the mean squared residual of ``√(I/α)``: at the truth it is the
+    targets' noise variance (``1/(4α)`` for counts), and before the fit converges it is larger (model
+    error), so the prior holds positions near the affine until the object explains the data; for data
+    that are not counts (a noise-free simulation, gain-corrected frames) it is the only noise measure.
+    ``k = c Var(t)`` (``c = 2``; :func:`counting_noise` with ``Var(t) = 1/(4α)``). None for the Poisson
+    loss, whose value is not a residual.
+    """
+    from ptylive.gpu.multislice import CURVATURE_PER_LOSS
+
+    if loss != "amplitude" or not np.isfinite(loss_per_pixel) or loss_per_pixel < 0:
+        return None
+    return CURVATURE_PER_LOSS["amplitude"] * loss_per_pixel
+
+
+def _spread(p: npt.NDArray[np.float64], g: npt.NDArray[np.float64], h: npt.NDArray[np.float64],
+            n: npt.NDArray[np.float64], informative_: npt.NDArray[np.bool_], affine: Affine, k: float,
+            exchanger: SumReducer) -> float:
+    """``τ²`` of the shot-noise prior (see :func:`refine_positions`): one sum over every rank."""
+    use = informative_ & np.isfinite(g).all(axis=1) & (h > 0).all(axis=1)
+    q = p[use] - g[use] / h[use]
+    residual = q - affine.apply(n[use])
+    noise = k / h[use]
+    sums = exchanger.allreduce_sum(np.array([float((residual**2).sum()), float(noise.sum()), float(use.sum())]))
+    if sums[2] < 1:
+        return float("inf")
+    return max(float(sums[0] - sums[1]) / (2.0 * float(sums[2])), SPREAD_MIN_PX2)
 
 
 def _translation_only(totals: npt.NDArray[np.float64]) -> Affine:
@@ -296,6 +383,7 @@ class PositionCorrection:
     first_iteration: int
     options: PositionOptions
     last: PositionUpdate | None = None
+    noise_px2_loss: float | None = None  # counting_noise(...) once the detector scale is known; None: no prior
 
     @classmethod
     def start(cls, nominal_px: npt.ArrayLike, first_iteration: int,
@@ -313,10 +401,16 @@ class PositionCorrection:
         self.curvature[...] = 0.0
 
     def finish_iteration(self, starts: npt.NDArray[np.int64], shifts: npt.NDArray[np.floating[Any]],
-                         extended: Box, window_px: int, exchanger: SumReducer) -> PositionUpdate:
-        """Move this rank's windows: ``starts`` (P, 2) and ``shifts`` (P, 2) are updated in place."""
+                         extended: Box, window_px: int, exchanger: SumReducer,
+                         fit_noise_px2_loss: float | None = None) -> PositionUpdate:
+        """Move this rank's windows: ``starts`` (P, 2) and ``shifts`` (P, 2) are updated in place.
+
+        The prior's noise ``k`` is the larger of the counting noise (:attr:`noise_px2_loss`) and
+        ``fit_noise_px2_loss`` (:func:`residual_noise` of this iteration), where known.
+        """
+        known = [k for k in (self.noise_px2_loss, fit_noise_px2_loss) if k is not None and np.isfinite(k)]
         update = refine_positions(self.state, self.nominal_px, self.gradient, self.curvature, extended, window_px,
-                                  exchanger, self.options)
+                                  exchanger, self.options, max(known) if known else None)
         self.state, self.last = update.state, update
         starts[...] = update.starts
         shifts[...] = update.shifts
