@@ -125,3 +125,22 @@ def test_defocus_sign_underfocused_probe_comes_to_focus_downstream() -> None:
     h = fresnel_propagator(np, 64, 0.2, wavelength_A(200e3), 100.0, dtype=np.complex128)
     propagated = propagate(np.fft.ifftshift(under)[None].copy(), h)[0]
     np.testing.assert_allclose(np.fft.fftshift(propagated), focused, atol=1e-10)
+
+
+def test_phase_correlation_compares_transmissions_modulo_two_pi() -> None:
+    """Two slices that put 3.3 + 0.2 rad where the truth has 3.0 + 0.5: the same total, but angle() reads 3.3 as
+    3.3 − 2π, so Σ angle differs by 2π at that pixel. It must not lower the score; a real error must."""
+    from ptylive.gpu.quality import phase_correlation
+
+    rng = np.random.default_rng(3)
+    phase = rng.uniform(0.0, 1.5, size=(2, 24, 24))
+    phase[:, 10, 10] = (3.0, 0.5)
+    truth = np.exp(1j * phase)
+    moved = phase.copy()
+    moved[:, 10, 10] = (3.3, 0.2)
+    positions = np.array([[2.0, 2.0], [21.0, 21.0]])
+    assert np.angle(np.exp(1j * moved)).sum(axis=0)[10, 10] == pytest.approx(3.5 - 2 * np.pi)
+    assert phase_correlation(np.exp(1j * moved), truth, positions) == pytest.approx(1.0, abs=1e-12)
+    wrong = phase.copy()
+    wrong[0, 10, 10] += 1.0  # a real error still counts
+    assert phase_correlation(np.exp(1j * wrong), truth, positions) < 1 - 1e-3
