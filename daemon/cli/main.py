@@ -38,9 +38,8 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
-    from ptylive.daemon.engine.options import UPDATES_PER_ITERATION_BY_LOSS
+    from ptylive.daemon.engine.options import DEFAULT_UPDATES_PER_ITERATION
 
-    by_loss = ", ".join(f"{m} for {loss}" for loss, m in UPDATES_PER_ITERATION_BY_LOSS.items())
     p = sub.add_parser("reconstruct", help="reconstruct a scan file on R ranks")
     p.add_argument("scan", type=Path)
     p.add_argument("--ranks", type=int, default=1)
@@ -59,16 +58,16 @@ def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
                    help="refine the probe with the object (default: on when the probe is built from the optics "
                         "attributes, which is rarely the microscope's; off when the file holds a probe for the "
                         "window, which is then trusted)")
-    p.add_argument("--correct-positions", action=argparse.BooleanOptionalAction, default=False,
-                   help="refine every probe position and a global affine of the scan from iteration 3 "
-                        "(result: positions_px corrected, positions_nominal_px as read); off by default: "
-                        "with probe refinement it cost noise-free PbTiO3 0.998 -> 0.88")
+    p.add_argument("--correct-positions", action=argparse.BooleanOptionalAction, default=True,
+                   help="refine every probe position and a global affine of the scan from iteration 3, held to "
+                        "the affine by a shot-noise prior on counted data (default: on; result: positions_px "
+                        "corrected, positions_nominal_px as read; docs/physics.md)")
     p.add_argument("--probe-modes", type=int, default=1, metavar="K",
                    help="incoherent probe modes for a partially coherent beam (default: 1, one coherent probe; "
                         "K > 1 needs --refine-probe and costs about K times per position; result: probe (K, N, N))")
     p.add_argument("--max-staleness", type=int, default=4, help="in updates")
-    p.add_argument("--updates-per-iteration", type=int, default=0,
-                   help=f"mini-batches per iteration (default 0: {by_loss} by --loss; docs/physics.md)")
+    p.add_argument("--updates-per-iteration", type=int, default=DEFAULT_UPDATES_PER_ITERATION,
+                   help=f"mini-batches per iteration (default: {DEFAULT_UPDATES_PER_ITERATION}; docs/physics.md)")
     p.add_argument("--depth-regularisation", type=float, default=0.0, metavar="MU",
                    help="weight of a penalty on slice-to-slice differences, dimensionless (relative to the "
                         "illumination; MU = 0.1 removes about a tenth of the difference per update); default: 0, "

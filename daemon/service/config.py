@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal
 
 import tomli_w
 
-from ptylive.daemon.engine.options import EngineOptions
+from ptylive.daemon.engine.options import DEFAULT_UPDATES_PER_ITERATION, EngineOptions
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ class ReconstructionConfig(_Section):
     loss: Literal["amplitude", "poisson"] = "amplitude"
     batch_size: int = _option(32, ge=1)
     step_size: float | None = _option(None, gt=0)
-    updates_per_iteration: int = _option(0, ge=0)  # 0: by loss (EngineOptions)
+    updates_per_iteration: int = _option(DEFAULT_UPDATES_PER_ITERATION, ge=1)
     max_staleness: int = _option(4, ge=1)
     illumination_floor: float = _option(0.05, gt=0)
     max_amplitude: float = _option(1.0, gt=0)

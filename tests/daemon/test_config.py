@@ -159,7 +159,7 @@ def test_wrong_types_name_key_value_and_expectation(tmp_path: Path, section: str
     ("workers", "ranks", 0), ("workers", "memory_budget_bytes", 0), ("workers", "memory_budget_bytes", -8e9),
     ("reconstruction", "n_slices", 0), ("reconstruction", "slice_thickness_A", -1.0),
     ("reconstruction", "upsampling", 0), ("reconstruction", "batch_size", 0), ("reconstruction", "step_size", 0.0),
-    ("reconstruction", "updates_per_iteration", -1), ("reconstruction", "max_staleness", 0),
+    ("reconstruction", "updates_per_iteration", 0), ("reconstruction", "max_staleness", 0),
     ("reconstruction", "illumination_floor", 0.0), ("reconstruction", "max_amplitude", -1),
     ("reconstruction", "final_iterations", -1), ("reconstruction", "final_seconds", -0.5),
     ("preview", "rate_hz", 0), ("preview", "max_px", 7), ("http", "port", -1), ("http", "port", 65536),
