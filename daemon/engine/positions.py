@@ -406,7 +406,8 @@ class PositionCorrection:
         """Move this rank's windows: ``starts`` (P, 2) and ``shifts`` (P, 2) are updated in place.
 
         The prior's noise ``k`` is the larger of the counting noise (:attr:`noise_px2_loss`) and
-        ``fit_noise_px2_loss`` (:func:`residual_noise` of this iteration), where known.
+        ``fit_noise_px2_loss`` (:func:`residual_noise` of this iteration), where known: a misfit larger
+        than the counting noise limits what the gradients say about positions as much as noise does.
         """
         known = [k for k in (self.noise_px2_loss, fit_noise_px2_loss) if k is not None and np.isfinite(k)]
         update = refine_positions(self.state, self.nominal_px, self.gradient, self.curvature, extended, window_px,

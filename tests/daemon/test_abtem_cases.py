@@ -2,15 +2,16 @@
 
 Nothing here is ptylive's own forward model: frozen phonons, a finer simulation grid, a cropped and
 binned detector, Poisson noise, and no probe in the file (it is built from the optics attributes and
-refined). Default settings, except that the perturbed scan asks for position correction.
-Thresholds are issue 11's: projected-phase correlation with the truth after sub-pixel registration
->= 0.85 on the thick crystal and >= 0.9 on the perturbed scan, whose rms position error the
-correction must cut at least 3x.
+refined). Every setting is the default, except that the perturbed scan asks for position correction
+(off by default: docs/physics.md). Thresholds are issue 11's:
+projected-phase correlation with the truth after sub-pixel registration >= 0.85 on the thick crystal
+and >= 0.9 on the perturbed scan, whose rms position error the correction must cut at least 3x, and
+the final loss of 4 ranks async within 5 % of 1 rank sync after the same iterations.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,33 +22,50 @@ from tests.conftest import run_cli
 pytestmark = [pytest.mark.slow, pytest.mark.mpi]
 
 ITERATIONS = "20"
+RUNS = [(1, "sync"), (4, "async")]
 
 
-def reconstruct(case: str, out: Path, ranks: int, mode: str, *extra: str) -> dict[str, object]:
-    result = run_cli("reconstruct", str(case_path(case)), "--ranks", str(ranks), "--mode", mode,
-                     "--iterations", ITERATIONS, "--out", str(out), "--quiet", *extra)
-    assert result.returncode == 0, result.stderr
-    return score_result(out, case)
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """``scored(case, ranks, mode)``: the case reconstructed at the defaults (once per module) and scored."""
+    done: dict[tuple[str, int, str], dict[str, Any]] = {}
+
+    def run(case: str, ranks: int, mode: str) -> dict[str, Any]:
+        key = (case, ranks, mode)
+        if key not in done:
+            out = tmp_path_factory.mktemp("abtem") / f"{case}-{ranks}-{mode}.h5"
+            extra = ["--correct-positions"] if case == "srtio3_perturbed" else []
+            result = run_cli("reconstruct", str(case_path(case)), "--ranks", str(ranks), "--mode", mode,
+                             "--iterations", ITERATIONS, "--out", str(out), "--quiet", *extra)
+            assert result.returncode == 0, result.stderr
+            done[key] = score_result(out, case)
+        return done[key]
+
+    return run
 
 
-@pytest.mark.parametrize("ranks, mode", [(1, "sync"), (4, "async")])
-def test_thick_srtio3_with_frozen_phonons_at_1e5(tmp_path: Path, ranks: int, mode: str) -> None:
-    """62 Å of SrTiO3 (32 file slices), 4 phonon configurations, 1e5 e/Å²."""
-    score = reconstruct("srtio3_thick_d1e5", tmp_path / "thick.h5", ranks, mode)
+@pytest.mark.parametrize("ranks, mode", RUNS)
+def test_thick_srtio3_with_frozen_phonons_at_1e5(scored: Any, ranks: int, mode: str) -> None:
+    """62 Å of SrTiO3 (32 file slices), 4 phonon configurations, 1e5 e/Å²: the kind of case whose strong phase
+    made the async engine diverge (NaN from the second iteration)."""
+    score = scored("srtio3_thick_d1e5", ranks, mode)
     assert score["finite"]
     assert score["correlation"] >= 0.85, score
     first, last = score["loss_first_last"]
     assert np.isfinite([first, last]).all() and last < first
 
 
-@pytest.mark.parametrize("ranks, mode", [(1, "sync"), (4, "async")])
-def test_perturbed_scan_positions_are_corrected(tmp_path: Path, ranks: int, mode: str) -> None:
-    """The file holds the nominal raster; the data were taken at positions rotated, scaled and jittered.
-
-    Position correction is asked for (it is off by default: with probe refinement it costs our own
-    noise-free PbTiO3 0.998 -> 0.88, not yet understood); every other setting is the default."""
-    score = reconstruct("srtio3_perturbed", tmp_path / "perturbed.h5", ranks, mode, "--correct-positions")
+@pytest.mark.parametrize("ranks, mode", RUNS)
+def test_perturbed_scan_positions_are_corrected(scored: Any, ranks: int, mode: str) -> None:
+    """The file holds the nominal raster; the data were taken at positions rotated, scaled and jittered."""
+    score = scored("srtio3_perturbed", ranks, mode)
     assert score["finite"]
     assert score["position_rms_before_A"] >= 0.3  # the errors are real
     assert score["position_rms_after_A"] <= score["position_rms_before_A"] / 3, score
     assert score["correlation"] >= 0.9, score
+
+
+@pytest.mark.parametrize("case", ["srtio3_thick_d1e5", "srtio3_perturbed"])
+def test_async_final_loss_is_within_five_percent_of_sync(scored: Any, case: str) -> None:
+    sync, asynchronous = (scored(case, ranks, mode)["loss_first_last"][1] for ranks, mode in RUNS)
+    assert abs(asynchronous / sync - 1) <= 0.05, (sync, asynchronous)
