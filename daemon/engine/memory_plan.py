@@ -60,7 +60,9 @@ def rank_memory(domain: RankDomain, n_slices: int, window_px: int, detector_px: 
     """Predict one rank's peak array memory in bytes.
 
     Batches are chunks of at most ``batch_size`` of the rank's members of each
-    global mini-batch (:func:`ptylive.daemon.engine.iteration.minibatch_of`).
+    global mini-batch (:func:`ptylive.daemon.engine.iteration.minibatch_of`), the line-search subset
+    chunked apart (its size here from the rank's own members; sync runs size it from the whole
+    mini-batch's, which can differ by a position or two).
     """
     real_t, complex_t = (np.dtype(t) for t in PRECISIONS[precision])
     r, c = real_t.itemsize, complex_t.itemsize
@@ -70,12 +72,15 @@ def rank_memory(domain: RankDomain, n_slices: int, window_px: int, detector_px: 
     if mode == "async":
         buffers += overlap * c + 2 * 3 * overlap * r + (updates_per_iteration + 1) * overlap * r
     from ptylive.daemon.engine.iteration import minibatch_of
+    from ptylive.daemon.engine.step import line_search_subset
 
     labels = minibatch_of(domain.positions, updates_per_iteration)
     chunk_sizes = set()
-    for m in range(updates_per_iteration):
-        members = int(np.count_nonzero(labels == m))
-        chunk_sizes.update({min(batch_size, members), members % batch_size} - {0})
+    for m in range(updates_per_iteration):  # the line-search subset is chunked apart from the rest (local_gradient)
+        members = np.asarray(domain.positions)[labels == m]
+        subset = int(np.count_nonzero(line_search_subset(members, len(members)))) if len(members) else 0
+        for count in (subset, len(members) - subset):
+            chunk_sizes.update({min(batch_size, count), count % batch_size} - {0})
     batch = max(chunk_sizes, default=1)
     # Sync adds neighbours' contributions in place; async also holds own + total illumination.
     illumination_copies = 2 if (mode == "async" and domain.neighbours) else 1
