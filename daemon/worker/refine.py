@@ -122,6 +122,8 @@ def _decide(run: StreamRun, sums: np.ndarray, maxes: np.ndarray) -> str | None:
     if sums[2] >= run.n_workers:  # every worker saw the end: no frame is still on its way
         if sums[1] == 0:
             return "empty"
+        if not sums[0] > 0:  # frames, but not one count in any (a closed shutter): nothing to fit
+            return "dark"
         if run.final_done >= run.final_iterations or 0 < run.final_seconds <= maxes[1]:
             return "complete"
         if run.final_started is None:
@@ -188,7 +190,7 @@ def refine(run: StreamRun, consensus: Consensus, drain: Callable[[], None],
         if status is not None:
             run.status = status
             break
-        if sums[1] == 0:
+        if sums[1] == 0 or not sums[0] > 0:  # no frame, or no count yet: no detector scale to fit
             idle(IDLE_S)
             continue
         started = time.perf_counter()

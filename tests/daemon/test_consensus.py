@@ -181,6 +181,14 @@ def test_a_series_that_ended_without_frames_anywhere_is_empty() -> None:
     assert [decision for *_, decision in agree(runs)] == ["empty", "empty"]
 
 
+def test_a_series_whose_frames_hold_no_count_ends_dark_without_a_detector_scale() -> None:
+    """A closed shutter: frames arrive, all zero. The detector scale ΣI / Σ|Ψ|² would be 0 (set_scale refuses it,
+    and a worker that raised took the whole MPI job down); the workers agree on "dark" instead."""
+    runs = [Run(store=StoreCounts(0.0, 3), flags=SeriesFlags(ended=True)),
+            Run(store=StoreCounts(0.0, 2), flags=SeriesFlags(ended=True))]
+    assert [decision for *_, decision in agree(runs)] == ["dark", "dark"]
+
+
 def test_after_the_end_the_final_iterations_run_then_every_worker_completes() -> None:
     runs = [Run(store=StoreCounts(4.0, 2), flags=SeriesFlags(ended=True)),
             Run(store=StoreCounts(0.0, 0), flags=SeriesFlags(ended=True))]  # one worker got no frames

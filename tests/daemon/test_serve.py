@@ -155,3 +155,19 @@ def test_streamed_probe_refinement_moves_the_probe_and_keeps_the_image(
     assert np.abs(streamed["probe"] - initial).max() > 1e-4 * np.abs(initial).max()
     truth = read_optional(dosed_scan, "object_truth")
     assert phase_correlation(streamed["object"], truth, read_positions(dosed_scan)) >= 0.9
+
+
+def test_a_dark_series_ends_dark_and_the_daemon_serves_the_next(daemon: tuple[ServeProcess, PreviewListener],
+                                                                 dosed_scan: Path) -> None:
+    """A closed shutter: every frame all zero. There is no detector scale to fit (a worker once raised on it and
+    MPI_Abort took the whole daemon down); the series ends ``dark``, its file is written, the next series completes."""
+    process, listener = daemon
+    source = ScanSource.from_file(dosed_scan)
+    dark = ScanSource(source.start, lambda indices: np.zeros((len(indices), *source.read(indices[:1]).shape[1:])))
+    stream(process, dark, series_id="shutter-closed", dtype="uint16")
+    final = listener.wait_final("shutter-closed")
+    assert final["status"] == "dark", final
+    result = read_final(final["path"])
+    assert result["attrs"]["status"] == "dark" and result["attrs"]["iterations"] == 0
+    stream(process, source, series_id="after-dark", dtype="uint16")
+    assert listener.wait_final("after-dark")["status"] == "complete"
