@@ -151,6 +151,10 @@ class SeriesRegistry:
         self.rejected = dict.fromkeys(ALL_REJECT_REASONS, 0)
         self.starts = dict.fromkeys(START_OUTCOMES, 0)
 
+    def is_live(self, series_id: str) -> bool:
+        """Whether ``series_id`` is the current or a queued series (a start with its id is a duplicate)."""
+        return self._live(series_id) is not None
+
     def _live(self, series_id: str) -> SeriesState | None:
         if self.current is not None and self.current.series_id == series_id:
             return self.current

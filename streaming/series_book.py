@@ -93,7 +93,16 @@ class SeriesBook:
             self.registry.record_protocol_error(reason)
 
     def start(self, start: SeriesStart) -> bool:
-        """Admit (or refuse) and register a start; True when it must be forwarded to the workers."""
+        """Admit (or refuse) and register a start; True when it must be forwarded to the workers.
+
+        A start whose id is live (current or queued) is counted as ``duplicate_id`` and dropped before the
+        admission hook sees it: the hook records each admitted series' geometry by id, and a second geometry
+        under a live id once took the collector's thread down (a tile outside the object).
+        """
+        with self._lock:
+            if self.registry.is_live(start.series_id):
+                self.registry.start(start)  # counted as duplicate_id, never registered
+                return False
         refusal = self._admit(start)
         with self._lock:
             if refusal is not None:

@@ -171,3 +171,31 @@ def test_a_dark_series_ends_dark_and_the_daemon_serves_the_next(daemon: tuple[Se
     assert result["attrs"]["status"] == "dark" and result["attrs"]["iterations"] == 0
     stream(process, source, series_id="after-dark", dtype="uint16")
     assert listener.wait_final("after-dark")["status"] == "complete"
+
+
+def test_a_second_start_with_a_live_id_is_counted_and_the_series_completes(
+        daemon: tuple[ServeProcess, PreviewListener], dosed_scan: Path) -> None:
+    """Mid-series, a ``series_start`` with the same id and a 10×10 raster arrives. It is counted as duplicate_id and
+    dropped before admission (its geometry once replaced the first's in rank 0's books, and the collector's thread
+    died on a tile outside the object: no preview or file for any later series)."""
+    process, listener = daemon
+    source = ScanSource.from_file(dosed_scan)
+    start = dataclasses.replace(source.start, series_id="started-twice", dtype="uint16")
+    other = dataclasses.replace(start, scan_shape=(10, 10), positions_A=None)
+    frames = np.clip(np.rint(source.read(np.arange(source.n_frames))), 0, 65535).astype(np.uint16)
+    before = get_json(process.endpoints["http"] + "status")["ingest"]["registry"]["starts"].get("duplicate_id", 0)
+    with zmq.Context() as context, context.socket(zmq.PUSH) as push:
+        push.connect(process.endpoints["ingest"])
+        push.send_multipart(protocol.encode_series_start(start))
+        for k, pixels in enumerate(frames):
+            push.send_multipart(protocol.encode_frame(start.series_id, k, pixels))
+            if k == len(frames) // 2:
+                push.send_multipart(protocol.encode_series_start(other))
+        push.send_multipart(protocol.encode_series_end(start.series_id, source.n_frames))
+        final = listener.wait_final(start.series_id)
+    assert final["status"] == "complete"
+    assert read_final(final["path"])["received"].all()
+    status = get_json(process.endpoints["http"] + "status")
+    assert status["ingest"]["registry"]["starts"]["duplicate_id"] == before + 1
+    stream(process, source, series_id="after-duplicate", dtype="uint16")  # the collector still serves
+    assert listener.wait_final("after-duplicate")["status"] == "complete"

@@ -12,6 +12,7 @@ windows, and a margin of one step (4 px) on each extended tile::
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import numpy as np
@@ -130,3 +131,21 @@ def test_book_reads_are_copies_taken_under_its_lock(table: OwnerTable) -> None:
     assert first is not None and first.received == 0 and not first.coverage.any()  # an old copy stays old
     final = book.find("many")
     assert final is not None and final.received == 6000 and final.coverage is None  # no arrays unless asked
+
+
+def test_a_duplicate_start_is_counted_and_never_reaches_admission(table: OwnerTable) -> None:
+    """Same id, another geometry: counted as duplicate_id, the admission hook is not called, the first stays."""
+    admitted: list[SeriesStart] = []
+
+    def admit(start: SeriesStart) -> str | None:
+        admitted.append(start)
+        return None
+
+    book = SeriesBook(lambda start: Router(table, 2), SeriesRegistry(), 2, admit=admit)
+    assert book.start(START)
+    other = dataclasses.replace(START, scan_shape=(10, 10), positions_A=None)
+    assert not book.start(other)
+    assert admitted == [START]
+    assert book.registry.starts["duplicate_id"] == 1
+    progress = book.find(START.series_id)
+    assert progress is not None and progress.start == START
