@@ -19,6 +19,7 @@ The file appears atomically: it is written as ``NAME.partial`` and renamed.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -63,9 +64,21 @@ def write_result(path: Path, datasets: Mapping[str, np.ndarray], rank_stats: Seq
     partial.replace(path)
 
 
+#: Longest file-name stem taken from a series id; a longer id keeps its first characters and a hash of the whole.
+MAX_STEM_CHARS = 120
+
+
 def output_path(folder: Path, series_id: str) -> Path:
-    """``folder/<series id>.h5`` with unsafe characters replaced; ``-1``, ``-2``… if taken."""
+    """``folder/<series id>.h5`` with unsafe characters replaced; ``-1``, ``-2``… if taken.
+
+    The stem is at most :data:`MAX_STEM_CHARS` characters (a 300-character id once failed with
+    ENAMETOOLONG and its reconstruction was lost): a longer id keeps its first characters and 12 hex digits
+    of its SHA-256, so distinct long ids get distinct names. The file's ``series_id`` attribute is the id.
+    """
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", series_id).lstrip(".") or "series"
+    if len(stem) > MAX_STEM_CHARS:
+        digest = hashlib.sha256(series_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+        stem = f"{stem[:MAX_STEM_CHARS - 13]}-{digest}"
     path = folder / f"{stem}.h5"
     n = 1
     while path.exists() or path.with_name(path.name + ".partial").exists():
