@@ -43,7 +43,7 @@ RANK_STATS = ("compute_s", "exchange_wait_s", "consensus_wait_s", "bytes_sent", 
 
 def write_result(path: Path, datasets: Mapping[str, np.ndarray], rank_stats: Sequence[Mapping[str, float]],
                  attrs: Mapping[str, Any]) -> None:
-    """Write a result file atomically (``NAME.partial``, then renamed to ``path``).
+    """Write a result file atomically (``NAME.partial``, then renamed to ``path``); a failed write leaves no file.
 
     Parameters
     ----------
@@ -54,14 +54,18 @@ def write_result(path: Path, datasets: Mapping[str, np.ndarray], rank_stats: Seq
     attrs : root attributes
     """
     partial = path.with_name(path.name + ".partial")
-    with h5py.File(partial, "w") as f:
-        for name, data in datasets.items():
-            f.create_dataset(name, data=data)
-        ranks = f.create_group("ranks")
-        for name in RANK_STATS:
-            ranks.create_dataset(name, data=np.array([float(stats.get(name, np.nan)) for stats in rank_stats]))
-        f.attrs.update(attrs)
-    partial.replace(path)
+    try:
+        with h5py.File(partial, "w") as f:
+            for name, data in datasets.items():
+                f.create_dataset(name, data=data)
+            ranks = f.create_group("ranks")
+            for name in RANK_STATS:
+                ranks.create_dataset(name, data=np.array([float(stats.get(name, np.nan)) for stats in rank_stats]))
+            f.attrs.update(attrs)
+        partial.replace(path)
+    except BaseException:
+        partial.unlink(missing_ok=True)  # a left-over .partial took the name and failed the next series too
+        raise
 
 
 #: Longest file-name stem taken from a series id; a longer id keeps its first characters and a hash of the whole.

@@ -216,7 +216,8 @@ class SeriesViews:
         job = outcome.job
         finals = job.finals
         path = None if outcome.path is None else str(outcome.path)
-        status = str(finals[0].header["status"])
+        # a reconstruction whose file could not be written is not "complete": say so wherever it is announced
+        status = "write_failed" if outcome.path is None else str(finals[0].header["status"])
         coverage = coverage_map(job.start, [m.header["received"] for m in finals])
         entry = {"series_id": job.start.series_id, "path": path, "file": outcome.path.name if outcome.path else None,
                  "status": status, "iterations": finals[0].header["iterations"], "error": outcome.error}

@@ -146,6 +146,7 @@ def test_a_failed_final_file_is_reported_not_swallowed(geometry: SeriesGeometry)
     assert job is not None
     entry, _ = views.finished(FinalOutcome(job, None, "OSError: disk full"))
     assert entry["path"] is None and entry["file"] is None and entry["error"] == "OSError: disk full"
+    assert entry["status"] == "write_failed"  # announced so on the PUB and SSE, not as the workers' "complete"
     assert views.status()["finished"][0]["error"] == "OSError: disk full"
 
 

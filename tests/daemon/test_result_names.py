@@ -20,3 +20,18 @@ def test_a_300_character_id_gets_a_bounded_name_that_can_be_written(tmp_path: Pa
     path_a.write_bytes(b"")  # the file system accepts it (NAME_MAX is 255 on every Linux file system here)
     path_a.with_name(path_a.name + ".partial").write_bytes(b"")
     assert output_path(tmp_path, long_a).name == f"{path_a.stem}-1.h5"  # taken: numbered
+
+
+def test_a_failed_write_leaves_no_partial_file_behind(tmp_path: Path) -> None:
+    """A write that fails midway (here: an attribute h5py cannot store) removes its ``.partial``, so the name is
+    free for the next series (a left-over once failed the next series on a full disk too)."""
+    import numpy as np
+    import pytest
+
+    from ptylive.daemon.service.results import write_result
+
+    path = tmp_path / "s.h5"
+    with pytest.raises(TypeError):
+        write_result(path, {"object": np.zeros((1, 2, 2), np.complex64)}, [], {"bad": object()})
+    assert list(tmp_path.iterdir()) == []
+    assert output_path(tmp_path, "s") == path
