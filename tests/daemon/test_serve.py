@@ -157,6 +157,28 @@ def test_streamed_probe_refinement_moves_the_probe_and_keeps_the_image(
     assert phase_correlation(streamed["object"], truth, read_positions(dosed_scan)) >= 0.9
 
 
+def test_streamed_probe_modes_are_refined_and_stay_orthogonal(daemon: tuple[ServeProcess, PreviewListener],
+                                                               dosed_scan: Path) -> None:
+    """Two incoherent probe modes, refined in the final iterations of a streamed series (per-series override): the
+    file holds (2, N, N) modes, orthogonal, sorted by power, total power 1; the image is as good as with one."""
+    process, listener = daemon
+    source = ScanSource.from_file(dosed_scan)
+    start = dataclasses.replace(source.start, overrides={"refine_probe": True, "probe_modes": 2})
+    stream(process, dataclasses.replace(source, start=start), series_id="probe-modes", dtype="uint16")
+    final = listener.wait_final("probe-modes")
+    assert final["status"] == "complete", final
+    streamed = read_final(final["path"])
+    modes = streamed["probe"]
+    assert modes.shape[0] == 2 and np.isfinite(modes).all()
+    flat = modes.reshape(2, -1).astype(np.complex128)
+    gram = flat.conj() @ flat.T
+    powers = np.real(np.diag(gram))
+    assert powers.sum() == pytest.approx(1.0, rel=1e-4) and powers[0] >= powers[1] > 0
+    assert abs(gram[0, 1]) <= 1e-5 * powers.sum()  # orthogonal to float32 rounding
+    truth = read_optional(dosed_scan, "object_truth")
+    assert phase_correlation(streamed["object"], truth, read_positions(dosed_scan)) >= 0.9
+
+
 def test_a_dark_series_ends_dark_and_the_daemon_serves_the_next(daemon: tuple[ServeProcess, PreviewListener],
                                                                  dosed_scan: Path) -> None:
     """A closed shutter: every frame all zero. There is no detector scale to fit (a worker once raised on it and
