@@ -25,7 +25,7 @@ from typing import Any
 import zmq
 
 from ptylive.streaming.inbox import SeriesControl, encode_control
-from ptylive.streaming.protocol import Frame, Message, ProtocolError, SeriesStart
+from ptylive.streaming.protocol import MAX_PART_BYTES, Frame, Message, ProtocolError, SeriesStart
 from ptylive.streaming.recording import Recorder
 from ptylive.streaming.router import Router
 from ptylive.streaming.series import SeriesRegistry
@@ -109,6 +109,7 @@ class Ingest:
         self._pull, self._pushes = self._context.socket(zmq.PULL), list[zmq.Socket]()
         try:
             self._pull.linger = 0
+            self._pull.setsockopt(zmq.MAXMSGSIZE, MAX_PART_BYTES)
             (self._pull.bind if config.bind else self._pull.connect)(config.endpoint)
             for endpoint in config.worker_endpoints:
                 push = self._context.socket(zmq.PUSH)

@@ -40,7 +40,8 @@ from ptylive.streaming.header_fields import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DECTRIS_REJECT_REASONS", "DTYPES", "ENCODINGS", "MAX_DETECTOR_PX", "MAX_SCAN_POSITIONS", "REJECT_REASONS",
+__all__ = ["DECTRIS_REJECT_REASONS", "DTYPES", "ENCODINGS", "MAX_DETECTOR_PX", "MAX_PART_BYTES", "MAX_SCAN_POSITIONS",
+           "REJECT_REASONS",
            "V1_REJECT_REASONS", "Frame", "Message", "ProtocolError", "SeriesEnd", "SeriesStart", "decode",
            "encode_frame", "encode_payload", "encode_series_end", "encode_series_start"]
 
@@ -48,6 +49,9 @@ VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024
 MAX_START_BYTES = 32 * 1024 * 1024  # a series_start may carry explicit positions (~18 B each)
 MAX_FRAME_BYTES = 64 * 1024 * 1024
+#: Largest message part the ingest takes off the wire (``ZMQ_MAXMSGSIZE``): a sender of a larger part is
+#: disconnected by ZeroMQ before the part is buffered (a 300 MB frame once sat whole in the ingest's memory).
+MAX_PART_BYTES = max(MAX_START_BYTES, MAX_FRAME_BYTES)
 _LITTLE_ENDIAN = {name: np.dtype(name).newbyteorder("<") for name in DTYPES}  # frames are little-endian
 def position_pairs(positions_A: npt.ArrayLike) -> tuple[tuple[float, float], ...]:
     """``(n, 2)`` positions (any array-like) as the hashable pairs :class:`SeriesStart` holds."""

@@ -245,3 +245,21 @@ def test_join_reraises_an_error_from_the_thread(make_rig: MakeRig) -> None:
         time.sleep(0.01)
     with pytest.raises(RuntimeError, match="factory on fire"):
         rig.ingest.join(timeout=5)
+
+
+def test_a_part_over_the_protocol_limit_is_never_buffered_and_the_ingest_goes_on(make_rig: MakeRig) -> None:
+    """``ZMQ_MAXMSGSIZE`` = the protocol's largest part: ZeroMQ disconnects a sender whose part is larger before
+    buffering it (a 300 MB frame was once held whole), so nothing of it is counted; later senders are served."""
+    from ptylive.streaming.protocol import MAX_PART_BYTES
+
+    rig = make_rig()
+    with rig.context.socket(zmq.PUSH) as push:
+        push.linger = 0
+        push.connect(rig.ingest.endpoint)
+        push.send_multipart([b"\x81\xa5htype\xa5frame", bytes(MAX_PART_BYTES + 1)])
+        time.sleep(1.0)
+    assert rig.ingest.messages_received == 0
+    detector = rig.detector(FakeDetectorOptions(series_id="after", dtype="float32"))
+    received = [collect(inbox) for inbox in rig.inboxes]
+    detector.join(timeout=10)
+    assert sum(len(frames_of(messages)) for messages in received) == N_FRAMES
