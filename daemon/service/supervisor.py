@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import zmq
 from prometheus_client import CollectorRegistry
 
@@ -31,6 +32,7 @@ from ptylive.daemon.service.config import DaemonConfig, apply_overrides
 from ptylive.daemon.service.metrics import DaemonMetrics, PreviewLatency
 from ptylive.daemon.service.notify import Watchdog, notify, watchdog_period_s
 from ptylive.daemon.service.series_views import coverage_rows
+from ptylive.gpu.backend import PRECISIONS
 from ptylive.streaming.decoders import make_decoder
 from ptylive.streaming.inbox import SeriesControl
 from ptylive.streaming.ingest import Ingest, IngestSockets
@@ -45,6 +47,23 @@ logger = logging.getLogger(__name__)
 INTERNAL_ENDPOINT = "tcp://127.0.0.1:0"
 STARTUP_TIMEOUT_S = 120.0
 SHUTDOWN_TIMEOUT_S = 8.0
+
+
+def frames_exceed_budget(start: SeriesStart, n_workers: int, precision: str, budget_bytes: int) -> str | None:
+    """Refusal when the frames alone, spread evenly over the workers, exceed a worker's budget; else None.
+
+    Arithmetic only (nothing is allocated): a lower bound of what the memory plan counts (it also holds
+    object, gradient, buffers and workspace, and frames are never spread better than evenly). A 4096 × 4096
+    start of 200 bytes once kept the ingest thread 30 s and 2.45 GB busy before the plan refused it.
+    """
+    real_bytes = np.dtype(PRECISIONS[precision][0]).itemsize
+    rows, cols = start.detector_shape
+    per_worker = start.n_positions * rows * cols * real_bytes / max(n_workers, 1)
+    if per_worker <= budget_bytes:
+        return None
+    return (f"series {start.series_id!r}: its {start.n_positions} frames of {rows}×{cols} need at least "
+            f"{per_worker / 2**30:.2f} GiB per worker over {n_workers} workers; the budget is "
+            f"{budget_bytes / 2**30:.2f} GiB per worker")
 
 
 class Admission:
@@ -62,6 +81,9 @@ class Admission:
         c = self.config
         try:
             r = apply_overrides(c.reconstruction, start.overrides)
+            too_large = frames_exceed_budget(start, c.workers.ranks, c.workers.precision, c.workers.memory_budget_bytes)
+            if too_large is not None:  # before the geometry, whose tables alone can take GBs for such a start
+                return too_large
             geometry = series_geometry(start, c.workers.ranks, r.upsampling)
         except ValueError as exc:
             return str(exc)

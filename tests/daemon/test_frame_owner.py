@@ -109,3 +109,23 @@ def test_a_frame_counted_as_received_is_always_kept_by_the_worker_it_went_to(
         assert progress.received == 1
         store = FrameStore.allocate(geometry, worker, "amplitude", np, np.float32)
         assert store.add(frame), store.rejected
+
+
+def test_an_impossible_start_is_refused_from_arithmetic_at_once(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """4096 × 4096 positions of 64² frames: 128 GiB of frames per worker. Refused before any geometry is built (it
+    once took the ingest thread 30 s and 2.45 GB); the refusal names the need and the budget."""
+    import dataclasses
+
+    import ptylive.daemon.service.supervisor as supervisor
+
+    def no_geometry(*_: object) -> None:
+        raise AssertionError("the geometry was built for a start the arithmetic refuses")
+
+    monkeypatch.setattr(supervisor, "series_geometry", no_geometry)
+    admission = Admission(loopback_config(tmp_path, 2, ReconstructionConfig()))
+    huge = dataclasses.replace(START, series_id="huge", scan_shape=(4096, 4096), positions_A=None,
+                               detector_shape=(64, 64))
+    refusal = admission(huge)
+    assert refusal is not None and "128.00 GiB per worker" in refusal and "budget" in refusal
+    assert admission.lookup("huge") is None
