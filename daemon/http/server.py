@@ -213,6 +213,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
+BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n"
+                 b"Connection: close\r\n\r\n")
+
+
 class _Server(ThreadingHTTPServer):
     """``ThreadingHTTPServer`` carrying the providers its handlers read, and its open connections.
 
@@ -221,6 +225,8 @@ class _Server(ThreadingHTTPServer):
     """
 
     daemon_threads = True
+    request_queue_size = 128  # the listen backlog (the stdlib's 5 made one /status wait 14.8 s behind 400 clients)
+    max_connections = 64  # handler threads; a client beyond them gets 503 at once, without a thread
 
     def __init__(self, address: tuple[str, int], providers: Providers) -> None:
         self.providers = providers
@@ -231,6 +237,13 @@ class _Server(ThreadingHTTPServer):
         super().__init__(address, _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        if len(self.connections) >= self.max_connections:  # bounded threads: slow clients cannot pile them up
+            try:
+                request.sendall(BUSY_RESPONSE)
+            except OSError as error:
+                logger.debug("busy reply not sent: %s", error)
+            self.shutdown_request(request)
+            return
         self.connections.add(request)
         super().process_request(request, client_address)
 

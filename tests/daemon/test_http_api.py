@@ -137,3 +137,30 @@ def test_close_without_start_releases_socket(fake_daemon: FakeDaemon) -> None:
     server.close()
     with pytest.raises(RuntimeError, match="closed"):
         server.start()
+
+
+def test_slow_clients_cannot_pile_up_threads_and_get_503_beyond_the_bound(server: StatusServer) -> None:
+    """Clients that connect and send nothing hold a handler thread each, up to the bound; one more is answered 503
+    at once, without a thread (the server accepts in order, so the bound is full when it comes); once they leave,
+    requests are served again. The listen backlog is far above the stdlib's 5."""
+    import threading
+    import time
+
+    from ptylive.daemon.http.server import _Server
+
+    host, port = server.url.split("//")[1].rstrip("/").split(":")
+    before = threading.active_count()
+    idle = [socket.create_connection((host, int(port)), timeout=5) for _ in range(_Server.max_connections)]
+    try:
+        with socket.create_connection((host, int(port)), timeout=5) as extra:
+            extra.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert extra.recv(64).startswith(b"HTTP/1.1 503")
+        assert threading.active_count() <= before + _Server.max_connections
+    finally:
+        for connection in idle:
+            connection.close()
+    deadline = time.monotonic() + 10
+    while (reply := request(server.url + "status")).status != 200 and time.monotonic() < deadline:
+        time.sleep(0.05)  # the idle clients' threads see end-of-file and return
+    assert reply.status == 200
+    assert _Server.request_queue_size >= 128
