@@ -92,7 +92,8 @@ class Collector:
     """
 
     def __init__(self, context: zmq.Context, pull_endpoint: str, pub_endpoint: str, hooks: CollectorHooks,
-                 output_folder: Path, n_workers: int, rate_hz: float = 2.0, writer: FinalWriter | None = None) -> None:
+                 output_folder: Path, n_workers: int, rate_hz: float = 2.0, writer: FinalWriter | None = None,
+                 history: int = 16) -> None:
         self.hooks = hooks
         self._pull, self._pub = context.socket(zmq.PULL), context.socket(zmq.PUB)
         self._pull.linger, self._pub.linger = 0, 1000
@@ -101,7 +102,7 @@ class Collector:
         self.pull_endpoint = self._pull.getsockopt_string(zmq.LAST_ENDPOINT)
         self.pub_endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
         self.roster = Roster(hooks.on_heartbeat)
-        self.views = SeriesViews(hooks.series, n_workers)
+        self.views = SeriesViews(hooks.series, n_workers, history)
         self.publisher = Publisher(self._pub, rate_hz)
         self.writer = writer if writer is not None else FinalWriter(output_folder)
         self.events = self.publisher.events  # the viewer's server-sent events

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -137,13 +138,17 @@ class SeriesViews:
         dropped, logged). Called on the collector thread, once per series.
     n_workers : int
         Finals a series needs before its file is written.
+    history : int
+        Finished series kept: their ``/status`` entries, and their ids, so late messages about them are
+        dropped. A finished series' view (mosaics, tiles) is released once its file is written, unless it
+        is the latest (HTTP shows it until the next series): rank 0 once kept ~16 MiB per series for ever.
     """
 
-    def __init__(self, series: SeriesLookup, n_workers: int) -> None:
+    def __init__(self, series: SeriesLookup, n_workers: int, history: int = 16) -> None:
         self._series, self.n_workers = series, n_workers
         self._views: dict[str, SeriesView] = {}
         self._latest: str | None = None
-        self._finished: list[dict[str, Any]] = []
+        self._finished: deque[dict[str, Any]] = deque(maxlen=max(history, 1))
         self._lock = threading.Lock()
 
     # Collector thread ----------------------------------------------------------------------------------------
@@ -168,8 +173,12 @@ class SeriesViews:
     def _view(self, series_id: str) -> tuple[SeriesView | None, dict[str, Any] | None]:
         with self._lock:
             view = self._views.get(series_id)
+            done = any(entry["series_id"] == series_id for entry in self._finished)
         if view is not None:
             return view, None
+        if done:  # a late message about a series whose file is written: its view is gone on purpose
+            logger.debug("message about finished series %r ignored", series_id)
+            return None, None
         info = self._series(series_id)
         if info is None:
             logger.error("message about unknown series %r ignored", series_id)
@@ -177,8 +186,14 @@ class SeriesViews:
         view = SeriesView(info[0], info[1])
         with self._lock:
             self._views[series_id], self._latest = view, series_id
+            self._release_finished()
         return view, {"series_id": series_id, "frames_expected": info[0].n_positions,
                       "object_shape": list(info[1].object_shape)}
+
+    def _release_finished(self) -> None:
+        """Drop the views of series whose file outcome is known, except the latest's (under the lock)."""
+        for series_id in [s for s, v in self._views.items() if s != self._latest and v.status is not None]:
+            del self._views[series_id]
 
     @staticmethod
     def _place(view: SeriesView, worker: int, message: PreviewMessage) -> None:
@@ -227,6 +242,7 @@ class SeriesViews:
                 view.path, view.status, view.coverage = path, status, coverage
                 view.finals.clear()  # the tile volumes are in the file (or lost, and said so): free them
             self._finished.append(entry)
+            self._release_finished()
         return entry, coverage
 
     # HTTP threads --------------------------------------------------------------------------------------------

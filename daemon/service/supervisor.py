@@ -130,7 +130,7 @@ class Rank0:
         hooks = CollectorHooks(series=self.admission.lookup, progress=self._progress,
                                on_heartbeat=self.metrics.observe_report, on_preview=self._observe_latency)
         self.collector = Collector(context, INTERNAL_ENDPOINT, c.preview.endpoint, hooks, Path(c.output.folder), n,
-                                   c.preview.rate_hz)
+                                   c.preview.rate_hz, history=c.ingest.history)
         control = self.control if c.http.control else None
         views = self.collector.views
         self.http = StatusServer(Providers(self.status, views.tiles, views.preview_png, control,

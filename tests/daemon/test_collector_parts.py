@@ -6,6 +6,7 @@ receives them; the publisher sends into a recorder and reads an injected clock.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -251,3 +252,26 @@ def test_closing_the_writer_writes_what_is_queued_first(geometry: SeriesGeometry
     writer.submit(job(geometry, "b"))
     writer.start()
     assert [o.path for o in writer.close(5.0)] == [tmp_path / "a.h5", tmp_path / "b.h5"]
+
+
+def test_finished_views_are_released_and_the_history_is_bounded(geometry: SeriesGeometry) -> None:
+    """20 series back to back: one view is kept (the latest, for HTTP), at most ``history`` finished entries, and
+    a late message about a released series is dropped instead of bringing its view back (rank 0 once grew by
+    ~16 MiB per series)."""
+    starts = {f"s-{k}": dataclasses.replace(START, series_id=f"s-{k}") for k in range(20)}
+    views = SeriesViews(lambda series_id: (starts[series_id], geometry) if series_id in starts else None,
+                        n_workers=2, history=4)
+
+    def final_of(series_id: str, worker: int) -> rank_messages.FinalMessage:
+        message = final(geometry, worker, [])
+        return dataclasses.replace(message, header={**message.header, "series_id": series_id})
+
+    for series_id in starts:
+        views.handle(final_of(series_id, 0))
+        job = views.handle(final_of(series_id, 1)).final_job
+        assert job is not None
+        views.finished(FinalOutcome(job, Path(f"/results/{series_id}.h5")))
+        assert len(views._views) == 1  # the latest only
+    assert [entry["series_id"] for entry in views.status()["finished"]] == ["s-16", "s-17", "s-18", "s-19"]
+    late = views.handle(final_of("s-18", 0))
+    assert late.final_job is None and late.started is None and set(views._views) == {"s-19"}
