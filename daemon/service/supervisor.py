@@ -16,6 +16,7 @@ import os
 import signal
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,9 @@ class Admission:
 
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
-        self._series: dict[str, tuple[SeriesStart, SeriesGeometry]] = {}
+        self._series: OrderedDict[str, tuple[SeriesStart, SeriesGeometry]] = OrderedDict()
+        # the current, the queued and the finished series rank 0 still shows; older admissions are forgotten
+        self.capacity = config.ingest.history + config.ingest.max_queued_series + 2
         self._lock = threading.Lock()
 
     def __call__(self, start: SeriesStart) -> str | None:
@@ -96,6 +99,8 @@ class Admission:
                     f"the budget is {c.workers.memory_budget_bytes / 2**30:.2f} GiB per worker")
         with self._lock:
             self._series[start.series_id] = (start, geometry)
+            while len(self._series) > self.capacity:  # bounded: no dict keyed by client input grows for ever
+                self._series.popitem(last=False)
         return None
 
     def lookup(self, series_id: str) -> tuple[SeriesStart, SeriesGeometry] | None:

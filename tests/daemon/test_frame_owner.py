@@ -129,3 +129,15 @@ def test_an_impossible_start_is_refused_from_arithmetic_at_once(tmp_path: Path,
     refusal = admission(huge)
     assert refusal is not None and "128.00 GiB per worker" in refusal and "budget" in refusal
     assert admission.lookup("huge") is None
+
+
+def test_admission_remembers_a_bounded_number_of_series(tmp_path: Path) -> None:
+    """Only the series rank 0 can still need (current, queued, shown as finished) keep their geometry."""
+    import dataclasses
+
+    admission = Admission(loopback_config(tmp_path, 2, ReconstructionConfig()))
+    ids = [f"a-{k}" for k in range(admission.capacity + 5)]
+    for series_id in ids:
+        assert admission(dataclasses.replace(START, series_id=series_id)) is None
+    assert admission.lookup(ids[0]) is None and admission.lookup(ids[4]) is None
+    assert all(admission.lookup(series_id) is not None for series_id in ids[5:])
