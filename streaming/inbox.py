@@ -22,17 +22,18 @@ from ptylive.streaming.protocol import Message, ProtocolError, decode
 logger = logging.getLogger(__name__)
 
 CONTROL_HTYPE = "series_control"
-CONTROL_ACTIONS = ("finalize", "abort", "shutdown")
+CONTROL_ACTIONS = ("finalize", "abort", "shutdown", "incomplete")
 
 
 @dataclass(frozen=True)
 class SeriesControl:
-    """``finalize`` (treat the series as ended now), ``abort`` (stop now) or ``shutdown`` (stop everything).
+    """``finalize`` (treat the series as ended now), ``abort`` (stop now), ``shutdown`` (stop everything) or
+    ``incomplete`` (the sender went quiet: treat the series as ended now, and say so in its status).
 
     ``series_id`` is None for ``shutdown``.
     """
 
-    action: Literal["finalize", "abort", "shutdown"]
+    action: Literal["finalize", "abort", "shutdown", "incomplete"]
     series_id: str | None = None
 
     def __post_init__(self) -> None:

@@ -44,7 +44,8 @@ class IngestSockets:
     ``send_hwm``, messages a worker socket queues before the ingest blocks; ``poll_ms``, how often loops look at
     the stop flag; ``linger_ms``, how long :meth:`Ingest.close` lets queued messages go out;
     ``socket_buffer_bytes``, the kernel send buffer of each worker socket (0: the OS default, which on loopback
-    can hold megabytes beyond ``send_hwm``)."""
+    can hold megabytes beyond ``send_hwm``); ``idle_timeout_s`` (> 0), after which a current series that
+    received no frame (a sender that died without ``series_end``) is ended and its workers told ``incomplete``."""
 
     endpoint: str
     worker_endpoints: tuple[str, ...]
@@ -53,6 +54,7 @@ class IngestSockets:
     poll_ms: int = 50
     linger_ms: int = 1000
     socket_buffer_bytes: int = 0
+    idle_timeout_s: float = 0.0  # > 0: a current series with no frame for this long ends as "incomplete"
 
     def __post_init__(self) -> None:
         if not self.worker_endpoints or min(self.send_hwm, self.poll_ms) < 1 or self.linger_ms < 0:
@@ -147,6 +149,7 @@ class Ingest:
         """Receive and forward until ``stop`` is set; malformed input is counted, never raised."""
         while not stop.is_set():
             self._run_commands(stop)
+            self._end_idle(stop)
             if not self._pull.poll(self.config.poll_ms, zmq.POLLIN):
                 continue
             for _ in range(RECV_BATCH):
@@ -211,6 +214,12 @@ class Ingest:
                 continue
             self._broadcast(encode_control(SeriesControl(control.action, series_id)), stop)
             result.set_result((True, f"series {series_id!r}: {control.action}"))
+
+    def _end_idle(self, stop: threading.Event) -> None:
+        if self.config.idle_timeout_s > 0:
+            series_id = self.book.end_idle(self.config.idle_timeout_s)
+            if series_id is not None:
+                self._broadcast(encode_control(SeriesControl("incomplete", series_id)), stop)
 
     def _broadcast(self, parts: list[Any], stop: threading.Event) -> None:
         for worker in range(len(self._pushes)):

@@ -96,6 +96,7 @@ class SeriesState:
     sender_n_frames: int | None = None
     end_cause: str | None = None
     refusal: str | None = None
+    last_frame_s: float = field(default_factory=time.monotonic)  # monotonic: the start, then each accepted frame
     series_id: str = field(init=False)
     n_expected: int = field(init=False)
     coverage: npt.NDArray[np.bool_] = field(init=False)
@@ -222,6 +223,13 @@ class SeriesRegistry:
             logger.warning("end of unknown or finished series %r ignored", msg.series_id)
         return state
 
+    def idle_current(self, timeout_s: float) -> str | None:
+        """The current series' id when no frame of it was accepted for ``timeout_s`` (since its start, if none)."""
+        current = self.current
+        if current is None or time.monotonic() - current.last_frame_s <= timeout_s:
+            return None
+        return current.series_id
+
     def end_now(self, series_id: str, cause: str, n_frames: int | None = None) -> SeriesState | None:
         """End a live series for ``cause`` (e.g. ``"finalize"`` from the control endpoint); None if not live."""
         state = self._live(series_id)
@@ -271,7 +279,7 @@ class SeriesRegistry:
             self.duplicates += 1
             return Verdict("duplicate", frame.series_id, index)
         state.coverage[index] = True
-        state.received_s[index] = time.monotonic()
+        state.received_s[index] = state.last_frame_s = time.monotonic()
         state.received += 1
         self.accepted += 1
         return Verdict("accepted", frame.series_id, index)

@@ -134,6 +134,17 @@ class SeriesBook:
             self._prune_routers()
         return series_id, state is not None
 
+    def end_idle(self, timeout_s: float) -> str | None:
+        """End the current series as ``"idle_timeout"`` when no frame of it came for ``timeout_s``; its id, or None."""
+        with self._lock:
+            series_id = self.registry.idle_current(timeout_s)
+            if series_id is None:
+                return None
+            self.registry.end_now(series_id, "idle_timeout")
+            self._prune_routers()
+        logger.warning("series %r: no frame for %.0f s; ended as incomplete", series_id, timeout_s)
+        return series_id
+
     def route(self, frame: Frame) -> int | None:
         """Worker for an accepted frame; None for duplicates, rejections and frames that cannot be routed.
 

@@ -110,6 +110,7 @@ class IngestConfig(_Section):
     on_new_start: Literal["queue", "finish_now"] = "queue"
     max_queued_series: int = _option(4, ge=0)
     history: int = _option(16, ge=1)
+    idle_timeout_s: float = _option(120.0, ge=0)  # no frame for this long: the series ends "incomplete"; 0: never
     format: Literal["ptylive", "dectris_v1", "dectris_v2"] = "ptylive"  # DECTRIS: geometry and optics from [scan]
     channel: str = ""  # DECTRIS stream v2: the channel (threshold) to reconstruct; "" = the first
     record_to: str = ""  # write everything received to this recording (ZeroMQ dump format); "" = none

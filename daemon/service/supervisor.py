@@ -126,7 +126,8 @@ class Rank0:
         c, n = config, config.workers.ranks
         registry = SeriesRegistry(RegistryConfig(c.ingest.on_new_start, c.ingest.history, c.ingest.max_queued_series))
         ingest_config = IngestSockets(c.ingest.endpoint, (INTERNAL_ENDPOINT,) * n, c.ingest.bind,
-                                     c.ingest.queue_messages, socket_buffer_bytes=c.ingest.socket_buffer_bytes)
+                                     c.ingest.queue_messages, socket_buffer_bytes=c.ingest.socket_buffer_bytes,
+                                     idle_timeout_s=c.ingest.idle_timeout_s)
         self.ingest = Ingest(ingest_config, self.admission.router, registry, context, admit=self.admission,
                              decoder=make_decoder(c.ingest.format, c.scan, c.ingest.channel),
                              recorder=Recorder.open(c.ingest.record_to))

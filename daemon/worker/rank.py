@@ -106,8 +106,9 @@ class Worker:
                 slot.flags.stop_level = 3
         elif message.series_id is not None and message.series_id in self.slots:
             flags = self.slots[message.series_id].flags
-            if message.action == "finalize":
+            if message.action in ("finalize", "incomplete"):
                 flags.ended = True
+                flags.incomplete = flags.incomplete or message.action == "incomplete"
             else:
                 flags.stop_level = max(flags.stop_level, 2)
 

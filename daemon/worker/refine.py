@@ -58,6 +58,7 @@ class SeriesFlags:
 
     ended: bool = False
     stop_level: int = 0  # index into STOP_LEVELS
+    incomplete: bool = False  # ended by the ingest's idle timeout: every worker gets the same control message
 
 
 @dataclass
@@ -125,7 +126,7 @@ def _decide(run: StreamRun, sums: np.ndarray, maxes: np.ndarray) -> str | None:
         if not sums[0] > 0:  # frames, but not one count in any (a closed shutter): nothing to fit
             return "dark"
         if run.final_done >= run.final_iterations or 0 < run.final_seconds <= maxes[1]:
-            return "complete"
+            return "incomplete" if run.flags.incomplete else "complete"
         if run.final_started is None:
             run.final_started = time.monotonic()
     return None

@@ -225,3 +225,12 @@ def test_a_stop_outranks_the_end() -> None:
     runs = [Run(store=StoreCounts(4.0, 2), flags=SeriesFlags(ended=True, stop_level=1), final_done=3),
             Run(flags=SeriesFlags(ended=True), final_done=3)]
     assert [decision for *_, decision in agree(runs)] == ["superseded", "superseded"]
+
+
+def test_a_series_ended_by_the_idle_timeout_finishes_its_final_iterations_as_incomplete() -> None:
+    runs = [Run(store=StoreCounts(4.0, 2), flags=SeriesFlags(ended=True, incomplete=True)),
+            Run(store=StoreCounts(3.0, 1), flags=SeriesFlags(ended=True, incomplete=True))]
+    assert [decision for *_, decision in agree(runs)] == [None, None]  # the final iterations first
+    for run in runs:
+        run.final_done = 3
+    assert [decision for *_, decision in agree(runs)] == ["incomplete", "incomplete"]

@@ -263,3 +263,30 @@ def test_a_part_over_the_protocol_limit_is_never_buffered_and_the_ingest_goes_on
     received = [collect(inbox) for inbox in rig.inboxes]
     detector.join(timeout=10)
     assert sum(len(frames_of(messages)) for messages in received) == N_FRAMES
+
+
+def test_a_series_whose_sender_goes_quiet_ends_incomplete_after_the_idle_timeout(make_rig: MakeRig) -> None:
+    """A sender that dies after some frames, without series_end: after ``idle_timeout_s`` the ingest ends the
+    series (cause idle_timeout) and tells every worker ``incomplete``, so a later series becomes current."""
+    from ptylive.streaming.inbox import SeriesControl
+
+    rig = make_rig(idle_timeout_s=0.5)
+    start = dataclasses.replace(rig.source.start, series_id="quiet", dtype="float32")
+    frames = rig.source.read(np.arange(5)).astype(np.float32)
+    with rig.context.socket(zmq.PUSH) as push:
+        push.connect(rig.ingest.endpoint)
+        push.send_multipart(encode_series_start(start))
+        for k, pixels in enumerate(frames):
+            push.send_multipart(encode_frame("quiet", k, pixels))
+        deadline = time.monotonic() + 10
+        received: list[list[Message]] = [[], []]
+        while not all(any(isinstance(m, SeriesControl) for m in r) for r in received):
+            assert time.monotonic() < deadline, "no incomplete control within 10 s"
+            for inbox, messages in zip(rig.inboxes, received, strict=True):
+                messages.extend(inbox.poll(50))
+    for messages in received:
+        control = [m for m in messages if isinstance(m, SeriesControl)]
+        assert control == [SeriesControl("incomplete", "quiet")]
+    state = rig.ingest.book.registry.find("quiet")
+    assert state is not None and state.ended and state.end_cause == "idle_timeout" and state.received == 5
+    assert rig.ingest.book.registry.current is None
