@@ -36,6 +36,20 @@ def find_mpiexec() -> str:
     return found
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _terminate_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the parent dies (Linux ``prctl``), so that a launcher killed with
+    SIGKILL does not leave mpiexec and its ranks running with their ports bound. A no-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
 def relaunch(n_ranks: int, argv: list[str], module: str = "ptylive.daemon.cli.main",
              env: dict[str, str] | None = None) -> int:
     """Run ``python -m MODULE argv`` on ``n_ranks`` ranks, with ``env`` added; return its exit code."""
@@ -46,11 +60,13 @@ def relaunch(n_ranks: int, argv: list[str], module: str = "ptylive.daemon.cli.ma
         env.setdefault(name, "1")
     env.setdefault("OMP_WAIT_POLICY", "passive")
     logger.debug("launching %s", " ".join(command))
-    process = subprocess.Popen(command, env=env)
+    process = subprocess.Popen(command, env=env, preexec_fn=_terminate_with_parent)
     # mpiexec forwards SIGTERM/SIGINT to every rank and waits for them: pass ours on (systemd's
-    # KillMode=mixed signals only this process) and keep waiting, so no rank is orphaned.
-    previous = {signum: signal.signal(signum, lambda s, _: process.send_signal(s))
-                for signum in (signal.SIGTERM, signal.SIGINT)}
+    # KillMode=mixed signals only this process) and keep waiting, so no rank is orphaned. SIGHUP (a closed
+    # terminal, or ``systemctl kill -s HUP``) means the same as SIGTERM: stop, saving what there is.
+    forwarded = {signal.SIGTERM: signal.SIGTERM, signal.SIGINT: signal.SIGINT, signal.SIGHUP: signal.SIGTERM}
+    previous = {signum: signal.signal(signum, lambda s, _: process.send_signal(forwarded[signal.Signals(s)]))
+                for signum in forwarded}
     try:
         return process.wait()
     finally:

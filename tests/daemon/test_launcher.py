@@ -1,0 +1,61 @@
+"""The multi-rank launcher: its mpiexec and ranks end with it, whatever signal ends it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.mpi
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (from /proc's children lists)."""
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+        except OSError:
+            continue
+        for child in map(int, children):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's prctl")
+def test_a_launcher_killed_with_sigkill_takes_mpiexec_and_its_ranks_along(small_scan: Path, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "ptylive.daemon.cli.main", "reconstruct", str(small_scan), "--ranks", "2",
+               "--iterations", "100000", "--out", str(tmp_path / "r.h5"), "--quiet"]
+    launcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while len(below := descendants(launcher.pid)) < 3:  # mpiexec, its proxy and ranks
+            assert time.monotonic() < deadline, f"the ranks did not start: {below}"
+            time.sleep(0.2)
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait(10)
+        deadline = time.monotonic() + 30
+        while left := {pid for pid in below if alive(pid)}:
+            assert time.monotonic() < deadline, f"still running 30 s after the launcher died: {left}"
+            time.sleep(0.2)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        for pid in descendants(launcher.pid):
+            os.kill(pid, signal.SIGKILL)
