@@ -101,7 +101,7 @@ class Collector:
         self._pub.bind(pub_endpoint)
         self.pull_endpoint = self._pull.getsockopt_string(zmq.LAST_ENDPOINT)
         self.pub_endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.roster = Roster(hooks.on_heartbeat)
+        self.roster = Roster(hooks.on_heartbeat, n_workers=n_workers)
         self.views = SeriesViews(hooks.series, n_workers, history)
         self.publisher = Publisher(self._pub, rate_hz)
         self.writer = writer if writer is not None else FinalWriter(output_folder)

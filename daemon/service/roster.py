@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -30,20 +31,35 @@ class Roster:
         ``on_heartbeat(worker, report)`` for each heartbeat (e.g. :meth:`DaemonMetrics.observe_report`).
     clock : callable
         Monotonic seconds (injected by tests).
+    n_workers : int or None
+        Workers are ``0 … n_workers − 1``; a message naming another is counted in :attr:`foreign` and ignored
+        (one fake heartbeat for "worker 7" once stopped the watchdog's pings for good). None: any.
     """
 
-    def __init__(self, on_heartbeat: HeartbeatHook | None = None, clock: Callable[[], float] = time.monotonic) -> None:
-        self._on_heartbeat, self._clock = on_heartbeat, clock
+    MAX_ERRORS = 100  # worker errors kept for /status (the newest)
+
+    def __init__(self, on_heartbeat: HeartbeatHook | None = None, clock: Callable[[], float] = time.monotonic,
+                 n_workers: int | None = None) -> None:
+        self._on_heartbeat, self._clock, self.n_workers = on_heartbeat, clock, n_workers
+        self.foreign = 0
         self._pids: dict[int, int] = {}
         self._byes: set[int] = set()
         self._reports: dict[int, dict[str, Any]] = {}
         self._seen_s: dict[int, float] = {}
-        self._errors: list[dict[str, Any]] = []
+        self._errors: deque[dict[str, Any]] = deque(maxlen=self.MAX_ERRORS)
         self._lock = threading.Lock()
 
     def record(self, message: RankMessage) -> None:
         """Note ``message``'s worker as alive; keep what a ``hello``, ``heartbeat``, ``bye`` or ``error`` says."""
-        worker = int(message.header.get("worker", -1))
+        try:
+            worker = int(message.header.get("worker", -1))
+        except (TypeError, ValueError):
+            worker = -1
+        if self.n_workers is not None and not 0 <= worker < self.n_workers:
+            with self._lock:
+                self.foreign += 1
+            logger.warning("message %r from unknown worker %r ignored", message.htype, message.header.get("worker"))
+            return
         with self._lock:
             self._seen_s[worker] = self._clock()
             if message.htype == "heartbeat":

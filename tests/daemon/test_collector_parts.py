@@ -275,3 +275,13 @@ def test_finished_views_are_released_and_the_history_is_bounded(geometry: Series
     assert [entry["series_id"] for entry in views.status()["finished"]] == ["s-16", "s-17", "s-18", "s-19"]
     late = views.handle(final_of("s-18", 0))
     assert late.final_job is None and late.started is None and set(views._views) == {"s-19"}
+
+
+def test_the_roster_ignores_messages_from_workers_that_do_not_exist() -> None:
+    """A fake heartbeat for "worker 7" of a 2-worker daemon (from anyone who can reach the internal endpoint) once
+    made the watchdog wait for that worker for ever; it is counted and ignored, as are undecodable worker fields."""
+    roster = Roster(n_workers=2)
+    roster.record(received("heartbeat", {"worker": 7, "series_id": None, "messages_taken": 0, "unknown_frames": 0,
+                                         "totals": {}, "iteration_s": []}))
+    roster.record(received("hello", {"worker": 1, "pid": 11}))
+    assert roster.foreign == 1 and set(roster.heartbeat_ages()) == {1} and roster.said_hello() == {1: 11}
