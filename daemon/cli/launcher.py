@@ -53,7 +53,8 @@ def _terminate_with_parent() -> None:
 def relaunch(n_ranks: int, argv: list[str], module: str = "ptylive.daemon.cli.main",
              env: dict[str, str] | None = None) -> int:
     """Run ``python -m MODULE argv`` on ``n_ranks`` ranks, with ``env`` added; return its exit code."""
-    command = [find_mpiexec(), "-n", str(n_ranks), sys.executable, "-m", module, *argv]
+    # -P: the working directory is not put on sys.path, so a "ptylive" folder there cannot shadow the package
+    command = [find_mpiexec(), "-n", str(n_ranks), sys.executable, "-P", "-m", module, *argv]
     env = {**os.environ, **(env or {})}
     # One compute thread per rank: ranks carry the parallelism (docs/architecture.md, performance notes).
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):

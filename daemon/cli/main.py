@@ -134,8 +134,11 @@ def _add_replay(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ptylive import __version__
+
     parser = argparse.ArgumentParser(prog="ptylive", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG")
+    parser.add_argument("--version", action="version", version=f"ptylive {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_simulate, _add_reconstruct, _add_plan, _add_bench, _add_serve, _add_demo, _add_replay):
         add(sub)

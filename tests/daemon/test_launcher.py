@@ -59,3 +59,17 @@ def test_a_launcher_killed_with_sigkill_takes_mpiexec_and_its_ranks_along(small_
             launcher.kill()
         for pid in descendants(launcher.pid):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_ranks_start_the_installed_package_whatever_folder_they_start_in(small_scan: Path, tmp_path: Path) -> None:
+    """A working directory holding a ``ptylive/`` folder was reported to shadow the package in every rank
+    (``python -m`` puts the working directory first on sys.path): "module 'ptylive' has no attribute
+    '__version__'". With this checkout's editable install the failure did not reproduce without ``-P``
+    either, so this guards the behaviour rather than demonstrating the fix."""
+    (tmp_path / "ptylive").mkdir()  # a folder of results, say: a namespace package to ``python -m``
+    script = Path(sys.executable).with_name("ptylive")
+    done = subprocess.run([str(script), "reconstruct", str(small_scan), "--ranks", "2", "--iterations", "1",
+                           "--out", str(tmp_path / "r.h5"), "--quiet"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "r.h5").is_file()
