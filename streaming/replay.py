@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 EXIT_REFUSED = 3
 LINGER_MS = 30_000
+CONNECT_TIMEOUT_S = 10.0  # the first message waits this long for a connected peer; then "nothing listens"
 PROGRESS_S = 0.2
 
 
@@ -220,11 +221,19 @@ def _progress(stats: Stats, done: int, total: int, unit: str, began: float) -> N
           f"{stats.frames / elapsed if elapsed > 0 else 0.0:,.1f} fps", end="", file=sys.stderr, flush=True)
 
 
-def send(source: Source, endpoint: str, rate_hz: float | None, bind: bool = False, progress: bool = True) -> Stats:
-    """Send every message of ``source``; frame messages no faster than ``rate_hz`` (None: as fast as taken)."""
+def send(source: Source, endpoint: str, rate_hz: float | None, bind: bool = False, progress: bool = True,
+         connect_timeout_s: float | None = None) -> Stats:
+    """Send every message of ``source``; frame messages no faster than ``rate_hz`` (None: as fast as taken).
+
+    Messages queue only on a completed connection (``ZMQ_IMMEDIATE``): when no peer has connected within
+    ``connect_timeout_s`` (None: :data:`CONNECT_TIMEOUT_S`) of the first message, :class:`NobodyListening`
+    is raised (a replay to an endpoint where nothing listened once printed "sent 320 frames" and exited 0).
+    """
     stats, period = Stats(), 1.0 / rate_hz if rate_hz else 0.0
+    connect_timeout_s = CONNECT_TIMEOUT_S if connect_timeout_s is None else connect_timeout_s
     with zmq.Context() as context, context.socket(zmq.PUSH) as push:
-        push.linger, push.sndhwm = LINGER_MS, 1000
+        push.linger, push.sndhwm, push.immediate = LINGER_MS, 1000, True
+        push.sndtimeo = max(1, int(connect_timeout_s * 1000))
         (push.bind if bind else push.connect)(endpoint)
         began = shown = time.monotonic()
         for parts, is_frame in source.messages:
@@ -232,7 +241,14 @@ def send(source: Source, endpoint: str, rate_hz: float | None, bind: bool = Fals
                 wait = began + stats.frames * period - time.monotonic()
                 if wait > 0:
                     time.sleep(wait)
-            push.send_multipart(parts, copy=False)
+            try:
+                push.send_multipart(parts, copy=False)
+            except zmq.Again:
+                push.linger = 0
+                raise NobodyListening(f"nothing is listening at {endpoint}: no connection within "
+                                      f"{connect_timeout_s:g} s ({stats.messages} messages sent)") from None
+            if stats.messages == 0:
+                push.sndtimeo = -1  # connected: from here on wait for room as long as it takes
             stats.messages += 1
             stats.frames += int(is_frame)
             stats.bytes += sum(memoryview(part).nbytes for part in parts)
@@ -247,13 +263,20 @@ def send(source: Source, endpoint: str, rate_hz: float | None, bind: bool = Fals
     return stats
 
 
+class NobodyListening(OSError):
+    """No peer connected to the replay's endpoint in time (the CLI prints one ``error:`` line, exit 2)."""
+
+
 def refusals(status_url: str, series_ids: set[str], timeout_s: float = 10.0) -> dict[str, str]:
     """Series among ``series_ids`` the daemon refused, with its reason; waits until it has seen them all."""
     url = status_url.rstrip("/") + "/status"
     deadline, found = time.monotonic() + timeout_s, dict[str, Any]()
     while True:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            registry = json.loads(response.read())["ingest"]["registry"]
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                registry = json.loads(response.read())["ingest"]["registry"]
+        except (OSError, ValueError, KeyError) as exc:  # URLError is an OSError
+            raise ValueError(f"cannot read the daemon's status at {url}: {exc}") from None
         records = [registry["current"], *registry["queued"], *registry["finished"]]
         found = {r["series_id"]: r for r in records if r is not None and r["series_id"] in series_ids}
         if set(found) >= series_ids or time.monotonic() > deadline:

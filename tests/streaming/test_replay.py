@@ -4,6 +4,7 @@ through ``/status``; and the round trip through real daemons (DECTRIS v1 recordi
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -161,6 +162,30 @@ def test_bad_sources_are_one_error_line(tmp_path: Path, capsys: pytest.CaptureFi
     assert replay(str(tmp_path / "broken.zmq"), "--endpoint", "tcp://127.0.0.1:9", "--max-rate") == 2
     assert replay(str(tmp_path / "broken.zmq"), "--endpoint", "tcp://127.0.0.1:9", "--rate", "-1") == 2
     assert capsys.readouterr().err.count("error:") == 3
+
+
+def test_nothing_listening_is_one_error_line_and_exit_2(small_scan: Path, capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replay to an endpoint where nothing listens once printed "sent 320 frames" and exited 0."""
+    import ptylive.streaming.replay as replay_module
+
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setattr(replay_module, "CONNECT_TIMEOUT_S", 0.5)
+    assert replay(str(small_scan), "--endpoint", f"tcp://127.0.0.1:{port}", "--max-rate", "--quiet") == 2
+    err = capsys.readouterr()
+    assert "error: nothing is listening at" in err.err and "sent" not in err.out
+
+
+def test_an_unreachable_status_url_is_one_error_line(small_scan: Path, receiver: Receiver,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert replay(str(small_scan), "--endpoint", receiver.endpoint, "--max-rate", "--quiet", "--status-url",
+                  f"http://127.0.0.1:{port}/") == 2
+    assert "error: cannot read the daemon's status at" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------- through real daemons (MPI)
