@@ -43,6 +43,7 @@ def test_a_launcher_killed_with_sigkill_takes_mpiexec_and_its_ranks_along(small_
     command = [sys.executable, "-m", "ptylive.daemon.cli.main", "reconstruct", str(small_scan), "--ranks", "2",
                "--iterations", "100000", "--out", str(tmp_path / "r.h5"), "--quiet"]
     launcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    below: set[int] = set()
     try:
         deadline = time.monotonic() + 60
         while len(below := descendants(launcher.pid)) < 3:  # mpiexec, its proxy and ranks
@@ -54,11 +55,12 @@ def test_a_launcher_killed_with_sigkill_takes_mpiexec_and_its_ranks_along(small_
         while left := {pid for pid in below if alive(pid)}:
             assert time.monotonic() < deadline, f"still running 30 s after the launcher died: {left}"
             time.sleep(0.2)
-    finally:
+    finally:  # whatever happened, nothing of this test may keep running (orphans are no longer below the launcher)
         if launcher.poll() is None:
             launcher.kill()
-        for pid in descendants(launcher.pid):
-            os.kill(pid, signal.SIGKILL)
+        for pid in below | descendants(launcher.pid):
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_ranks_start_the_installed_package_whatever_folder_they_start_in(small_scan: Path, tmp_path: Path) -> None:
