@@ -73,7 +73,7 @@ def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
                    help="weight of a penalty on slice-to-slice differences, dimensionless (relative to the "
                         "illumination; MU = 0.1 removes about a tenth of the difference per update); default: 0, "
                         "off (docs/physics.md, Depth regularisation)")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("-o", "--out", type=Path, required=True, help="result file (HDF5) to write")
     p.add_argument("--quiet", action="store_true")
 
 

@@ -147,3 +147,10 @@ def test_under_mpiexec_rank_0_alone_reports_a_rank_count_mismatch(small_scan: Pa
     assert done.returncode == 2, done.stderr
     assert done.stderr == "error: --ranks 3 but mpiexec started 2 ranks\n"
     assert not (tmp_path / "o.h5").exists()
+
+
+def test_reconstruct_takes_o_for_out(small_scan: Path, tmp_path: Path) -> None:
+    from ptylive.daemon.cli.main import build_parser
+
+    args = build_parser().parse_args(["reconstruct", str(small_scan), "-o", str(tmp_path / "r.h5")])
+    assert args.out == tmp_path / "r.h5"
