@@ -5,7 +5,8 @@ For every case file (default: ``tests/data/abtem/*.h5``; any scan file with a tr
 
 1. ptylive, as a user runs it: ``ptylive reconstruct CASE --iterations K`` as a subprocess at the
    default settings (no per-case tuning; the probe from the file's optics unless the file carries
-   one), once on 1 rank in sync mode and once on R ranks in async mode;
+   one), once on 1 rank in sync mode and once on R ranks in async mode (``ptylive_args``, e.g.
+   ``["--correct-positions"]``, are appended to both commands and named in the rows' ``run``);
 2. each peer (``tools/quality_peers.py``) on the same file, with the same slices (count and
    thickness as ptylive used) and the same K, in its own venv; it keeps iterating past K until
    ptylive's 1-rank reconstruction time T is spent, so it reports both "at K iterations" and "at
@@ -53,8 +54,11 @@ RUN_TIMEOUT_S = 7200.0
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def run_ptylive(scan: Path, ranks: int, mode: str, iterations: int, out: Path) -> dict[str, Any]:
+def run_ptylive(scan: Path, ranks: int, mode: str, iterations: int, out: Path,
+                extra_args: Sequence[str] = ()) -> dict[str, Any]:
     """``ptylive reconstruct`` as a subprocess; the result file's timings, loss and settings.
+
+    ``extra_args`` are appended to the command line (flags of ``ptylive reconstruct``).
 
     Raises
     ------
@@ -62,7 +66,7 @@ def run_ptylive(scan: Path, ranks: int, mode: str, iterations: int, out: Path) -
         When the command fails or hangs (with its last lines of stderr).
     """
     command = [sys.executable, "-m", "ptylive.daemon.cli.main", "reconstruct", str(scan), "--ranks", str(ranks),
-               "--mode", mode, "--iterations", str(iterations), "--quiet", "--out", str(out)]
+               "--mode", mode, "--iterations", str(iterations), "--quiet", "--out", str(out), *extra_args]
     start = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     wall_s = time.perf_counter() - start
@@ -78,15 +82,17 @@ def run_ptylive(scan: Path, ranks: int, mode: str, iterations: int, out: Path) -
             "warnings": [line for line in proc.stderr.splitlines() if "Warning" in line][:3]}
 
 
-def _ptylive_rows(case: Any, ranks: int, iterations: int, work: Path, probe: str) -> list[dict[str, Any]]:
+def _ptylive_rows(case: Any, ranks: int, iterations: int, work: Path, probe: str,
+                  extra_args: Sequence[str] = ()) -> list[dict[str, Any]]:
     rows = []
     for run_ranks, mode in ((1, "sync"), (ranks, "async")):
-        row: dict[str, Any] = {"code": "ptylive", "run": f"{run_ranks} rank{'s' if run_ranks > 1 else ''} {mode}",
+        run = " ".join([f"{run_ranks} rank{'s' if run_ranks > 1 else ''} {mode}", *extra_args])
+        row: dict[str, Any] = {"code": "ptylive", "run": run, "ptylive_args": list(extra_args),
                                "iterations": iterations, "probe": probe, "loss_metric": "ptylive loss",
                                "source": _source_revision()}
         out = work / f"{case.name}-ptylive-{run_ranks}-{mode}.h5"
         try:
-            row.update(run_ptylive(case.path, run_ranks, mode, iterations, out))
+            row.update(run_ptylive(case.path, run_ranks, mode, iterations, out, extra_args))
             scores = score_result_file(out, case)
             row.update({k: scores[k] for k in ("correlation", "shift_px", "per_slice", "finite",
                                                "position_rms_before_A", "position_rms_after_A")})
@@ -127,8 +133,12 @@ def _peer_rows(name: str, case: Any, request: PeerRequest, work: Path) -> list[d
     return [at_k, at_t]
 
 
-def bench_case(path: Path, ranks: int, iterations: int, peers: Sequence[str], work: Path) -> dict[str, Any]:
-    """Every run on one case file: ptylive 1 rank sync and R ranks async, then each peer."""
+def bench_case(path: Path, ranks: int, iterations: int, peers: Sequence[str], work: Path,
+               ptylive_args: Sequence[str] = ()) -> dict[str, Any]:
+    """Every run on one case file: ptylive 1 rank sync and R ranks async, then each peer.
+
+    ``ptylive_args`` go to both ptylive runs; the peers' time budget is the 1-rank run's time with them.
+    """
     path = path.resolve()  # the peers run in another working directory
     case = load_case(path)
     probe_in_file = file_has_probe(path)
@@ -136,7 +146,7 @@ def bench_case(path: Path, ranks: int, iterations: int, peers: Sequence[str], wo
     result: dict[str, Any] = {"case": case.name, "file": str(path), "object_shape": list(case.object_shape),
                               "n_positions": len(case.positions_px), "true_positions": has_true_positions(case),
                               "probe_in_file": probe_in_file, "rows": []}
-    result["rows"] += _ptylive_rows(case, ranks, iterations, work, f"ptylive: {probe}")
+    result["rows"] += _ptylive_rows(case, ranks, iterations, work, f"ptylive: {probe}", ptylive_args)
     reference = result["rows"][0]
     if "error" in reference:
         result["peers_skipped"] = "the 1-rank ptylive run failed, so there is no slice setting or time budget"
@@ -200,7 +210,8 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def main(cases: Sequence[Path] | None = None, ranks: int = 4, iterations: int = 30,
-         peers: str | Sequence[str] = "py4dstem,ptyrad", as_json: bool = False) -> int:
+         peers: str | Sequence[str] = "py4dstem,ptyrad", as_json: bool = False,
+         ptylive_args: str | Sequence[str] = ()) -> int:
     """Run the quality benchmark and print a markdown table (or JSON).
 
     Parameters
@@ -215,6 +226,9 @@ def main(cases: Sequence[Path] | None = None, ranks: int = 4, iterations: int = 
         Peer names (``py4dstem``, ``ptyrad``), comma-separated or a sequence; ``"none"`` or empty: none.
     as_json : bool
         Print one JSON object instead of the table.
+    ptylive_args : str or sequence of str
+        Extra flags for both ``ptylive reconstruct`` runs (a string is split on whitespace), e.g.
+        ``"--correct-positions"``; no per-case tuning otherwise. They are recorded in each row's ``run``.
 
     Returns
     -------
@@ -222,6 +236,7 @@ def main(cases: Sequence[Path] | None = None, ranks: int = 4, iterations: int = 
         0, or 1 when there is no case file or any ptylive run failed.
     """
     names = [p for p in (peers.split(",") if isinstance(peers, str) else peers) if p and p != "none"]
+    extra = ptylive_args.split() if isinstance(ptylive_args, str) else list(ptylive_args)
     unknown = sorted(set(names) - set(PEERS))
     if unknown:
         raise ValueError(f"unknown peer(s) {unknown}; expected some of {sorted(PEERS)} or 'none'")
@@ -230,11 +245,11 @@ def main(cases: Sequence[Path] | None = None, ranks: int = 4, iterations: int = 
         print("error: no case files (tests/data/abtem/*.h5 is empty; pass scan files)", file=sys.stderr)
         return 1
     report: dict[str, Any] = {"machine": machine(), "iterations": iterations, "ranks": ranks, "peers": names,
-                              "cases": []}
+                              "ptylive_args": extra, "cases": []}
     with tempfile.TemporaryDirectory(prefix="ptylive-bench-quality-") as tmp:
         for path in files:
             logger.warning("case %s", path)
-            report["cases"].append(bench_case(path, ranks, iterations, names, Path(tmp)))
+            report["cases"].append(bench_case(path, ranks, iterations, names, Path(tmp), extra))
             logger.warning("case %s done:\n%s", path.name, format_table({"cases": report["cases"][-1:]}))
     report["machine"]["load_average_end"] = os.getloadavg()[0]
     peer_versions = {row["code"]: row["version"] for case in report["cases"] for row in case["rows"]
@@ -251,3 +266,24 @@ def main(cases: Sequence[Path] | None = None, ranks: int = 4, iterations: int = 
         print(format_table(report))
     failed = any("error" in row for case in report["cases"] for row in case["rows"] if row["code"] == "ptylive")
     return 1 if failed else 0
+
+
+def _command_line(argv: Sequence[str] | None = None) -> int:
+    """``python -m ptylive.tools.bench_quality``: ``ptylive bench quality``'s options plus ``--ptylive-args``."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m ptylive.tools.bench_quality", description=__doc__.splitlines()[0])
+    p.add_argument("cases", type=Path, nargs="*", help="scan files (default: tests/data/abtem/*.h5)")
+    p.add_argument("--ranks", type=int, default=4, help="ranks of the async run (the other: 1, sync)")
+    p.add_argument("--iterations", type=int, default=30, help="iterations, for every code")
+    p.add_argument("--peers", default="py4dstem,ptyrad", help="peer codes, comma-separated, or 'none'")
+    p.add_argument("--json", action="store_true", help="JSON instead of the table")
+    p.add_argument("--ptylive-args", default="", metavar="FLAGS",
+                   help="extra flags for both ptylive reconstruct runs, one string (write it with '=': "
+                        "--ptylive-args=--correct-positions)")
+    args = p.parse_args(argv)
+    return main(args.cases or None, args.ranks, args.iterations, args.peers, args.json, args.ptylive_args)
+
+
+if __name__ == "__main__":
+    sys.exit(_command_line())
