@@ -157,7 +157,7 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
                          "(reinstall ptylive: pip install -e .)")
     options = {"engine": {"quick": args.quick, "backend": args.backend}, "ingest": {"quick": args.quick},
                "quality": {"cases": args.cases, "ranks": args.ranks, "iterations": args.iterations,
-                           "peers": args.peers, "as_json": args.json}}[args.what]
+                           "peers": args.peers, "as_json": args.json, "ptylive_args": args.ptylive_args}}[args.what]
     return int(found[args.what].load()(**options))
 
 

@@ -107,6 +107,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--iterations", type=int, default=30, help="quality: iterations, for every code")
     p.add_argument("--peers", default="py4dstem,ptyrad", help="quality: peer codes, comma-separated, or 'none'")
     p.add_argument("--json", action="store_true", help="quality: JSON instead of the table")
+    p.add_argument("--ptylive-args", default="", metavar="FLAGS",
+                   help="quality: extra flags for both ptylive runs, e.g. --ptylive-args=--correct-positions")
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:

@@ -101,3 +101,25 @@ def test_checkpoints_cover_iterations_and_time_budget() -> None:
     done = common.run_with_checkpoints(step, lambda: len(calls), iterations=2, budget_s=1e9)
     assert len(calls) == 2 + common.MAX_EXTRA_ITERATIONS and done.at_time[1] == len(calls)
     assert done.losses[-1] == pytest.approx(1.0 / len(calls))
+
+
+def test_the_cli_passes_extra_ptylive_flags_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ptylive bench quality --ptylive-args=--correct-positions`` reaches the benchmark's ``ptylive_args``."""
+    import importlib.metadata
+
+    from ptylive.daemon.cli import commands
+    from ptylive.daemon.cli.main import build_parser
+
+    seen: dict[str, object] = {}
+
+    class Point:
+        name = "quality"
+
+        @staticmethod
+        def load() -> object:
+            return lambda **options: seen.update(options) or 0
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [Point()])
+    args = build_parser().parse_args(["bench", "quality", "--peers", "none", "--ptylive-args=--correct-positions"])
+    assert commands.bench(args, []) == 0
+    assert seen["ptylive_args"] == "--correct-positions" and seen["peers"] == "none"
