@@ -307,7 +307,8 @@ def run_sync(state: TileState, exchanger: SyncExchange, options: EngineOptions,
 
 def async_update(state: TileState, exchanger: AsyncExchange, options: EngineOptions, control: StepControl,
                  members: np.ndarray, minibatch: int, step: int, floor: float | None,
-                 positions: PositionCorrection | None = None) -> tuple[float, Any, float]:
+                 positions: PositionCorrection | None = None,
+                 between_batches: Callable[[], None] | None = None) -> tuple[float, Any, float]:
     """One asynchronous update of the tile: the step offline async and the streaming workers share.
 
     The local gradient of ``members`` (this rank's positions of global mini-batch ``minibatch``),
@@ -325,6 +326,9 @@ def async_update(state: TileState, exchanger: AsyncExchange, options: EngineOpti
         Preconditioner floor; None: ``illumination_floor`` × this total illumination's maximum.
     positions : PositionCorrection or None
         Collects the members' position gradients (this iteration corrects positions).
+    between_batches : callable or None
+        Also called between chunks of the gradient (after the exchange's progress); an exception it raises
+        leaves the tile as it was (the update is not applied, nothing is pushed).
 
     Returns
     -------
@@ -336,8 +340,13 @@ def async_update(state: TileState, exchanger: AsyncExchange, options: EngineOpti
         Maximum of the total illumination used (streaming workers agree on floors from it).
     """
     members, n_subset = ordered_for_line_search(state, members, len(members))
-    found = local_gradient(state, options, members, between_batches=partial(exchanger.progress, state.volume, step),
-                           n_first=n_subset, positions=positions)
+
+    def between() -> None:
+        exchanger.progress(state.volume, step)
+        if between_batches is not None:
+            between_batches()
+
+    found = local_gradient(state, options, members, between_batches=between, n_first=n_subset, positions=positions)
     own = found.illumination
     total = exchanger.total_illumination(own, minibatch)
     illumination_max = float(total.max())

@@ -132,6 +132,10 @@ def _decide(run: StreamRun, sums: np.ndarray, maxes: np.ndarray) -> str | None:
     return None
 
 
+class StopRequested(Exception):
+    """Raised between batches of an update when the worker was told to stop (:func:`_iterate` catches it)."""
+
+
 def _iterate(run: StreamRun, drain: Callable[[], None], n_frames: float) -> float:
     """One pass over every converted frame in the global mini-batches; returns the local loss.
 
@@ -149,11 +153,25 @@ def _iterate(run: StreamRun, drain: Callable[[], None], n_frames: float) -> floa
     loss = 0.0
     probe_sum = None
     run.illumination_max[...] = 0.0
+
+    def stop_between_batches() -> None:  # a stop request ends the iteration between batches, however slow it is
+        drain()
+        if run.flags.stop_level:
+            raise StopRequested
+
     for m in range(options.updates_per_iteration):
         step = run.step + m
         members = np.flatnonzero(usable & (run.labels == m))
-        part, probe_gradient, run.illumination_max[m] = async_update(state, exchanger, options, run.step_control,
-                                                                     members, m, step, run.floors[m])
+        try:
+            part, probe_gradient, run.illumination_max[m] = async_update(
+                state, exchanger, options, run.step_control, members, m, step, run.floors[m],
+                between_batches=stop_between_batches)
+        except StopRequested:  # the unfinished update is dropped; the iteration's collectives still match
+            logger.info("stop requested: iteration %d ended after %d of %d updates", run.iterations, m,
+                        options.updates_per_iteration)
+            if options.refine_probe and probe_sum is None:
+                probe_sum = state.probe * 0  # every worker posts one probe reduction per iteration
+            break
         if probe_gradient is not None:
             probe_sum = probe_gradient if probe_sum is None else probe_sum + probe_gradient
         drain()
