@@ -14,7 +14,7 @@ the sub-pixel shift to ``∂L/∂d_j`` (:func:`position_gradient`).
 **Probe modes** (mixed states, Thibault & Menzel, Nature 494, 68 (2013)): a probe is
 either one (N, N) array or K incoherent modes (K, N, N). Every mode ``P_k`` is
 propagated through the same windows, and the detector sees ``Σ_k |Ψ_{k,j}|²``;
-the loss compares that sum with the data (:func:`ptylive.gpu.loss.mode_summed_loss`).
+the loss compares that sum with the data (:func:`ptylive.gpu.loss.model_intensity`).
 Each mode's far-field gradient is the loss's per-pixel factor times its own field,
 and back-propagates as one probe's does::
 
@@ -37,7 +37,7 @@ import numpy as np
 from ptylive.gpu.backend import empty_aligned, get_array_module
 from ptylive.gpu.fft import fft2, ifft2
 from ptylive.gpu.fused import backward_slice, detector_amplitude_in_place, transmit
-from ptylive.gpu.loss import loss_function, mode_summed_loss
+from ptylive.gpu.loss import loss_function
 from ptylive.gpu.probe import fourier_shift, shift_ramps
 from ptylive.gpu.propagation import farfield, farfield_adjoint, propagate
 
@@ -92,7 +92,7 @@ def forward(probe: Any, shifts_px: Any, patches: Any, propagator: Any, detector_
     -------
     (B, D, D) or (K, B, D, D) complex
         One far field per position (and mode); the model intensity is ``Σ_k |Ψ_k|²``
-        (:func:`model_intensity`).
+        (:func:`ptylive.gpu.loss.model_intensity`).
     """
     _check_probe(probe)
     if probe.ndim == 3 and probe.shape[0] == 1:
@@ -103,12 +103,6 @@ def forward(probe: Any, shifts_px: Any, patches: Any, propagator: Any, detector_
         if s < patches.shape[0] - 1:
             propagate(wave, propagator)
     return farfield(wave, detector_px)
-
-
-def model_intensity(fields: Any) -> Any:
-    """``Σ_k |Ψ_k|²`` of :func:`forward`'s far fields: (B, D, D) real (``|Ψ|²`` for one probe)."""
-    intensity = fields.real**2 + fields.imag**2
-    return intensity.sum(axis=0) if fields.ndim == 4 else intensity
 
 
 def shifted_modes(probe: Any, shifts_px: Any) -> Any:
@@ -213,7 +207,7 @@ def _loss_and_gradient_modes(
             transmit(wave[k], patches[s], waves[k, s])
         if s < n_slices - 1:
             propagate(wave, propagator)
-    value, field_gradient = mode_summed_loss(loss)(farfield(wave, measured.shape[-1]), measured)
+    value, field_gradient = loss_function(loss)(farfield(wave, measured.shape[-1]), measured)
     gradient = farfield_adjoint(field_gradient, n, out=wave)  # ∂L/∂φ_{k,S-1}
     illumination = xp.empty(patches.shape, dtype=patches.real.dtype)
     mode_illumination = xp.empty(patches.shape[1:], dtype=patches.real.dtype)

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from ptylive.gpu.multislice import forward, model_intensity
+from ptylive.gpu.loss import model_intensity
+from ptylive.gpu.multislice import forward
 from ptylive.gpu.patches import extract_patches, window_starts
 from ptylive.gpu.physics import interaction_constant_per_VA, real_space_pixel_size_A, wavelength_A
 from ptylive.gpu.potential import perovskite_potential_slices

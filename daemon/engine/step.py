@@ -41,7 +41,7 @@ import numpy as np
 from ptylive.daemon.engine.options import EngineOptions
 from ptylive.daemon.engine.tile import TileState
 from ptylive.gpu.backend import get_array_module
-from ptylive.gpu.loss import field_loss
+from ptylive.gpu.loss import loss_function
 from ptylive.gpu.multislice import forward
 from ptylive.gpu.patches import extract_patches
 from ptylive.gpu.update import constrain
@@ -143,7 +143,7 @@ def trial_loss(state: TileState, options: EngineOptions, subset: np.ndarray, dir
         constrain(patches, options.max_amplitude)
         field_ = forward(state.probe, xp.asarray(state.shifts[chunk]), patches, state.propagator,
                          state.targets.shape[-1])
-        total += field_loss(options.loss, field_, state.targets[chunk])[0]
+        total += loss_function(options.loss)(field_, state.targets[chunk])[0]
     return total
 
 

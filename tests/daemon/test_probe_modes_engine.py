@@ -16,8 +16,8 @@ from ptylive.daemon.engine.options import EngineOptions
 from ptylive.daemon.engine.positions import PositionCorrection
 from ptylive.daemon.engine.tile import TileOptics, TileState, set_up_tile
 from ptylive.daemon.service.config import ConfigError, ReconstructionConfig
-from ptylive.gpu.loss import AMPLITUDE_DELTA_PER_PIXEL
-from ptylive.gpu.multislice import forward, model_intensity
+from ptylive.gpu.loss import AMPLITUDE_DELTA_PER_PIXEL, model_intensity
+from ptylive.gpu.multislice import forward
 from ptylive.gpu.patches import extract_patches, window_starts
 from ptylive.gpu.probe_modes import MODE_POWER_FRACTION, mode_powers, orthogonalise_modes
 from ptylive.gpu.simulate import Simulation, SimulationSpec, simulate, source_probes

@@ -16,10 +16,12 @@ EPS = 1e-6
 RTOL = 1e-6
 
 
-def make_problem(seed: int, n_slices: int, window: int, detector: int, loss: str) -> dict:
+def make_problem(seed: int, n_slices: int, window: int, detector: int, loss: str, n_modes: int | None = None) -> dict:
+    """A random O(1) batch of 3 positions; ``n_modes``: a (K, N, N) probe of K modes instead of one (N, N)."""
     rng = np.random.default_rng(seed)
     batch = 3
-    probe = rng.standard_normal((window, window)) + 1j * rng.standard_normal((window, window))
+    shape = (window, window) if n_modes is None else (n_modes, window, window)
+    probe = rng.standard_normal(shape) + 1j * rng.standard_normal(shape)
     probe /= np.linalg.norm(probe)
     patches = np.exp(1j * 0.3 * rng.standard_normal((n_slices, batch, window, window)))
     patches *= 1.0 - 0.1 * rng.random(patches.shape)

@@ -7,42 +7,24 @@ import numpy as np
 import pytest
 
 from ptylive.daemon.engine.iteration import step_probe
-from ptylive.gpu.loss import (
-    amplitude_loss,
-    amplitude_loss_modes,
-    field_loss,
-    measured_target,
-    poisson_loss,
-    poisson_loss_modes,
-)
-from ptylive.gpu.multislice import forward, loss_and_gradient, model_intensity
+from ptylive.gpu.loss import amplitude_loss, loss_function, model_intensity, poisson_loss
+from ptylive.gpu.multislice import forward, loss_and_gradient
 from ptylive.gpu.patches import extract_patches, window_starts
 from ptylive.gpu.physics import wavelength_A
 from ptylive.gpu.probe import ProbeOptics, make_probe
 from ptylive.gpu.probe_modes import MODE_POWER_FRACTION, initial_modes, mode_powers, orthogonalise_modes
 from ptylive.gpu.propagation import fresnel_propagator
 from ptylive.gpu.simulate import SimulationSpec, scan_positions, simulate, source_probes
+from tests.gpu.test_gradient import EPS, RTOL
+from tests.gpu.test_gradient import make_problem as one_probe_problem
 
-# As in test_gradient.py: central differences at ε = 1e-6 on an O(1) float64 problem have truncation and
-# rounding errors near 1e-10, far below the required relative 1e-6.
-EPS = 1e-6
-RTOL = 1e-6
 # Float64 rounding of a few hundred operations on O(1) numbers: 1e-16 each, 1e-12 leaves room.
 ROUNDING = 1e-12
 
 
 def make_problem(seed: int, n_modes: int, n_slices: int, window: int, detector: int, loss: str) -> dict:
-    rng = np.random.default_rng(seed)
-    batch = 3
-    probe = rng.standard_normal((n_modes, window, window)) + 1j * rng.standard_normal((n_modes, window, window))
-    probe /= np.linalg.norm(probe)
-    patches = np.exp(1j * 0.3 * rng.standard_normal((n_slices, batch, window, window)))
-    patches *= 1.0 - 0.1 * rng.random(patches.shape)
-    shifts = rng.uniform(0, 1, size=(batch, 2))
-    propagator = fresnel_propagator(np, window, 0.25, 0.025, 8.0, dtype=np.complex128)
-    intensity = rng.uniform(0, 2.0 / detector**2, size=(batch, detector, detector))
-    return dict(probe=probe, shifts_px=shifts, patches=patches, propagator=propagator,
-                measured=measured_target(loss, intensity), loss=loss)
+    """test_gradient.py's problem with a (K, N, N) probe."""
+    return one_probe_problem(seed, n_slices, window, detector, loss, n_modes=n_modes)
 
 
 def loss_at(problem: dict, **changed: np.ndarray) -> float:
@@ -139,13 +121,13 @@ def test_mode_summed_losses_of_one_mode_are_the_one_probe_losses() -> None:
     rng = np.random.default_rng(9)
     field = complex_normal(rng, (4, 8, 8)) / 8
     target = rng.uniform(0, 2.0 / 64, size=(4, 8, 8))
-    for modes, single in ((amplitude_loss_modes, amplitude_loss), (poisson_loss_modes, poisson_loss)):
-        value, gradient = modes(field[None], target)
-        expected_value, expected_gradient = single(field, target)
+    for loss in (amplitude_loss, poisson_loss):  # the same functions take one probe's fields or K modes'
+        value, gradient = loss(field[None], target)
+        expected_value, expected_gradient = loss(field, target)
         assert value == expected_value
         np.testing.assert_array_equal(gradient[0], expected_gradient)
-    assert field_loss("amplitude", field, target)[0] == amplitude_loss(field, target)[0]
-    assert field_loss("poisson", field[None], target)[0] == poisson_loss(field, target)[0]
+    assert loss_function("amplitude")(field, target)[0] == amplitude_loss(field, target)[0]
+    assert loss_function("poisson")(field[None], target)[0] == poisson_loss(field, target)[0]
 
 
 def optics_probe(window: int = 32) -> np.ndarray:
