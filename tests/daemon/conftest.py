@@ -7,12 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import zmq
 
 from ptylive.daemon.http.server import StatusServer
 from ptylive.daemon.service.process import ServeProcess
 from tests.daemon.http_harness import FakeDaemon
-from tests.daemon.serve_harness import FINAL_ITERATIONS, PreviewListener, daemon_config
+from tests.daemon.serve_harness import FINAL_ITERATIONS, PreviewListener, daemon_config, serving
 
 
 @pytest.fixture(scope="session")
@@ -29,17 +28,8 @@ def dosed_scan(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServeProcess, PreviewListener]]:
     folder = tmp_path_factory.mktemp("daemon")
     (folder / "results").mkdir()
-    process = ServeProcess(daemon_config(folder / "results", final_iterations=FINAL_ITERATIONS), folder)
-    context = zmq.Context()
-    try:
-        endpoints = process.start()
-        listener = PreviewListener(context, endpoints["preview"])
-        yield process, listener
-        listener.close()
-    finally:
-        code = process.stop()
-        context.term()
-    assert code == 0, process.log_tail()
+    with serving(daemon_config(folder / "results", final_iterations=FINAL_ITERATIONS), folder) as running:
+        yield running
 
 
 @pytest.fixture(scope="session")

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ import numpy as np
 import zmq
 
 from ptylive.daemon.service.config import DaemonConfig, ReconstructionConfig, loopback_config
+from ptylive.daemon.service.process import ServeProcess
 
 ANY_PORT = "tcp://127.0.0.1:0"
 FINAL_ITERATIONS = 30
@@ -112,3 +116,32 @@ def series_count(url: str, series_id: str, key: str, reason: str | None = None) 
     record = registry_series(get_json(url + "status"), series_id)
     value = record.get(key, 0) if reason is None else record.get(key, {}).get(reason, 0)
     return int(value)
+
+
+@contextmanager
+def serving(config: DaemonConfig, folder: Path) -> Iterator[tuple[ServeProcess, PreviewListener]]:
+    """``ptylive serve`` with ``config`` (working folder ``folder``) and a listener on its previews.
+
+    Stopped afterwards unless the body stopped it; a daemon that exits with a non-zero code fails the test.
+    """
+    process = ServeProcess(config, folder)
+    context = zmq.Context()
+    try:
+        listener = PreviewListener(context, process.start()["preview"])
+        try:
+            yield process, listener
+        finally:
+            listener.close()
+    finally:
+        code = process.stop()
+        context.term()
+    assert code == 0, process.log_tail()
+
+
+def stop_by_sigterm(process: ServeProcess, timeout_s: float) -> tuple[int, float]:
+    """SIGTERM to the daemon's launcher, as systemd sends it: ``(exit code, seconds until it exited)``."""
+    assert process.process is not None
+    began = time.monotonic()
+    process.process.send_signal(signal.SIGTERM)
+    code = process.process.wait(timeout_s)
+    return code, time.monotonic() - began

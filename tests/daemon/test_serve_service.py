@@ -33,6 +33,7 @@ from tests.daemon.serve_harness import (
     read_final,
     registry_series,
     series_count,
+    stop_by_sigterm,
     wait_for,
 )
 from tests.daemon.test_serve import group_sizes
@@ -198,11 +199,7 @@ def test_sigterm_mid_series_stops_every_process_and_keeps_the_partial_result(
                                      rate_hz=60.0)
         with detector:
             wait_for(lambda: series_count(url, "cut", "received") >= 40, 30, "frames of the series to be cut")
-            began = time.monotonic()
-            assert process.process is not None
-            process.process.send_signal(signal.SIGTERM)
-            code = process.process.wait(10)
-            elapsed = time.monotonic() - began
+            code, elapsed = stop_by_sigterm(process, 10)
     assert code == 0 and elapsed < 10, (code, elapsed, process.log_tail())
     assert systemd.times("STOPPING=1"), "no STOPPING=1"
     final = listener.log.finals.get("cut")

@@ -9,7 +9,6 @@ cleanly within 10 s, as the unit's stop would require, with an ``interrupted`` f
 from __future__ import annotations
 
 import dataclasses
-import signal
 import time
 from pathlib import Path
 
@@ -17,9 +16,8 @@ import pytest
 import zmq
 
 from ptylive.daemon.service.config import ReconstructionConfig
-from ptylive.daemon.service.process import ServeProcess
 from ptylive.streaming.fake_detector import FakeDetector, FakeDetectorOptions, ScanSource
-from tests.daemon.serve_harness import PreviewListener, daemon_config, read_final, wait_for
+from tests.daemon.serve_harness import daemon_config, read_final, serving, stop_by_sigterm, wait_for
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]
 
@@ -29,30 +27,17 @@ def test_sigterm_inside_a_slow_iteration_still_writes_the_partial_result(tmp_pat
     config = daemon_config(tmp_path / "results", final_iterations=1000)
     config = dataclasses.replace(config, reconstruction=ReconstructionConfig(
         n_slices=80, slice_thickness_A=0.0732, upsampling=4, batch_size=4, final_iterations=1000))
-    process = ServeProcess(config, tmp_path)
-    context = zmq.Context()
-    try:
-        listener = PreviewListener(context, process.start()["preview"])
-        try:
-            source = ScanSource.from_file(dosed_scan)
-            with FakeDetector(source, FakeDetectorOptions(series_id="slow", dtype="uint16"),
-                              process.endpoints["ingest"], bind=False, context=context) as detector:
-                detector.start()
-                detector.join(120.0)
-                wait_for(lambda: listener.log.previews("slow"), 120, "the first iteration's preview")
-                time.sleep(1.0)  # inside the next iteration
-                began = time.monotonic()
-                assert process.process is not None
-                process.process.send_signal(signal.SIGTERM)
-                code = process.process.wait(30)
-                elapsed = time.monotonic() - began
-            assert code == 0 and elapsed < 10, (code, elapsed, process.log_tail())
-            final = listener.log.finals.get("slow")
-            assert final is not None and final["status"] == "interrupted", listener.log.finals
-            assert read_final(final["path"])["attrs"]["status"] == "interrupted"
-        finally:
-            listener.close()
-    finally:
-        if process.process is not None and process.process.poll() is None:
-            process.stop()
-        context.term()
+    with serving(config, tmp_path) as (process, listener):
+        source = ScanSource.from_file(dosed_scan)
+        with zmq.Context() as context, FakeDetector(source, FakeDetectorOptions(series_id="slow", dtype="uint16"),
+                                                    process.endpoints["ingest"], bind=False,
+                                                    context=context) as detector:
+            detector.start()
+            detector.join(120.0)
+            wait_for(lambda: listener.log.previews("slow"), 120, "the first iteration's preview")
+            time.sleep(1.0)  # inside the next iteration
+            code, elapsed = stop_by_sigterm(process, 30)
+        assert code == 0 and elapsed < 10, (code, elapsed, process.log_tail())
+        final = listener.log.finals.get("slow")
+        assert final is not None and final["status"] == "interrupted", listener.log.finals
+        assert read_final(final["path"])["attrs"]["status"] == "interrupted"

@@ -25,13 +25,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import zmq
 
 from ptylive.daemon.service.config import ReconstructionConfig, loopback_config
 from ptylive.daemon.service.process import ServeProcess
 from tests.abtem_cases import AbtemCase, case_path, load_case, score_result
 from tests.conftest import run_cli
-from tests.daemon.serve_harness import PreviewListener, read_final
+from tests.daemon.serve_harness import PreviewListener, read_final, serving
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi]
 
@@ -49,17 +48,8 @@ def thick_daemon(tmp_path: Path) -> Iterator[tuple[ServeProcess, PreviewListener
     reconstruction = ReconstructionConfig(n_slices=case.n_slices, slice_thickness_A=case.slice_thickness_A,
                                           final_iterations=FINAL_ITERATIONS)
     (tmp_path / "results").mkdir()
-    process = ServeProcess(loopback_config(tmp_path / "results", WORKERS, reconstruction), tmp_path / "serve")
-    context = zmq.Context()
-    try:
-        endpoints = process.start()
-        listener = PreviewListener(context, endpoints["preview"])
-        yield process, listener
-        listener.close()
-    finally:
-        code = process.stop()
-        context.term()
-    assert code == 0, process.log_tail()
+    with serving(loopback_config(tmp_path / "results", WORKERS, reconstruction), tmp_path / "serve") as running:
+        yield running
 
 
 def replay(process: ServeProcess, series_id: str) -> None:
