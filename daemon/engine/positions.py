@@ -48,6 +48,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ptylive.daemon.engine.decomposition import Box
+from ptylive.gpu.multislice import CURVATURE_PER_LOSS
 from ptylive.gpu.patches import window_starts
 from ptylive.gpu.positions import (
     CURVATURE_FLOOR,
@@ -314,8 +315,6 @@ def counting_noise(loss: str, counts_per_unit_power: float) -> float:
     ``h = 4S`` and ``Var(g) = 4S/α``. Either way ``σ² = Var(g)/h² = 1/(4αS) = c_loss/(4αh)``, with
     ``c_loss`` the factor of :func:`ptylive.gpu.multislice.position_curvature` (2 and 4).
     """
-    from ptylive.gpu.multislice import CURVATURE_PER_LOSS
-
     if not counts_per_unit_power > 0:
         raise ValueError(f"counts per unit probe power must be positive, got {counts_per_unit_power!r}")
     return CURVATURE_PER_LOSS[loss] / (4.0 * counts_per_unit_power)
@@ -331,8 +330,6 @@ def residual_noise(loss: str, loss_per_pixel: float) -> float | None:
     ``k = c Var(t)`` (``c = 2``; :func:`counting_noise` with ``Var(t) = 1/(4α)``). None for the Poisson
     loss, whose value is not a residual.
     """
-    from ptylive.gpu.multislice import CURVATURE_PER_LOSS
-
     if loss != "amplitude" or not np.isfinite(loss_per_pixel) or loss_per_pixel < 0:
         return None
     return CURVATURE_PER_LOSS["amplitude"] * loss_per_pixel

@@ -173,7 +173,7 @@ class SeriesViews:
     def _view(self, series_id: str) -> tuple[SeriesView | None, dict[str, Any] | None]:
         with self._lock:
             view = self._views.get(series_id)
-            done = any(entry["series_id"] == series_id for entry in self._finished)
+            done = view is None and any(entry["series_id"] == series_id for entry in self._finished)
         if view is not None:
             return view, None
         if done:  # a late message about a series whose file is written: its view is gone on purpose
