@@ -14,6 +14,8 @@ from ptylive.daemon.engine.decomposition import Box
 from ptylive.daemon.engine.exchange.protocols import NullExchanger
 from ptylive.daemon.engine.positions import (
     PositionOptions,
+    SPREAD_GROWTH,
+    SPREAD_MIN_PX2,
     PositionState,
     counting_noise,
     refine_positions,
@@ -89,6 +91,49 @@ def test_the_prior_keeps_exact_positions_where_the_noise_would_move_them() -> No
     prior = fixed_noise_run(nominal, nominal, noise, h, k)
     assert rms(plain - nominal) > 0.8 * np.sqrt(2) * sigma  # without it the positions walk to the noise
     assert rms(prior - nominal) < 0.25 * rms(plain - nominal)
+
+
+def spreads_after(targets_px: list[np.ndarray], nominal_px: np.ndarray, h: float, k: float) -> list[float]:
+    """``τ²`` after each call whose data put every position's maximum-likelihood place at ``targets_px[call]``."""
+    state = PositionState.start(nominal_px)
+    curvature = np.full_like(nominal_px, h)
+    spreads = []
+    for target in targets_px:
+        update = refine_positions(state, nominal_px, h * (state.positions_px - target), curvature,
+                                  Box(-1000, 1000, -1000, 1000), 16, NullExchanger(),
+                                  PositionOptions(fit_affine=False), noise_px2_loss=k)
+        state = update.state
+        spreads.append(state.spread_px2)
+    return spreads
+
+
+def test_the_spread_is_the_correlation_of_successive_proposals() -> None:
+    """A model error that flips sign between calls (measured on thick SrTiO3 with exact positions: proposals
+    2 px rms about the affine while the object converged) is no spread; a persistent one is. One call's
+    scatter alone could not tell them apart."""
+    rng = np.random.default_rng(7)
+    nominal = np.stack(np.meshgrid(np.arange(20.0), np.arange(20.0), indexing="ij"), axis=-1).reshape(-1, 2) * 2
+    h, sigma, tau = 4.0, 0.05, 1.0
+    b = rng.normal(scale=tau, size=nominal.shape)
+    b -= b.mean(axis=0)  # the translation is pinned: a mean offset is no spread
+    k = sigma**2 * h
+    swinging = spreads_after([nominal + b, nominal - b], nominal, h, k)
+    persistent = spreads_after([nominal + b, nominal + b], nominal, h, k)
+    assert swinging[0] == pytest.approx(persistent[0])  # the first call has only its own scatter
+    assert swinging[1] == SPREAD_MIN_PX2
+    # (mean |b|² − 2σ²)/2 per axis, up to the sample: 400 positions, ±3·√(2/800) ≈ 15 %
+    assert persistent[1] == pytest.approx(tau**2 - sigma**2, rel=0.15)
+
+
+def test_the_spread_grows_by_at_most_its_factor_per_call() -> None:
+    rng = np.random.default_rng(8)
+    nominal = np.stack(np.meshgrid(np.arange(20.0), np.arange(20.0), indexing="ij"), axis=-1).reshape(-1, 2) * 2
+    small, large = (rng.normal(scale=s, size=nominal.shape) for s in (0.1, 1.0))
+    spreads = spreads_after([nominal + small] * 2 + [nominal + large] * 5, nominal, 4.0, 1e-4)
+    assert spreads[1] == pytest.approx(0.01, rel=0.2)
+    assert spreads[2] < spreads[1]  # small and large are independent: no correlation, a fall at once
+    # then 1 px² persists, and τ² climbs towards it by the factor per call (far below it, the limit binds)
+    np.testing.assert_allclose(spreads[3:], spreads[2] * SPREAD_GROWTH ** np.arange(1, 5), rtol=1e-12)
 
 
 def test_the_prior_still_finds_real_errors() -> None:
