@@ -164,9 +164,10 @@ class Collector:
             self.publisher.series_ended(*self.views.finished(outcome))
 
     def status(self) -> dict[str, Any]:
-        """The collector's part of ``/status``: roster, latest series, finished files, counters."""
+        """The collector's part of ``/status``: roster, latest series, finished files, counters (``final_writes``:
+        final files by outcome, and retries)."""
         return {**self.roster.snapshot(), **self.views.status(), "previews_published": self.publisher.published,
-                "finals_pending": self.writer.pending}
+                "finals_pending": self.writer.pending, "final_writes": self.writer.counts()}
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Stop the thread, write and announce the final files still queued, close the sockets."""

@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 
 import ptylive
 from ptylive.daemon.engine.memory_plan import host_memory_bytes
+from ptylive.daemon.service.final_writer import WRITE_OUTCOMES
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,18 @@ class SnapshotCollector(Collector):
         status = self.snapshot()
         yield from self._ingest(status["ingest"], status.get("coverage_ratio"))
         yield from self._workers(status)
+        yield from self._final_writes(status.get("final_writes", {}))
+
+    @staticmethod
+    def _final_writes(counts: dict[str, int]) -> Iterator[Metric]:
+        writes = _counter("ptylive_final_writes", "Final files, by outcome: written (results folder), fallback "
+                          "(fallback folder), failed (neither: the reconstruction is lost).", ["outcome"])
+        for outcome in WRITE_OUTCOMES:
+            writes.add_metric([outcome], counts.get(outcome, 0))
+        retries = _counter("ptylive_final_write_retries", "Further attempts to write a final file in the results "
+                           "folder after one failed.")
+        retries.add_metric([], counts.get("retries", 0))
+        yield from (writes, retries)
 
     @staticmethod
     def _ingest(ingest: dict[str, Any], coverage: float | None) -> Iterator[Metric]:

@@ -8,12 +8,12 @@ PUB messages (subscribers: ``ptylive demo``, dashboards, tests)::
                      "factor", "published_s"}
     part 1  (h, w) float32 mosaic of projected phase (NaN where no tile reported yet)
 
-    part 0  msgpack {"htype": "final", "series_id", "path", "status"}      (one part)
+    part 0  msgpack {"htype": "final", "series_id", "path", "status", "fallback"}      (one part)
 
 Events on :attr:`Publisher.events` (:mod:`ptylive.daemon.http.sse`, the viewer's ``/events``):
 ``series_start`` (a worker's first message about a series), ``preview`` (the PUB header without ``htype``
 and ``dtype``, plus the mosaic ``version``, ``object_shape`` and ``n_slices``) and ``series_end`` (``path``,
-``file``, ``status``, ``iterations``, ``error`` and the final ``coverage`` map).
+``file``, ``status``, ``iterations``, ``error``, ``fallback`` and the final ``coverage`` map).
 
 Previews go out at most ``rate_hz`` times a second (:meth:`Publisher.due`). A ZMQ socket is not
 thread-safe: one thread at a time calls the publishing methods (the collector's, then its closer).
@@ -82,10 +82,12 @@ class Publisher:
         self.events.publish("preview", {**fields, **extra})
 
     def series_ended(self, entry: dict[str, Any], coverage: dict[str, Any]) -> None:
-        """A series' final file is written (or failed: ``entry["path"]`` None): event, then the PUB ``final``."""
+        """A series' final file is written (``entry["fallback"]``: in the fallback folder) or failed
+        (``entry["path"]`` None): event, then the PUB ``final``."""
         self.events.publish("series_end", {**entry, "coverage": coverage})
         self._sender.send_multipart([msgpack.packb({"htype": "final", "series_id": entry["series_id"],
-                                                    "path": entry["path"], "status": entry["status"]})])
+                                                    "path": entry["path"], "status": entry["status"],
+                                                    "fallback": entry["fallback"]})])
 
     def close(self) -> None:
         """End every event stream (the socket belongs to its creator)."""

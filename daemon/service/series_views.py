@@ -227,15 +227,21 @@ class SeriesViews:
                                   mosaic.factor, extra, by_tiles)
 
     def finished(self, outcome: FinalOutcome) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Record a written (or failed) final file: ``(the /status 'finished' entry, the coverage map)``."""
+        """Record a written (or failed) final file: ``(the /status 'finished' entry, the coverage map)``.
+
+        ``file`` is the name ``/files/`` serves: None for a file in the fallback folder (``fallback`` True,
+        ``path`` says where it is, ``error`` why the results folder failed) and for none written.
+        """
         job = outcome.job
         finals = job.finals
         path = None if outcome.path is None else str(outcome.path)
         # a reconstruction whose file could not be written is not "complete": say so wherever it is announced
         status = "write_failed" if outcome.path is None else str(finals[0].header["status"])
         coverage = coverage_map(job.start, [m.header["received"] for m in finals])
-        entry = {"series_id": job.start.series_id, "path": path, "file": outcome.path.name if outcome.path else None,
-                 "status": status, "iterations": finals[0].header["iterations"], "error": outcome.error}
+        served_name = None if outcome.path is None or outcome.fallback else outcome.path.name
+        entry = {"series_id": job.start.series_id, "path": path, "file": served_name,
+                 "status": status, "iterations": finals[0].header["iterations"], "error": outcome.error,
+                 "fallback": outcome.fallback}
         with self._lock:
             view = self._views.get(job.start.series_id)
             if view is not None:

@@ -133,7 +133,7 @@ def test_views_hand_out_the_final_job_once_every_worker_is_done(geometry: Series
     assert views.tiles()["coverage"] is None  # until the file is written
     entry, coverage = views.finished(FinalOutcome(job, tmp_path / "p-1.h5"))
     assert entry == {"series_id": "p-1", "path": str(tmp_path / "p-1.h5"), "file": "p-1.h5", "status": "complete",
-                     "iterations": 7, "error": None}
+                     "iterations": 7, "error": None, "fallback": False}
     assert coverage["rows"] == ["11100000", *["00000000"] * 4, "11000000"]  # frames 0-2 and 40-41 of 6 × 8
     tiles = views.tiles()
     assert tiles["coverage"] == coverage and [t["iteration"] for t in tiles["tiles"]] == [7, 7]
@@ -194,15 +194,16 @@ def test_the_publisher_sends_previews_at_most_at_its_rate_and_mirrors_them_as_ev
 def test_the_publisher_announces_a_finished_series_as_event_then_on_the_pub() -> None:
     socket, hub = Recorder(), EventHub()
     publisher = Publisher(socket, rate_hz=1.0, events=hub)
-    entry = {"series_id": "p-1", "path": None, "file": None, "status": "complete", "iterations": 3, "error": "boom"}
+    entry = {"series_id": "p-1", "path": "/spare/p-1.h5", "file": None, "status": "complete", "iterations": 3,
+             "error": "OSError: disk full", "fallback": True}
     with hub.subscribe() as subscription:
         publisher.series_started({"series_id": "p-1"})
         publisher.series_ended(entry, {"rows": ["1"]})
         names = [next_event(subscription).name, next_event(subscription)]
     assert names[0] == "series_start" and names[1].name == "series_end"
     assert json.loads(names[1].data) == {**entry, "coverage": {"rows": ["1"]}}
-    assert msgpack.unpackb(socket.sent[0][0]) == {"htype": "final", "series_id": "p-1", "path": None,
-                                                  "status": "complete"}
+    assert msgpack.unpackb(socket.sent[0][0]) == {"htype": "final", "series_id": "p-1", "path": "/spare/p-1.h5",
+                                                  "status": "complete", "fallback": True}
     publisher.close()
     with pytest.raises(RuntimeError, match="closed"):
         hub.subscribe()
@@ -228,7 +229,7 @@ def test_the_writer_writes_off_the_submitting_thread_and_reports_failures(
         assert release.wait(5.0)
         return folder / f"{start.series_id}.h5"
 
-    writer = FinalWriter(tmp_path, write)
+    writer = FinalWriter(tmp_path, write, fallback_folder=tmp_path / "fallback", retry_delays_s=())
     writer.start()
     writer.submit(job(geometry, "slow"))  # returns at once, though the write blocks
     assert writing.wait(5.0) and writer.pending == 1 and writer.take_done() == []
@@ -239,8 +240,8 @@ def test_the_writer_writes_off_the_submitting_thread_and_reports_failures(
         assert writer.wait_idle(5.0)
     outcomes = writer.take_done()
     assert [(o.job.start.series_id, o.path, o.error) for o in outcomes] == [
-        ("slow", tmp_path / "slow.h5", None), ("bad", None, "OSError: disk full"),
-        ("after", tmp_path / "after.h5", None)]
+        ("slow", tmp_path / "slow.h5", None), ("bad", None, "OSError: disk full; fallback folder: OSError: disk full"),
+        ("after", tmp_path / "after.h5", None)]  # "bad" fails in the fallback folder too
     assert "series 'bad': final file not written" in caplog.text and "disk full" in caplog.text
     assert set(threads) == {"ptylive-final-writer"}
     assert writer.close(1.0) == [] and writer.pending == 0
