@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 from typing import Any
@@ -162,12 +163,13 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def serve(args: argparse.Namespace, argv: list[str]) -> int:
-    from ptylive.daemon.service.config import load_config
+    from ptylive.daemon.service.config import control_token, load_config
 
     config = load_config(args.config)
     if not under_mpi():
         if not config.output.folder.is_dir():  # one clear message before any rank starts
             raise ValueError(f"output folder {config.output.folder} does not exist")
+        control_token(config.http, os.environ)  # the token file too (rank 0 reads it again, as it starts)
         return relaunch(config.workers.ranks + 1, argv)
     from mpi4py import MPI
 

@@ -16,12 +16,13 @@ GET         ``/preview.png``       ``Providers.preview_png()``; 404 while it is 
 GET         ``/events``            server-sent events from ``Providers.events``
 GET         ``/files/<name>.h5``   a final file of ``Providers.output_folder``
 GET         ``/metrics``           ``Providers.metrics()`` body and type; 404 if unset
-POST        ``/control``           ``{"action": "finalize"|"abort", "series_id": str}``
+POST        ``/control``           ``{"action": "finalize"|"abort", "series_id": str}``, with
+                                   ``Authorization: Bearer <token>`` (:mod:`.access`)
 ==========  =====================  ==============================================
 
-Errors are JSON ``{"error": "..."}``: 400 bad request, 403 control disabled,
-404 unknown path, 405 wrong method, 409 control refused, 500 provider raised,
-503 too many event streams.
+Errors are JSON ``{"error": "..."}``: 400 bad request, 401 no or wrong token, 403 control disabled or a
+foreign Host or Origin, 404 unknown path, 405 wrong method, 409 control refused, 415 not JSON, 500 provider
+raised (the body names only the exception's type: its message may hold a path), 503 too many event streams.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import json
 import logging
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -39,6 +40,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from ptylive.daemon.http.access import ControlAccess, Refusal
 from ptylive.daemon.http.requests import (
     CONTROL_DISABLED,
     MAX_CONTROL_BODY_BYTES,
@@ -54,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 JSON_TYPE = "application/json"
 SHUTDOWN_POLL_S = 0.05  # how often serve_forever checks for close(); the default 0.5 s slows shutdown
+ALL_INTERFACES = ("", "0.0.0.0", "::")
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,8 @@ class Providers:
     preview_png : () -> bytes or None
         PNG of the mosaic, or None before the first preview (answered 404).
     control : (action, series_id) -> (accepted, message), optional
-        Called for ``POST /control``; None disables the endpoint (403).
+        Called for ``POST /control`` once :class:`~ptylive.daemon.http.access.ControlAccess` let the request
+        through; None disables the endpoint (403).
     metrics : () -> (body, content_type), optional
         Body for ``/metrics`` (e.g. Prometheus exposition); None answers 404.
     events : EventHub, optional
@@ -80,6 +84,8 @@ class Providers:
         PNG of slice ``k``'s mosaic for ``/preview.png?slice=k``; None (or an answer of None) is 404.
     output_folder : Path, optional
         Where ``/files/<name>.h5`` reads final files; None answers 404.
+    on_refused : (reason) -> None, optional
+        Told of every refused ``POST /control``, with a reason of ``access.REFUSAL_REASONS`` (e.g. a metric).
     """
 
     status: Callable[[], dict[str, Any]]
@@ -90,6 +96,7 @@ class Providers:
     events: EventHub | None = None
     slice_png: Callable[[int], bytes | None] | None = None
     output_folder: Path | None = None
+    on_refused: Callable[[str], None] | None = None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -119,7 +126,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(HTTPStatus.BAD_REQUEST, {"error": str(error)})
         except Exception as error:  # noqa: BLE001 - a provider failure must not stop the server
             logger.exception("HTTP %s %s failed", self.command, path)
-            self._send_json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(error).__name__}: {error}"})
+            self._send_json(HTTPStatus.INTERNAL_SERVER_ERROR,  # the message stays in the log: it may name a path
+                            {"error": f"internal error ({type(error).__name__}); see the daemon's log"})
 
     def _get(self, path: str) -> None:
         providers = self.server.providers
@@ -140,7 +148,7 @@ class _Handler(BaseHTTPRequestHandler):
             body, content_type = providers.metrics()
             self._send(HTTPStatus.OK, body, content_type)
         elif path == "/control":
-            self._send_json(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "use POST for /control"}, allow="POST")
+            self._send_json(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "use POST for /control"}, {"Allow": "POST"})
         else:
             self._send_json(HTTPStatus.NOT_FOUND, {"error": f"no such path {path!r}"})
 
@@ -174,15 +182,30 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # the body is left unread
             self._send_json(status, {"error": f"POST not supported for {path!r}"})
             return
-        control = self.server.providers.control
-        if control is None:
+        control, access = self.server.providers.control, self.server.access
+        if control is None or access is None:
             self.close_connection = True
             self._send_json(HTTPStatus.FORBIDDEN, {"error": CONTROL_DISABLED})
+            return
+        refusal = access.refusal(self.headers, self.server.bound_host, self.server.server_address[1])
+        if refusal is not None:
+            self._refuse(refusal)
             return
         action, series_id = parse_control(self._read_body(MAX_CONTROL_BODY_BYTES))
         accepted, message = control(action, series_id)
         status = HTTPStatus.OK if accepted else HTTPStatus.CONFLICT
         self._send_json(status, {"accepted": bool(accepted), "message": str(message)})
+
+    def _refuse(self, refusal: Refusal) -> None:
+        """Answer a refused state change; logged once, without the token, and counted."""
+        logger.warning("refused %s %s from %s (%s): %s", self.command, urlsplit(self.path).path,
+                       self.client_address[0], refusal.reason, refusal.message)
+        on_refused = self.server.providers.on_refused
+        if on_refused is not None:
+            on_refused(refusal.reason)
+        self.close_connection = True  # the body is left unread
+        challenge = {"WWW-Authenticate": 'Bearer realm="ptylive"'} if refusal.status == HTTPStatus.UNAUTHORIZED else {}
+        self._send_json(refusal.status, {"error": refusal.message}, challenge)
 
     def _read_body(self, limit: int) -> bytes:
         length_header = self.headers.get("Content-Length")
@@ -196,17 +219,18 @@ class _Handler(BaseHTTPRequestHandler):
             raise BadRequest(f"body of {length} bytes; expected at most {limit}")
         return self.rfile.read(length)
 
-    def _send_json(self, status: HTTPStatus, payload: Any, allow: str | None = None) -> None:
+    def _send_json(self, status: HTTPStatus, payload: Any, headers: Mapping[str, str] | None = None) -> None:
         body = json.dumps(json_ready(payload), allow_nan=False).encode("utf-8")
-        self._send(status, body, JSON_TYPE, allow=allow)
+        self._send(status, body, JSON_TYPE, headers)
 
-    def _send(self, status: HTTPStatus, body: bytes, content_type: str, allow: str | None = None) -> None:
+    def _send(self, status: HTTPStatus, body: bytes, content_type: str,
+              headers: Mapping[str, str] | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
-        if allow is not None:
-            self.send_header("Allow", allow)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
@@ -228,8 +252,9 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 128  # the listen backlog (the stdlib's 5 made one /status wait 14.8 s behind 400 clients)
     max_connections = 64  # handler threads; a client beyond them gets 503 at once, without a thread
 
-    def __init__(self, address: tuple[str, int], providers: Providers) -> None:
-        self.providers = providers
+    def __init__(self, address: tuple[str, int], providers: Providers, access: ControlAccess | None) -> None:
+        self.providers, self.access = providers, access
+        self.bound_host = address[0]
         self.closing = threading.Event()  # ends the event streams
         self.connections = OpenConnections()
         if ":" in address[0]:
@@ -266,10 +291,15 @@ class StatusServer:
         Address to bind, e.g. ``"127.0.0.1"`` or ``"0.0.0.0"``.
     port : int
         TCP port; 0 picks a free one.
+    access : ControlAccess, optional
+        The token and host names ``POST /control`` requires; needed when ``providers.control`` is set.
     """
 
-    def __init__(self, providers: Providers, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._server = _Server((host, port), providers)
+    def __init__(self, providers: Providers, host: str = "127.0.0.1", port: int = 0,
+                 access: ControlAccess | None = None) -> None:
+        if providers.control is not None and access is None:
+            raise ValueError("POST /control needs a ControlAccess (its token); none was given")
+        self._server = _Server((host, port), providers, access)
         self._host = host
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -296,6 +326,10 @@ class StatusServer:
                                                 name="ptylive-http", daemon=True)
                 self._thread.start()
                 logger.info("operator HTTP server listening on %s", self.url)
+                if self._host in ALL_INTERFACES:
+                    logger.warning("operator HTTP server bound to every interface (%r, port %d): whoever reaches "
+                                   "this machine sees status, previews and result files; bind one address "
+                                   "(http.host) or firewall the port", self._host, self.port)
         return self
 
     def close(self) -> None:

@@ -24,8 +24,11 @@ from typing import Any, ClassVar, Literal
 import tomli_w
 
 from ptylive.daemon.engine.options import DEFAULT_UPDATES_PER_ITERATION, EngineOptions
+from ptylive.daemon.http.access import TokenFileError, authority, read_token, token_file_path, write_token
 
 logger = logging.getLogger(__name__)
+
+LOOPBACK_TOKEN_FILE = ".control-token"  # where loopback_config(control=True) writes its token
 
 
 class ConfigError(ValueError):
@@ -48,6 +51,8 @@ def _expected(hint: Any, metadata: Mapping[str, Any]) -> str:
     args = typing.get_args(hint)
     if typing.get_origin(hint) is Literal:
         return "one of " + ", ".join(repr(choice) for choice in args)
+    if typing.get_origin(hint) is tuple:
+        return f"a list, each {_expected(args[0], metadata)}"
     if type(None) in args:
         return _expected(next(arg for arg in args if arg is not type(None)), metadata) + " (or absent)"
     bounds = " and ".join(f"{symbol} {metadata[key]}" for key, (symbol, _) in _BOUNDS.items()
@@ -61,6 +66,9 @@ def _checked(value: Any, hint: Any, metadata: Mapping[str, Any]) -> Any:
     args = typing.get_args(hint)
     if typing.get_origin(hint) is Literal:
         return value if isinstance(value, str) and value in args else _INVALID
+    if typing.get_origin(hint) is tuple:  # ``tuple[X, ...]``: a TOML array
+        items = [_checked(item, args[0], metadata) for item in value] if isinstance(value, list | tuple) else None
+        return _INVALID if items is None or any(item is _INVALID for item in items) else tuple(items)
     if type(None) in args:  # ``X | None``: None means "absent"
         return None if value is None else _checked(value, next(a for a in args if a is not type(None)), metadata)
     if hint is Path:
@@ -210,6 +218,19 @@ class HttpConfig(_Section):
     host: str = "127.0.0.1"
     port: int = _option(8080, ge=0, le=65535)
     control: bool = False
+    # the bearer token POST /control requires; a bare name is looked up in $CREDENTIALS_DIRECTORY when set
+    control_token_file: str = ""
+    allowed_hosts: tuple[str, ...] = ()  # Host names (name or name:port) accepted beside the bind address, loopback
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.control and not self.control_token_file:
+            raise ConfigError("'http.control' = true needs 'http.control_token_file': a file holding the bearer "
+                              "token POST /control requires (docs/operations.md)")
+        invalid = [host for host in self.allowed_hosts if authority(host) is None]
+        if invalid:
+            raise ConfigError(f"invalid value {invalid[0]!r} in 'http.allowed_hosts'; expected a host name or "
+                              f"host:port such as 'ptylive.example.org' or '192.0.2.10:8080'")
 
 
 @dataclass(frozen=True)
@@ -321,8 +342,35 @@ def check_streamable(reconstruction: ReconstructionConfig) -> ReconstructionConf
 
 def loopback_config(output_folder: Path, ranks: int, reconstruction: ReconstructionConfig,
                     http_port: int = 0, control: bool = False) -> DaemonConfig:
-    """Everything on 127.0.0.1, ports chosen by the OS (the ready file tells them): demo, tests, benchmarks."""
+    """Everything on 127.0.0.1, ports chosen by the OS (the ready file tells them): demo, tests, benchmarks.
+
+    With ``control``, a new random token is written to ``output_folder / LOOPBACK_TOKEN_FILE`` (mode 0600, the
+    folder made if missing): read it back with :func:`control_token`.
+    """
     any_port = "tcp://127.0.0.1:0"
+    token_file = ""
+    if control:
+        output_folder.mkdir(parents=True, exist_ok=True)
+        token_file = str(output_folder / LOOPBACK_TOKEN_FILE)
+        write_token(Path(token_file))
     return DaemonConfig(ingest=IngestConfig(endpoint=any_port), workers=WorkersConfig(ranks=ranks),
                         reconstruction=reconstruction, preview=PreviewConfig(endpoint=any_port),
-                        http=HttpConfig(port=http_port, control=control), output=OutputConfig(output_folder))
+                        http=HttpConfig(port=http_port, control=control, control_token_file=token_file),
+                        output=OutputConfig(output_folder))
+
+
+def control_token(http: HttpConfig, environ: Mapping[str, str]) -> str | None:
+    """The token ``POST /control`` requires, read from ``http.control_token_file`` (a bare name in
+    ``$CREDENTIALS_DIRECTORY`` of ``environ`` when set); None when control is off.
+
+    Raises
+    ------
+    ConfigError
+        If the file cannot be read, is readable by every user, or holds no usable token.
+    """
+    if not http.control:
+        return None
+    try:
+        return read_token(token_file_path(http.control_token_file, environ))
+    except TokenFileError as error:
+        raise ConfigError(f"'http.control_token_file' = {http.control_token_file!r}: {error}") from None

@@ -17,12 +17,13 @@ import platform
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 import ptylive
 from ptylive.daemon.engine.memory_plan import host_memory_bytes
+from ptylive.daemon.http.access import REFUSAL_REASONS
 from ptylive.daemon.service.final_writer import WRITE_OUTCOMES
 
 logger = logging.getLogger(__name__)
@@ -149,6 +150,10 @@ class DaemonMetrics:
         self.preview_latency = Histogram("ptylive_frame_to_preview_latency_seconds",
                                          "From a frame's acceptance by the ingest to the first preview using it.",
                                          registry=registry, buckets=LATENCY_BUCKETS_S)
+        self.http_refused = Counter("ptylive_http_refused", "State-changing HTTP requests refused, by reason.",
+                                    ["reason"], registry=registry)
+        for reason in REFUSAL_REASONS:  # every reason exported from the start, at 0
+            self.http_refused.labels(reason)
         build = Gauge("ptylive_build_info", "Build information (always 1).", ["version", "python"], registry=registry)
         build.labels(ptylive.__version__, platform.python_version()).set(1)
         registry.register(SnapshotCollector(snapshot))
@@ -158,6 +163,10 @@ class DaemonMetrics:
         histogram = self.iteration_duration.labels(str(worker + 1))
         for seconds in report.get("iteration_s", ()):
             histogram.observe(float(seconds))
+
+    def count_refused(self, reason: str) -> None:
+        """A request the HTTP server refused (HTTP thread); ``reason`` is one of ``access.REFUSAL_REASONS``."""
+        self.http_refused.labels(reason).inc()
 
     def observe_latencies(self, seconds: Iterable[float]) -> None:
         for value in seconds:

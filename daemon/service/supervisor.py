@@ -27,9 +27,10 @@ from prometheus_client import CollectorRegistry
 
 from ptylive.daemon.engine.geometry import SeriesGeometry, series_geometry
 from ptylive.daemon.engine.memory_plan import rank_memory
+from ptylive.daemon.http.access import ControlAccess
 from ptylive.daemon.http.server import Providers, StatusServer
 from ptylive.daemon.service.collector import Collector, CollectorHooks
-from ptylive.daemon.service.config import DaemonConfig, apply_overrides
+from ptylive.daemon.service.config import DaemonConfig, apply_overrides, control_token
 from ptylive.daemon.service.metrics import DaemonMetrics, PreviewLatency
 from ptylive.daemon.service.notify import Watchdog, notify, watchdog_period_s
 from ptylive.daemon.service.series_views import coverage_rows
@@ -122,6 +123,7 @@ class Rank0:
     def __init__(self, config: DaemonConfig, context: zmq.Context,
                  metrics_registry: CollectorRegistry | None = None) -> None:
         self.config, self.context = config, context
+        token = control_token(config.http, os.environ)  # read once, before anything is bound
         self.admission = Admission(config)
         c, n = config, config.workers.ranks
         registry = SeriesRegistry(RegistryConfig(c.ingest.on_new_start, c.ingest.history, c.ingest.max_queued_series))
@@ -137,12 +139,14 @@ class Rank0:
                                on_heartbeat=self.metrics.observe_report, on_preview=self._observe_latency)
         self.collector = Collector(context, INTERNAL_ENDPOINT, c.preview.endpoint, hooks, Path(c.output.folder), n,
                                    c.preview.rate_hz, history=c.ingest.history)
-        control = self.control if c.http.control else None
+        control = self.control if token is not None else None
+        access = ControlAccess(token, c.http.allowed_hosts) if token is not None else None
         views = self.collector.views
         self.http = StatusServer(Providers(self.status, views.tiles, views.preview_png, control,
                                            metrics=self.metrics.exposition, events=self.collector.events,
-                                           slice_png=views.slice_png, output_folder=Path(c.output.folder)),
-                                 c.http.host, c.http.port)
+                                           slice_png=views.slice_png, output_folder=Path(c.output.folder),
+                                           on_refused=self.metrics.count_refused),
+                                 c.http.host, c.http.port, access)
         self.stop = threading.Event()
 
     def endpoints(self) -> dict[str, Any]:

@@ -56,6 +56,6 @@ def fake_daemon() -> FakeDaemon:
 
 @pytest.fixture
 def server(fake_daemon: FakeDaemon) -> Iterator[StatusServer]:
-    """A StatusServer on 127.0.0.1, port 0, over ``fake_daemon``."""
-    with StatusServer(fake_daemon.providers(), "127.0.0.1", 0) as running:
+    """A StatusServer on 127.0.0.1, port 0, over ``fake_daemon``, control on (``http_harness.TOKEN``)."""
+    with StatusServer(fake_daemon.providers(control=True), "127.0.0.1", 0, fake_daemon.access()) as running:
         yield running

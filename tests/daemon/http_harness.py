@@ -11,11 +11,13 @@ from typing import Any
 
 import numpy as np
 
+from ptylive.daemon.http.access import ControlAccess
 from ptylive.daemon.http.server import Providers
 from ptylive.daemon.http.sse import EventHub
 
 STATUS = {"series_id": "s-042", "frames_received": 120, "frames_expected": 400, "iteration": 7}
 TILES = {"tiles": [{"rank": 1, "row0": 0, "row1": 32, "col0": 0, "col1": 32, "iteration": 7}]}
+TOKEN = "test-token-0123456789abcdef"
 
 
 @dataclass
@@ -29,6 +31,7 @@ class FakeDaemon:
     control_calls: list[tuple[str, str | None]] = field(default_factory=list)
     hub: EventHub = field(default_factory=lambda: EventHub(max_subscribers=2))
     output_folder: Path | None = None
+    refused: list[str] = field(default_factory=list)
 
     def status(self) -> dict[str, Any]:
         if self.fail_status:
@@ -51,10 +54,15 @@ class FakeDaemon:
     def metrics(self) -> tuple[bytes, str]:
         return b"ptylive_frames_total 120\n", "text/plain; version=0.0.4"
 
-    def providers(self, control: bool = True, metrics: bool = True) -> Providers:
+    def providers(self, control: bool = False, metrics: bool = True) -> Providers:
+        """With ``control``, the server needs :meth:`access` too."""
         return Providers(status=self.status, tiles=self.tiles, preview_png=self.preview_png,
                          control=self.control if control else None, metrics=self.metrics if metrics else None,
-                         events=self.hub, slice_png=self.slice_png, output_folder=self.output_folder)
+                         events=self.hub, slice_png=self.slice_png, output_folder=self.output_folder,
+                         on_refused=self.refused.append)
+
+    def access(self, allowed_hosts: tuple[str, ...] = ()) -> ControlAccess:
+        return ControlAccess(TOKEN, allowed_hosts)
 
 
 @dataclass(frozen=True)
@@ -80,5 +88,7 @@ def request(url: str, body: bytes | None = None, headers: dict[str, str] | None 
             return Reply(error.code, error.headers["Content-Type"], error.headers["Cache-Control"], error.read())
 
 
-def post_json(url: str, payload: Any) -> Reply:
-    return request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
+def post_json(url: str, payload: Any, token: str | None = TOKEN, headers: dict[str, str] | None = None) -> Reply:
+    """POST ``payload`` as JSON with ``Authorization: Bearer token`` (none when ``token`` is None) and ``headers``."""
+    sent = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    return request(url, json.dumps(payload).encode(), {**sent, **(headers or {})})

@@ -58,6 +58,8 @@ max_px = 8
 host = "0.0.0.0"
 port = 0
 control = true
+control_token_file = "control-token"
+allowed_hosts = ["ptylive.example.org", "192.0.2.10:8080"]
 
 [output]
 folder = "/data/ptylive"
@@ -104,7 +106,8 @@ def test_full_file(tmp_path: Path) -> None:
     assert isinstance(config.reconstruction.slice_thickness_A, float)  # an int is accepted as a float
     assert config.reconstruction.step_size == 0.5 and config.reconstruction.final_seconds == 12.5
     assert config.preview.rate_hz == 5.0 and config.preview.max_px == 8
-    assert config.http.port == 0 and config.http.control is True
+    assert config.http.port == 0 and config.http.control is True and config.http.control_token_file == "control-token"
+    assert config.http.allowed_hosts == ("ptylive.example.org", "192.0.2.10:8080")
     assert config.output.folder == Path("/data/ptylive")
     assert config.service.ready_file == "/run/ptylive/ready" and config.service.heartbeat_timeout_s == 2.5
 
@@ -143,6 +146,8 @@ def test_a_section_that_is_not_a_table(tmp_path: Path) -> None:
     ("service", "watchdog_s", "-inf", "a finite number >= 0"),
     ("workers", "memory_budget_bytes", "1.5", "an integer > 0"),
     ("output", "folder", "1", "a path string"),
+    ("http", "allowed_hosts", "'ptylive.example.org'", "a list, each a string"),
+    ("http", "allowed_hosts", "[1]", "a list, each a string"),
 ])
 def test_wrong_types_name_key_value_and_expectation(tmp_path: Path, section: str, key: str, text: str,
                                                     expected: str) -> None:
@@ -235,7 +240,10 @@ def valid_configs(draw: st.DrawFn) -> DaemonConfig:
                            "step_size": draw(st.none() | positive), "batch_size": draw(st.integers(1, 4096)),
                            "illumination_floor": draw(positive), "final_seconds": draw(non_negative)},
         "preview": {"endpoint": draw(text), "rate_hz": draw(positive), "max_px": draw(st.integers(8, 4096))},
-        "http": {"host": draw(text), "port": draw(st.integers(0, 65535)), "control": draw(st.booleans())},
+        "http": {"host": draw(text), "port": draw(st.integers(0, 65535)), "control": draw(st.booleans()),
+                 "control_token_file": draw(st.text(st.characters(codec="utf-8"), min_size=1, max_size=20)),
+                 "allowed_hosts": draw(st.lists(st.sampled_from(["localhost", "ptylive.example.org", "[::1]:80",
+                                                                 "192.0.2.10:8080"]), max_size=3))},
         "output": {"folder": draw(text)},
         "service": {"watchdog_s": draw(non_negative), "ready_file": draw(text), "heartbeat_timeout_s": draw(positive)},
     })

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 import zmq
 
+from ptylive.daemon.service.config import control_token
 from ptylive.daemon.service.process import ServeProcess
 from ptylive.streaming.fake_detector import FakeDetector, FakeDetectorOptions, ScanSource
 from tests.daemon.serve_harness import PreviewListener, get_json, read_final, registry_series, series_count, wait_for
@@ -18,9 +20,11 @@ from tests.daemon.serve_harness import PreviewListener, get_json, read_final, re
 pytestmark = pytest.mark.mpi
 
 
-def post_control(url: str, action: str, series_id: str | None) -> tuple[int, dict[str, Any]]:
-    request = urllib.request.Request(url + "control", data=json.dumps({"action": action, "series_id": series_id})
-                                     .encode(), headers={"Content-Type": "application/json"}, method="POST")
+def post_control(process: ServeProcess, action: str, series_id: str | None) -> tuple[int, dict[str, Any]]:
+    """``POST /control`` as an operator does it: with the token of the daemon's ``http.control_token_file``."""
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {control_token(process.config.http, {})}"}
+    request = urllib.request.Request(process.endpoints["http"] + "control", method="POST", headers=headers,
+                                     data=json.dumps({"action": action, "series_id": series_id}).encode())
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, json.loads(response.read())
@@ -41,7 +45,7 @@ def test_control_endpoint_ends_a_running_series(daemon: tuple[ServeProcess, Prev
         coverage = get_json(url + "status")["coverage"]
         covered = sum(row.count("1") for row in coverage["rows"])
         assert coverage["series_id"] == series_id and covered >= 60  # the operator's coverage map
-        code, answer = post_control(url, action, series_id)
+        code, answer = post_control(process, action, series_id)
         assert code == 200 and answer["accepted"], answer
         final = listener.wait_final(series_id)
         wait_for(lambda: series_count(url, series_id, "rejected", "finished_series") > 0,
@@ -51,7 +55,7 @@ def test_control_endpoint_ends_a_running_series(daemon: tuple[ServeProcess, Prev
     result = read_final(final["path"])
     assert final["status"] == status == result["attrs"]["status"]
     assert result["attrs"]["frames_received"] == record["received"]  # every accepted frame reached a worker
-    code, answer = post_control(url, action, series_id)  # no longer live
+    code, answer = post_control(process, action, series_id)  # no longer live
     assert code == 409 and not answer["accepted"]
 
 
@@ -78,3 +82,19 @@ def test_a_series_started_while_another_runs_is_queued_and_both_finish(
     for final in (final_a, final_b):
         result = read_final(final["path"])
         assert final["status"] == "complete" and result["received"].all(), final
+
+
+def test_the_running_daemon_refuses_control_without_its_token_and_counts_it(
+        daemon: tuple[ServeProcess, PreviewListener]) -> None:
+    process, _ = daemon
+    url = process.endpoints["http"]
+    request = urllib.request.Request(url + "control", data=b'{"action": "abort"}', method="POST",
+                                     headers={"Content-Type": "application/json", "Authorization": "Bearer guessed"})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=10)
+    with info.value as error:
+        assert error.code == 401 and "token" in json.loads(error.read())["error"]
+    with urllib.request.urlopen(url + "metrics", timeout=10) as response:
+        metrics = response.read().decode()
+    counted = re.search(r'^ptylive_http_refused_total\{reason="wrong_token"\} (\S+)$', metrics, re.MULTILINE)
+    assert counted is not None and float(counted.group(1)) >= 1, metrics[-2000:]
