@@ -6,11 +6,12 @@ import os
 import re
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from ptylive.daemon.service.config import load_config
+from ptylive.daemon.service.config import control_token, load_config
 
 SYSTEMD = Path(__file__).resolve().parents[2] / "systemd"
 UNIT = SYSTEMD / "ptylive.service"
@@ -52,3 +53,17 @@ def test_unit_has_what_the_service_needs() -> None:
 def test_example_config_loads() -> None:
     config = load_config(SYSTEMD / "ptylive.toml")
     assert str(config.output.folder) == "/var/lib/ptylive" and config.http.host == "127.0.0.1"
+
+
+def test_the_unit_hands_the_service_the_token_file_the_example_config_names(tmp_path: Path) -> None:
+    """``LoadCredential=ID:NAME`` with a name, not a path: systemd looks for it in /etc/credstore and starts the
+    unit without it while control is off (a missing absolute path would fail the start)."""
+    match = re.search(r"^LoadCredential=([\w.-]+):([\w.-]+)$", UNIT.read_text(), re.MULTILINE)
+    assert match is not None, "LoadCredential=ID:NAME for the control token"
+    config = load_config(SYSTEMD / "ptylive.toml")
+    assert config.http.control_token_file == match.group(1)
+    credential = tmp_path / match.group(1)  # what systemd makes: the service user's, mode 0400
+    credential.write_text("0123456789abcdef0123456789abcdef\n")
+    credential.chmod(0o400)
+    http = replace(config.http, control=True)
+    assert control_token(http, {"CREDENTIALS_DIRECTORY": str(tmp_path)}) == "0123456789abcdef0123456789abcdef"
