@@ -58,11 +58,11 @@ def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
                    help="refine the probe with the object (default: on when the probe is built from the optics "
                         "attributes, which is rarely the microscope's; off when the file holds a probe for the "
                         "window, which is then trusted)")
-    p.add_argument("--correct-positions", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--correct-positions", action=argparse.BooleanOptionalAction, default=True,
                    help="refine every probe position and a global affine of the scan from iteration 3, held to "
                         "the affine by a shot-noise prior (result: positions_px corrected, positions_nominal_px as "
-                        "read); off by default: on exact positions it cost thick SrTiO3 0.992 -> 0.953 at one "
-                        "update per iteration (docs/physics.md)")
+                        "read); default: on (perturbed SrTiO3 0.85 -> 0.97; on exact positions it costs at most "
+                        "0.008, docs/physics.md); --no-correct-positions trusts the file's positions")
     p.add_argument("--probe-modes", type=int, default=1, metavar="K",
                    help="incoherent probe modes for a partially coherent beam (default: 1, one coherent probe; "
                         "K > 1 needs --refine-probe and costs about K times per position; result: probe (K, N, N))")

@@ -234,7 +234,7 @@ def options_at(options: EngineOptions, iteration: int) -> EngineOptions:
     return options
 
 
-def _begin_positions(state: TileState, iteration: int) -> PositionCorrection | None:
+def begin_positions(state: TileState, iteration: int) -> PositionCorrection | None:
     """The position correction collecting gradients in ``iteration`` (zeroed), or None."""
     if state.positions is None or not state.positions.active(iteration):
         return None
@@ -242,7 +242,7 @@ def _begin_positions(state: TileState, iteration: int) -> PositionCorrection | N
     return state.positions
 
 
-def _finish_positions(state: TileState, correcting: PositionCorrection | None, exchanger: SyncExchange,
+def finish_positions(state: TileState, correcting: PositionCorrection | None, exchanger: SyncExchange,
                       options: EngineOptions, loss_per_position: float) -> None:
     """Move the windows after an iteration that collected position gradients (collective: every rank).
 
@@ -277,7 +277,7 @@ def run_sync(state: TileState, exchanger: SyncExchange, options: EngineOptions,
     for iteration in range(options.iterations):
         start = time.perf_counter()
         loss = 0.0
-        correcting = _begin_positions(state, iteration)
+        correcting = begin_positions(state, iteration)
         now = options_at(options, iteration)
         for m, (members, n_subset) in enumerate(ordered):
             found = local_gradient(state, now, members, n_first=n_subset, positions=correcting)
@@ -299,7 +299,7 @@ def run_sync(state: TileState, exchanger: SyncExchange, options: EngineOptions,
             loss += found.loss
         report.loss_history.append(float(exchanger.allreduce_sum(np.array([loss]))[0]))
         control.end_iteration(report.loss_history[-1] / n_positions)
-        _finish_positions(state, correcting, exchanger, options, report.loss_history[-1] / n_positions)
+        finish_positions(state, correcting, exchanger, options, report.loss_history[-1] / n_positions)
         finish_iteration(report, iteration, report.loss_history[-1], start, on_iteration)
     report.compute_s = sum(report.iterations_s) - exchanger.stats.wait_s
     return report
@@ -424,7 +424,7 @@ def run_async(state: TileState, exchanger: AsyncExchange, options: EngineOptions
         start = time.perf_counter()
         loss = 0.0
         probe_gradient_sum = None
-        correcting = _begin_positions(state, iteration)
+        correcting = begin_positions(state, iteration)
         for m, members in enumerate(batches):
             step = iteration * len(batches) + m
             part, probe_gradient, _ = async_update(state, exchanger, options_at(options, iteration), control,
@@ -439,7 +439,7 @@ def run_async(state: TileState, exchanger: AsyncExchange, options: EngineOptions
             exchanger.start_probe_reduction(to_numpy(probe_gradient_sum))
         local_losses.append(loss)
         control.end_iteration(loss / max(len(state.starts), 1))
-        _finish_positions(state, correcting, exchanger, options, loss / max(len(state.starts), 1))
+        finish_positions(state, correcting, exchanger, options, loss / max(len(state.starts), 1))
         finish_iteration(report, iteration, loss, start, on_iteration)
     if options.refine_probe:
         apply_probe_total(state, exchanger.finish_probe_reduction(), options, n_positions)

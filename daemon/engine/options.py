@@ -33,7 +33,7 @@ class EngineOptions:
     max_staleness: int = 4
     max_amplitude: float | None = 1.0
     updates_per_iteration: int = DEFAULT_UPDATES_PER_ITERATION
-    correct_positions: bool = False
+    correct_positions: bool = True  # docs/physics.md, Position correction: on by default
     probe_from_iteration: int = 0
     positions_from_iteration: int = 3
     probe_modes: int = 1  # K incoherent probe modes (mixed states); 1: one coherent probe

@@ -177,7 +177,7 @@ class ReconstructionConfig(_Section):
     final_iterations: int = _option(30, ge=0)
     final_seconds: float = _option(0.0, ge=0)
     refine_probe: bool = False
-    correct_positions: bool = False
+    correct_positions: bool = True  # offline and streaming: docs/physics.md, Position correction
     probe_modes: int = _option(1, ge=1)
     depth_regularisation: float = _option(0.0, ge=0)
 
@@ -265,7 +265,6 @@ class DaemonConfig:
     scan: ScanConfig = field(default_factory=ScanConfig)
 
     def __post_init__(self) -> None:
-        check_streamable(self.reconstruction)
         if self.ingest.format != "ptylive" and min(self.scan.rows, self.scan.cols) < 1:
             raise ConfigError(f"'ingest.format' = {self.ingest.format!r} needs the scan raster: set 'scan.rows' and "
                               f"'scan.cols' (got {self.scan.rows} × {self.scan.cols}); DECTRIS streams carry only "
@@ -329,15 +328,7 @@ def apply_overrides(reconstruction: ReconstructionConfig, overrides: Mapping[str
     """``reconstruction`` with a series' overrides applied (``[reconstruction]`` keys only, validated)."""
     known = [spec.name for spec in dataclasses.fields(ReconstructionConfig)]
     _reject_unknown(overrides, known, "key", "reconstruction.", "series overrides")
-    return check_streamable(dataclasses.replace(reconstruction, **overrides))
-
-
-def check_streamable(reconstruction: ReconstructionConfig) -> ReconstructionConfig:
-    """``reconstruction`` if ``ptylive serve`` can run it, else :class:`ConfigError` naming the key."""
-    if reconstruction.correct_positions:
-        raise ConfigError("'reconstruction.correct_positions' = true is not available in ptylive serve yet "
-                          "(offline: ptylive reconstruct --correct-positions)")
-    return reconstruction
+    return dataclasses.replace(reconstruction, **overrides)
 
 
 def loopback_config(output_folder: Path, ranks: int, reconstruction: ReconstructionConfig,

@@ -100,7 +100,8 @@ class FinalStats(TypedDict):
 
 class FinalHeader(TileQuality):
     """A worker's finished tile; arrays: the tile volume ``(S, h, w)`` complex, the probe ``(N, N)``
-    (``(K, N, N)`` with K probe modes) or empty."""
+    (``(K, N, N)`` with K probe modes) or empty, then the positions ``(R, 2)`` float64 (object pixels) of the
+    ``R`` frames in ``received`` (same order): as corrected, and nominal (scan or frame header)."""
 
     series_id: str
     worker: int

@@ -28,6 +28,7 @@ from typing import Any, cast
 
 import h5py
 import numpy as np
+import numpy.typing as npt
 
 from ptylive.daemon.engine.geometry import SeriesGeometry
 from ptylive.daemon.service.messages import FinalMessage
@@ -95,6 +96,19 @@ def _status(finals: list[FinalMessage]) -> str:
     return statuses.pop() if len(statuses) == 1 else "+".join(sorted(statuses))
 
 
+def _positions(geometry: SeriesGeometry, finals: list[FinalMessage]) -> dict[str, npt.NDArray[np.float64]]:
+    """``positions_px`` (as corrected) and ``positions_nominal_px`` (scan or frame header) of every frame, (n, 2);
+    the series' scan where no frame arrived."""
+    corrected = np.array(geometry.positions_px, dtype=np.float64)
+    nominal = corrected.copy()
+    for message in finals:
+        index = np.asarray(message.header["received"], dtype=np.int64)
+        if len(message.arrays) >= 4 and len(index):
+            corrected[index] = message.arrays[2]
+            nominal[index] = message.arrays[3]
+    return {"positions_px": corrected, "positions_nominal_px": nominal}
+
+
 def write_final(folder: Path, start: SeriesStart, geometry: SeriesGeometry, finals: list[FinalMessage],
                 extra_attrs: dict[str, Any]) -> Path:
     """Stitch ``finals`` (one per worker, any order) and write the series' HDF5 file; returns its path."""
@@ -118,7 +132,7 @@ def write_final(folder: Path, start: SeriesStart, geometry: SeriesGeometry, fina
         "loss": np.sum([h[:n_iterations] for h in histories], axis=0),
         "frames_used": np.sum([np.asarray(m.header["frames_history"][:n_iterations], dtype=np.int64)
                                for m in finals], axis=0),
-        "positions_px": geometry.positions_px, "received": received}
+        **_positions(geometry, finals), "received": received}
     attrs = {
         "series_id": start.series_id, "status": _status(finals), "iterations": n_iterations,
         "n_workers": len(finals), "mode": "async", "detector_scale": float(finals[0].header["scale"]),

@@ -40,8 +40,14 @@ class FrameStore:
     targets : (P, D, D) real
         Raw intensities of new rows; loss targets once converted.
     received, converted : (P,) bool
+    positions_px : (P, 2) float64
+        Each row's nominal position (object pixels): the series' scan, replaced by the frame header's
+        position where a frame carries one. Position correction starts from these and writes them as
+        ``positions_nominal_px``.
     starts : (P, 2) int64, shifts : (P, 2) real
-        Window start relative to the extended tile, sub-pixel shift (header positions replace the nominal).
+        The window of ``positions_px``: start relative to the extended tile, sub-pixel shift. The tile's
+        own windows (:class:`~ptylive.daemon.engine.tile.TileState`) are copies, taken when a row is first
+        iterated (:func:`ptylive.daemon.worker.refine.take_new_windows`).
     intensity_sum : float
         Sum of the raw intensities of every received frame (for the global ``α``).
     rejected : dict
@@ -54,6 +60,7 @@ class FrameStore:
     loss: str
     global_index: np.ndarray
     targets: Any
+    positions_px: np.ndarray
     starts: np.ndarray
     shifts: np.ndarray
     received: np.ndarray
@@ -69,9 +76,10 @@ class FrameStore:
         domain = geometry.domains[worker]
         index = np.asarray(domain.positions, dtype=np.int64)
         d = geometry.detector_px
-        starts, shifts = window_starts(geometry.positions_px[index], geometry.window_px)
+        positions = np.array(geometry.positions_px[index], dtype=np.float64)
+        starts, shifts = window_starts(positions, geometry.window_px)
         starts -= np.array([domain.extended.row0, domain.extended.col0])
-        store = cls(geometry, worker, loss, index, xp.zeros((len(index), d, d), real_dtype), starts,
+        store = cls(geometry, worker, loss, index, xp.zeros((len(index), d, d), real_dtype), positions, starts,
                     shifts.astype(real_dtype), np.zeros(len(index), bool), np.zeros(len(index), bool))
         store._row_of = {int(g): r for r, g in enumerate(index)}
         return store
@@ -125,6 +133,7 @@ class FrameStore:
             return False
         self.starts[row] = np.subtract(placement.start_px, (domain.extended.row0, domain.extended.col0))
         self.shifts[row] = placement.shift_px
+        self.positions_px[row] = np.add(placement.start_px, placement.shift_px) + self.geometry.window_px // 2
         return True
 
     def set_scale(self, scale: float) -> None:
@@ -144,4 +153,4 @@ class FrameStore:
         self.scale = scale
 
     def memory_bytes(self) -> int:
-        return int(self.targets.nbytes + self.starts.nbytes + self.shifts.nbytes)
+        return int(self.targets.nbytes + self.positions_px.nbytes + self.starts.nbytes + self.shifts.nbytes)

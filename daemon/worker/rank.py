@@ -21,6 +21,7 @@ import zmq
 from ptylive.daemon.engine.exchange.consensus import Consensus
 from ptylive.daemon.engine.exchange.factory import async_exchanger
 from ptylive.daemon.engine.geometry import series_geometry
+from ptylive.daemon.engine.positions import PositionCorrection
 from ptylive.daemon.engine.tile import TileOptics, set_up_tile, tile_view
 from ptylive.daemon.service import messages as rank_messages
 from ptylive.daemon.service.config import ReconstructionConfig, apply_overrides
@@ -166,8 +167,10 @@ class Worker:
         optics = TileOptics(slot.start.energy_eV, slot.start.convergence_semiangle_mrad, slot.start.defocus_A,
                             geometry.pixel_size_A, geometry.window_px, r.n_slices, r.slice_thickness_A)
         options = r.engine_options("async", max(1, r.final_iterations))
-        state = set_up_tile(domain, optics, slot.store.starts, slot.store.shifts, slot.store.targets, xp,
+        state = set_up_tile(domain, optics, slot.store.starts.copy(), slot.store.shifts, slot.store.targets, xp,
                             s.precision, options.probe_modes)
+        if options.correct_positions:
+            state.positions = PositionCorrection.start(slot.store.positions_px, options.positions_from_iteration)
         exchanger = async_exchanger(self.comm, domain, r.n_slices, s.precision, options)
         run = StreamRun(state, slot.store, exchanger, options, s.n_workers, r.final_iterations, r.final_seconds,
                         slot.flags, probe_power(state.probe, state.propagator, r.n_slices, geometry.detector_px))
@@ -232,4 +235,9 @@ class Worker:
                             "iterations_total_s": sum(run.iteration_s), "frames_bytes": run.store.memory_bytes(),
                             "frames_received": run.store.n_received},
                   **self._quality(run, consensus)}
-        self._send(rank_messages.encode("final", header, np.ascontiguousarray(to_numpy(tile_view(run.state))), probe))
+        rows = run.store.received
+        nominal = run.store.positions_px[rows]
+        corrected = run.state.positions.state.positions_px[rows] if run.state.positions is not None else nominal
+        self._send(rank_messages.encode("final", header, np.ascontiguousarray(to_numpy(tile_view(run.state))), probe,
+                                        np.ascontiguousarray(corrected, dtype=np.float64),
+                                        np.ascontiguousarray(nominal, dtype=np.float64)))

@@ -2,8 +2,8 @@
 
 Nothing here is ptylive's own forward model: frozen phonons, a finer simulation grid, a cropped and
 binned detector, Poisson noise, and no probe in the file (it is built from the optics attributes and
-refined). Every setting is the default, except that the perturbed scan asks for position correction
-(off by default: docs/physics.md). Thresholds are issue 11's:
+refined). Every setting is the default (position correction included: it is on by default, so the exact
+positions of the thick case are corrected too and must stay good). Thresholds are issue 11's:
 projected-phase correlation with the truth after sub-pixel registration >= 0.85 on the thick crystal
 and >= 0.9 on the perturbed scan, whose rms position error the correction must cut at least 3x, and
 the final loss of 4 ranks async within 5 % of 1 rank sync after the same iterations.
@@ -34,9 +34,8 @@ def scored(tmp_path_factory: pytest.TempPathFactory) -> Any:
         key = (case, ranks, mode)
         if key not in done:
             out = tmp_path_factory.mktemp("abtem") / f"{case}-{ranks}-{mode}.h5"
-            extra = ["--correct-positions"] if case == "srtio3_perturbed" else []
             result = run_cli("reconstruct", str(case_path(case)), "--ranks", str(ranks), "--mode", mode,
-                             "--iterations", ITERATIONS, "--out", str(out), "--quiet", *extra)
+                             "--iterations", ITERATIONS, "--out", str(out), "--quiet")
             assert result.returncode == 0, result.stderr
             done[key] = score_result(out, case)
         return done[key]

@@ -13,9 +13,9 @@ import pytest
 from ptylive.daemon.engine.decomposition import Box
 from ptylive.daemon.engine.exchange.protocols import NullExchanger
 from ptylive.daemon.engine.positions import (
-    PositionOptions,
     SPREAD_GROWTH,
     SPREAD_MIN_PX2,
+    PositionOptions,
     PositionState,
     counting_noise,
     refine_positions,
