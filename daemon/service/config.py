@@ -235,10 +235,18 @@ class HttpConfig(_Section):
 
 @dataclass(frozen=True)
 class OutputConfig(_Section):
-    """``[output]``: where results are written (not checked on load)."""
+    """``[output]``: where results are written (not checked on load); ``fallback_folder`` takes a final file
+    that could not be written in ``folder`` (unset: ``final_writer.default_fallback_folder``)."""
 
     SECTION: ClassVar[str] = "output"
     folder: Path = Path(".")
+    fallback_folder: Path | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.fallback_folder is not None and self.fallback_folder.absolute() == self.folder.absolute():
+            raise ConfigError(f"invalid value {str(self.fallback_folder)!r} for 'output.fallback_folder'; expected "
+                              f"another folder than 'output.folder'")
 
 
 @dataclass(frozen=True)

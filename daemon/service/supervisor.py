@@ -31,6 +31,7 @@ from ptylive.daemon.http.access import ControlAccess
 from ptylive.daemon.http.server import Providers, StatusServer
 from ptylive.daemon.service.collector import Collector, CollectorHooks
 from ptylive.daemon.service.config import DaemonConfig, apply_overrides, control_token
+from ptylive.daemon.service.final_writer import FinalWriter
 from ptylive.daemon.service.metrics import DaemonMetrics, PreviewLatency
 from ptylive.daemon.service.notify import Watchdog, notify, watchdog_period_s
 from ptylive.daemon.service.series_views import coverage_rows
@@ -137,8 +138,9 @@ class Rank0:
         self.latency = PreviewLatency()
         hooks = CollectorHooks(series=self.admission.lookup, progress=self._progress,
                                on_heartbeat=self.metrics.observe_report, on_preview=self._observe_latency)
+        writer = FinalWriter(Path(c.output.folder), fallback_folder=c.output.fallback_folder)
         self.collector = Collector(context, INTERNAL_ENDPOINT, c.preview.endpoint, hooks, Path(c.output.folder), n,
-                                   c.preview.rate_hz, history=c.ingest.history)
+                                   c.preview.rate_hz, writer=writer, history=c.ingest.history)
         control = self.control if token is not None else None
         access = ControlAccess(token, c.http.allowed_hosts) if token is not None else None
         views = self.collector.views

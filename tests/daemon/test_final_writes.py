@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from ptylive.daemon.engine.geometry import SeriesGeometry, series_geometry
 from ptylive.daemon.service import messages as rank_messages
+from ptylive.daemon.service.config import ConfigError, OutputConfig, config_from_mapping
 from ptylive.daemon.service.final_writer import FinalJob, FinalOutcome, FinalWriter, default_fallback_folder
 from ptylive.daemon.service.metrics import DaemonMetrics
 from ptylive.daemon.service.series_views import SeriesViews
@@ -185,3 +186,10 @@ def test_the_default_fallback_folder_is_in_the_runtime_directory_and_never_the_r
     assert default_fallback_folder({}).name.startswith("ptylive-fallback-")  # per user in the shared /tmp
     with pytest.raises(ValueError, match="is the results folder"):
         FinalWriter(tmp_path, fallback_folder=tmp_path)
+
+
+def test_the_fallback_folder_is_configured_in_output() -> None:
+    config = config_from_mapping({"output": {"folder": "/data", "fallback_folder": "/scratch/ptylive"}})
+    assert config.output.fallback_folder == Path("/scratch/ptylive") and OutputConfig().fallback_folder is None
+    with pytest.raises(ConfigError, match=r"'output.fallback_folder'; expected another folder than 'output.folder'"):
+        OutputConfig(folder=Path("/data"), fallback_folder=Path("/data/"))
