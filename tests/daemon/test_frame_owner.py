@@ -8,6 +8,8 @@ to that worker by its position, counted as received, and dropped there as ``not_
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import numpy as np
 import pytest
@@ -16,9 +18,11 @@ from hypothesis import strategies as st
 
 from ptylive.daemon.engine.decomposition import probe_owner
 from ptylive.daemon.engine.geometry import SeriesGeometry, header_margin_px, series_geometry
+from ptylive.daemon.engine.positions import PositionCorrection
 from ptylive.daemon.service.config import ReconstructionConfig, loopback_config
 from ptylive.daemon.service.supervisor import Admission
 from ptylive.daemon.worker.frames import FrameStore
+from ptylive.daemon.worker.refine import StreamRun, take_new_windows
 from ptylive.streaming.ownership import NotPlaceable, owner_for
 from ptylive.streaming.protocol import Frame, SeriesStart
 from ptylive.streaming.router import Router
@@ -141,3 +145,33 @@ def test_admission_remembers_a_bounded_number_of_series(tmp_path: Path) -> None:
         assert admission(dataclasses.replace(START, series_id=series_id)) is None
     assert admission.lookup(ids[0]) is None and admission.lookup(ids[4]) is None
     assert all(admission.lookup(series_id) is not None for series_id in ids[5:])
+
+
+def test_a_header_position_reaches_the_running_tile_and_its_correction(geometry: SeriesGeometry) -> None:
+    """The tile keeps its own windows (position correction moves them): a row takes the store's window, sub-pixel
+    shift included, and its nominal position when it is first iterated. The shift once never arrived (the tile
+    had copied every shift at set-up)."""
+    index, position_A = crossing_frame(START, geometry)
+    store = FrameStore.allocate(geometry, 0, "amplitude", np, np.float32)
+    nominal = store.positions_px.copy()
+    state = SimpleNamespace(starts=store.starts.copy(), shifts=store.shifts.astype(np.float32),
+                            positions=PositionCorrection.start(nominal, 0))
+    run = cast(StreamRun, SimpleNamespace(state=state, store=store, placed=np.zeros(len(nominal), bool)))
+    assert store.add(Frame(START.series_id, index, pixels(), position_A))
+    row = int(np.flatnonzero(store.global_index == index)[0])
+    header_px = np.asarray(position_A) / geometry.pixel_size_A + geometry.offset_px
+    np.testing.assert_allclose(store.positions_px[row], header_px, atol=1e-9)
+    assert not np.allclose(state.shifts[row], store.shifts[row])  # the tile has not seen it yet
+
+    usable = np.zeros(len(nominal), bool)
+    usable[row] = True
+    take_new_windows(run, usable)
+    np.testing.assert_array_equal(state.starts[row], store.starts[row])
+    np.testing.assert_array_equal(state.shifts[row], store.shifts[row])
+    np.testing.assert_allclose(state.positions.nominal_px[row], header_px, atol=1e-9)
+    np.testing.assert_allclose(state.positions.state.positions_px[row], header_px, atol=1e-9)
+    assert run.placed[row] and run.placed.sum() == 1
+
+    state.starts[row] += 1  # position correction moved the window: a later pass must not take it back
+    take_new_windows(run, usable)
+    np.testing.assert_array_equal(state.starts[row], store.starts[row] + 1)
