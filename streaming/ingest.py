@@ -288,9 +288,10 @@ class Ingest:
     def snapshot(self) -> dict[str, Any]:
         """JSON-serialisable counters: the registry, the current series' router, and each worker."""
         registry, router = self.book.snapshot()
-        workers = [{"worker": w, "endpoint": e, "forwarded": self.forwarded[w], "blocked_s": self.blocked_s[w],
+        # no worker endpoints: /status publishes this, and whoever reaches them can take frames
+        workers = [{"worker": w, "forwarded": self.forwarded[w], "blocked_s": self.blocked_s[w],
                     "bytes_forwarded": self.bytes_forwarded[w],
-                    "control_forwarded": self.control_forwarded[w]} for w, e in enumerate(self._worker_endpoints)]
+                    "control_forwarded": self.control_forwarded[w]} for w in range(len(self._pushes))]
         return {"endpoint": self._endpoint, "messages_received": self.messages_received, "registry": registry,
                 "router": router, "workers": workers, "routing_errors": self.routing_errors,
                 "unsent_on_stop": self.unsent_on_stop, "decoder": self.decoder.snapshot(),

@@ -157,6 +157,8 @@ class WorkersConfig(_Section):
     backend: Literal["numpy", "cupy"] = "numpy"
     precision: Literal["single", "double"] = "single"
     memory_budget_bytes: int = _option(8 * 2**30, gt=0, whole_float=True)
+    # rank 0 <-> workers: ipc:// in a private 0700 folder (every rank on this host), or loopback TCP
+    internal_transport: Literal["ipc", "tcp"] = "ipc"
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from ptylive.daemon.http.server import Providers, StatusServer
 from ptylive.daemon.service.collector import Collector, CollectorHooks
 from ptylive.daemon.service.config import DaemonConfig, apply_overrides, control_token
 from ptylive.daemon.service.final_writer import FinalWriter
+from ptylive.daemon.service.internal_sockets import InternalSockets
 from ptylive.daemon.service.metrics import DaemonMetrics, PreviewLatency
 from ptylive.daemon.service.notify import Watchdog, notify, watchdog_period_s
 from ptylive.daemon.service.series_views import coverage_rows
@@ -47,7 +48,6 @@ from ptylive.streaming.series_book import SeriesProgress
 
 logger = logging.getLogger(__name__)
 
-INTERNAL_ENDPOINT = "tcp://127.0.0.1:0"
 STARTUP_TIMEOUT_S = 120.0
 SHUTDOWN_TIMEOUT_S = 8.0
 
@@ -128,7 +128,8 @@ class Rank0:
         self.admission = Admission(config)
         c, n = config, config.workers.ranks
         registry = SeriesRegistry(RegistryConfig(c.ingest.on_new_start, c.ingest.history, c.ingest.max_queued_series))
-        ingest_config = IngestSockets(c.ingest.endpoint, (INTERNAL_ENDPOINT,) * n, c.ingest.bind,
+        self.sockets = InternalSockets(c.workers.internal_transport, n)  # removed at exit, even if this fails
+        ingest_config = IngestSockets(c.ingest.endpoint, tuple(map(self.sockets.worker, range(n))), c.ingest.bind,
                                      c.ingest.queue_messages, socket_buffer_bytes=c.ingest.socket_buffer_bytes,
                                      idle_timeout_s=c.ingest.idle_timeout_s)
         self.ingest = Ingest(ingest_config, self.admission.router, registry, context, admit=self.admission,
@@ -139,8 +140,8 @@ class Rank0:
         hooks = CollectorHooks(series=self.admission.lookup, progress=self._progress,
                                on_heartbeat=self.metrics.observe_report, on_preview=self._observe_latency)
         writer = FinalWriter(Path(c.output.folder), fallback_folder=c.output.fallback_folder)
-        self.collector = Collector(context, INTERNAL_ENDPOINT, c.preview.endpoint, hooks, Path(c.output.folder), n,
-                                   c.preview.rate_hz, writer=writer, history=c.ingest.history)
+        self.collector = Collector(context, self.sockets.collector(), c.preview.endpoint, hooks,
+                                   Path(c.output.folder), n, c.preview.rate_hz, writer=writer, history=c.ingest.history)
         control = self.control if token is not None else None
         access = ControlAccess(token, c.http.allowed_hosts) if token is not None else None
         views = self.collector.views
@@ -152,10 +153,13 @@ class Rank0:
         self.stop = threading.Event()
 
     def endpoints(self) -> dict[str, Any]:
-        """What workers and operators connect to (actual ports)."""
-        return {"ingest": self.ingest.endpoint, "workers": list(self.ingest.worker_endpoints),
-                "collector": self.collector.pull_endpoint, "preview": self.collector.pub_endpoint,
-                "http": self.http.url, "pid": os.getpid()}
+        """What operators and detectors connect to (actual ports): the ready file's contents."""
+        return {"ingest": self.ingest.endpoint, "preview": self.collector.pub_endpoint, "http": self.http.url,
+                "pid": os.getpid()}
+
+    def internal_endpoints(self) -> dict[str, Any]:
+        """What the workers connect to; broadcast over MPI only, never published (``ipc://`` by default)."""
+        return {"workers": list(self.ingest.worker_endpoints), "collector": self.collector.pull_endpoint}
 
     def _progress(self, series_id: str) -> SeriesProgress | None:
         """The ingest's progress of a series, with its acceptance times (for the latency), under the book's lock."""
@@ -241,7 +245,9 @@ class Rank0:
         if self.config.service.ready_file:
             path = Path(self.config.service.ready_file)
             tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(endpoints))
+            tmp.unlink(missing_ok=True)
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as ready:
+                ready.write(json.dumps(endpoints))
             tmp.replace(path)
 
     def _shutdown(self, abort: Callable[[], None]) -> int:
@@ -270,3 +276,4 @@ class Rank0:
         finally:
             self.ingest.close()
             self.collector.close()
+            self.sockets.close()
