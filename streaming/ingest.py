@@ -257,6 +257,10 @@ class Ingest:
             logger.exception("ingest thread failed")
             self._error = exc
 
+    def thread_state(self) -> tuple[bool, BaseException | None]:
+        """Whether the ingest thread runs, and the exception that ended it (None: none, or collected by join)."""
+        return self._thread is not None and self._thread.is_alive(), self._error
+
     def join(self, timeout: float | None = None) -> None:
         """Stop the thread and wait for it; re-raise its exception; TimeoutError if it is still running."""
         self._stop.set()

@@ -302,6 +302,7 @@ class StatusServer:
         self._server = _Server((host, port), providers, access)
         self._host = host
         self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
         self._closed = False
         self._lock = threading.Lock()
 
@@ -322,8 +323,7 @@ class StatusServer:
             if self._closed:
                 raise RuntimeError("StatusServer was closed; build a new one")
             if self._thread is None:
-                self._thread = threading.Thread(target=self._server.serve_forever, args=(SHUTDOWN_POLL_S,),
-                                                name="ptylive-http", daemon=True)
+                self._thread = threading.Thread(target=self._serve, name="ptylive-http", daemon=True)
                 self._thread.start()
                 logger.info("operator HTTP server listening on %s", self.url)
                 if self._host in ALL_INTERFACES:
@@ -331,6 +331,17 @@ class StatusServer:
                                    "this machine sees status, previews and result files; bind one address "
                                    "(http.host) or firewall the port", self._host, self.port)
         return self
+
+    def _serve(self) -> None:
+        try:
+            self._server.serve_forever(SHUTDOWN_POLL_S)
+        except BaseException as error:  # kept for thread_state(), never swallowed silently
+            logger.exception("HTTP server thread failed")
+            self._error = error
+
+    def thread_state(self) -> tuple[bool, BaseException | None]:
+        """Whether the serving thread runs, and the exception that ended it (None: none)."""
+        return self._thread is not None and self._thread.is_alive(), self._error
 
     def close(self) -> None:
         """Stop serving, close the socket and join the thread. Safe to call twice."""
@@ -340,7 +351,8 @@ class StatusServer:
             self._closed = True
             self._server.closing.set()
             if self._thread is not None:
-                self._server.shutdown()
+                if self._thread.is_alive():  # shutdown() waits for serve_forever to end: ask a running one only
+                    self._server.shutdown()
                 self._thread.join()
             self._server.server_close()
             self._server.connections.end_all()

@@ -132,6 +132,10 @@ class Collector:
             logger.exception("collector thread failed")
             self._error = exc
 
+    def thread_state(self) -> tuple[bool, BaseException | None]:
+        """Whether the collector thread runs, and the exception that ended it (None: none)."""
+        return self._thread is not None and self._thread.is_alive(), self._error
+
     def _handle(self, parts: list[Any]) -> None:
         try:
             message = rank_messages.decode(parts)

@@ -51,6 +51,15 @@ class SnapshotCollector(Collector):
         yield from self._ingest(status["ingest"], status.get("coverage_ratio"))
         yield from self._workers(status)
         yield from self._final_writes(status.get("final_writes", {}))
+        yield self._threads(status.get("threads", {}))
+
+    @staticmethod
+    def _threads(threads: dict[str, str]) -> Metric:
+        up = _gauge("ptylive_thread_up", "Rank 0's threads (kind = ingest, collector, http): 1 running, 0 not "
+                    "(dead: /status threads says why).", ["kind"])
+        for kind, state in threads.items():
+            up.add_metric([kind], 1 if state == "running" else 0)
+        return up
 
     @staticmethod
     def _final_writes(counts: dict[str, int]) -> Iterator[Metric]:

@@ -151,6 +151,7 @@ class Rank0:
                                            on_refused=self.metrics.count_refused),
                                  c.http.host, c.http.port, access)
         self.stop = threading.Event()
+        self._reported_dead: set[str] = set()
 
     def endpoints(self) -> dict[str, Any]:
         """What operators and detectors connect to (actual ports): the ready file's contents."""
@@ -180,7 +181,18 @@ class Rank0:
                 entry["forwarded"] + entry["control_forwarded"] - taken, 0)
         return {**collected, "ingest": ingest, "frames_received": current["received"] if current else None,
                 "frames_expected": current["n_expected"] if current else None,
-                "series_id": current["series_id"] if current else collected["series_id"]}
+                "series_id": current["series_id"] if current else collected["series_id"],
+                "threads": self.threads(), "ok": self.healthy()}
+
+    def threads(self) -> dict[str, str]:
+        """Rank 0's threads: ``running``, ``stopped`` (not started, or stopped cleanly) or ``dead: <exception>``."""
+        def state(alive: bool, error: BaseException | None) -> str:
+            if error is not None:
+                return f"dead: {type(error).__name__}: {error}"[:500]
+            return "running" if alive else "stopped"
+
+        return {name: state(*part.thread_state())
+                for name, part in (("ingest", self.ingest), ("collector", self.collector), ("http", self.http))}
 
     def coverage(self) -> dict[str, Any] | None:
         """Coverage map of the current series (between series: the last one that ran), one string of 0/1 per
@@ -210,9 +222,20 @@ class Rank0:
                                                                     time.monotonic()))
 
     def healthy(self) -> bool:
+        """Every worker's heartbeat is fresh and every rank-0 thread runs (``/status`` ``ok``; the watchdog's test)."""
         ages = self.collector.roster.heartbeat_ages()
         limit = self.config.service.heartbeat_timeout_s
-        return len(ages) >= self.config.workers.ranks and all(age < limit for age in ages.values())
+        return (len(ages) >= self.config.workers.ranks and all(age < limit for age in ages.values())
+                and all(state == "running" for state in self.threads().values()))
+
+    def report_dead_threads(self) -> None:
+        """Log (once each) and tell systemd about every rank-0 thread that died; the main loop calls this."""
+        for name, state in self.threads().items():
+            if state.startswith("dead") and name not in self._reported_dead:
+                self._reported_dead.add(name)
+                logger.error("rank 0's %s thread died (%s); WATCHDOG=1 withheld from now on, so systemd restarts "
+                             "the service", name, state.removeprefix("dead: "))
+                notify(f"STATUS=the {name} thread died: {state.removeprefix('dead: ')}")
 
     def serve(self, abort: Callable[[], None]) -> int:
         """Start the threads, announce readiness, loop until stopped; ``abort()`` kills the whole job."""
@@ -232,6 +255,7 @@ class Rank0:
         period = watchdog_period_s(configured_s=self.config.service.watchdog_s)
         watchdog = Watchdog(period, self.healthy) if period else None
         while not self.stop.wait(0.1):
+            self.report_dead_threads()
             if watchdog is not None:
                 watchdog.maybe_ping(time.monotonic())
         return self._shutdown(abort)

@@ -83,6 +83,8 @@ def test_serve_binds_workers_in_the_runtime_folder_and_publishes_no_internal_end
         assert "ipc://" not in text and str(private) not in text and "tcp://127.0.0.1" not in text.replace(
             endpoints["ingest"], "")  # the detector's endpoint is the only one left
         assert all("endpoint" not in worker for worker in status["ingest"]["workers"])
+        assert status["threads"] == {"ingest": "running", "collector": "running", "http": "running"}
+        assert status["ok"] is True
         assert set(endpoints) == {"ingest", "preview", "http", "pid"}
         assert stat.S_IMODE(os.stat(process.ready_file).st_mode) == 0o600
         assert process.stop() == 0

@@ -19,7 +19,8 @@ from ptylive.streaming.series import INGEST_REJECT_REASONS
 DASHBOARD = Path(__file__).resolve().parents[2] / "systemd" / "grafana" / "ptylive-dashboard.json"
 ALLOWED_LABELS = {"rank", "reason", "outcome", "kind", "le", "version", "python"}
 BASE_UNIT_SUFFIXES = ("_seconds", "_bytes", "_ratio", "_updates", "_info")
-DIMENSIONLESS_GAUGES = {"ptylive_loss_per_frame", "ptylive_workers_up", "ptylive_worker_queue_depth"}  # counts, loss
+DIMENSIONLESS_GAUGES = {"ptylive_loss_per_frame", "ptylive_workers_up", "ptylive_worker_queue_depth",  # counts, loss
+                        "ptylive_thread_up"}  # 1 or 0
 
 
 def snapshot() -> dict[str, Any]:
@@ -34,7 +35,9 @@ def snapshot() -> dict[str, Any]:
                    "wait_fraction": 0.105, "staleness_max": 3, "loss_per_frame": 0.01,
                    "memory_host_bytes": 2**28, "memory_gpu_bytes": 0, "iteration_s": [0.1, 0.2]} for w in range(2)}
     return {"ingest": {"registry": registry, "workers": workers, "messages_received": 320},
-            "worker_reports": reports, "workers_fresh": 2, "coverage_ratio": 0.9375}
+            "worker_reports": reports, "workers_fresh": 2, "coverage_ratio": 0.9375,
+            "threads": {"ingest": "running", "collector": "dead: ValueError: tile outside the object",
+                        "http": "running"}}
 
 
 def exposition(metrics: DaemonMetrics) -> dict[str, Any]:
@@ -58,6 +61,8 @@ def test_snapshot_values_reach_the_exposition_with_rank_labels() -> None:
     assert value("ptylive_memory_bytes", {"rank": "1", "kind": "host"}) == 2**28
     assert value("ptylive_memory_bytes", {"rank": "0", "kind": "host"}) > 10 * 2**20  # this process, measured
     assert value("ptylive_series_coverage_ratio") == 0.9375
+    assert value("ptylive_thread_up", {"kind": "ingest"}) == 1
+    assert value("ptylive_thread_up", {"kind": "collector"}) == 0
     assert value("ptylive_iteration_duration_seconds_count", {"rank": "2"}) == 2
     assert value("ptylive_iteration_duration_seconds_sum", {"rank": "2"}) == pytest.approx(0.3)
     assert value("ptylive_build_info", {"version": __import__("ptylive").__version__,
