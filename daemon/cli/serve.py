@@ -20,6 +20,7 @@ import zmq
 
 from ptylive.daemon.engine.exchange.gather import broadcast_bytes
 from ptylive.daemon.service import messages
+from ptylive.daemon.service.checkpoints import state_folder
 from ptylive.daemon.service.config import DaemonConfig
 from ptylive.daemon.service.internal_sockets import check_reachable
 from ptylive.daemon.worker.rank import Worker, WorkerSettings
@@ -79,7 +80,8 @@ def _run_worker(config: DaemonConfig, worker: int, endpoints: dict[str, Any], wo
                         socket_buffer_bytes=config.ingest.socket_buffer_bytes)
     settings = WorkerSettings(worker, config.workers.ranks, config.reconstruction, config.workers.backend,
                               config.workers.precision, config.ingest.on_new_start, config.preview.rate_hz,
-                              config.preview.max_px)
+                              config.preview.max_px, state_folder(config.service.state_folder, config.output.folder),
+                              config.service.checkpoint_interval_s)
     node = Worker(settings, inbox, outbox, workers_comm if config.workers.ranks > 1 else None)
 
     def stop(*_: Any) -> None:

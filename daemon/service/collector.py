@@ -29,7 +29,7 @@ import zmq
 
 from ptylive.daemon.engine.geometry import SeriesGeometry
 from ptylive.daemon.service import messages as rank_messages
-from ptylive.daemon.service.final_writer import FinalWriter
+from ptylive.daemon.service.final_writer import FinalOutcome, FinalWriter
 from ptylive.daemon.service.publisher import Publisher
 from ptylive.daemon.service.roster import HeartbeatHook, Roster
 from ptylive.daemon.service.series_views import SeriesLookup, SeriesViews
@@ -59,12 +59,15 @@ class CollectorHooks:
         ``on_heartbeat(worker, report)`` for each worker heartbeat (metrics).
     on_preview : callable
         ``on_preview(header, progress, geometry)`` after each published preview (frame-to-preview latency).
+    on_finished : callable
+        ``on_finished(outcome)`` after each final file's outcome is announced (its checkpoints are removed).
     """
 
     series: SeriesLookup
     progress: Callable[[str], SeriesProgress | None]
     on_heartbeat: HeartbeatHook = _ignore
     on_preview: Callable[[dict[str, Any], SeriesProgress | None, SeriesGeometry], None] = _ignore
+    on_finished: Callable[[FinalOutcome], None] = _ignore
 
 
 class Collector:
@@ -166,6 +169,7 @@ class Collector:
     def _publish_finished(self) -> None:
         for outcome in self.writer.take_done():
             self.publisher.series_ended(*self.views.finished(outcome))
+            self.hooks.on_finished(outcome)
 
     def status(self) -> dict[str, Any]:
         """The collector's part of ``/status``: roster, latest series, finished files, counters (``final_writes``:
@@ -187,6 +191,7 @@ class Collector:
         else:
             for outcome in outcomes:  # this thread is now the sockets' only user
                 self.publisher.series_ended(*self.views.finished(outcome))
+                self.hooks.on_finished(outcome)
         self.publisher.close()
         self._pull.close()
         self._pub.close()

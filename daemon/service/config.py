@@ -253,12 +253,15 @@ class OutputConfig(_Section):
 
 @dataclass(frozen=True)
 class ServiceConfig(_Section):
-    """``[service]``: systemd watchdog (0 = ``WATCHDOG_USEC``), ready file ("" = none), heartbeats."""
+    """``[service]``: systemd watchdog (0 = ``WATCHDOG_USEC``), ready file ("" = none), heartbeats, and the
+    workers' checkpoints (``state_folder`` "" = ``<output.folder>/.ptylive-state``; interval 0 = none)."""
 
     SECTION: ClassVar[str] = "service"
     watchdog_s: float = _option(0.0, ge=0)
     ready_file: str = ""
     heartbeat_timeout_s: float = _option(10.0, gt=0)
+    state_folder: str = ""
+    checkpoint_interval_s: float = _option(30.0, ge=0)
 
 
 @dataclass(frozen=True)

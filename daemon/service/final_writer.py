@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,11 +68,13 @@ def default_fallback_folder(environ: Mapping[str, str] = os.environ) -> Path:
 
 @dataclass(frozen=True, eq=False)
 class FinalJob:
-    """One series' file to write: its start, geometry and every worker's ``final`` message."""
+    """One series' file to write: its start, geometry, every worker's ``final`` message, and attributes beyond
+    :func:`write_final`'s own (a recovered series': which workers' tiles were missing)."""
 
     start: SeriesStart
     geometry: SeriesGeometry
     finals: list[FinalMessage]
+    extra_attrs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, eq=False)
@@ -203,7 +205,7 @@ class FinalWriter:
                 with self._lock:
                     self._counts["retries"] += 1
             try:
-                path = self._write(self.folder, job.start, job.geometry, job.finals, {})
+                path = self._write(self.folder, job.start, job.geometry, job.finals, job.extra_attrs)
             except Exception as exc:  # noqa: BLE001 - one bad series must not stop the files of the next ones
                 attempts.failed, attempts.error = attempts.failed + 1, _describe(exc)
                 logger.warning("series %r: final file not written in %s (attempt %d of %d): %s", job.start.series_id,
@@ -224,7 +226,7 @@ class FinalWriter:
                      "folder %s", series_id, self.folder, attempts.failed, attempts.error, self.fallback_folder)
         try:
             self.fallback_folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-            path = self._write(self.fallback_folder, job.start, job.geometry, job.finals, {})
+            path = self._write(self.fallback_folder, job.start, job.geometry, job.finals, job.extra_attrs)
         except Exception as exc:  # noqa: BLE001 - as above
             logger.exception("series %r: final file not written: not in %s, nor in the fallback folder %s; "
                              "the reconstruction is lost", series_id, self.folder, self.fallback_folder)

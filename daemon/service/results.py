@@ -73,6 +73,15 @@ def write_result(path: Path, datasets: Mapping[str, np.ndarray], rank_stats: Seq
 MAX_STEM_CHARS = 120
 
 
+def output_stem(series_id: str) -> str:
+    """The file-name stem of a series' final file (:func:`output_path`, before any ``-1``, ``-2``…)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", series_id).lstrip(".") or "series"
+    if len(stem) > MAX_STEM_CHARS:
+        digest = hashlib.sha256(series_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+        stem = f"{stem[:MAX_STEM_CHARS - 13]}-{digest}"
+    return stem
+
+
 def output_path(folder: Path, series_id: str) -> Path:
     """``folder/<series id>.h5`` with unsafe characters replaced; ``-1``, ``-2``… if taken.
 
@@ -80,10 +89,7 @@ def output_path(folder: Path, series_id: str) -> Path:
     ENAMETOOLONG and its reconstruction was lost): a longer id keeps its first characters and 12 hex digits
     of its SHA-256, so distinct long ids get distinct names. The file's ``series_id`` attribute is the id.
     """
-    stem = re.sub(r"[^A-Za-z0-9._-]", "_", series_id).lstrip(".") or "series"
-    if len(stem) > MAX_STEM_CHARS:
-        digest = hashlib.sha256(series_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
-        stem = f"{stem[:MAX_STEM_CHARS - 13]}-{digest}"
+    stem = output_stem(series_id)
     path = folder / f"{stem}.h5"
     n = 1
     while path.exists() or path.with_name(path.name + ".partial").exists():

@@ -13,6 +13,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ptylive.daemon.service.messages import RankMessage
@@ -99,3 +100,41 @@ class Roster:
                     "worker_reports": {w: dict(r) for w, r in self._reports.items()},
                     "heartbeat_age_s": {w: now - t for w, t in self._seen_s.items()},
                     "worker_errors": list(self._errors)}
+
+
+def process_alive(pid: int, proc: Path = Path("/proc")) -> bool:
+    """Whether process ``pid`` runs on this host; a zombie (dead, not yet reaped by its parent) counts as gone."""
+    try:
+        stat = (proc / str(pid) / "stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[:1] not in (["Z"], ["X"])
+
+
+class DeathWatch:
+    """Names each worker whose process died, once: its worker index, MPI rank and pid (from its hello).
+
+    Rank 0 calls :meth:`check` every tenth of a second; a worker that dies takes the MPI job down within about
+    two seconds (mpiexec ends every rank), so the log line is written first where it can be. The ranks run on
+    rank 0's host (the internal sockets are loopback), so the pid is looked up in its ``/proc``; without one
+    (not Linux) nothing is checked.
+    """
+
+    def __init__(self, roster: Roster, alive: Callable[[int], bool] = process_alive,
+                 proc: Path = Path("/proc")) -> None:
+        self.roster, self._alive = roster, alive
+        self.enabled = (proc / "self").exists()
+        self.dead: dict[int, int] = {}  # worker -> pid of each one reported dead
+
+    def check(self) -> list[tuple[int, int]]:
+        """``(worker, pid)`` of workers found dead since the last call (a worker that said bye has stopped)."""
+        if not self.enabled:
+            return []
+        byes = self.roster.said_bye()
+        found = [(worker, pid) for worker, pid in sorted(self.roster.said_hello().items())
+                 if worker not in self.dead and worker not in byes and not self._alive(pid)]
+        for worker, pid in found:
+            self.dead[worker] = pid
+            logger.error("worker %d (MPI rank %d, pid %d) died; its tile is lost unless it has a checkpoint",
+                         worker, worker + 1, pid)
+        return found

@@ -29,12 +29,14 @@ from ptylive.daemon.engine.geometry import SeriesGeometry, series_geometry
 from ptylive.daemon.engine.memory_plan import rank_memory
 from ptylive.daemon.http.access import ControlAccess
 from ptylive.daemon.http.server import Providers, StatusServer
+from ptylive.daemon.service.checkpoints import CheckpointFolder, state_folder
 from ptylive.daemon.service.collector import Collector, CollectorHooks
 from ptylive.daemon.service.config import DaemonConfig, apply_overrides, control_token
 from ptylive.daemon.service.final_writer import FinalWriter
 from ptylive.daemon.service.internal_sockets import InternalSockets
 from ptylive.daemon.service.metrics import DaemonMetrics, PreviewLatency
 from ptylive.daemon.service.notify import Watchdog, notify, watchdog_period_s
+from ptylive.daemon.service.roster import DeathWatch
 from ptylive.daemon.service.series_views import coverage_rows
 from ptylive.gpu.backend import PRECISIONS
 from ptylive.streaming.decoders import make_decoder
@@ -137,8 +139,10 @@ class Rank0:
                              recorder=Recorder.open(c.ingest.record_to))
         self.metrics = DaemonMetrics(metrics_registry or CollectorRegistry(), self.metrics_snapshot)
         self.latency = PreviewLatency()
+        self.checkpoints = CheckpointFolder(state_folder(c.service.state_folder, Path(c.output.folder)))
         hooks = CollectorHooks(series=self.admission.lookup, progress=self._progress,
-                               on_heartbeat=self.metrics.observe_report, on_preview=self._observe_latency)
+                               on_heartbeat=self.metrics.observe_report, on_preview=self._observe_latency,
+                               on_finished=self.checkpoints.forget)
         writer = FinalWriter(Path(c.output.folder), fallback_folder=c.output.fallback_folder)
         self.collector = Collector(context, self.sockets.collector(), c.preview.endpoint, hooks,
                                    Path(c.output.folder), n, c.preview.rate_hz, writer=writer, history=c.ingest.history)
@@ -241,6 +245,8 @@ class Rank0:
         """Start the threads, announce readiness, loop until stopped; ``abort()`` kills the whole job."""
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self.stop.set())
+        for job in self.checkpoints.recover(Path(self.config.output.folder)):  # queued before any new series' file
+            self.collector.writer.submit(job)
         self.ingest.start()
         self.collector.start()
         self.http.start()
@@ -254,7 +260,9 @@ class Rank0:
         self._announce()
         period = watchdog_period_s(configured_s=self.config.service.watchdog_s)
         watchdog = Watchdog(period, self.healthy) if period else None
+        deaths = DeathWatch(roster)
         while not self.stop.wait(0.1):
+            deaths.check()
             self.report_dead_threads()
             if watchdog is not None:
                 watchdog.maybe_ping(time.monotonic())

@@ -13,6 +13,7 @@ import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ from ptylive.daemon.engine.geometry import series_geometry
 from ptylive.daemon.engine.positions import PositionCorrection
 from ptylive.daemon.engine.tile import TileOptics, set_up_tile, tile_view
 from ptylive.daemon.service import messages as rank_messages
+from ptylive.daemon.service.checkpoints import Checkpoint, checkpoint_path, write_checkpoint
 from ptylive.daemon.service.config import ReconstructionConfig, apply_overrides
 from ptylive.daemon.service.preview import downsample_factor, slice_phases
 from ptylive.daemon.worker.frames import FrameStore
@@ -50,6 +52,8 @@ class WorkerSettings:
     on_new_start: str = "queue"
     preview_rate_hz: float = 2.0
     preview_max_px: int = 256
+    checkpoint_folder: Path | None = None  # None: no checkpoints
+    checkpoint_interval_s: float = 0.0  # 0: no checkpoints
 
 
 @dataclass
@@ -74,6 +78,8 @@ class Worker:
         self.unknown_frames = self.messages_taken = 0
         self._heartbeat_due = 0.0
         self._preview_due = 0.0
+        self._checkpoint_due = 0.0
+        self.checkpoint_failures = 0
         self._running: str | None = None
         self.stats = WorkerStats(settings.backend)
         self._run: tuple[StreamRun, Consensus] | None = None
@@ -177,9 +183,15 @@ class Worker:
         factor = max(downsample_factor(d.tile.shape, s.preview_max_px) for d in geometry.domains)
         consensus = Consensus(self.comm, N_SUM, 2 + options.updates_per_iteration)
         self._preview_due = 0.0
+        self._checkpoint_due = time.monotonic() + s.checkpoint_interval_s
         self._run = (run, consensus)
+
+        def after_iteration(run_: StreamRun) -> None:
+            self._maybe_preview(run_, factor, consensus)
+            self._maybe_checkpoint(run_, consensus, slot)
+
         try:
-            refine(run, consensus, self.drain, lambda run_: self._maybe_preview(run_, factor, consensus), self._idle)
+            refine(run, consensus, self.drain, after_iteration, self._idle)
             self._heartbeat_due = 0.0
             self.drain()  # the last iterations' durations reach rank 0 before the totals move on
         finally:
@@ -219,9 +231,37 @@ class Worker:
         self._send(rank_messages.encode("preview", header, slices.sum(axis=0, dtype=np.float32), *per_slice))
 
     def _send_final(self, run: StreamRun, consensus: Consensus, slice_thickness_A: float) -> None:
+        header, arrays = self._final_parts(run, consensus, slice_thickness_A, self.settings.worker == 0)
+        self._send(rank_messages.encode("final", header, *arrays))
+
+    def _maybe_checkpoint(self, run: StreamRun, consensus: Consensus, slot: SeriesSlot) -> None:
+        """Save the tile as the final it would send now, every ``checkpoint_interval_s`` (rank 0 recovers it
+        after a crash: :mod:`ptylive.daemon.service.checkpoints`). A failed write is logged; refinement goes on."""
+        s, now = self.settings, time.monotonic()
+        if s.checkpoint_folder is None or not s.checkpoint_interval_s or now < self._checkpoint_due:
+            return
+        self._checkpoint_due = now + s.checkpoint_interval_s
+        began = time.perf_counter()
+        header, arrays = self._final_parts(run, consensus, slot.reconstruction.slice_thickness_A, True)
+        checkpoint = Checkpoint(slot.start, s.n_workers, slot.reconstruction.upsampling,
+                                rank_messages.FinalMessage(header, arrays))
+        path = checkpoint_path(s.checkpoint_folder, slot.start.series_id, s.worker)
+        try:
+            write_checkpoint(path, checkpoint)
+        except OSError as exc:
+            self.checkpoint_failures += 1
+            logger.error("worker %d: checkpoint %s not written (%d failures so far): %s", s.worker, path,
+                         self.checkpoint_failures, exc)
+            return
+        logger.debug("worker %d: checkpoint of %r at iteration %d in %.3f s", s.worker, slot.start.series_id,
+                     run.iterations, time.perf_counter() - began)
+
+    def _final_parts(self, run: StreamRun, consensus: Consensus, slice_thickness_A: float,
+                     with_probe: bool) -> tuple[rank_messages.FinalHeader, tuple[np.ndarray, ...]]:
+        """The ``final`` header and arrays (tile, probe or empty, corrected and nominal positions) of ``run`` now."""
         t = run.state.domain.tile
         stats = run.exchanger.stats
-        probe = to_numpy(run.state.probe) if self.settings.worker == 0 else np.zeros(0, self.complex_t)
+        probe = to_numpy(run.state.probe) if with_probe else np.zeros(0, self.complex_t)
         header: rank_messages.FinalHeader = {
                   "series_id": run.store.geometry.series_id, "worker": self.settings.worker, "status": run.status,
                   "tile": [t.row0, t.row1, t.col0, t.col1], "iterations": run.iterations,
@@ -238,6 +278,6 @@ class Worker:
         rows = run.store.received
         nominal = run.store.positions_px[rows]
         corrected = run.state.positions.state.positions_px[rows] if run.state.positions is not None else nominal
-        self._send(rank_messages.encode("final", header, np.ascontiguousarray(to_numpy(tile_view(run.state))), probe,
-                                        np.ascontiguousarray(corrected, dtype=np.float64),
-                                        np.ascontiguousarray(nominal, dtype=np.float64)))
+        return header, (np.ascontiguousarray(to_numpy(tile_view(run.state))), probe,
+                        np.ascontiguousarray(corrected, dtype=np.float64),
+                        np.ascontiguousarray(nominal, dtype=np.float64))

@@ -1,0 +1,76 @@
+"""A crash of the whole daemon mid-series: the next start writes the series from its workers' checkpoints.
+
+The first ``ptylive serve`` receives every frame and runs its (many) final iterations, checkpointing every
+0.3 s. Once both workers' checkpoints exist, every process of the daemon gets SIGKILL at once (ranks, then
+launcher: what a power cut or an OOM kill of the unit leaves): no file is written. A second ``ptylive serve``
+on the same state folder writes the series as ``recovered`` before it takes any new one, announces it in
+``/status``, and removes the checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from ptylive.daemon.service.config import ServiceConfig
+from ptylive.daemon.service.process import ServeProcess
+from ptylive.daemon.service.roster import process_alive
+from ptylive.streaming.fake_detector import FakeDetector, FakeDetectorOptions, ScanSource
+from tests.daemon.serve_harness import daemon_config, get_json, read_final, serving, wait_for
+
+pytestmark = pytest.mark.mpi
+
+
+def stream(endpoint: str, source: ScanSource, series_id: str) -> None:
+    with zmq.Context() as context, FakeDetector(source, FakeDetectorOptions(series_id=series_id, dtype="uint16"),
+                                                endpoint, bind=False, context=context) as detector:
+        detector.start()
+        detector.join(120.0)
+
+
+def kill_everything(process: ServeProcess) -> None:
+    """SIGKILL to rank 0, every worker and the launcher, without a chance to write anything."""
+    assert process.process is not None
+    status = get_json(process.endpoints["http"] + "status")
+    ranks = [int(process.endpoints["pid"]), *map(int, status["worker_pids"].values())]
+    assert len(ranks) == 3, status["worker_pids"]
+    for pid in ranks:
+        os.kill(pid, signal.SIGKILL)
+    process.process.kill()
+    process.process.wait(30)
+    wait_for(lambda: not any(map(process_alive, ranks)), 30, "every rank to be gone")
+
+
+def test_a_series_cut_by_sigkill_is_written_as_recovered_at_the_next_start(tmp_path: Path, dosed_scan: Path) -> None:
+    results, state = tmp_path / "results", tmp_path / "state"
+    results.mkdir()
+    config = daemon_config(results, final_iterations=100_000)  # still refining when it is killed
+    config = dataclasses.replace(config, service=ServiceConfig(state_folder=str(state), checkpoint_interval_s=0.3))
+    first = ServeProcess(config, tmp_path / "first")
+    try:
+        first.start()
+        stream(first.endpoints["ingest"], ScanSource.from_file(dosed_scan), "cut")
+        wait_for(lambda: len(list(state.glob("*.ckpt.npz"))) == 2, 120, "both workers' checkpoints")
+        kill_everything(first)
+    finally:
+        first.stop()
+    assert not list(results.glob("*.h5")), "a killed daemon wrote a file"
+
+    with serving(config, tmp_path / "second") as (second, _):
+        http = second.endpoints["http"]
+        [entry] = wait_for(lambda: [e for e in get_json(http + "status")["finished"] if e["series_id"] == "cut"],
+                           60, "the recovered series in /status")
+        assert entry["status"] == "recovered" and entry["file"] == "cut.h5", entry
+        written = read_final(entry["path"])
+        assert written["attrs"]["status"] == "recovered" and written["attrs"]["series_id"] == "cut"
+        assert written["attrs"]["missing_workers"].tolist() == []
+        assert min(written["attrs"]["checkpoint_iterations"]) >= 1
+        assert np.isfinite(written["object"]).all() and np.abs(written["object"] - 1).max() > 1e-3  # not vacuum
+        assert written["received"].all()
+        wait_for(lambda: not list(state.glob("*.ckpt.npz*")), 10, "the checkpoints to be removed")
