@@ -97,7 +97,8 @@ class PreviewListener:
 def read_final(path: str | Path) -> dict[str, Any]:
     with h5py.File(path, "r") as f:
         out: dict[str, Any] = {name: f[name][...] for name in ("object", "probe", "loss", "frames_used",
-                                                                 "positions_px", "received")}
+                                                                 "positions_px", "positions_nominal_px",
+                                                                 "received")}
         out.update({f"ranks/{k}": f["ranks"][k][...] for k in f["ranks"]})
         out["attrs"] = dict(f.attrs)
     return out
