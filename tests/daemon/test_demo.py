@@ -6,11 +6,14 @@ and run in this interpreter (:mod:`tests.daemon.cli_harness`).
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import h5py
 import pytest
 
+from ptylive.daemon.cli.demo import DemoOptions
 from tests.conftest import run_cli
 from tests.daemon.cli_harness import InProcessCli
 
@@ -43,3 +46,15 @@ def test_serve_rejects_a_bad_config_with_one_line(capfd: pytest.CaptureFixture[s
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1
     assert done.stderr.startswith("error: ") and done.stdout == ""
+
+
+def test_the_demo_default_output_folder_is_ignored_by_git() -> None:
+    """``ptylive demo`` from a checkout leaves its config, log and results out of ``git status``."""
+    root = Path(__file__).resolve().parents[2]
+    git = shutil.which("git")
+    if git is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    for name in ("ptylive.toml", "serve.log", "results/demo-1.h5"):
+        path = str(DemoOptions().out / name)
+        done = subprocess.run([git, "check-ignore", "-q", path], cwd=root, capture_output=True, timeout=30)
+        assert done.returncode == 0, f"{path} is not ignored by .gitignore"
