@@ -19,7 +19,7 @@ EXIT_USAGE = 2
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     handler = {"simulate": simulate, "reconstruct": reconstruct, "plan": plan, "bench": bench, "serve": serve,
-               "demo": demo, "replay": replay}[args.command]
+               "demo": demo, "replay": replay, "service": service}[args.command]
     return handler(args, argv)
 
 
@@ -196,3 +196,12 @@ def replay(args: argparse.Namespace, argv: list[str]) -> int:
     from ptylive.streaming.replay import run as run_replay
 
     return run_replay(args)
+
+
+def service(args: argparse.Namespace, argv: list[str]) -> int:
+    from ptylive.daemon.cli.service_install import install, next_steps
+
+    for path in install(args.prefix, force=args.force):
+        print(f"wrote {path}")
+    print(next_steps(args.prefix))
+    return 0

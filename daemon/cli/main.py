@@ -135,6 +135,16 @@ def _add_replay(sub: argparse._SubParsersAction) -> None:
                                                 "running daemon"))
 
 
+def _add_service(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("service", help="install the systemd unit, example config, Prometheus job and Grafana files")
+    actions = p.add_subparsers(dest="action", required=True)
+    install = actions.add_parser("install", help="write the packaged files under a prefix (see docs/operations.md)")
+    install.add_argument("--prefix", type=Path, required=True, metavar="DIR",
+                         help="root the files go under: DIR/etc/systemd/system/ptylive.service, "
+                              "DIR/etc/ptylive/ptylive.toml, ... (/ for the host itself)")
+    install.add_argument("--force", action="store_true", help="replace files that exist (default: refuse)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ptylive import __version__
 
@@ -142,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG")
     parser.add_argument("--version", action="version", version=f"ptylive {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_simulate, _add_reconstruct, _add_plan, _add_bench, _add_serve, _add_demo, _add_replay):
+    for add in (_add_simulate, _add_reconstruct, _add_plan, _add_bench, _add_serve, _add_demo, _add_replay,
+                _add_service):
         add(sub)
     return parser
 
