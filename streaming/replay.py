@@ -292,24 +292,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", type=Path, help="scan HDF5, 4-D .npy/HDF5 array, or a ZeroMQ dump recording")
     p.add_argument("--endpoint", required=True, help="the daemon's ingest, e.g. tcp://127.0.0.1:5555")
     pace = p.add_mutually_exclusive_group(required=True)
-    pace.add_argument("--rate", type=float, help="frames per second")
-    pace.add_argument("--max-rate", action="store_true", help="as fast as the daemon takes them")
-    p.add_argument("--bind", action="store_true", help="bind the endpoint (for a daemon with ingest.bind = false)")
-    p.add_argument("--status-url", help="the daemon's HTTP root, e.g. http://127.0.0.1:8080/: exit 3 on refusal")
+    pace.add_argument("--rate", type=float, help="frames per second (or --max-rate)")
+    pace.add_argument("--max-rate", action="store_true", help="as fast as the daemon takes them (or --rate)")
+    p.add_argument("--bind", action="store_true",
+                   help="bind the endpoint, for a daemon with ingest.bind = false (default: connect)")
+    p.add_argument("--status-url", help="the daemon's HTTP root, e.g. http://127.0.0.1:8080/: exit 3 on refusal "
+                                        "(default: none, refusals not read)")
     p.add_argument("--format", choices=("auto", "ptylive", "dectris_v1", "dectris_v2"), default="auto",
-                   help="of a recording (auto: from its first part)")
-    p.add_argument("--single-parts", action="store_true", help="recording: send every part as its own message")
+                   help="of a recording; auto: from its first part (default: %(default)s)")
+    p.add_argument("--single-parts", action="store_true",
+                   help="recording: send every part as its own message (default: as recorded)")
     p.add_argument("--series-id", default="", help="arrays and scan files (default: the file name)")
-    p.add_argument("--dtype", choices=protocol.DTYPES, default="uint16", help="arrays and scan files")
-    p.add_argument("--encoding", choices=("raw", "bslz4", "lz4"), default="raw", help="arrays and scan files")
+    p.add_argument("--dtype", choices=protocol.DTYPES, default="uint16",
+                   help="arrays and scan files: pixel type on the wire (default: %(default)s)")
+    p.add_argument("--encoding", choices=("raw", "bslz4", "lz4"), default="raw",
+                   help="arrays and scan files: frame compression (default: %(default)s)")
     p.add_argument("--dataset", default="", help="HDF5 array: the dataset (default: the first 3-D or 4-D one)")
-    p.add_argument("--scan-shape", type=int, nargs=2, metavar=("ROWS", "COLS"))
-    p.add_argument("--step-A", type=float, default=None)
-    p.add_argument("--energy-eV", type=float, default=None)
-    p.add_argument("--convergence-mrad", type=float, default=None)
-    p.add_argument("--defocus-A", type=float, default=0.0)
-    p.add_argument("--detector-pixel-mrad", type=float, default=None)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--scan-shape", type=int, nargs=2, metavar=("ROWS", "COLS"),
+                   help="arrays: raster of a 3-D array, required for one (default: a 4-D array's first two axes)")
+    p.add_argument("--step-A", type=float, default=None, help="arrays: scan step in Å (required)")
+    p.add_argument("--energy-eV", type=float, default=None, help="arrays: beam energy in eV (required)")
+    p.add_argument("--convergence-mrad", type=float, default=None,
+                   help="arrays: probe convergence semi-angle in mrad (required)")
+    p.add_argument("--defocus-A", type=float, default=0.0, help="arrays: probe defocus in Å (default: %(default)s)")
+    p.add_argument("--detector-pixel-mrad", type=float, default=None,
+                   help="arrays: detector pixel in mrad (required)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (default: progress on stderr)")
 
 
 def run(args: argparse.Namespace) -> int:

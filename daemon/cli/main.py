@@ -21,39 +21,59 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
 
     d = SimulationSpec()
     p = sub.add_parser("simulate", help="write a simulated perovskite scan file (HDF5)")
-    p.add_argument("out", type=Path)
-    p.add_argument("--energy-eV", type=float, default=d.energy_eV)
-    p.add_argument("--convergence-mrad", type=float, default=d.convergence_semiangle_mrad)
-    p.add_argument("--defocus-A", type=float, default=d.defocus_A)
-    p.add_argument("--detector-px", type=int, default=d.detector_px)
-    p.add_argument("--detector-pixel-mrad", type=float, default=d.detector_pixel_mrad)
-    p.add_argument("--upsampling", type=int, default=d.upsampling)
-    p.add_argument("--slices", type=int, default=d.n_slices)
-    p.add_argument("--slice-thickness-A", type=float, default=d.slice_thickness_A)
-    p.add_argument("--scan", type=int, nargs=2, default=d.scan_shape, metavar=("ROWS", "COLS"))
-    p.add_argument("--step-px", type=float, default=d.scan_step_px)
-    p.add_argument("--crystal", default="PbTiO3", help="ABX3 perovskite formula, e.g. PbTiO3, SrTiO3, BaTiO3")
-    p.add_argument("--dose", type=float, default=None, help="electrons per Å² (Poisson noise); none = noise-free")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("out", type=Path, help="scan file to write (HDF5)")
+    p.add_argument("--energy-eV", type=float, default=d.energy_eV, help="beam energy in eV (default: %(default)s)")
+    p.add_argument("--convergence-mrad", type=float, default=d.convergence_semiangle_mrad,
+                   help="probe convergence semi-angle in mrad (default: %(default)s)")
+    p.add_argument("--defocus-A", type=float, default=d.defocus_A, help="probe defocus in Å (default: %(default)s)")
+    p.add_argument("--detector-px", type=int, default=d.detector_px,
+                   help="side of the square detector in pixels (default: %(default)s)")
+    p.add_argument("--detector-pixel-mrad", type=float, default=d.detector_pixel_mrad,
+                   help="detector pixel in mrad (default: %(default)s)")
+    p.add_argument("--upsampling", type=int, default=d.upsampling,
+                   help="object pixels per detector-limited pixel: window = detector × upsampling px "
+                        "(default: %(default)s)")
+    p.add_argument("--slices", type=int, default=d.n_slices, help="object slices (default: %(default)s)")
+    p.add_argument("--slice-thickness-A", type=float, default=d.slice_thickness_A,
+                   help="slice thickness in Å (default: %(default)s)")
+    p.add_argument("--scan", type=int, nargs=2, default=d.scan_shape, metavar=("ROWS", "COLS"),
+                   help="raster of probe positions (default: %(default)s)")
+    p.add_argument("--step-px", type=float, default=d.scan_step_px,
+                   help="scan step in object pixels (default: %(default)s)")
+    p.add_argument("--crystal", default="PbTiO3",
+                   help="ABX3 perovskite formula, e.g. PbTiO3, SrTiO3, BaTiO3 (default: %(default)s)")
+    p.add_argument("--dose", type=float, default=None,
+                   help="electrons per Å², with Poisson noise (default: none, noise-free)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the noise (default: %(default)s)")
 
 
 def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
     from ptylive.daemon.engine.options import DEFAULT_UPDATES_PER_ITERATION
 
     p = sub.add_parser("reconstruct", help="reconstruct a scan file on R ranks")
-    p.add_argument("scan", type=Path)
-    p.add_argument("--ranks", type=int, default=1)
-    p.add_argument("--iterations", type=int, default=30)
-    p.add_argument("--mode", choices=("sync", "async"), default="sync")
-    p.add_argument("--slices", type=int, default=None, help="default: the file's n_slices, else 1")
-    p.add_argument("--slice-thickness-A", type=float, default=None)
-    p.add_argument("--upsampling", type=int, default=None, help="default: implied by the file's pixel size")
-    p.add_argument("--precision", choices=("single", "double"), default="single")
-    p.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")
-    p.add_argument("--loss", choices=("amplitude", "poisson"), default="amplitude")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("scan", type=Path, help="scan file to reconstruct (HDF5, docs/scanfile.md)")
+    p.add_argument("--ranks", type=int, default=1,
+                   help="MPI ranks, one tile each; more than 1 starts mpiexec (default: %(default)s)")
+    p.add_argument("--iterations", type=int, default=30,
+                   help="passes over every position (default: %(default)s)")
+    p.add_argument("--mode", choices=("sync", "async"), default="sync",
+                   help="halo exchange: sync (every update waits for it) or async (bounded staleness) "
+                        "(default: %(default)s)")
+    p.add_argument("--slices", type=int, default=None, help="object slices (default: the file's n_slices, else 1)")
+    p.add_argument("--slice-thickness-A", type=float, default=None,
+                   help="slice thickness in Å (default: the file's total thickness over --slices)")
+    p.add_argument("--upsampling", type=int, default=None,
+                   help="object pixels per detector-limited pixel (default: implied by the file's pixel size)")
+    p.add_argument("--precision", choices=("single", "double"), default="single",
+                   help="floating point of the arrays (default: %(default)s)")
+    p.add_argument("--backend", choices=("numpy", "cupy"), default="numpy",
+                   help="numpy (CPU) or cupy (CUDA GPU) (default: %(default)s)")
+    p.add_argument("--loss", choices=("amplitude", "poisson"), default="amplitude",
+                   help="data term (default: %(default)s; docs/physics.md)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="positions propagated at once per rank (default: %(default)s)")
     p.add_argument("--step-size", type=float, default=None,
-                   help="default: 1.0 sync, 0.5 async; halved for --loss poisson")
+                   help="update step, dimensionless (default: 1.0 sync, 0.5 async; halved for --loss poisson)")
     p.add_argument("--refine-probe", action=argparse.BooleanOptionalAction, default=None,
                    help="refine the probe with the object (default: on when the probe is built from the optics "
                         "attributes, which is rarely the microscope's; off when the file holds a probe for the "
@@ -66,7 +86,8 @@ def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--probe-modes", type=int, default=1, metavar="K",
                    help="incoherent probe modes for a partially coherent beam (default: 1, one coherent probe; "
                         "K > 1 needs --refine-probe and costs about K times per position; result: probe (K, N, N))")
-    p.add_argument("--max-staleness", type=int, default=4, help="in updates")
+    p.add_argument("--max-staleness", type=int, default=4,
+                   help="async: most updates a neighbour's halo may lag behind (default: %(default)s)")
     p.add_argument("--updates-per-iteration", type=int, default=DEFAULT_UPDATES_PER_ITERATION,
                    help=f"mini-batches per iteration (default: {DEFAULT_UPDATES_PER_ITERATION}; docs/physics.md)")
     p.add_argument("--depth-regularisation", type=float, default=0.0, metavar="MU",
@@ -74,58 +95,77 @@ def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
                         "illumination; MU = 0.1 removes about a tenth of the difference per update); default: 0, "
                         "off (docs/physics.md, Depth regularisation)")
     p.add_argument("-o", "--out", type=Path, required=True, help="result file (HDF5) to write")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr (default: progress shown)")
 
 
 def _add_plan(sub: argparse._SubParsersAction) -> None:
     from ptylive.daemon.engine.options import DEFAULT_UPDATES_PER_ITERATION
 
     p = sub.add_parser("plan", help="predict memory per rank (from a scan file or from sizes)")
-    p.add_argument("scan", type=Path, nargs="?")
-    p.add_argument("--ranks", type=int, required=True)
-    p.add_argument("--slices", type=int, default=None)
-    p.add_argument("--object", type=int, nargs=2, metavar=("ROWS", "COLS"))
-    p.add_argument("--positions", type=int)
-    p.add_argument("--window", type=int)
-    p.add_argument("--detector", type=int, default=None, help="default: the window (no upsampling)")
-    p.add_argument("--upsampling", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--precision", choices=("single", "double"), default="single")
-    p.add_argument("--mode", choices=("sync", "async"), default="sync")
+    p.add_argument("scan", type=Path, nargs="?",
+                   help="scan file (HDF5); without one, give --object, --positions and --window")
+    p.add_argument("--ranks", type=int, required=True, help="MPI ranks to plan for")
+    p.add_argument("--slices", type=int, default=None, help="object slices (default: the file's n_slices, else 1)")
+    p.add_argument("--object", type=int, nargs=2, metavar=("ROWS", "COLS"),
+                   help="object size in pixels (required without a scan file)")
+    p.add_argument("--positions", type=int, help="number of probe positions (required without a scan file)")
+    p.add_argument("--window", type=int, help="side of the probe window in pixels (required without a scan file)")
+    p.add_argument("--detector", type=int, default=None,
+                   help="side of the detector in pixels (default: the window over --upsampling)")
+    p.add_argument("--upsampling", type=int, default=None,
+                   help="object pixels per detector-limited pixel (default: implied by the file, else 1)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="positions propagated at once per rank (default: %(default)s)")
+    p.add_argument("--precision", choices=("single", "double"), default="single",
+                   help="floating point of the arrays (default: %(default)s)")
+    p.add_argument("--mode", choices=("sync", "async"), default="sync",
+                   help="halo exchange (default: %(default)s)")
     p.add_argument("--updates-per-iteration", type=int, default=DEFAULT_UPDATES_PER_ITERATION,
                    help=f"global mini-batches per iteration (default: {DEFAULT_UPDATES_PER_ITERATION})")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="JSON on stdout instead of the table")
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (ratios against references measured in the same run)")
-    p.add_argument("what", choices=("engine", "ingest", "quality"))
+    p.add_argument("what", choices=("engine", "ingest", "quality"), help="the benchmark to run")
     p.add_argument("cases", type=Path, nargs="*", help="quality: scan files (default: tests/data/abtem/*.h5)")
     p.add_argument("--quick", action="store_true", help="small shapes only (seconds)")
-    p.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")
-    p.add_argument("--ranks", type=int, default=4, help="quality: ranks of the async run (the other: 1, sync)")
-    p.add_argument("--iterations", type=int, default=30, help="quality: iterations, for every code")
-    p.add_argument("--peers", default="py4dstem,ptyrad", help="quality: peer codes, comma-separated, or 'none'")
+    p.add_argument("--backend", choices=("numpy", "cupy"), default="numpy",
+                   help="engine: numpy (CPU) or cupy (CUDA GPU) (default: %(default)s)")
+    p.add_argument("--ranks", type=int, default=4,
+                   help="quality: ranks of the async run; the other runs 1, sync (default: %(default)s)")
+    p.add_argument("--iterations", type=int, default=30,
+                   help="quality: iterations, for every code (default: %(default)s)")
+    p.add_argument("--peers", default="py4dstem,ptyrad",
+                   help="quality: peer codes, comma-separated, or 'none' (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="quality: JSON instead of the table")
     p.add_argument("--ptylive-args", default="", metavar="FLAGS",
-                   help="quality: extra flags for both ptylive runs, e.g. --ptylive-args=--correct-positions")
+                   help="quality: extra flags for both ptylive runs, e.g. --ptylive-args=--correct-positions "
+                        "(default: none)")
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the streaming daemon (ingest, workers, previews) from a TOML config")
-    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--config", type=Path, required=True,
+                   help="TOML config file (docs/daemon.md; example: systemd/ptylive.toml)")
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="serve + fake detector streaming a simulated PbTiO3 scan + live previews")
-    p.add_argument("--ranks", type=int, default=2, help="worker ranks")
-    p.add_argument("--out", type=Path, default=Path("ptylive-demo"), help="folder for config and results")
-    p.add_argument("--rate", type=float, default=100.0, help="frames per second from the fake detector")
-    p.add_argument("--scan", type=int, nargs=2, default=(24, 24), metavar=("ROWS", "COLS"))
-    p.add_argument("--dose", type=float, default=1e6, help="electrons per Å² (Poisson noise)")
-    p.add_argument("--final-iterations", type=int, default=20)
-    p.add_argument("--http-port", type=int, default=0, help="viewer port (0: any free port)")
-    p.add_argument("--keep-running", action="store_true", help="keep serving after the series (Ctrl-C stops)")
+    p.add_argument("--ranks", type=int, default=2, help="worker ranks (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("ptylive-demo"),
+                   help="folder for config, log and results (default: %(default)s)")
+    p.add_argument("--rate", type=float, default=100.0,
+                   help="frames per second from the fake detector (default: %(default)s)")
+    p.add_argument("--scan", type=int, nargs=2, default=(24, 24), metavar=("ROWS", "COLS"),
+                   help="raster of probe positions (default: %(default)s)")
+    p.add_argument("--dose", type=float, default=1e6,
+                   help="electrons per Å², with Poisson noise (default: %(default)s)")
+    p.add_argument("--final-iterations", type=int, default=20,
+                   help="iterations after the last frame, before the final file (default: %(default)s)")
+    p.add_argument("--http-port", type=int, default=0, help="viewer port; 0: any free port (default: %(default)s)")
+    p.add_argument("--keep-running", action="store_true",
+                   help="keep serving after the series, until Ctrl-C (default: stop after it)")
 
 
 def _add_replay(sub: argparse._SubParsersAction) -> None:
@@ -149,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ptylive import __version__
 
     parser = argparse.ArgumentParser(prog="ptylive", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log at INFO, the engine's per-iteration lines included (default: warnings only; "
+                             "serve: ptylive's INFO lines)")
     parser.add_argument("--version", action="version", version=f"ptylive {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_simulate, _add_reconstruct, _add_plan, _add_bench, _add_serve, _add_demo, _add_replay,
