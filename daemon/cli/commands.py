@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import sys
+import time
 from typing import Any
 
 from ptylive.daemon.cli.launcher import relaunch, under_mpi
@@ -41,7 +42,16 @@ def simulate(args: argparse.Namespace, argv: list[str]) -> int:
     )
     if spec.n_slices < 1 or spec.detector_px < 4 or min(spec.scan_shape) < 1 or not spec.scan_step_px > 0:
         raise ValueError("--slices, --scan and --step-px must be positive and --detector-px >= 4")
+    n_positions = spec.scan_shape[0] * spec.scan_shape[1]
+    if not args.quiet:
+        print(f"simulating {n_positions} positions: {spec.n_slices} slices, window {spec.window_px} px",
+              file=sys.stderr, flush=True)
+    began = time.perf_counter()
     result = run_simulation(spec)
+    seconds = time.perf_counter() - began
+    if not args.quiet:  # gpu/simulate.py reports no batches, so the count comes once, at the end
+        print(f"simulated {len(result.positions_px)}/{n_positions} positions in {seconds:.1f} s "
+              f"({len(result.positions_px) / max(seconds, 1e-9):,.1f} positions/s)", file=sys.stderr, flush=True)
     write_scan(args.out, result.metadata, result.intensities, result.positions_px, result.probe, result.object_truth)
     truth = result.object_truth
     print(f"wrote {args.out}: {len(result.positions_px)} positions, object {truth.shape[1]}x{truth.shape[2]} px "

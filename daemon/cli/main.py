@@ -45,6 +45,7 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dose", type=float, default=None,
                    help="electrons per Å², with Poisson noise (default: none, noise-free)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the noise (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr (default: progress shown)")
 
 
 def _add_reconstruct(sub: argparse._SubParsersAction) -> None:

@@ -19,6 +19,7 @@ import os
 import sys
 import time
 import tracemalloc
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -258,7 +259,7 @@ def run_rank(job: ReconstructionJob, comm: Any | None) -> None:
     domain = domains[rank]
     state = _initial_state(job, domain, positions, backend_module(job.backend))
     started = time.perf_counter()
-    progress = None if (rank != 0 or job.quiet) else _print_progress(job.options.iterations, started)
+    progress = None if (rank != 0 or job.quiet) else progress_printer(job.options.iterations, started)
     if progress is not None:
         print(f"{job.n_slices} slices x {job.slice_thickness_A:.4g} A = {job.n_slices * job.slice_thickness_A:.4g} A "
               f"thick; window {job.window_px} px (upsampling {job.upsampling}) of {job.pixel_size_A:.4g} A; "
@@ -306,10 +307,17 @@ def _mean(values: list[int]) -> float:
     return float(np.mean(values)) if values else 0.0
 
 
-def _print_progress(total: int, started: float) -> Any:
+def progress_printer(total: int, started: float,
+                     clock: Callable[[], float] = time.perf_counter) -> Callable[[int, float, float], None]:
+    """``show(iteration, loss, seconds)``: one stderr line per iteration, with the time left.
+
+    The time left is the mean time per iteration so far (set-up included) times the iterations left.
+    """
     def show(iteration: int, loss: float, seconds: float) -> None:
-        print(f"iteration {iteration + 1:4d}/{total}  loss {loss:.6e}  {seconds:6.3f} s/it  "
-              f"elapsed {time.perf_counter() - started:7.1f} s", file=sys.stderr, flush=True)
+        done, elapsed = iteration + 1, clock() - started
+        remaining = elapsed / done * max(total - done, 0)
+        print(f"iteration {done:4d}/{total}  loss {loss:.6e}  {seconds:6.3f} s/it  elapsed {elapsed:7.1f} s  "
+              f"remaining {remaining:7.1f} s", file=sys.stderr, flush=True)
 
     return show
 
