@@ -19,6 +19,10 @@ EXIT_USAGE = 2
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
+    from ptylive.daemon.cli import result_tools
+
+    if args.command in result_tools.COMMANDS:
+        return int(getattr(result_tools, args.command)(args, argv))
     handler = {"simulate": simulate, "reconstruct": reconstruct, "plan": plan, "bench": bench, "serve": serve,
                "demo": demo, "replay": replay, "service": service}[args.command]
     return handler(args, argv)

@@ -198,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_simulate, _add_reconstruct, _add_plan, _add_bench, _add_serve, _add_demo, _add_replay,
                 _add_service):
         add(sub)
+    from ptylive.daemon.cli.result_tools import add_parsers as add_result_tools  # inspect, export, plot
+
+    add_result_tools(sub)
     return parser
 
 
