@@ -204,11 +204,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def serve_log_filter(record: logging.LogRecord) -> bool:
+    """What plain ``serve`` logs: warnings and errors, and ptylive's INFO lines (series started, refused, ended
+    with its status and final file; workers' per-series lines) less the engine's per-iteration ones."""
+    if record.levelno >= logging.WARNING:
+        return True
+    return (record.levelno >= logging.INFO and record.name.startswith("ptylive.")
+            and not record.name.startswith("ptylive.daemon.engine"))
+
+
+def configure_logging(command: str, verbose: bool) -> None:
+    """Log to stderr (the journal, under systemd): INFO with ``-v``; else warnings, and for ``serve``
+    :func:`serve_log_filter`'s INFO lines. Nothing changes where logging is set up already (tests)."""
+    handler = logging.StreamHandler()
+    if command == "serve" and not verbose:
+        handler.addFilter(serve_log_filter)
+    logging.basicConfig(level=logging.INFO if verbose or command == "serve" else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", handlers=[handler])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(args.command, args.verbose)
     from ptylive.daemon.cli import commands
 
     try:

@@ -168,8 +168,17 @@ class Collector:
 
     def _publish_finished(self) -> None:
         for outcome in self.writer.take_done():
-            self.publisher.series_ended(*self.views.finished(outcome))
-            self.hooks.on_finished(outcome)
+            self._announce(outcome)
+
+    def _announce(self, outcome: FinalOutcome) -> None:
+        """A series ended: its final file (or none) on the PUB and as an event, one INFO line, the hook."""
+        entry, coverage = self.views.finished(outcome)
+        self.publisher.series_ended(entry, coverage)
+        where = ("no final file written" if entry["path"] is None
+                 else f"final file {entry['path']}" + (" (in the fallback folder)" if entry["fallback"] else ""))
+        logger.info("series %r ended: %s after %d iterations; %s", entry["series_id"], entry["status"],
+                    entry["iterations"], where)
+        self.hooks.on_finished(outcome)
 
     def status(self) -> dict[str, Any]:
         """The collector's part of ``/status``: roster, latest series, finished files, counters (``final_writes``:
@@ -190,8 +199,7 @@ class Collector:
                          len(outcomes))
         else:
             for outcome in outcomes:  # this thread is now the sockets' only user
-                self.publisher.series_ended(*self.views.finished(outcome))
-                self.hooks.on_finished(outcome)
+                self._announce(outcome)
         self.publisher.close()
         self._pull.close()
         self._pub.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -167,3 +168,28 @@ def test_a_final_file_being_written_does_not_hold_up_previews(geometry: SeriesGe
         push.close()
         running.close()
         context.term()
+
+
+def test_a_series_end_is_logged_with_its_status_and_final_file(geometry: SeriesGeometry, tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """The line plain ``ptylive serve`` leaves in the journal for every series (INFO)."""
+    context = zmq.Context()
+    hooks = CollectorHooks(series=lambda series_id: (START, geometry),
+                           progress=lambda series_id: SeriesProgress(START, 2, START.n_positions))
+    running = Collector(context, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0", hooks, tmp_path, n_workers=2,
+                        rate_hz=50.0, writer=FinalWriter(tmp_path, lambda folder, *_: folder / "c-1.h5"))
+    push = context.socket(zmq.PUSH)
+    push.linger = 0
+    push.connect(running.pull_endpoint)
+    running.start()
+    try:
+        with caplog.at_level(logging.INFO, logger="ptylive.daemon.service.collector"), \
+                running.events.subscribe() as subscription:
+            send_final(push, geometry, 0)
+            send_final(push, geometry, 1)
+            next_event(subscription, "series_end")
+    finally:
+        push.close()
+        running.close()
+        context.term()
+    assert f"series 'c-1' ended: complete after 4 iterations; final file {tmp_path / 'c-1.h5'}" in caplog.messages
