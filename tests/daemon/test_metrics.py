@@ -107,6 +107,54 @@ def test_the_dashboard_queries_only_metrics_the_daemon_exports() -> None:
     assert not missing, f"the dashboard queries metrics nobody exports: {sorted(missing)}"
 
 
+def exported_labels() -> dict[str, set[str]]:
+    """The labels of each exported sample name (the snapshot's metrics, one report and one latency observed)."""
+    metrics = DaemonMetrics(CollectorRegistry(), snapshot)
+    metrics.observe_report(0, snapshot()["worker_reports"][0])
+    metrics.observe_latencies([0.4])
+    labels: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(metrics.exposition()[0].decode()):
+        for sample in family.samples:
+            labels.setdefault(sample.name, set()).update(sample.labels)
+    return labels
+
+
+SELECTOR = re.compile(r"\b(ptylive_[a-z0-9_]+)(\{[^}]*\})?")
+
+
+def test_the_dashboard_has_instance_and_rank_variables_over_exported_labels() -> None:
+    """Template variables: ``instance`` (Prometheus' target label) and ``rank``, each multi-valued with All."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert list(variables) == ["instance", "rank"]
+    labels = exported_labels()
+    for name, variable in variables.items():
+        assert variable["type"] == "query" and variable["datasource"]["uid"] == "ptylive-prometheus"
+        assert variable["multi"] and variable["includeAll"] and variable["allValue"] == ".*"
+        query = variable["query"]["query"]
+        assert query == variable["definition"]
+        match = re.fullmatch(r"label_values\((ptylive_[a-z0-9_]+)(\{[^}]*\})?, (\w+)\)", query)
+        assert match is not None and match.group(3) == name, query
+        assert match.group(1) in labels, f"{name}: {match.group(1)} is not exported"
+        if name == "rank":
+            assert "rank" in labels[match.group(1)] and match.group(2) == '{instance=~"$instance"}', query
+
+
+def test_every_dashboard_query_follows_the_variables() -> None:
+    """Every metric in every panel filters ``instance``, and ``rank`` where the metric has that label."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    labels = exported_labels()
+    unfiltered = []
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            for match in SELECTOR.finditer(target["expr"]):
+                name, selector = match.group(1), match.group(2) or ""
+                wanted = ['instance=~"$instance"'] + (['rank=~"$rank"'] if "rank" in labels[name] else [])
+                if not all(term in selector for term in wanted):
+                    unfiltered.append(f"{panel['title']}: {match.group(0)} (wants {', '.join(wanted)})")
+    assert not unfiltered, "queries that ignore the variables:\n  " + "\n  ".join(unfiltered)
+
+
 def test_preview_latency_counts_each_frame_once_in_acceptance_order() -> None:
     owner = np.array([0, 0, 1, 0, 1])
     received_s = np.array([1.0, 2.0, 1.5, 3.0, np.nan])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -24,7 +25,7 @@ import pytest
 from ptylive.daemon.service.process import ServeProcess
 from ptylive.streaming.fake_detector import ScanSource
 from tests.daemon.serve_harness import PreviewListener, get_json, wait_for
-from tests.daemon.test_metrics import dashboard_metric_names, exported_sample_names
+from tests.daemon.test_metrics import DASHBOARD, dashboard_metric_names, exported_sample_names
 from tests.daemon.test_serve import stream
 
 pytestmark = pytest.mark.mpi
@@ -134,3 +135,31 @@ def test_the_dashboard_names_only_metrics_the_running_daemon_exports(
     assert not missing, f"dashboard queries metrics the daemon does not export: {sorted(missing)}"
     names = json.dumps(sorted(dashboard_metric_names()))
     assert query(prometheus, "count(ptylive_build_info)") == 1, names
+
+
+def label_values(url: str, label: str, match: str) -> list[str]:
+    """What Grafana's ``label_values(match, label)`` lists, from Prometheus' label API."""
+    answer = get_json(url + f"api/v1/label/{label}/values?" + urllib.parse.urlencode({"match[]": match}))
+    assert answer["status"] == "success", answer
+    return sorted(answer["data"])
+
+
+def test_the_dashboard_variables_list_the_target_and_its_ranks_and_every_panel_query_runs(
+        daemon: tuple[ServeProcess, PreviewListener], prometheus: str) -> None:
+    """Grafana's interpolation by hand: a value regex-escaped with its backslashes doubled (a backslash in a
+    PromQL string starts an escape), All as ``.*`` (the variables' allValue)."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v["query"]["query"] for v in dashboard["templating"]["list"]}
+    metric_of = lambda name: re.fullmatch(r"label_values\((.+), \w+\)", variables[name]).group(1)  # noqa: E731
+    wait_for(lambda: label_values(prometheus, "rank", metric_of("rank").replace("$instance", ".*")), 30,
+             "a scrape with the workers' reports")
+    (instance,) = label_values(prometheus, "instance", metric_of("instance"))
+    assert instance == urllib.parse.urlsplit(daemon[0].endpoints["http"]).netloc
+    escaped = re.escape(instance).replace("\\", "\\\\")
+    assert label_values(prometheus, "rank", metric_of("rank").replace("$instance", escaped)) == ["1", "2"]  # MPI ranks
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            for rank in (".*", "1"):
+                expr = target["expr"].replace("$instance", escaped).replace("$rank", rank)
+                answer = get_json(prometheus + "api/v1/query?" + urllib.parse.urlencode({"query": expr}))
+                assert answer["status"] == "success", (panel["title"], expr, answer)
