@@ -7,8 +7,10 @@ everything received. Compressed frames are checked and forwarded compressed: wor
 One PULL faces the detector; one PUSH per worker (the ingest binds, workers connect). Frames are forwarded as
 the very ``zmq.Frame`` objects received (no re-encoding, no copy); starts and ends go to every worker. A full
 worker queue is never resolved by dropping: the ingest waits for room (``blocked_s``, stop flag honoured) and
-meanwhile stops reading, so the detector's high-water mark throttles the sender. No MPI: the daemon maps
-worker indices to ranks and runs :class:`~ptylive.streaming.inbox.WorkerInbox` on each.
+meanwhile stops reading, so the detector's high-water mark throttles the sender. Room is counted in messages
+(``send_hwm``, ZeroMQ's) and, given each worker's ``messages_taken``, in bytes over all workers
+(``max_buffered_bytes``: :mod:`~ptylive.streaming.in_flight`), since a message can be 200 bytes or 64 MiB.
+No MPI: the daemon maps worker indices to ranks and runs :class:`~ptylive.streaming.inbox.WorkerInbox` on each.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 
 import zmq
 
+from ptylive.streaming.in_flight import InFlight, message_bytes
 from ptylive.streaming.inbox import SeriesControl, encode_control
 from ptylive.streaming.protocol import MAX_PART_BYTES, Frame, Message, ProtocolError, SeriesStart
 from ptylive.streaming.recording import Recorder
@@ -45,7 +48,9 @@ class IngestSockets:
     the stop flag; ``linger_ms``, how long :meth:`Ingest.close` lets queued messages go out;
     ``socket_buffer_bytes``, the kernel send buffer of each worker socket (0: the OS default, which on loopback
     can hold megabytes beyond ``send_hwm``); ``idle_timeout_s`` (> 0), after which a current series that
-    received no frame (a sender that died without ``series_end``) is ended and its workers told ``incomplete``."""
+    received no frame (a sender that died without ``series_end``) is ended and its workers told ``incomplete``;
+    ``max_buffered_bytes`` (> 0, needs the ingest's ``taken`` hook), the bytes sent to the workers and not yet
+    taken by them, over all workers, beyond which the ingest waits (0: counted in messages only)."""
 
     endpoint: str
     worker_endpoints: tuple[str, ...]
@@ -55,11 +60,14 @@ class IngestSockets:
     linger_ms: int = 1000
     socket_buffer_bytes: int = 0
     idle_timeout_s: float = 0.0  # > 0: a current series with no frame for this long ends as "incomplete"
+    max_buffered_bytes: int = 0  # > 0: bytes forwarded and not yet taken by the workers, over all of them
 
     def __post_init__(self) -> None:
-        if not self.worker_endpoints or min(self.send_hwm, self.poll_ms) < 1 or self.linger_ms < 0:
-            raise ValueError(f"need worker endpoints, send_hwm and poll_ms >= 1, linger_ms >= 0; got "
-                             f"{self.worker_endpoints}, {self.send_hwm}, {self.poll_ms}, {self.linger_ms}")
+        if (not self.worker_endpoints or min(self.send_hwm, self.poll_ms) < 1 or self.linger_ms < 0
+                or self.max_buffered_bytes < 0):
+            raise ValueError(f"need worker endpoints, send_hwm and poll_ms >= 1, linger_ms >= 0, "
+                             f"max_buffered_bytes >= 0; got {self.worker_endpoints}, {self.send_hwm}, "
+                             f"{self.poll_ms}, {self.linger_ms}, {self.max_buffered_bytes}")
 
 
 class Ingest:
@@ -79,12 +87,18 @@ class Ingest:
         ``"refused_series"``, so the refusal happens before any frame is lost.
     context : zmq.Context, optional
         Without one the ingest owns (and terminates) its own.
+    taken : callable, optional
+        ``taken(worker)`` → messages that worker has taken in all, as of its last report (None: none yet);
+        needed by ``config.max_buffered_bytes`` (the daemon reads the workers' heartbeats). Called on the
+        ingest thread.
 
     Attributes
     ----------
     forwarded, bytes_forwarded, control_forwarded, blocked_s : list
         Per worker: frames forwarded and their pixel bytes; starts and ends forwarded; seconds spent waiting for
-        room in its queue.
+        room in its queue (in messages or, with ``max_buffered_bytes``, in bytes).
+    in_flight : InFlight or None
+        Bytes forwarded and not yet taken, with ``config.max_buffered_bytes``.
     routing_errors, unsent_on_stop : int
         Accepted frames (or starts) the router could not place (dropped, logged); messages abandoned because
         ``stop`` was set while a worker's queue was full.
@@ -93,8 +107,11 @@ class Ingest:
     def __init__(self, config: IngestSockets, router_factory: Callable[[SeriesStart], Router],
                  registry: SeriesRegistry | None = None, context: zmq.Context | None = None,
                  admit: Callable[[SeriesStart], str | None] | None = None, decoder: StreamDecoder | None = None,
-                 recorder: Recorder | None = None) -> None:
-        self.config = config
+                 recorder: Recorder | None = None, taken: Callable[[int], int | None] | None = None) -> None:
+        if config.max_buffered_bytes and taken is None:
+            raise ValueError("max_buffered_bytes needs the taken hook: without the workers' reports nothing is "
+                             "ever known to be taken")
+        self.config, self._taken = config, taken
         self.decoder = decoder if decoder is not None else PtyliveDecoder()
         self.recorder = recorder
         self._commands: queue.SimpleQueue[tuple[SeriesControl, Future[tuple[bool, str]]]] = queue.SimpleQueue()
@@ -102,6 +119,7 @@ class Ingest:
         self.book = SeriesBook(router_factory, registry if registry is not None else SeriesRegistry(), n, admit)
         self.forwarded, self.control_forwarded, self.blocked_s = [0] * n, [0] * n, [0.0] * n
         self.bytes_forwarded = [0] * n
+        self.in_flight = InFlight(n, config.max_buffered_bytes) if config.max_buffered_bytes else None
         self.unsent_on_stop = self.messages_received = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -227,21 +245,41 @@ class Ingest:
                 self.control_forwarded[worker] += 1
 
     def _send(self, worker: int, parts: list[Any], stop: threading.Event) -> bool:
-        """Send without copying; while the worker's queue is full wait for room. False only if stopped."""
-        push = self._pushes[worker]
+        """Send without copying; while the byte bound or the worker's queue is full wait for room. False only if
+        stopped."""
+        nbytes = message_bytes(parts) if self.in_flight is not None else 0
+        push, waited = self._pushes[worker], False
         while True:
-            try:
-                push.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
-                return True
-            except zmq.Again:
-                pass
+            if self._room_for(nbytes):
+                try:
+                    push.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+                    if self.in_flight is not None:
+                        self.in_flight.sent(worker, nbytes)
+                    return True
+                except zmq.Again:
+                    wait_for_socket = True
+            else:
+                wait_for_socket = False
+                if not waited and self.in_flight is not None:
+                    waited, self.in_flight.waits = True, self.in_flight.waits + 1
             if stop.is_set():
                 self.unsent_on_stop += 1
                 logger.warning("stopped while worker %d was full: one message not forwarded", worker)
                 return False
             began = time.monotonic()
-            push.poll(self.config.poll_ms, zmq.POLLOUT)
+            if wait_for_socket:
+                push.poll(self.config.poll_ms, zmq.POLLOUT)
+            else:  # the workers' reports come with their heartbeats
+                stop.wait(self.config.poll_ms / 1000)
             self.blocked_s[worker] += time.monotonic() - began
+
+    def _room_for(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more fit under ``max_buffered_bytes`` (always without one), after the latest reports."""
+        if self.in_flight is None or self._taken is None:
+            return True
+        for worker in range(len(self._pushes)):
+            self.in_flight.settle(worker, self._taken(worker))
+        return self.in_flight.room_for(nbytes)
 
     def start(self) -> None:
         """Run :meth:`run` in a daemon thread; stop it with :meth:`join`."""
@@ -299,4 +337,5 @@ class Ingest:
         return {"endpoint": self._endpoint, "messages_received": self.messages_received, "registry": registry,
                 "router": router, "workers": workers, "routing_errors": self.routing_errors,
                 "unsent_on_stop": self.unsent_on_stop, "decoder": self.decoder.snapshot(),
+                "buffered": None if self.in_flight is None else self.in_flight.snapshot(),
                 "recording": None if self.recorder is None else self.recorder.snapshot()}

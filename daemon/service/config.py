@@ -115,6 +115,7 @@ class IngestConfig(_Section):
     bind: bool = True
     queue_messages: int = _option(1000, ge=1)
     socket_buffer_bytes: int = _option(0, ge=0)
+    max_buffered_bytes: int = _option(1 << 30, ge=1 << 20)  # forwarded, not yet taken by the workers: all of them
     on_new_start: Literal["queue", "finish_now"] = "queue"
     max_queued_series: int = _option(4, ge=0)
     history: int = _option(16, ge=1)

@@ -103,6 +103,11 @@ class SnapshotCollector(Collector):
             if worker.get("queue_depth") is not None:
                 depth.add_metric([rank], worker["queue_depth"])
         yield from (frames, duplicates, rejected, missing, messages, starts, forwarded_bytes, forwarded, blocked, depth)
+        if ingest.get("buffered") is not None:
+            buffered = _gauge("ptylive_ingest_buffered_bytes", "Bytes forwarded to the workers and not yet taken by "
+                              "them (as of their last heartbeats); bounded by ingest.max_buffered_bytes.")
+            buffered.add_metric([], ingest["buffered"]["buffered_bytes"])
+            yield buffered
         ratio = _gauge("ptylive_series_coverage_ratio",
                        "Fraction of the frames received, of the current series (between series: the last one).")
         if coverage is not None:

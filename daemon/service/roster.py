@@ -86,6 +86,13 @@ class Roster:
         with self._lock:
             return set(self._byes)
 
+    def messages_taken(self, worker: int) -> int | None:
+        """Messages ``worker`` had taken from the ingest at its last heartbeat; None before its first."""
+        with self._lock:
+            report = self._reports.get(worker)
+        taken = None if report is None else report.get("messages_taken")
+        return taken if isinstance(taken, int) else None
+
     def heartbeat_ages(self) -> dict[int, float]:
         """Worker → seconds since its last message."""
         now = self._clock()

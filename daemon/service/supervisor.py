@@ -133,10 +133,11 @@ class Rank0:
         self.sockets = InternalSockets(c.workers.internal_transport, n)  # removed at exit, even if this fails
         ingest_config = IngestSockets(c.ingest.endpoint, tuple(map(self.sockets.worker, range(n))), c.ingest.bind,
                                      c.ingest.queue_messages, socket_buffer_bytes=c.ingest.socket_buffer_bytes,
-                                     idle_timeout_s=c.ingest.idle_timeout_s)
+                                     idle_timeout_s=c.ingest.idle_timeout_s,
+                                     max_buffered_bytes=c.ingest.max_buffered_bytes)
         self.ingest = Ingest(ingest_config, self.admission.router, registry, context, admit=self.admission,
                              decoder=make_decoder(c.ingest.format, c.scan, c.ingest.channel),
-                             recorder=Recorder.open(c.ingest.record_to))
+                             recorder=Recorder.open(c.ingest.record_to), taken=self._messages_taken)
         self.metrics = DaemonMetrics(metrics_registry or CollectorRegistry(), self.metrics_snapshot)
         self.latency = PreviewLatency()
         self.checkpoints = CheckpointFolder(state_folder(c.service.state_folder, Path(c.output.folder)))
@@ -165,6 +166,10 @@ class Rank0:
     def internal_endpoints(self) -> dict[str, Any]:
         """What the workers connect to; broadcast over MPI only, never published (``ipc://`` by default)."""
         return {"workers": list(self.ingest.worker_endpoints), "collector": self.collector.pull_endpoint}
+
+    def _messages_taken(self, worker: int) -> int | None:
+        """What ``worker`` has taken from the ingest, as of its last heartbeat (the ingest's byte bound)."""
+        return self.collector.roster.messages_taken(worker)
 
     def _progress(self, series_id: str) -> SeriesProgress | None:
         """The ingest's progress of a series, with its acceptance times (for the latency), under the book's lock."""

@@ -89,6 +89,7 @@ def test_the_roster_keeps_hello_heartbeats_errors_and_byes() -> None:
     snapshot = roster.snapshot()
     assert snapshot["workers_up"] == [0] and snapshot["worker_pids"] == {0: 4242}
     assert snapshot["worker_reports"][1]["messages_taken"] == 3
+    assert roster.messages_taken(1) == 3 and roster.messages_taken(0) is None  # the ingest's byte bound reads it
     assert snapshot["worker_errors"] == [{"worker": 1, "series_id": "p-1", "error": "no memory"}]
     snapshot["worker_reports"][1]["messages_taken"] = -1  # readers hold copies
     roster.record(received("bye", {"worker": 0}))

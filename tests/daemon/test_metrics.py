@@ -34,7 +34,9 @@ def snapshot() -> dict[str, Any]:
                               "consensus_wait_s": 0.01, "busy_s": 2.0, "series": 1},
                    "wait_fraction": 0.105, "staleness_max": 3, "loss_per_frame": 0.01,
                    "memory_host_bytes": 2**28, "memory_gpu_bytes": 0, "iteration_s": [0.1, 0.2]} for w in range(2)}
-    return {"ingest": {"registry": registry, "workers": workers, "messages_received": 320},
+    buffered = {"max_bytes": 2**30, "buffered_bytes": 5 * 2**20, "peak_bytes": 6 * 2**20, "waits": 2,
+                "per_worker_bytes": [2**20, 4 * 2**20]}
+    return {"ingest": {"registry": registry, "workers": workers, "messages_received": 320, "buffered": buffered},
             "worker_reports": reports, "workers_fresh": 2, "coverage_ratio": 0.9375,
             "threads": {"ingest": "running", "collector": "dead: ValueError: tile outside the object",
                         "http": "running"}}
@@ -57,6 +59,7 @@ def test_snapshot_values_reach_the_exposition_with_rank_labels() -> None:
     assert value("ptylive_ingest_missing_frames_total") == 7
     assert value("ptylive_worker_queue_depth", {"rank": "2"}) == 3  # worker 1 is MPI rank 2
     assert value("ptylive_ingest_blocked_seconds_total", {"rank": "2"}) == 0.5
+    assert value("ptylive_ingest_buffered_bytes") == 5 * 2**20
     assert value("ptylive_exchange_wait_ratio", {"rank": "1"}) == pytest.approx(0.105)
     assert value("ptylive_memory_bytes", {"rank": "1", "kind": "host"}) == 2**28
     assert value("ptylive_memory_bytes", {"rank": "0", "kind": "host"}) > 10 * 2**20  # this process, measured

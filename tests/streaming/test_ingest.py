@@ -77,7 +77,8 @@ def make_rig(sources: dict[str, ScanSource]) -> Iterator[MakeRig]:
     context = zmq.Context()
     rigs: list[Rig] = []
 
-    def make(source: str = "small", inbox_rcvhwm: int = 1000, **config: Any) -> Rig:
+    def make(source: str = "small", inbox_rcvhwm: int = 1000, taken: Callable[[int], int | None] | None = None,
+             **config: Any) -> Rig:
         scan = sources[source]
         owner_of = column_split(scan)
         routers: list[Router] = []
@@ -88,7 +89,8 @@ def make_rig(sources: dict[str, ScanSource]) -> Iterator[MakeRig]:
             routers.append(Router(owner_of, 2))
             return routers[-1]
 
-        ingest = Ingest(IngestSockets(LOOPBACK, (LOOPBACK, LOOPBACK), **config), factory, context=context)
+        ingest = Ingest(IngestSockets(LOOPBACK, (LOOPBACK, LOOPBACK), **config), factory, context=context,
+                        taken=taken)
         rig = Rig(context, scan, ingest, [], routers, starts)
         rigs.append(rig)
         assert not ingest.endpoint.endswith(":0") and not any(e.endswith(":0") for e in ingest.worker_endpoints)
@@ -218,6 +220,42 @@ def test_a_slow_worker_blocks_the_ingest_but_loses_nothing(make_rig: MakeRig) ->
     assert rig.ingest.registry.accepted == n_frames and rig.ingest.unsent_on_stop == 0
     snapshot = rig.ingest.snapshot()
     assert snapshot["workers"][1]["blocked_s"] > 0 and sum(w["forwarded"] for w in snapshot["workers"]) == n_frames
+
+
+def test_the_byte_bound_holds_against_slow_workers_and_nothing_is_lost(make_rig: MakeRig) -> None:
+    """``max_buffered_bytes`` = 1 MiB (8 frames of 128 KiB; ZeroMQ's queues alone would take 1000 per worker).
+    The fake workers take one message at a time and report what they took every 50 ms (a heartbeat): the bytes
+    forwarded and not reported taken never pass the bound, the ingest waited for it, and every frame arrives."""
+    bound = 2**20
+    reported = [0, 0]  # the workers' last reports, read by the ingest thread
+    rig = make_rig("big", taken=lambda worker: reported[worker], max_buffered_bytes=bound, poll_ms=5)
+    detector = rig.detector(FakeDetectorOptions(series_id="bytes", dtype="float64"))
+    received: list[list[Message]] = [[], []]
+    deadline, report_due = time.monotonic() + 30, 0.0
+    while not all(m and isinstance(m[-1], SeriesEnd) for m in received):
+        assert time.monotonic() < deadline, f"no series_end within 30 s ({[len(m) for m in received]} messages)"
+        for inbox, messages in zip(rig.inboxes, received, strict=True):
+            messages.extend(inbox.poll(1, max_messages=1))
+        if time.monotonic() >= report_due:
+            reported[:], report_due = [len(m) for m in received], time.monotonic() + 0.05
+        assert rig.ingest.in_flight is not None and rig.ingest.in_flight.buffered_bytes <= bound
+    detector.join(timeout=10)
+    rig.ingest.join(timeout=5)
+    table = rig.table()
+    for worker, messages in enumerate(received):
+        assert Counter(f.frame_index for f in frames_of(messages)) == Counter(np.flatnonzero(table == worker).tolist())
+    buffered = rig.ingest.snapshot()["buffered"]
+    frame_bytes = rig.source.read(np.arange(1)).astype(np.float64)[0].nbytes
+    assert buffered["max_bytes"] == bound and bound - frame_bytes - 1024 < buffered["peak_bytes"] <= bound
+    assert buffered["waits"] > 0 and sum(rig.ingest.blocked_s) > 0  # the bound, not ZeroMQ, held the frames back
+    registry = rig.ingest.registry
+    assert registry.accepted == sum(rig.ingest.forwarded) == rig.source.n_frames and rig.ingest.unsent_on_stop == 0
+    assert sum(registry.rejected.values()) == 0 and rig.ingest.routing_errors == 0
+
+
+def test_a_byte_bound_needs_the_workers_reports(make_rig: MakeRig) -> None:
+    with pytest.raises(ValueError, match="taken hook"):
+        make_rig(max_buffered_bytes=2**20)
 
 
 def test_join_stops_promptly_while_a_worker_is_full(make_rig: MakeRig) -> None:
