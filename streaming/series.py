@@ -81,9 +81,11 @@ class SeriesState:
     refusal : str or None
         Why the daemon refused the series (its frames are rejected as ``"refused_series"``).
     coverage : (n_expected,) bool
-        ``coverage[k]`` is set once frame ``k`` was accepted.
+        ``coverage[k]`` is set once frame ``k`` was accepted; ``(0,)`` for a refused series, which takes no frame
+        (a refused 4096 × 4096 start would otherwise keep 150 MB in the history).
     received_s : (n_expected,) float64
-        ``time.monotonic()`` when frame ``k`` was accepted (NaN until then), for frame-to-preview latency.
+        ``time.monotonic()`` when frame ``k`` was accepted (NaN until then), for frame-to-preview latency;
+        ``(0,)`` for a refused series.
     """
 
     start: SeriesStart
@@ -104,8 +106,9 @@ class SeriesState:
 
     def __post_init__(self) -> None:
         self.series_id, self.n_expected = self.start.series_id, self.start.n_positions
-        self.coverage = np.zeros(self.n_expected, dtype=bool)
-        self.received_s = np.full(self.n_expected, np.nan)
+        n_kept = 0 if self.refusal else self.n_expected
+        self.coverage = np.zeros(n_kept, dtype=bool)
+        self.received_s = np.full(n_kept, np.nan)
 
     @property
     def missing(self) -> int:
@@ -122,6 +125,8 @@ class SeriesState:
     def coverage_image(self) -> npt.NDArray[np.bool_]:
         """Coverage as a ``scan_shape`` (rows, cols) bool image; ValueError if positions are not that raster."""
         rows, cols = self.start.scan_shape
+        if self.refusal:
+            raise ValueError(f"series {self.series_id!r} was refused: it has no coverage")
         if self.n_expected != rows * cols:
             raise ValueError(f"series {self.series_id!r} has {self.n_expected} positions, not a {rows}×{cols} raster")
         return self.coverage.reshape(rows, cols).copy()
@@ -180,19 +185,27 @@ class SeriesRegistry:
                    "series %r ended (%s): %d of %d frames received, %d missing; the sender counted %s",
                    state.series_id, cause, state.received, state.n_expected, state.missing, n_frames)
 
+    def dropped_start(self, series_id: str) -> str | None:
+        """``"duplicate_id"`` or ``"queue_full"`` when a start of ``series_id`` would be dropped now, else None.
+
+        Asked before admission, so a start that cannot run costs no admission work (and leaves no trace in it).
+        """
+        if self._live(series_id) is not None:
+            return "duplicate_id"
+        waits = self.current is not None and self.config.on_new_start == "queue"
+        return "queue_full" if waits and len(self.queued) >= self.config.max_queued else None
+
     def start(self, msg: SeriesStart) -> tuple[str, SeriesState | None]:
         """Register a start: ``(outcome in START_OUTCOMES, new state or None if dropped)``.
 
-        Under ``"finish_now"`` a superseded series is ``self.finished[-1]``.
+        Under ``"finish_now"`` a superseded series is ``self.finished[-1]``. At most ``max_queued`` series ever
+        wait, whatever the current one does (one that never ends holds the queue until ``idle_timeout_s``).
         """
-        if self._live(msg.series_id) is not None:
-            outcome = "duplicate_id"
-        elif self.current is None or self.config.on_new_start == "finish_now":
-            if self.current is not None:
+        outcome = self.dropped_start(msg.series_id)
+        if outcome is None:
+            if self.current is not None and self.config.on_new_start == "finish_now":
                 self._finish(self.current, "superseded", None)
-            outcome = "current"
-        else:
-            outcome = "queue_full" if len(self.queued) >= self.config.max_queued else "queued"
+            outcome = "current" if self.current is None or self.config.on_new_start == "finish_now" else "queued"
         self.starts[outcome] += 1
         if outcome in ("duplicate_id", "queue_full"):
             logger.warning("series start %r dropped: %s", msg.series_id, outcome)

@@ -95,13 +95,14 @@ class SeriesBook:
     def start(self, start: SeriesStart) -> bool:
         """Admit (or refuse) and register a start; True when it must be forwarded to the workers.
 
-        A start whose id is live (current or queued) is counted as ``duplicate_id`` and dropped before the
-        admission hook sees it: the hook records each admitted series' geometry by id, and a second geometry
-        under a live id once took the collector's thread down (a tile outside the object).
+        A start whose id is live (current or queued) is counted as ``duplicate_id``, and one that finds the queue
+        full as ``queue_full``; both are dropped before the admission hook sees them: the hook records each
+        admitted series' geometry by id (a second geometry under a live id once took the collector's thread
+        down: a tile outside the object), in a bounded record that starts beyond the queue would flush.
         """
         with self._lock:
-            if self.registry.is_live(start.series_id):
-                self.registry.start(start)  # counted as duplicate_id, never registered
+            if self.registry.dropped_start(start.series_id) is not None:
+                self.registry.start(start)  # counted as duplicate_id or queue_full, never registered
                 return False
         refusal = self._admit(start)
         with self._lock:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import platform
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -195,11 +196,14 @@ class PreviewLatency:
     """Frame-to-preview latency: a frame of worker ``w`` shows once ``w``'s tile reports ``frames_used`` covering it.
 
     A worker uses the frames it received, in the order the ingest accepted them, so the first ``frames_used``
-    acceptance times of its probe group are the frames in the preview.
+    acceptance times of its probe group are the frames in the preview. What each tile showed is kept for the
+    newest ``MAX_TILES`` (series, worker) pairs only: keyed by client series ids, it once grew with every series.
     """
 
+    MAX_TILES = 1024
+
     def __init__(self) -> None:
-        self.shown: dict[tuple[str, int], int] = {}
+        self.shown: OrderedDict[tuple[str, int], int] = OrderedDict()
 
     def newly_shown(self, header: dict[str, Any], received_s: Any, owner: Any, now: float) -> list[float]:
         """Latencies (s) of the frames this preview shows for the first time.
@@ -223,4 +227,7 @@ class PreviewLatency:
             accepted = np.sort(times[np.isfinite(times)])
             latencies.extend((now - accepted[before:used]).tolist())
             self.shown[key] = used
+            self.shown.move_to_end(key)
+            while len(self.shown) > self.MAX_TILES:
+                self.shown.popitem(last=False)
         return latencies

@@ -26,7 +26,7 @@ from ptylive.daemon.worker.refine import StreamRun, take_new_windows
 from ptylive.streaming.ownership import NotPlaceable, owner_for
 from ptylive.streaming.protocol import Frame, SeriesStart
 from ptylive.streaming.router import Router
-from ptylive.streaming.series import SeriesRegistry
+from ptylive.streaming.series import RegistryConfig, SeriesRegistry
 from ptylive.streaming.series_book import SeriesBook
 
 START = SeriesStart(series_id="owned", scan_shape=(6, 8), scan_step_A=(1.0, 1.0), detector_shape=(32, 32),
@@ -145,6 +145,25 @@ def test_admission_remembers_a_bounded_number_of_series(tmp_path: Path) -> None:
         assert admission(dataclasses.replace(START, series_id=series_id)) is None
     assert admission.lookup(ids[0]) is None and admission.lookup(ids[4]) is None
     assert all(admission.lookup(series_id) is not None for series_id in ids[5:])
+
+
+@pytest.mark.chaos
+def test_starts_beyond_a_full_queue_never_reach_admission_nor_evict_a_live_series(tmp_path: Path) -> None:
+    """The current series never ends; 100 more starts than the queue holds. Admission (whose record of
+    geometries is bounded) is asked only for the series that can run, so theirs stay known to the collector."""
+    import dataclasses
+
+    config = loopback_config(tmp_path, 2, ReconstructionConfig())
+    admission = Admission(config)
+    registry = SeriesRegistry(RegistryConfig(max_queued=config.ingest.max_queued_series))
+    book = SeriesBook(admission.router, registry, 2, admission)
+    ids = [f"s-{k}" for k in range(config.ingest.max_queued_series + 1 + admission.capacity + 100)]
+    forwarded = [book.start(dataclasses.replace(START, series_id=series_id)) for series_id in ids]
+    live = 1 + config.ingest.max_queued_series
+    assert forwarded == [True] * live + [False] * (len(ids) - live)
+    assert registry.starts["queue_full"] == len(ids) - live and len(registry.queued) == live - 1
+    assert all(admission.lookup(series_id) is not None for series_id in ids[:live])
+    assert all(admission.lookup(series_id) is None for series_id in ids[live:])
 
 
 def test_a_header_position_reaches_the_running_tile_and_its_correction(geometry: SeriesGeometry) -> None:

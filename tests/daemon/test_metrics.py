@@ -168,3 +168,14 @@ def test_preview_latency_counts_each_frame_once_in_acceptance_order() -> None:
     again = latency.newly_shown({"series_id": "s", "tiles": [{"worker": 0, "frames_used": 3},
                                                              {"worker": 1, "frames_used": 1}]}, received_s, owner, 11.0)
     assert again == [8.0]  # only worker 0's third frame is new
+
+
+@pytest.mark.chaos
+def test_preview_latency_keeps_a_bounded_record_of_series() -> None:
+    """Keyed by client series ids: 10 000 series keep the newest MAX_TILES (series, worker) pairs only."""
+    latency = PreviewLatency()
+    owner, received_s = np.array([0, 1]), np.array([1.0, 2.0])
+    for k in range(10_000):
+        header = {"series_id": f"s-{k}", "tiles": [{"worker": 0, "frames_used": 1}, {"worker": 1, "frames_used": 1}]}
+        assert len(latency.newly_shown(header, received_s, owner, 5.0)) == 2
+    assert len(latency.shown) == PreviewLatency.MAX_TILES and ("s-9999", 1) in latency.shown
