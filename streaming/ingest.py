@@ -50,7 +50,9 @@ class IngestSockets:
     can hold megabytes beyond ``send_hwm``); ``idle_timeout_s`` (> 0), after which a current series that
     received no frame (a sender that died without ``series_end``) is ended and its workers told ``incomplete``;
     ``max_buffered_bytes`` (> 0, needs the ingest's ``taken`` hook), the bytes sent to the workers and not yet
-    taken by them, over all workers, beyond which the ingest waits (0: counted in messages only)."""
+    taken by them, over all workers, beyond which the ingest waits (0: counted in messages only); ``recv_hwm``,
+    messages the detector socket queues before ZeroMQ stops reading the detector's connection (rank 0's memory
+    too: with both workers stopped, 1000 queued frames of 256 px were 256 MiB beyond the byte bound)."""
 
     endpoint: str
     worker_endpoints: tuple[str, ...]
@@ -61,13 +63,14 @@ class IngestSockets:
     socket_buffer_bytes: int = 0
     idle_timeout_s: float = 0.0  # > 0: a current series with no frame for this long ends as "incomplete"
     max_buffered_bytes: int = 0  # > 0: bytes forwarded and not yet taken by the workers, over all of them
+    recv_hwm: int = 1000
 
     def __post_init__(self) -> None:
-        if (not self.worker_endpoints or min(self.send_hwm, self.poll_ms) < 1 or self.linger_ms < 0
+        if (not self.worker_endpoints or min(self.send_hwm, self.poll_ms, self.recv_hwm) < 1 or self.linger_ms < 0
                 or self.max_buffered_bytes < 0):
-            raise ValueError(f"need worker endpoints, send_hwm and poll_ms >= 1, linger_ms >= 0, "
+            raise ValueError(f"need worker endpoints, send_hwm, poll_ms and recv_hwm >= 1, linger_ms >= 0, "
                              f"max_buffered_bytes >= 0; got {self.worker_endpoints}, {self.send_hwm}, "
-                             f"{self.poll_ms}, {self.linger_ms}, {self.max_buffered_bytes}")
+                             f"{self.poll_ms}, {self.recv_hwm}, {self.linger_ms}, {self.max_buffered_bytes}")
 
 
 class Ingest:
@@ -128,7 +131,7 @@ class Ingest:
         self._context: zmq.Context = zmq.Context() if context is None else context
         self._pull, self._pushes = self._context.socket(zmq.PULL), list[zmq.Socket]()
         try:
-            self._pull.linger = 0
+            self._pull.linger, self._pull.rcvhwm = 0, config.recv_hwm
             self._pull.setsockopt(zmq.MAXMSGSIZE, MAX_PART_BYTES)
             (self._pull.bind if config.bind else self._pull.connect)(config.endpoint)
             for endpoint in config.worker_endpoints:

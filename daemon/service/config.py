@@ -116,6 +116,7 @@ class IngestConfig(_Section):
     queue_messages: int = _option(1000, ge=1)
     socket_buffer_bytes: int = _option(0, ge=0)
     max_buffered_bytes: int = _option(1 << 30, ge=1 << 20)  # forwarded, not yet taken by the workers: all of them
+    receive_messages: int = _option(16, ge=1)  # queued on the detector socket before ZeroMQ stops reading it
     on_new_start: Literal["queue", "finish_now"] = "queue"
     max_queued_series: int = _option(4, ge=0)
     history: int = _option(16, ge=1)

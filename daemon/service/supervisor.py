@@ -134,7 +134,8 @@ class Rank0:
         ingest_config = IngestSockets(c.ingest.endpoint, tuple(map(self.sockets.worker, range(n))), c.ingest.bind,
                                      c.ingest.queue_messages, socket_buffer_bytes=c.ingest.socket_buffer_bytes,
                                      idle_timeout_s=c.ingest.idle_timeout_s,
-                                     max_buffered_bytes=c.ingest.max_buffered_bytes)
+                                     max_buffered_bytes=c.ingest.max_buffered_bytes,
+                                     recv_hwm=c.ingest.receive_messages)
         self.ingest = Ingest(ingest_config, self.admission.router, registry, context, admit=self.admission,
                              decoder=make_decoder(c.ingest.format, c.scan, c.ingest.channel),
                              recorder=Recorder.open(c.ingest.record_to), taken=self._messages_taken)

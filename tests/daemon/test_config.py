@@ -126,7 +126,7 @@ def test_unknown_key_is_named_with_the_known_keys(tmp_path: Path) -> None:
     message = str(info.value)
     assert f"unknown key 'ingest.endpont' in {path}" in message
     assert ("known keys: bind, channel, endpoint, format, history, idle_timeout_s, max_buffered_bytes, "
-            "max_queued_series, on_new_start, queue_messages, record_to") in message
+            "max_queued_series, on_new_start, queue_messages, receive_messages, record_to") in message
 
 
 def test_a_section_that_is_not_a_table(tmp_path: Path) -> None:

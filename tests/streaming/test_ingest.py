@@ -228,7 +228,7 @@ def test_the_byte_bound_holds_against_slow_workers_and_nothing_is_lost(make_rig:
     forwarded and not reported taken never pass the bound, the ingest waited for it, and every frame arrives."""
     bound = 2**20
     reported = [0, 0]  # the workers' last reports, read by the ingest thread
-    rig = make_rig("big", taken=lambda worker: reported[worker], max_buffered_bytes=bound, poll_ms=5)
+    rig = make_rig("big", taken=lambda worker: reported[worker], max_buffered_bytes=bound, poll_ms=5, recv_hwm=4)
     detector = rig.detector(FakeDetectorOptions(series_id="bytes", dtype="float64"))
     received: list[list[Message]] = [[], []]
     deadline, report_due = time.monotonic() + 30, 0.0
