@@ -32,6 +32,8 @@ from ptylive.daemon.service.results import write_final
 from ptylive.daemon.service.roster import DeathWatch, Roster, process_alive
 from ptylive.streaming.protocol import SeriesStart
 
+pytestmark = pytest.mark.chaos  # issue 12: a fault row of docs/operations.md
+
 START = SeriesStart(series_id="crashed/1", scan_shape=(4, 4), scan_step_A=(1.0, 1.0), detector_shape=(16, 16),
                     dtype="uint16", energy_eV=300e3, convergence_semiangle_mrad=20.0, defocus_A=0.0,
                     detector_pixel_mrad=2.0, overrides={"final_iterations": 5})

@@ -141,6 +141,7 @@ def test_views_hand_out_the_final_job_once_every_worker_is_done(geometry: Series
     assert views.status()["finished"] == [entry]
 
 
+@pytest.mark.chaos
 def test_a_failed_final_file_is_reported_not_swallowed(geometry: SeriesGeometry) -> None:
     views = views_for(geometry)
     views.handle(final(geometry, 0, [0]))
@@ -256,6 +257,7 @@ def test_closing_the_writer_writes_what_is_queued_first(geometry: SeriesGeometry
     assert [o.path for o in writer.close(5.0)] == [tmp_path / "a.h5", tmp_path / "b.h5"]
 
 
+@pytest.mark.chaos
 def test_finished_views_are_released_and_the_history_is_bounded(geometry: SeriesGeometry) -> None:
     """20 series back to back: one view is kept (the latest, for HTTP), at most ``history`` finished entries, and
     a late message about a released series is dropped instead of bringing its view back (rank 0 once grew by
@@ -279,6 +281,7 @@ def test_finished_views_are_released_and_the_history_is_bounded(geometry: Series
     assert late.final_job is None and late.started is None and set(views._views) == {"s-19"}
 
 
+@pytest.mark.chaos
 def test_the_roster_ignores_messages_from_workers_that_do_not_exist() -> None:
     """A fake heartbeat for "worker 7" of a 2-worker daemon (from anyone who can reach the internal endpoint) once
     made the watchdog wait for that worker for ever; it is counted and ignored, as are undecodable worker fields."""

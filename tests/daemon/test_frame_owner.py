@@ -115,6 +115,7 @@ def test_a_frame_counted_as_received_is_always_kept_by_the_worker_it_went_to(
         assert store.add(frame), store.rejected
 
 
+@pytest.mark.chaos
 def test_an_impossible_start_is_refused_from_arithmetic_at_once(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """4096 × 4096 positions of 64² frames: 128 GiB of frames per worker. Refused before any geometry is built (it
@@ -135,6 +136,7 @@ def test_an_impossible_start_is_refused_from_arithmetic_at_once(tmp_path: Path,
     assert admission.lookup("huge") is None
 
 
+@pytest.mark.chaos
 def test_admission_remembers_a_bounded_number_of_series(tmp_path: Path) -> None:
     """Only the series rank 0 can still need (current, queued, shown as finished) keep their geometry."""
     import dataclasses

@@ -112,6 +112,7 @@ def test_get_control_is_405(server: StatusServer) -> None:
     assert request(server.url + "control").status == 405
 
 
+@pytest.mark.chaos
 def test_provider_error_is_500_and_server_keeps_serving(server: StatusServer, fake_daemon: FakeDaemon) -> None:
     fake_daemon.fail_status = True
     reply = request(server.url + "status")
@@ -140,6 +141,7 @@ def test_close_without_start_releases_socket(fake_daemon: FakeDaemon) -> None:
         server.start()
 
 
+@pytest.mark.chaos
 def test_slow_clients_cannot_pile_up_threads_and_get_503_beyond_the_bound(server: StatusServer) -> None:
     """Clients that connect and send nothing hold a handler thread each, up to the bound; one more is answered 503
     at once, without a thread (the server accepts in order, so the bound is full when it comes); once they leave,

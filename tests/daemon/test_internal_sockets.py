@@ -68,6 +68,7 @@ def test_a_worker_on_another_host_is_told_why_it_cannot_connect(tmp_path: Path) 
         check_reachable(f"ipc://{tmp_path}/gone/w0")
 
 
+@pytest.mark.chaos
 def test_serve_binds_workers_in_the_runtime_folder_and_publishes_no_internal_endpoint(
         tmp_path: Path, runtime_folder: Path) -> None:
     (tmp_path / "results").mkdir()

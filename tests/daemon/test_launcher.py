@@ -39,6 +39,7 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's prctl")
+@pytest.mark.chaos
 def test_a_launcher_killed_with_sigkill_takes_mpiexec_and_its_ranks_along(small_scan: Path, tmp_path: Path) -> None:
     command = [sys.executable, "-m", "ptylive.daemon.cli.main", "reconstruct", str(small_scan), "--ranks", "2",
                "--iterations", "100000", "--out", str(tmp_path / "r.h5"), "--quiet"]

@@ -179,6 +179,7 @@ def test_streamed_probe_modes_are_refined_and_stay_orthogonal(daemon: tuple[Serv
     assert phase_correlation(streamed["object"], truth, read_positions(dosed_scan)) >= 0.9
 
 
+@pytest.mark.chaos
 def test_a_dark_series_ends_dark_and_the_daemon_serves_the_next(daemon: tuple[ServeProcess, PreviewListener],
                                                                  dosed_scan: Path) -> None:
     """A closed shutter: every frame all zero. There is no detector scale to fit (a worker once raised on it and
@@ -195,6 +196,7 @@ def test_a_dark_series_ends_dark_and_the_daemon_serves_the_next(daemon: tuple[Se
     assert listener.wait_final("after-dark")["status"] == "complete"
 
 
+@pytest.mark.chaos
 def test_a_second_start_with_a_live_id_is_counted_and_the_series_completes(
         daemon: tuple[ServeProcess, PreviewListener], dosed_scan: Path) -> None:
     """Mid-series, a ``series_start`` with the same id and a 10×10 raster arrives. It is counted as duplicate_id and

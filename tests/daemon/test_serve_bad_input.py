@@ -27,7 +27,7 @@ from ptylive.streaming.scanfile import read_optional, read_positions
 from tests.daemon.serve_harness import PreviewListener, get_json, read_final, registry_series, series_count, wait_for
 from tests.daemon.test_serve import group_sizes
 
-pytestmark = pytest.mark.mpi
+pytestmark = [pytest.mark.mpi, pytest.mark.chaos]
 
 SERIES = "fuzzed"
 D = 48

@@ -84,6 +84,7 @@ def test_a_series_started_while_another_runs_is_queued_and_both_finish(
         assert final["status"] == "complete" and result["received"].all(), final
 
 
+@pytest.mark.chaos
 def test_the_running_daemon_refuses_control_without_its_token_and_counts_it(
         daemon: tuple[ServeProcess, PreviewListener]) -> None:
     process, _ = daemon

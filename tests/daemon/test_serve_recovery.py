@@ -24,7 +24,7 @@ from ptylive.daemon.service.roster import process_alive
 from ptylive.streaming.fake_detector import FakeDetector, FakeDetectorOptions, ScanSource
 from tests.daemon.serve_harness import daemon_config, get_json, read_final, serving, wait_for
 
-pytestmark = pytest.mark.mpi
+pytestmark = [pytest.mark.mpi, pytest.mark.chaos]
 
 
 def stream(endpoint: str, source: ScanSource, series_id: str) -> None:

@@ -113,6 +113,7 @@ def test_ready_once_every_rank_is_up_then_watchdog_pings(service: tuple[ServePro
     assert max(gaps) < WATCHDOG_USEC / 1e6  # and often enough that systemd would never have killed it
 
 
+@pytest.mark.chaos
 def test_a_series_over_the_memory_budget_is_refused_before_any_frame_is_lost(
         service: tuple[ServeProcess, PreviewListener, FakeSystemd], dosed_scan: Path) -> None:
     process, _, _ = service
@@ -139,6 +140,7 @@ def _stream_in_thread(process: ServeProcess, source: ScanSource, context: zmq.Co
     return detector
 
 
+@pytest.mark.chaos
 def test_a_stopped_worker_blocks_ingest_without_loss_and_stops_the_watchdog(
         service: tuple[ServeProcess, PreviewListener, FakeSystemd], dosed_scan: Path) -> None:
     process, listener, systemd = service
@@ -188,6 +190,7 @@ def test_finish_now_ends_the_running_series_when_a_new_one_starts(
     assert final_new["status"] == "complete" and read_final(final_new["path"])["received"].all()
 
 
+@pytest.mark.chaos
 def test_sigterm_mid_series_stops_every_process_and_keeps_the_partial_result(
         service: tuple[ServeProcess, PreviewListener, FakeSystemd], dosed_scan: Path) -> None:
     process, listener, systemd = service

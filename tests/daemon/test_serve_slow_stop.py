@@ -19,7 +19,7 @@ from ptylive.daemon.service.config import ReconstructionConfig
 from ptylive.streaming.fake_detector import FakeDetector, FakeDetectorOptions, ScanSource
 from tests.daemon.serve_harness import daemon_config, read_final, serving, stop_by_sigterm, wait_for
 
-pytestmark = [pytest.mark.mpi, pytest.mark.slow]
+pytestmark = [pytest.mark.mpi, pytest.mark.slow, pytest.mark.chaos]
 
 
 def test_sigterm_inside_a_slow_iteration_still_writes_the_partial_result(tmp_path: Path, dosed_scan: Path) -> None:

@@ -148,6 +148,7 @@ def test_every_frame_reaches_its_owner_once(make_rig: MakeRig) -> None:
     assert [w["forwarded"] for w in snapshot["workers"]] == [(table == 0).sum(), (table == 1).sum()]
 
 
+@pytest.mark.chaos
 def test_gaps_duplicates_and_corrupt_messages(make_rig: MakeRig) -> None:
     rig = make_rig()
     dropped, duplicated = (3, 20), (0, 7, 30)
@@ -196,6 +197,7 @@ def test_frames_of_an_unknown_series_are_not_forwarded(make_rig: MakeRig) -> Non
     assert rig.ingest.registry.finished[-1].received == 1
 
 
+@pytest.mark.chaos
 def test_a_slow_worker_blocks_the_ingest_but_loses_nothing(make_rig: MakeRig) -> None:
     rig = make_rig("big", inbox_rcvhwm=2, send_hwm=2, poll_ms=10)
     n_frames = rig.source.n_frames
@@ -222,6 +224,7 @@ def test_a_slow_worker_blocks_the_ingest_but_loses_nothing(make_rig: MakeRig) ->
     assert snapshot["workers"][1]["blocked_s"] > 0 and sum(w["forwarded"] for w in snapshot["workers"]) == n_frames
 
 
+@pytest.mark.chaos
 def test_the_byte_bound_holds_against_slow_workers_and_nothing_is_lost(make_rig: MakeRig) -> None:
     """``max_buffered_bytes`` = 1 MiB (8 frames of 128 KiB; ZeroMQ's queues alone would take 1000 per worker).
     The fake workers take one message at a time and report what they took every 50 ms (a heartbeat): the bytes
@@ -258,6 +261,7 @@ def test_a_byte_bound_needs_the_workers_reports(make_rig: MakeRig) -> None:
         make_rig(max_buffered_bytes=2**20)
 
 
+@pytest.mark.chaos
 def test_join_stops_promptly_while_a_worker_is_full(make_rig: MakeRig) -> None:
     rig = make_rig("big", inbox_rcvhwm=2, send_hwm=2, poll_ms=10)
     rig.detector(FakeDetectorOptions(series_id="e", dtype="float64"))
@@ -285,6 +289,7 @@ def test_join_reraises_an_error_from_the_thread(make_rig: MakeRig) -> None:
         rig.ingest.join(timeout=5)
 
 
+@pytest.mark.chaos
 def test_a_part_over_the_protocol_limit_is_never_buffered_and_the_ingest_goes_on(make_rig: MakeRig) -> None:
     """``ZMQ_MAXMSGSIZE`` = the protocol's largest part: ZeroMQ disconnects a sender whose part is larger before
     buffering it (a 300 MB frame was once held whole), so nothing of it is counted; later senders are served."""
@@ -303,6 +308,7 @@ def test_a_part_over_the_protocol_limit_is_never_buffered_and_the_ingest_goes_on
     assert sum(len(frames_of(messages)) for messages in received) == N_FRAMES
 
 
+@pytest.mark.chaos
 def test_a_series_whose_sender_goes_quiet_ends_incomplete_after_the_idle_timeout(make_rig: MakeRig) -> None:
     """A sender that dies after some frames, without series_end: after ``idle_timeout_s`` the ingest ends the
     series (cause idle_timeout) and tells every worker ``incomplete``, so a later series becomes current."""

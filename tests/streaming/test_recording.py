@@ -96,6 +96,7 @@ def test_the_recorder_writes_from_its_own_thread_and_waits_when_full(tmp_path: P
     assert Recorder.open("") is None
 
 
+@pytest.mark.chaos
 def test_a_failing_disk_stops_the_recording_not_the_caller(tmp_path: Path) -> None:
     recorder = Recorder(tmp_path / "r.zmq")
     recorder.writer._data.close()  # the next write fails as a full disk would
