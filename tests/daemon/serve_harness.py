@@ -20,6 +20,7 @@ import zmq
 
 from ptylive.daemon.service.config import DaemonConfig, ReconstructionConfig, loopback_config
 from ptylive.daemon.service.process import ServeProcess
+from ptylive.streaming.fake_detector import FakeDetector, FakeDetectorOptions, ScanSource
 
 ANY_PORT = "tcp://127.0.0.1:0"
 FINAL_ITERATIONS = 30
@@ -30,6 +31,15 @@ def daemon_config(out: Path, ranks: int = 2, final_iterations: int = 30, **secti
     config = loopback_config(out, ranks, ReconstructionConfig(n_slices=3, slice_thickness_A=1.9525,
                                                               final_iterations=final_iterations), control=True)
     return replace(config, **sections)
+
+
+def stream(daemon: ServeProcess, source: ScanSource, **options: Any) -> tuple[float, Any]:
+    """Stream ``source`` to the daemon; returns (monotonic time before the start was sent, stats)."""
+    with zmq.Context() as context, FakeDetector(source, FakeDetectorOptions(**options), daemon.endpoints["ingest"],
+                                                 bind=False, context=context) as detector:
+        began = time.monotonic()
+        detector.start()
+        return began, detector.join(120.0)
 
 
 def get_json(url: str, timeout: float = 5.0) -> Any:

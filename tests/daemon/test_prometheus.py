@@ -24,9 +24,8 @@ import pytest
 
 from ptylive.daemon.service.process import ServeProcess
 from ptylive.streaming.fake_detector import ScanSource
-from tests.daemon.serve_harness import PreviewListener, get_json, wait_for
+from tests.daemon.serve_harness import PreviewListener, get_json, stream, wait_for
 from tests.daemon.test_metrics import DASHBOARD, dashboard_metric_names, exported_sample_names
-from tests.daemon.test_serve import stream
 
 pytestmark = pytest.mark.mpi
 

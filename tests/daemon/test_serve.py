@@ -9,10 +9,8 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -22,7 +20,7 @@ from ptylive.daemon.engine.geometry import series_geometry
 from ptylive.daemon.service.process import ServeProcess
 from ptylive.gpu.quality import phase_correlation
 from ptylive.streaming import protocol
-from ptylive.streaming.fake_detector import FakeDetector, FakeDetectorOptions, ScanSource
+from ptylive.streaming.fake_detector import ScanSource
 from ptylive.streaming.scanfile import read_optional, read_positions
 from tests.daemon.serve_harness import (
     FINAL_ITERATIONS,
@@ -30,18 +28,10 @@ from tests.daemon.serve_harness import (
     get_json,
     read_final,
     registry_series,
+    stream,
 )
 
 pytestmark = pytest.mark.mpi
-
-
-def stream(daemon: ServeProcess, source: ScanSource, **options: Any) -> tuple[float, Any]:
-    """Stream ``source`` to the daemon; returns (monotonic time before the start was sent, stats)."""
-    with zmq.Context() as context, FakeDetector(source, FakeDetectorOptions(**options), daemon.endpoints["ingest"],
-                                                 bind=False, context=context) as detector:
-        began = time.monotonic()
-        detector.start()
-        return began, detector.join(120.0)
 
 
 def group_sizes(source: ScanSource, series_id: str, n_workers: int = 2) -> list[int]:

@@ -13,20 +13,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import zmq
 
 from ptylive.daemon.service.config import OutputConfig
-from ptylive.streaming.fake_detector import FakeDetector, FakeDetectorOptions, ScanSource
-from tests.daemon.serve_harness import daemon_config, get_json, read_final, serving
+from ptylive.streaming.fake_detector import ScanSource
+from tests.daemon.serve_harness import daemon_config, get_json, read_final, serving, stream
 
 pytestmark = [pytest.mark.mpi, pytest.mark.chaos]
-
-
-def stream(endpoint: str, source: ScanSource, series_id: str) -> None:
-    with zmq.Context() as context, FakeDetector(source, FakeDetectorOptions(series_id=series_id, dtype="uint16"),
-                                                endpoint, bind=False, context=context) as detector:
-        detector.start()
-        detector.join(120.0)
 
 
 def metric(http: str, outcome: str) -> float:
@@ -47,7 +39,7 @@ def test_a_results_folder_that_fails_sends_the_file_to_the_fallback_then_write_f
         http = process.endpoints["http"]
         results.rename(tmp_path / "results-before")  # (it may hold the loopback control token)
         results.write_bytes(b"")  # the results "folder" can no longer hold a file
-        stream(process.endpoints["ingest"], source, "kept")
+        stream(process, source, series_id="kept", dtype="uint16")
         final = listener.wait_final("kept")
         assert final == {"htype": "final", "series_id": "kept", "path": str(fallback / "kept.h5"),
                          "status": "complete", "fallback": True}
@@ -58,7 +50,7 @@ def test_a_results_folder_that_fails_sends_the_file_to_the_fallback_then_write_f
 
         shutil.rmtree(fallback)
         fallback.write_bytes(b"")  # now the fallback fails too
-        stream(process.endpoints["ingest"], source, "lost")
+        stream(process, source, series_id="lost", dtype="uint16")
         final = listener.wait_final("lost")
         assert final["status"] == "write_failed" and final["path"] is None and not final["fallback"]
         status = get_json(http + "status")

@@ -16,22 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import zmq
 
 from ptylive.daemon.service.config import ServiceConfig
 from ptylive.daemon.service.process import ServeProcess
 from ptylive.daemon.service.roster import process_alive
-from ptylive.streaming.fake_detector import FakeDetector, FakeDetectorOptions, ScanSource
-from tests.daemon.serve_harness import daemon_config, get_json, read_final, serving, wait_for
+from ptylive.streaming.fake_detector import ScanSource
+from tests.daemon.serve_harness import daemon_config, get_json, read_final, serving, stream, wait_for
 
 pytestmark = [pytest.mark.mpi, pytest.mark.chaos]
-
-
-def stream(endpoint: str, source: ScanSource, series_id: str) -> None:
-    with zmq.Context() as context, FakeDetector(source, FakeDetectorOptions(series_id=series_id, dtype="uint16"),
-                                                endpoint, bind=False, context=context) as detector:
-        detector.start()
-        detector.join(120.0)
 
 
 def kill_everything(process: ServeProcess) -> None:
@@ -55,7 +47,7 @@ def test_a_series_cut_by_sigkill_is_written_as_recovered_at_the_next_start(tmp_p
     first = ServeProcess(config, tmp_path / "first")
     try:
         first.start()
-        stream(first.endpoints["ingest"], ScanSource.from_file(dosed_scan), "cut")
+        stream(first, ScanSource.from_file(dosed_scan), series_id="cut", dtype="uint16")
         wait_for(lambda: len(list(state.glob("*.ckpt.npz"))) == 2, 120, "both workers' checkpoints")
         kill_everything(first)
     finally:
