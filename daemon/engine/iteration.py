@@ -260,11 +260,15 @@ def finish_positions(state: TileState, correcting: PositionCorrection | None, ex
 
 def run_sync(state: TileState, exchanger: SyncExchange, options: EngineOptions,
              on_iteration: Callable[[int, float, float], None] | None = None,
-             on_exact_update: Callable[[int, int], None] | None = None) -> EngineReport:
+             on_exact_update: Callable[[int, int], None] | None = None,
+             between_batches: Callable[[], None] | None = None) -> EngineReport:
     """Synchronous iterations: exact totals at every update (any number of ranks).
 
     ``on_exact_update(minibatch, step)`` runs after each update (async mode uses
-    its sync warm-up iteration to learn every neighbour's illumination).
+    its sync warm-up iteration to learn every neighbour's illumination). ``between_batches`` runs between
+    chunks of every local gradient (a stop check: an exception it raises leaves the tile as the last
+    update left it; in sync mode every rank must raise at the same point, or the others wait in the
+    next collective).
     """
     report = EngineReport()
     batches = minibatches(state, options)
@@ -280,7 +284,8 @@ def run_sync(state: TileState, exchanger: SyncExchange, options: EngineOptions,
         correcting = begin_positions(state, iteration)
         now = options_at(options, iteration)
         for m, (members, n_subset) in enumerate(ordered):
-            found = local_gradient(state, now, members, n_first=n_subset, positions=correcting)
+            found = local_gradient(state, now, members, between_batches=between_batches, n_first=n_subset,
+                                   positions=correcting)
             gradient, illumination = exchanger.reduce_gradients(found.gradient, found.illumination)
             if iteration == 0:  # fixed per mini-batch after the first pass: the same on every rank
                 floors[m] = options.illumination_floor * float(
@@ -396,8 +401,9 @@ def apply_probe_total(state: TileState, total: Any, options: EngineOptions, n_po
 
 
 def run_async(state: TileState, exchanger: AsyncExchange, options: EngineOptions,
-              on_iteration: Callable[[int, float, float], None] | None = None) -> EngineReport:
-    """Asynchronous iterations with the three-buffer exchanger.
+              on_iteration: Callable[[int, float, float], None] | None = None,
+              between_batches: Callable[[], None] | None = None) -> EngineReport:
+    """Asynchronous iterations with the three-buffer exchanger (``between_batches``: as :func:`run_sync`'s).
 
     The first iteration is exact (blocking, :func:`run_sync`), so every rank
     knows each neighbour's illumination of every mini-batch and the common
@@ -414,7 +420,7 @@ def run_async(state: TileState, exchanger: AsyncExchange, options: EngineOptions
     batches = minibatches(state, options)
     warm_up = replace(options, iterations=1)
     report = run_sync(state, exchanger, warm_up, on_iteration,
-                      on_exact_update=exchanger.remember_neighbour_illumination)
+                      on_exact_update=exchanger.remember_neighbour_illumination, between_batches=between_batches)
     local_losses = list(report.loss_history)  # iteration 0 is exact: already a global sum
     control = report.step_control
     assert control is not None  # run_sync made it
@@ -428,7 +434,8 @@ def run_async(state: TileState, exchanger: AsyncExchange, options: EngineOptions
         for m, members in enumerate(batches):
             step = iteration * len(batches) + m
             part, probe_gradient, _ = async_update(state, exchanger, options_at(options, iteration), control,
-                                                   members, m, step, report.floors[m], correcting)
+                                                   members, m, step, report.floors[m], correcting,
+                                                   between_batches=between_batches)
             if probe_gradient is not None and probe_gradient_sum is None:
                 probe_gradient_sum = probe_gradient
             elif probe_gradient is not None:
