@@ -38,6 +38,7 @@ from ptylive.gpu.backend import empty_aligned, get_array_module
 from ptylive.gpu.fft import fft2, ifft2
 from ptylive.gpu.fused import backward_slice, detector_amplitude_in_place, transmit
 from ptylive.gpu.loss import loss_function
+from ptylive.gpu.patches import TileSink
 from ptylive.gpu.probe import fourier_shift, shift_ramps
 from ptylive.gpu.propagation import farfield, farfield_adjoint, propagate
 
@@ -52,10 +53,10 @@ class BatchGradient:
     ----------
     loss : float
         Sum of the loss over the batch.
-    object_gradient : (S, B, N, N) complex
-        Gradient with respect to each slice's window.
-    illumination : (S, B, N, N) real
-        ``|ψ_s|²``, the illumination preconditioner's contribution.
+    object_gradient : (S, B, N, N) complex or None
+        Gradient with respect to each slice's window (None: it went into the ``sink``).
+    illumination : (S, B, N, N) real or None
+        ``|ψ_s|²``, the illumination preconditioner's contribution (None: into the ``sink``).
     probe_gradient : (N, N) or (K, N, N) complex or None
         Summed over the batch, the probe's shape (one per mode); None unless requested.
     position_gradient : (B, 2) float64 or None
@@ -83,8 +84,8 @@ def forward(probe: Any, shifts_px: Any, patches: Any, propagator: Any, detector_
         One probe, or K incoherent modes.
     shifts_px : (B, 2) float
         Sub-pixel shift of each position inside its window.
-    patches : (S, B, N, N) complex
-        Object windows.
+    patches : (S, B, N, N) complex, or :class:`~ptylive.gpu.patches.SliceWindows`
+        Object windows (read one slice at a time).
     propagator : (N, N) complex
     detector_px : int
 
@@ -122,6 +123,7 @@ def _check_probe(probe: Any) -> None:
 def loss_and_gradient(
     probe: Any, shifts_px: Any, patches: Any, propagator: Any, measured: Any,
     loss: str = "amplitude", want_probe_gradient: bool = False, want_position_gradient: bool = False,
+    sink: TileSink | None = None,
 ) -> BatchGradient:
     """Loss of one batch and its gradient with respect to object, probe and positions.
 
@@ -130,8 +132,8 @@ def loss_and_gradient(
     probe : (N, N) or (K, N, N) complex
         One probe, or K incoherent modes (see the module docstring).
     shifts_px : (B, 2) float
-    patches : (S, B, N, N) complex
-        Object windows; read only.
+    patches : (S, B, N, N) complex, or :class:`~ptylive.gpu.patches.SliceWindows`
+        Object windows; read only, one slice at a time (``patches[s]``, used before the next is read).
     propagator : (N, N) complex
     measured : (B, D, D) real
         Target of the loss (``√(I/α)`` for amplitude, ``I/α`` for Poisson).
@@ -141,6 +143,10 @@ def loss_and_gradient(
         Also return ``∂L/∂d_j`` and a curvature scale for each position (one extra batched FFT and
         two fused passes, see :func:`position_gradient` and :func:`position_curvature`); off by
         default, and then nothing else is computed and every other result is unchanged.
+    sink : TileSink or None
+        Where each slice's object gradient and illumination go as soon as they are known
+        (scatter-added into the tile); the result then holds None for both, and the batch's workspace
+        is the stored waves ψ_s (S, B, N, N) plus a few (B, N, N) arrays. None: returned as arrays.
 
     Returns
     -------
@@ -150,17 +156,18 @@ def loss_and_gradient(
     _check_probe(probe)
     if probe.ndim == 3 and probe.shape[0] == 1:  # one mode: the one-probe path, the mode axis kept
         result = loss_and_gradient(probe[0], shifts_px, patches, propagator, measured, loss, want_probe_gradient,
-                                   want_position_gradient)
+                                   want_position_gradient, sink)
         if result.probe_gradient is None:
             return result
         return replace(result, probe_gradient=result.probe_gradient[None])
     if probe.ndim == 3:
         return _loss_and_gradient_modes(probe, shifts_px, patches, propagator, measured, loss, want_probe_gradient,
-                                        want_position_gradient)
-    xp = get_array_module(patches)
+                                        want_position_gradient, sink)
+    xp = get_array_module(probe)
     n_slices, batch, n, _ = patches.shape
     waves = empty_aligned(xp, patches.shape, patches.dtype)  # ψ_s, later the gradients
-    illumination = xp.empty(patches.shape, dtype=patches.real.dtype)
+    illumination = _illumination_out(xp, patches, sink)
+    curvature = xp.zeros((batch, 2), dtype=np.float64) if want_position_gradient else None
     wave = fourier_shift(probe, shifts_px)
     for s in range(n_slices):
         transmit(wave, patches[s], waves[s])  # waves[s] = ψ_s; wave = φ_s
@@ -175,29 +182,41 @@ def loss_and_gradient(
     backward = propagator.conj()
     for s in range(n_slices - 1, -1, -1):
         # |ψ_s|², ∂L/∂O_s[window] = conj(ψ_s) ∂L/∂φ_s (into waves[s]), ∂L/∂ψ_s = conj(O_s) ∂L/∂φ_s
-        backward_slice(waves[s], gradient, patches[s], illumination[s])
+        patch, lit = patches[s], illumination[0 if sink is not None else s]
+        backward_slice(waves[s], gradient, patch, lit)
+        if curvature is not None:
+            add_slice_curvature(patch, lit, curvature)
+        if sink is not None:
+            sink.add(s, waves[s], lit)
         if s > 0:
             propagate(gradient, backward)  # ∂L/∂φ_{s-1}
     probe_gradient = None
     if want_probe_gradient:  # adjoint of broadcast-and-shift: shift back, sum over positions
         probe_gradient = fourier_shift(gradient, -xp.asarray(shifts_px)).sum(axis=0)
-    if not want_position_gradient:
-        return BatchGradient(value, waves, illumination, probe_gradient)
+    object_gradient, illumination = (None, None) if sink is not None else (waves, illumination)
+    if curvature is None:
+        return BatchGradient(value, object_gradient, illumination, probe_gradient)
     positions = position_gradient(probe, shifts_px, gradient)  # overwrites gradient (no longer needed)
-    curvature = position_curvature(patches, illumination, loss)
-    return BatchGradient(value, waves, illumination, probe_gradient, positions, curvature)
+    curvature *= CURVATURE_PER_LOSS[loss]
+    return BatchGradient(value, object_gradient, illumination, probe_gradient, positions, curvature)
+
+
+def _illumination_out(xp: ModuleType, patches: Any, sink: TileSink | None) -> Any:
+    """(S, B, N, N) real for the result, or one (1, B, N, N) slice of scratch when a sink takes each slice."""
+    shape = patches.shape if sink is None else (1, *patches.shape[1:])
+    return xp.empty(shape, dtype=np.finfo(patches.dtype).dtype)
 
 
 def _loss_and_gradient_modes(
     probe: Any, shifts_px: Any, patches: Any, propagator: Any, measured: Any, loss: str,
-    want_probe_gradient: bool, want_position_gradient: bool,
+    want_probe_gradient: bool, want_position_gradient: bool, sink: TileSink | None,
 ) -> BatchGradient:
     """:func:`loss_and_gradient` for K > 1 modes: the modes ride along the batch, (K, B, N, N).
 
     Scratch: ψ_{k,s} of every mode and slice (K, S, B, N, N), about K times one probe's memory
     and time; the fused amplitude pass is one probe's, so the loss runs on the far fields.
     """
-    xp = get_array_module(patches)
+    xp = get_array_module(probe)
     n_slices, batch, n, _ = patches.shape
     n_modes = probe.shape[0]
     waves = empty_aligned(xp, (n_modes, *patches.shape), patches.dtype)  # ψ_{k,s}, later the gradients
@@ -209,28 +228,35 @@ def _loss_and_gradient_modes(
             propagate(wave, propagator)
     value, field_gradient = loss_function(loss)(farfield(wave, measured.shape[-1]), measured)
     gradient = farfield_adjoint(field_gradient, n, out=wave)  # ∂L/∂φ_{k,S-1}
-    illumination = xp.empty(patches.shape, dtype=patches.real.dtype)
-    mode_illumination = xp.empty(patches.shape[1:], dtype=patches.real.dtype)
+    illumination = _illumination_out(xp, patches, sink)
+    mode_illumination = xp.empty(patches.shape[1:], dtype=illumination.dtype)
+    curvature = xp.zeros((batch, 2), dtype=np.float64) if want_position_gradient else None
     backward = propagator.conj()
     for s in range(n_slices - 1, -1, -1):
-        backward_slice(waves[0, s], gradient[0], patches[s], illumination[s])
+        patch, lit = patches[s], illumination[0 if sink is not None else s]
+        backward_slice(waves[0, s], gradient[0], patch, lit)
         for k in range(1, n_modes):  # sums over modes into mode 0's arrays
-            backward_slice(waves[k, s], gradient[k], patches[s], mode_illumination)
-            illumination[s] += mode_illumination
+            backward_slice(waves[k, s], gradient[k], patch, mode_illumination)
+            lit += mode_illumination
             waves[0, s] += waves[k, s]
+        if curvature is not None:
+            add_slice_curvature(patch, lit, curvature)
+        if sink is not None:
+            sink.add(s, waves[0, s], lit)
         if s > 0:
             propagate(gradient, backward)
     probe_gradient = None
     if want_probe_gradient:
         back = -xp.asarray(shifts_px)
         probe_gradient = xp.stack([fourier_shift(gradient[k], back).sum(axis=0) for k in range(n_modes)])
-    if not want_position_gradient:
-        return BatchGradient(value, waves[0], illumination, probe_gradient)
+    object_gradient, illumination = (None, None) if sink is not None else (waves[0], illumination)
+    if curvature is None:
+        return BatchGradient(value, object_gradient, illumination, probe_gradient)
     positions = position_gradient(probe[0], shifts_px, gradient[0])
     for k in range(1, n_modes):
         positions += position_gradient(probe[k], shifts_px, gradient[k])
-    curvature = position_curvature(patches, illumination, loss)
-    return BatchGradient(value, waves[0], illumination, probe_gradient, positions, curvature)
+    curvature *= CURVATURE_PER_LOSS[loss]
+    return BatchGradient(value, object_gradient, illumination, probe_gradient, positions, curvature)
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
@@ -304,21 +330,40 @@ def _shift_gradient_arrays(xp: ModuleType, spectrum: Any, probe_spectrum: Any, r
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
-def _curvature(patches: np.ndarray, illumination: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover
-    n_slices, batch, n, m = patches.shape
+def _slice_curvature(patch: np.ndarray, illumination: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover
+    batch, n, m = patch.shape
     for b in range(batch):
         rows = 0.0
         cols = 0.0
-        for s in range(n_slices):
-            for i in range(1, n - 1):
-                for j in range(1, m - 1):
-                    dr = patches[s, b, i + 1, j] - patches[s, b, i - 1, j]
-                    dc = patches[s, b, i, j + 1] - patches[s, b, i, j - 1]
-                    weight = illumination[s, b, i, j]
-                    rows += weight * (dr.real * dr.real + dr.imag * dr.imag)
-                    cols += weight * (dc.real * dc.real + dc.imag * dc.imag)
-        out[b, 0] = 0.25 * rows
-        out[b, 1] = 0.25 * cols
+        for i in range(1, n - 1):
+            for j in range(1, m - 1):
+                dr = patch[b, i + 1, j] - patch[b, i - 1, j]
+                dc = patch[b, i, j + 1] - patch[b, i, j - 1]
+                weight = illumination[b, i, j]
+                rows += weight * (dr.real * dr.real + dr.imag * dr.imag)
+                cols += weight * (dc.real * dc.real + dc.imag * dc.imag)
+        out[b, 0] += 0.25 * rows
+        out[b, 1] += 0.25 * cols
+
+
+def add_slice_curvature(patch: Any, illumination: Any, out: Any) -> None:
+    """Add one slice's term of :func:`position_curvature` (without ``c_loss``) to ``out`` (B, 2) float64.
+
+    ``patch`` (B, N, N) complex windows of the slice, ``illumination`` (B, N, N) real ``|ψ_s|²``.
+    """
+    if get_array_module(patch) is np:
+        _slice_curvature(patch, np.ascontiguousarray(illumination), out)
+    else:
+        _slice_curvature_arrays(patch, illumination, out)
+
+
+def _slice_curvature_arrays(patch: Any, illumination: Any, out: Any) -> None:
+    """What ``_slice_curvature`` computes, as array expressions (CuPy); temporaries are (B, N, N)."""
+    inner = illumination[:, 1:-1, 1:-1]
+    for axis, difference in enumerate((patch[:, 2:, 1:-1] - patch[:, :-2, 1:-1],
+                                       patch[:, 1:-1, 2:] - patch[:, 1:-1, :-2])):
+        power = difference.real**2 + difference.imag**2
+        out[:, axis] += 0.25 * (inner * power).sum(axis=(1, 2), dtype=np.float64)
 
 
 def position_curvature(patches: Any, illumination: Any, loss: str) -> Any:
@@ -350,23 +395,9 @@ def position_curvature(patches: Any, illumination: Any, loss: str) -> Any:
     """
     if loss not in CURVATURE_PER_LOSS:
         raise ValueError(f"unknown loss {loss!r}; expected one of {tuple(CURVATURE_PER_LOSS)}")
-    xp = get_array_module(patches)
-    if xp is np:
-        out = np.empty((patches.shape[1], 2), dtype=np.float64)
-        _curvature(patches, np.ascontiguousarray(illumination), out)
-    else:
-        out = _curvature_arrays(xp, patches, illumination)
-    out *= CURVATURE_PER_LOSS[loss]
-    return out
-
-
-def _curvature_arrays(xp: ModuleType, patches: Any, illumination: Any) -> Any:
-    """What ``_curvature`` computes, as array expressions (CuPy), slice by slice so temporaries stay (B, N, N)."""
+    xp = get_array_module(illumination)
     out = xp.zeros((patches.shape[1], 2), dtype=np.float64)
     for s in range(patches.shape[0]):
-        inner = illumination[s, :, 1:-1, 1:-1]
-        for axis, difference in enumerate((patches[s, :, 2:, 1:-1] - patches[s, :, :-2, 1:-1],
-                                           patches[s, :, 1:-1, 2:] - patches[s, :, 1:-1, :-2])):
-            power = difference.real**2 + difference.imag**2
-            out[:, axis] += 0.25 * (inner * power).sum(axis=(1, 2), dtype=np.float64)
+        add_slice_curvature(patches[s], illumination[s], out)
+    out *= CURVATURE_PER_LOSS[loss]
     return out

@@ -41,6 +41,45 @@ def _accumulate(volume: np.ndarray, starts: np.ndarray, patches: np.ndarray) -> 
                     volume[s, r0 + i, c0 + j] += patches[s, b, i, j]
 
 
+@numba.njit(cache=True, nogil=True)
+def _extract_plane(plane: np.ndarray, starts: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover
+    n_pos, n, m = out.shape
+    for b in range(n_pos):
+        r0 = starts[b, 0]
+        c0 = starts[b, 1]
+        for i in range(n):
+            for j in range(m):
+                out[b, i, j] = plane[r0 + i, c0 + j]
+
+
+@numba.njit(cache=True, nogil=True)
+def _extract_plane_trial(plane: np.ndarray, direction: np.ndarray, step: float, starts: np.ndarray,
+                         max_amplitude: float, out: np.ndarray) -> None:  # pragma: no cover
+    n_pos, n, m = out.shape
+    for b in range(n_pos):
+        r0 = starts[b, 0]
+        c0 = starts[b, 1]
+        for i in range(n):
+            for j in range(m):
+                value = plane[r0 + i, c0 + j] + step * direction[r0 + i, c0 + j]
+                if max_amplitude > 0:
+                    amplitude = abs(value)
+                    if amplitude > max_amplitude:
+                        value = value * (max_amplitude / amplitude)
+                out[b, i, j] = value
+
+
+@numba.njit(cache=True, nogil=True)
+def _accumulate_plane(plane: np.ndarray, starts: np.ndarray, patches: np.ndarray) -> None:  # pragma: no cover
+    n_pos, n, m = patches.shape
+    for b in range(n_pos):
+        r0 = starts[b, 0]
+        c0 = starts[b, 1]
+        for i in range(n):
+            for j in range(m):
+                plane[r0 + i, c0 + j] += patches[b, i, j]
+
+
 def _index_grids(xp: Any, starts: Any, n: int) -> tuple[Any, Any]:
     offs = xp.arange(n)
     rows = xp.asarray(starts[:, 0])[:, None, None] + offs[None, :, None]
@@ -114,3 +153,90 @@ def accumulate_patches(volume: Any, starts: np.ndarray, patches: Any) -> None:
     rows, cols = _index_grids(xp, starts, patches.shape[-1])
     for s in range(volume.shape[0]):
         cupyx.scatter_add(volume[s], (rows, cols), patches[s])
+
+
+class SliceWindows:
+    """The (S, B, N, N) windows of a volume, one slice at a time, without the (S, B, N, N) copy.
+
+    ``windows[s]`` is slice ``s``'s (B, N, N) windows, written into one scratch array that the next
+    ``windows[...]`` overwrites: use it before asking for another slice. The multislice model reads
+    its windows only this way (:func:`ptylive.gpu.multislice.loss_and_gradient`), so a batch's
+    workspace holds one slice of windows instead of all ``S``.
+
+    With ``direction`` (S, H, W) and ``step``, the windows are those of ``O + step·Δ`` projected onto
+    ``|O| ≤ max_amplitude`` (:func:`ptylive.gpu.update.constrain`'s projection, voxel by voxel): a line
+    search's trial object, without a tile-sized copy.
+
+    Parameters
+    ----------
+    volume : (S, H, W) complex
+    starts : (B, 2) int
+        Window starts; windows must lie inside ``(H, W)``.
+    window_px : int
+    """
+
+    def __init__(self, volume: Any, starts: np.ndarray, window_px: int, direction: Any | None = None,
+                 step: float = 0.0, max_amplitude: float | None = None) -> None:
+        self.volume = volume
+        self.starts = np.ascontiguousarray(starts, dtype=np.int64)
+        self.direction = direction
+        self.step = step
+        self.max_amplitude = max_amplitude
+        self.shape = (volume.shape[0], len(self.starts), window_px, window_px)
+        self.dtype = volume.dtype
+        self.xp = get_array_module(volume)
+        self._out = empty_aligned(self.xp, self.shape[1:], volume.dtype)
+        self._grids = None if self.xp is np else _index_grids(self.xp, self.starts, window_px)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, s: int) -> Any:
+        out = self._out
+        if self.xp is np:
+            if self.direction is None:
+                _extract_plane(self.volume[s], self.starts, out)
+            else:
+                _extract_plane_trial(self.volume[s], self.direction[s], self.dtype.type(self.step), self.starts,
+                                     float(self.max_amplitude or 0.0), out)
+            return out
+        rows, cols = self._grids
+        out[...] = self.volume[s][rows, cols]
+        if self.direction is not None:
+            out += self.dtype.type(self.step) * self.direction[s][rows, cols]
+            if self.max_amplitude is not None:
+                amplitude = self.xp.abs(out)
+                self.xp.maximum(amplitude, self.max_amplitude, out=amplitude)
+                self.xp.divide(self.max_amplitude, amplitude, out=amplitude)
+                out *= amplitude
+        return out
+
+
+def accumulate_plane(plane: Any, starts: np.ndarray, patches: Any) -> None:
+    """Add one slice's windows ``patches`` (B, N, N) into ``plane`` (H, W) at ``starts`` (B, 2)."""
+    xp = get_array_module(plane)
+    if xp is np:
+        _accumulate_plane(plane, np.ascontiguousarray(starts, dtype=np.int64), patches)
+        return
+    import cupyx  # type: ignore[import-not-found]  # only reached with CuPy arrays
+
+    rows, cols = _index_grids(xp, starts, patches.shape[-1])
+    cupyx.scatter_add(plane, (rows, cols), patches)
+
+
+class TileSink:
+    """Where a batch's object gradient and illumination go, slice by slice, instead of (S, B, N, N) arrays.
+
+    ``add(s, gradient_s, illumination_s)`` scatter-adds one slice's (B, N, N) windows at ``starts`` into
+    ``gradient[s]`` and ``illumination[s]`` (both (S, H, W)), exactly as :func:`accumulate_patches`
+    would add the whole (S, B, N, N) arrays.
+    """
+
+    def __init__(self, gradient: Any, illumination: Any, starts: np.ndarray) -> None:
+        self.gradient = gradient
+        self.illumination = illumination
+        self.starts = np.ascontiguousarray(starts, dtype=np.int64)
+
+    def add(self, s: int, gradient_s: Any, illumination_s: Any) -> None:
+        accumulate_plane(self.gradient[s], self.starts, gradient_s)
+        accumulate_plane(self.illumination[s], self.starts, illumination_s)

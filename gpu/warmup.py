@@ -16,7 +16,7 @@ import numpy as np
 
 from ptylive.gpu.loss import LOSSES
 from ptylive.gpu.multislice import loss_and_gradient
-from ptylive.gpu.patches import accumulate_patches, extract_patches
+from ptylive.gpu.patches import SliceWindows, TileSink, accumulate_patches, extract_patches
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +35,16 @@ def compile_kernels(real_dtype: Any, complex_dtype: Any) -> float:
     propagator = np.ones((window, window), dtype=complex_dtype)
     gradient = np.zeros_like(volume)
     illumination = np.zeros(volume.shape, dtype=real_dtype)
+    shifts = np.zeros((1, 2), dtype=real_dtype)
     for loss in LOSSES:
         measured = np.ones((1, detector, detector), dtype=real_dtype)
-        result = loss_and_gradient(probe, np.zeros((1, 2), dtype=real_dtype), patches, propagator, measured, loss)
+        result = loss_and_gradient(probe, shifts, patches, propagator, measured, loss)
         accumulate_patches(gradient, starts, result.object_gradient)
         accumulate_patches(illumination, starts, result.illumination)
+        # the engine's path: windows read slice by slice, gradients scattered into the tile slice by slice
+        loss_and_gradient(probe, shifts, SliceWindows(volume, starts, window), propagator, measured, loss,
+                          want_position_gradient=True, sink=TileSink(gradient, illumination, starts))
+    SliceWindows(volume, starts, window, gradient, 0.5, 1.0)[0]  # a line search's trial windows
     seconds = time.perf_counter() - began
     logger.debug("kernels ready in %.2f s", seconds)
     return seconds

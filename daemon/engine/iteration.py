@@ -45,7 +45,7 @@ from ptylive.gpu.backend import get_array_module, to_numpy, zeros_aligned
 from ptylive.gpu.depth import add_depth_gradient, depth_weight
 from ptylive.gpu.loss import fit_intensity_scale, measured_target
 from ptylive.gpu.multislice import forward, loss_and_gradient
-from ptylive.gpu.patches import accumulate_patches, extract_patches
+from ptylive.gpu.patches import SliceWindows, TileSink
 from ptylive.gpu.probe_modes import orthogonalise_modes
 from ptylive.gpu.update import constrain, object_update
 
@@ -89,9 +89,8 @@ def fit_scale(state: TileState, exchanger: SyncExchange, options: EngineOptions)
     window = state.probe.shape[-1]
     model_total = 0.0
     for b in (chunk for members in minibatches(state, options) for chunk in _chunks(members, options.batch_size)):
-        patches = extract_patches(state.volume, state.starts[b], window)
-        field_ = forward(state.probe, xp.asarray(state.shifts[b]), patches, state.propagator,
-                         state.targets.shape[-1])
+        field_ = forward(state.probe, xp.asarray(state.shifts[b]), SliceWindows(state.volume, state.starts[b], window),
+                         state.propagator, state.targets.shape[-1])
         model_total += float(xp.sum(field_.real**2 + field_.imag**2))
     totals = exchanger.allreduce_sum(np.array([float(xp.sum(state.targets)), model_total]))
     state.scale = fit_intensity_scale(float(totals[0]), float(totals[1]))
@@ -147,15 +146,14 @@ def local_gradient(
     first = _chunks(members[:n_first], options.batch_size)
     chunks, n_first_chunks = first + _chunks(members[n_first:], options.batch_size), len(first)
     for i, b in enumerate(chunks):
-        patches = extract_patches(state.volume, state.starts[b], window)
-        result = loss_and_gradient(state.probe, xp.asarray(state.shifts[b]), patches, state.propagator,
+        result = loss_and_gradient(state.probe, xp.asarray(state.shifts[b]),
+                                   SliceWindows(state.volume, state.starts[b], window), state.propagator,
                                    state.targets[b], options.loss, options.refine_probe,
-                                   want_position_gradient=positions is not None)
+                                   want_position_gradient=positions is not None,
+                                   sink=TileSink(gradient, illumination, state.starts[b]))
         if positions is not None:
             positions.gradient[b] = to_numpy(result.position_gradient)
             positions.curvature[b] = to_numpy(result.position_curvature)
-        accumulate_patches(gradient, state.starts[b], result.object_gradient)
-        accumulate_patches(illumination, state.starts[b], result.illumination)
         if probe_gradient is not None:
             probe_gradient += result.probe_gradient
         total += result.loss

@@ -43,8 +43,7 @@ from ptylive.daemon.engine.tile import TileState
 from ptylive.gpu.backend import get_array_module
 from ptylive.gpu.loss import loss_function
 from ptylive.gpu.multislice import forward
-from ptylive.gpu.patches import extract_patches
-from ptylive.gpu.update import constrain
+from ptylive.gpu.patches import SliceWindows
 
 logger = logging.getLogger(__name__)
 
@@ -138,10 +137,8 @@ def trial_loss(state: TileState, options: EngineOptions, subset: np.ndarray, dir
     total = 0.0
     for first in range(0, len(subset), options.batch_size):
         chunk = subset[first:first + options.batch_size]
-        patches = extract_patches(state.volume, state.starts[chunk], window)
-        patches += direction.dtype.type(step) * extract_patches(direction, state.starts[chunk], window)
-        constrain(patches, options.max_amplitude)
-        field_ = forward(state.probe, xp.asarray(state.shifts[chunk]), patches, state.propagator,
+        trial = SliceWindows(state.volume, state.starts[chunk], window, direction, step, options.max_amplitude)
+        field_ = forward(state.probe, xp.asarray(state.shifts[chunk]), trial, state.propagator,
                          state.targets.shape[-1])
         total += loss_function(options.loss)(field_, state.targets[chunk])[0]
     return total

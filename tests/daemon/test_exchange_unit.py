@@ -119,6 +119,30 @@ def test_sync_exchange_adds_exactly_the_neighbours_overlap_contribution() -> Non
     assert [m[:2] for m in world.messages] in ([(0, 1), (1, 0)], [(1, 0), (0, 1)])
 
 
+def test_sync_exchange_in_rounds_of_slices_gives_the_same_totals_with_round_sized_buffers() -> None:
+    n_slices = 5
+    rng = np.random.default_rng(13)
+    gradients = [integers(rng, (n_slices, *EXTENDED[r].shape), complex_=True) for r in (0, 1)]
+    illuminations = [integers(rng, (n_slices, *EXTENDED[r].shape)) for r in (0, 1)]
+
+    def rank(comm: FakeComm, round_bytes: int) -> tuple[np.ndarray, np.ndarray, Any, int]:
+        r = comm.Get_rank()
+        exchanger = SyncExchanger(comm, DOMAINS[r], n_slices, np.float64, round_bytes=round_bytes)
+        assert all(b.size == 3 * exchanger.round_slices * REGION.size for b in exchanger.send + exchanger.recv)
+        gradient, illumination = exchanger.reduce_gradients(gradients[r].copy(), illuminations[r].copy())
+        return gradient, illumination, exchanger.stats, exchanger.round_slices
+
+    one_round = run_ranks(FakeWorld(2), lambda comm: rank(comm, 2**30))
+    per_slice = 3 * 8 * REGION.size
+    rounds = run_ranks(FakeWorld(2), lambda comm: rank(comm, 2 * per_slice))  # 2 slices a round: 2 + 2 + 1
+    for (g1, i1, stats1, slices1), (g2, i2, stats2, slices2) in zip(one_round, rounds, strict=True):
+        assert (slices1, slices2) == (n_slices, 2)
+        np.testing.assert_array_equal(g2, g1)
+        np.testing.assert_array_equal(i2, i1)
+        assert (stats1.messages_sent, stats2.messages_sent) == (1, 3)
+        assert stats1.bytes_sent == stats2.bytes_sent == n_slices * per_slice
+
+
 def test_sync_collectives_sum_and_max_over_ranks() -> None:
     def rank(comm: FakeComm) -> tuple[np.ndarray, np.ndarray]:
         exchanger = SyncExchanger(comm, DOMAINS[comm.Get_rank()], N_SLICES, np.float64)

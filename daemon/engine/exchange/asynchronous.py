@@ -66,6 +66,7 @@ class AsyncExchanger(SyncExchanger):
         # A mini-batch lights the same voxels every iteration, so keeping each
         # neighbour's illumination per mini-batch reproduces sync's preconditioner.
         self.neighbour_illumination = [np.zeros((n_minibatches, *s), real_dtype) for s in shapes]
+        self.exact_illumination = [np.zeros(s, real_dtype) for s in shapes]  # of the last blocking exchange
         self.async_send = [np.empty(HEADER + 3 * int(np.prod(s)), real_dtype) for s in shapes]
         self.async_recv = [np.empty_like(b) for b in self.async_send]
         self.send_requests: list[Any] = [None] * len(shapes)
@@ -154,10 +155,13 @@ class AsyncExchanger(SyncExchanger):
             time.sleep(POLL_S)
         self.stats.wait_s += time.perf_counter() - start
 
+    def received_illumination(self, region: int, depth: slice, illumination: np.ndarray) -> None:
+        self.exact_illumination[region][depth] = illumination
+
     def remember_neighbour_illumination(self, minibatch: int, step: int) -> None:
         """After a blocking :meth:`reduce_gradients`, keep each neighbour's illumination of it."""
-        for i, (_, _, shape) in enumerate(self.regions):
-            self.neighbour_illumination[i][minibatch] = unpack(self.recv[i], shape)[1]
+        for i in range(len(self.regions)):
+            self.neighbour_illumination[i][minibatch] = self.exact_illumination[i]
             self.last_received[i] = step
 
     def total_illumination(self, own: Any, minibatch: int) -> Any:

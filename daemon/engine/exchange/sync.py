@@ -53,18 +53,41 @@ def add_pairs(target: Any, pairs: np.ndarray) -> None:
     target.imag += xp.asarray(pairs[..., 1])
 
 
-class SyncExchanger:
-    """Exact, blocking halo gradient exchange over MPI point-to-point messages."""
+#: Bytes of one round's send buffers (all neighbours together); a round carries as many slices as fit, at least one.
+EXCHANGE_ROUND_BYTES = 16 * 2**20
 
-    def __init__(self, comm: Any, domain: RankDomain, n_slices: int, real_dtype: Any) -> None:
+
+def slices_per_round(domain: RankDomain, n_slices: int, real_itemsize: int,
+                     round_bytes: int = EXCHANGE_ROUND_BYTES) -> int:
+    """Slices exchanged per round: the send buffers (gradient + illumination, 3 reals per voxel, over every
+    exchange region) of one round stay within ``round_bytes``, so they do not grow with the depth."""
+    per_slice = 3 * real_itemsize * sum(box.size for _, box in domain.neighbours)
+    if per_slice == 0:
+        return max(n_slices, 1)
+    return int(min(max(round_bytes // per_slice, 1), max(n_slices, 1)))
+
+
+class SyncExchanger:
+    """Exact, blocking halo gradient exchange over MPI point-to-point messages.
+
+    The regions are exchanged in rounds of :func:`slices_per_round` slices, so the pack buffers hold one
+    round (about :data:`EXCHANGE_ROUND_BYTES`), not the whole depth: they are sized by the overlaps' area,
+    not by the tile's volume.
+    """
+
+    def __init__(self, comm: Any, domain: RankDomain, n_slices: int, real_dtype: Any,
+                 round_bytes: int = EXCHANGE_ROUND_BYTES) -> None:
         self.comm = comm
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
         self.domain = domain
         self.stats = ExchangeStats()
+        self.n_slices = n_slices
         self.regions = [(n, box.relative_to(domain.extended), (n_slices, *box.shape))
                         for n, box in domain.neighbours]
-        self.send = [np.empty(3 * int(np.prod(shape)), real_dtype) for _, _, shape in self.regions]
+        self.round_slices = slices_per_round(domain, n_slices, np.dtype(real_dtype).itemsize, round_bytes)
+        self.send = [np.empty(3 * self.round_slices * int(np.prod(shape[1:])), real_dtype)
+                     for _, _, shape in self.regions]
         self.recv = [np.empty_like(b) for b in self.send]
 
     def allreduce_sum(self, values: np.ndarray) -> np.ndarray:
@@ -99,19 +122,26 @@ class SyncExchanger:
         """
         from mpi4py import MPI
 
-        requests = []
-        for (n, region, _), send, recv in zip(self.regions, self.send, self.recv, strict=True):
-            pack(gradient[(slice(None), *region)], illumination[(slice(None), *region)], send)
-            requests.append(self.comm.Irecv(recv, source=n, tag=TAG_SYNC))
-            requests.append(self.comm.Isend(send, dest=n, tag=TAG_SYNC))
-            self.stats.bytes_sent += send.nbytes
-            self.stats.messages_sent += 1
-        start = time.perf_counter()
-        MPI.Request.Waitall(requests)
-        self.stats.wait_s += time.perf_counter() - start
         xp = get_array_module(gradient)
-        for (_, region, shape), recv in zip(self.regions, self.recv, strict=True):
-            pairs, received_illumination = unpack(recv, shape)
-            add_pairs(gradient[(slice(None), *region)], pairs)
-            illumination[(slice(None), *region)] += xp.asarray(received_illumination)
+        for first in range(0, self.n_slices, self.round_slices):
+            depth = slice(first, min(first + self.round_slices, self.n_slices))
+            requests = []
+            for (n, region, shape), send, recv in zip(self.regions, self.send, self.recv, strict=True):
+                size = 3 * (depth.stop - depth.start) * int(np.prod(shape[1:]))
+                pack(gradient[(depth, *region)], illumination[(depth, *region)], send[:size])
+                requests.append(self.comm.Irecv(recv[:size], source=n, tag=TAG_SYNC))
+                requests.append(self.comm.Isend(send[:size], dest=n, tag=TAG_SYNC))
+                self.stats.bytes_sent += send[:size].nbytes
+                self.stats.messages_sent += 1
+            start = time.perf_counter()
+            MPI.Request.Waitall(requests)
+            self.stats.wait_s += time.perf_counter() - start
+            for i, ((_, region, shape), recv) in enumerate(zip(self.regions, self.recv, strict=True)):
+                pairs, received_illumination = unpack(recv, (depth.stop - depth.start, *shape[1:]))
+                add_pairs(gradient[(depth, *region)], pairs)
+                illumination[(depth, *region)] += xp.asarray(received_illumination)
+                self.received_illumination(i, depth, received_illumination)
         return gradient, illumination
+
+    def received_illumination(self, region: int, depth: slice, illumination: np.ndarray) -> None:
+        """Called with each neighbour's illumination of a round (slices ``depth``); the async exchanger keeps it."""
