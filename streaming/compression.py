@@ -23,16 +23,22 @@ Encodings (the ``encoding`` of a ptylive stream v1 frame, see ``docs/protocol.md
     shape and dtype.
 
 Safety: the payload arrives from the network. The bitshuffle package's own ``decompress_lz4`` trusts the
-framing (it crashed the interpreter on a corrupt blob when tried), so the framing is walked here, every
-block is decompressed by python-lz4 (``LZ4_decompress_safe``, bounded output) and only the bit
-un-transposition, a pure permutation of a buffer whose size has been checked, is left to bitshuffle.
-:func:`check_framing` is the cheap structural check the ingest runs (header and block chain, no
-decompression); :func:`decompress` is what workers run.
+framing (it crashed the interpreter on a corrupt blob when tried: it is given no input length). The HDF5-framed
+encodings are therefore decoded by DECTRIS' own library, ``dectris-compression`` (``dectris.compression``), whose
+C decoder bounds every read by the input length, decompresses each block with ``LZ4_decompress_safe`` into a
+buffer of the declared size and fails (``RuntimeError``, here :class:`CompressionError`) on any inconsistency.
+Before it runs, the 12-byte header is checked here against the frame's shape and dtype, so a forged raw size
+cannot make it allocate more than the frame. ``lz4_block`` is one python-lz4 call (``LZ4_decompress_safe``,
+bounded output). :func:`check_framing` is the cheap structural check the ingest runs (header and block chain, no
+decompression); :func:`decompress` is what workers run (measured: 96² uint16 bslz4 in 9.5 µs, was 139–203 µs
+with the block chain walked in Python).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import struct
 from typing import Any
 
@@ -40,6 +46,7 @@ import bitshuffle
 import lz4.block
 import numpy as np
 import numpy.typing as npt
+from dectris.compression import decompress as native_decompress
 
 logger = logging.getLogger(__name__)
 
@@ -143,8 +150,18 @@ def _lz4(source: memoryview, raw_size: int) -> bytes:
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _little_endian(dtype: Any) -> np.dtype[Any]:
+    """``dtype`` read little-endian (cached: numpy's dtype construction costs microseconds per frame)."""
+    return np.dtype(dtype).newbyteorder("<")
+
+
 def decompress(payload: Any, encoding: str, shape: tuple[int, ...], dtype: Any) -> npt.NDArray[Any]:
     """Decoded pixels of a compressed payload.
+
+    The HDF5-framed encodings (``bslz4``, ``lz4``) are decoded natively (``dectris.compression``) after their
+    header is checked here. Bytes after the last block are ignored when the frame ends on a whole block (the
+    native decoder stops there); :func:`check_framing`, which the ingest runs on every frame, rejects them.
 
     Parameters
     ----------
@@ -155,35 +172,28 @@ def decompress(payload: Any, encoding: str, shape: tuple[int, ...], dtype: Any) 
 
     Returns
     -------
-    ndarray of ``shape`` and ``dtype`` (little-endian), a new writable array.
+    ndarray of ``shape`` and ``dtype`` (little-endian), a new read-only array (it views the decoder's output).
 
     Raises
     ------
     CompressionError
         Bad header, broken block chain, corrupt LZ4 data, wrong sizes.
     """
-    dtype = np.dtype(dtype).newbyteorder("<")
-    raw_bytes = int(np.prod(shape)) * dtype.itemsize
+    dtype = _little_endian(dtype)
+    raw_bytes = math.prod(shape) * dtype.itemsize
     view = memoryview(payload).cast("B")
     if encoding == "lz4_block":
         if not 0 < len(view) <= lz4_bound(raw_bytes):
             raise CompressionError(f"lz4 block of {len(view)} bytes for {raw_bytes} raw bytes")
-        return np.frombuffer(bytearray(_lz4(view, raw_bytes)), dtype=dtype).reshape(shape)
+        return np.frombuffer(_lz4(view, raw_bytes), dtype=dtype).reshape(shape)
     if encoding not in ("bslz4", "lz4"):
         raise CompressionError(f"unknown encoding {encoding!r}; expected one of {COMPRESSED}")
-    block_bytes, tail = _header(view, encoding, raw_bytes, dtype.itemsize)
-    blocks, end = _blocks(view, raw_bytes, block_bytes, tail)
-    if len(view) - end != tail:
-        raise CompressionError(f"{encoding} payload has {len(view) - end} bytes after its blocks, expected {tail}")
-    out = np.empty(raw_bytes, dtype=np.uint8)
-    position = 0
-    for offset, stored, raw_size in blocks:
-        block = view[offset:offset + stored]
-        out[position:position + raw_size] = np.frombuffer(
-            block if encoding == "lz4" and stored == raw_size else _lz4(block, raw_size), dtype=np.uint8)
-        position += raw_size
-    out[position:] = np.frombuffer(view[end:], dtype=np.uint8)
-    pixels = out.view(dtype)
-    if encoding == "bslz4":
-        pixels = bitshuffle.bitunshuffle(pixels, block_bytes // dtype.itemsize)
-    return pixels.reshape(shape)
+    _header(view, encoding, raw_bytes, dtype.itemsize)  # the size the native decoder will allocate is the frame's
+    try:
+        out = native_decompress(view, encoding, elem_size=dtype.itemsize)
+    except RuntimeError:
+        raise CompressionError(f"corrupt {encoding} payload of {len(view)} bytes (the native decoder "
+                               f"refused it)") from None
+    if len(out) != raw_bytes:
+        raise CompressionError(f"{encoding} payload gave {len(out)} bytes, expected {raw_bytes}")
+    return np.frombuffer(out, dtype=dtype).reshape(shape)

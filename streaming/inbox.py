@@ -64,6 +64,8 @@ class WorkerInbox:
     """A PULL connected to one of :attr:`~ptylive.streaming.ingest.Ingest.worker_endpoints`.
 
     Messages from the ingest are valid; one that does not decode is counted in ``protocol_errors`` and skipped.
+    The ingest walked the block chain of every compressed frame, so it is not walked again here (a frame whose
+    blocks do not decode is rejected when its pixels are read: ``corrupt_payload``, by the worker).
     """
 
     def __init__(self, endpoint: str, context: zmq.Context | None = None, rcvhwm: int = 1000,
@@ -86,7 +88,7 @@ class WorkerInbox:
             parts = self._socket.recv_multipart(copy=False)
             try:
                 control = _decode_control(parts)
-                messages.append(control if control is not None else decode(parts))
+                messages.append(control if control is not None else decode(parts, verify_framing=False))
             except (ProtocolError, ValueError) as exc:
                 self.protocol_errors += 1
                 logger.error("worker inbox got an undecodable message: %s", exc)

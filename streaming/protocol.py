@@ -211,7 +211,7 @@ def _common_frame_fields(header: dict[str, Any]) -> tuple[str, int, tuple[int, i
     return None
 
 
-def _decode_frame(header: dict[str, Any], payload: Any) -> Frame:
+def _decode_frame(header: dict[str, Any], payload: Any, verify_framing: bool = True) -> Frame:
     common = _common_frame_fields(header)
     if common is None:
         index = header_field(header, "frame_index", int)
@@ -233,7 +233,8 @@ def _decode_frame(header: dict[str, Any], payload: Any) -> Frame:
     position = pair(header, "position_A", float, positive=False) if "position_A" in header else None
     if encoding != "raw":
         try:  # structure only (header, block chain, length): decompression is the workers' job
-            check_framing(buffer, encoding, expected, little_endian.itemsize)
+            if verify_framing:
+                check_framing(buffer, encoding, expected, little_endian.itemsize)
         except CompressionError as exc:
             raise ProtocolError("corrupt_payload", f"frame {index}: {exc}") from None
         return Frame(series_id, index, buffer, position, encoding, shape, dtype)
@@ -245,8 +246,12 @@ def _decode_frame(header: dict[str, Any], payload: Any) -> Frame:
     return Frame(series_id, index, pixels, position, shape=shape, dtype=dtype)
 
 
-def decode(parts: list[Any]) -> Message:
+def decode(parts: list[Any], verify_framing: bool = True) -> Message:
     """Decode one multipart message (bytes, or zmq.Frame / buffer objects).
+
+    ``verify_framing=False`` skips the block-chain walk of compressed frames (:func:`check_framing`): workers
+    take frames the ingest has checked, and their decoder bounds every read anyway (``Frame.pixels`` raises
+    CompressionError on a broken chain). The walk costs 7 µs per 96² bslz4 frame and 50–60 µs per 512² one.
 
     Raises
     ------
@@ -278,7 +283,7 @@ def decode(parts: list[Any]) -> Message:
     if htype == "frame":
         if memoryview(parts[1]).nbytes > MAX_FRAME_BYTES:
             raise ProtocolError("too_large", f"frame payload over {MAX_FRAME_BYTES} bytes")
-        return _decode_frame(header, parts[1])
+        return _decode_frame(header, parts[1], verify_framing)
     if htype == "series_end":
         n_frames = header_field(header, "n_frames", int)
         if n_frames < 0:

@@ -83,9 +83,11 @@ def test_structural_damage_is_caught_without_decompressing(encoding: str) -> Non
     for name, blob in damaged.items():
         with pytest.raises(CompressionError):
             check_framing(blob, encoding, pixels.nbytes, 2)
+        if name == "extended":  # the native decoder stops after the last whole block: the pixels, untouched
+            np.testing.assert_array_equal(decompress(blob, encoding, pixels.shape, np.uint16), pixels)
+            continue
         with pytest.raises(CompressionError):
             decompress(blob, encoding, pixels.shape, np.uint16)
-        assert name
 
 
 @settings(max_examples=300, deadline=None)
@@ -165,3 +167,37 @@ def test_the_decode_benchmark_reports_every_encoding(monkeypatch: pytest.MonkeyP
     assert wire_bytes["raw"] == 24 * 24 * 2 and all(wire_bytes[e] < wire_bytes["raw"] for e in ("bslz4", "lz4"))
     assert rows[0][5] == "1.0×" and rows[0][6] == "–"  # raw against itself; rank 0 checks no raw framing
     assert all(float(row[4]) > 0 and float(row[6]) > 0 for row in rows[1:])
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=st.binary(max_size=3000), encoding=st.sampled_from(["bslz4", "lz4"]),
+       dtype=st.sampled_from([np.uint8, np.uint16, np.uint32, np.float64]), n_elements=st.integers(1, 1500),
+       block_groups=st.integers(1, 64))
+def test_arbitrary_bytes_behind_a_valid_header_raise_or_decode(body: bytes, encoding: str, dtype: type,
+                                                              n_elements: int, block_groups: int) -> None:
+    """The native decoder is given any block chain behind a header that fits the frame: it raises
+    CompressionError or returns the frame's shape, never reads or writes out of bounds (a crash here kills the
+    test process)."""
+    itemsize = np.dtype(dtype).itemsize
+    payload = HEADER.pack(n_elements * itemsize, block_groups * 8 * itemsize) + body
+    try:
+        decoded = decompress(payload, encoding, (1, n_elements), dtype)
+    except CompressionError:
+        return
+    assert decoded.shape == (1, n_elements) and decoded.dtype == np.dtype(dtype)
+
+
+@pytest.mark.parametrize("encoding", ["bslz4", "lz4"])
+def test_every_truncation_of_a_frame_raises(encoding: str) -> None:
+    pixels = counts((61, 67), np.uint16)  # 8174 bytes: one short block, and 14 bslz4 leftover bytes
+    payload = compress(pixels, encoding)
+    for length in range(len(payload)):
+        with pytest.raises(CompressionError):
+            decompress(payload[:length], encoding, pixels.shape, np.uint16)
+
+
+def test_a_forged_raw_size_is_refused_before_the_native_decoder_allocates() -> None:
+    pixels = counts((16, 16), np.uint16)
+    body = compress(pixels, "bslz4")[12:]
+    with pytest.raises(CompressionError, match="declares"):
+        decompress(HEADER.pack(1 << 40, 8192) + body, "bslz4", pixels.shape, np.uint16)
