@@ -26,6 +26,15 @@ from typing import Any
 
 import numpy as np
 
+from ptylive.daemon.cli.offline_stop import (
+    AgreedStop,
+    IterationVote,
+    Progress,
+    StopRequested,
+    StopSignals,
+    finish_async,
+    reduced_report,
+)
 from ptylive.daemon.engine.decomposition import RankDomain, decompose, stitch
 from ptylive.daemon.engine.exchange.factory import async_exchanger, sync_exchanger
 from ptylive.daemon.engine.exchange.gather import gather_rows, gather_to_root
@@ -242,8 +251,11 @@ def edge_fraction(pattern: np.ndarray, ring_px: int = 2) -> float:
     return (total - inner) / total if total > 0 else 0.0
 
 
-def run_rank(job: ReconstructionJob, comm: Any | None) -> None:
+def run_rank(job: ReconstructionJob, comm: Any | None, signals: StopSignals | None = None) -> None:
     """Reconstruct this rank's tile; rank 0 stitches and writes ``job.out_path``.
+
+    A stop signal (``signals``, :mod:`.offline_stop`) ends the iterations early at a point every rank
+    agrees on; the result so far is written with status ``interrupted``.
 
     Peak memory is measured with tracemalloc (numpy reports its buffers to it) from after the
     kernels are compiled, so it counts the arrays of the reconstruction rather than compiled code
@@ -268,18 +280,7 @@ def run_rank(job: ReconstructionJob, comm: Any | None) -> None:
             print(f"note: {job.edge_fraction:.2%} of the intensity falls on the detector's outer ring: scattering "
                   "beyond the detector aliases on a grid at its Nyquist pixel; --upsampling 2 may fit better",
                   file=sys.stderr, flush=True)
-    exchanger: SyncExchange
-    if job.options.mode == "sync" or job.n_ranks == 1:  # one rank: async has nobody to wait for
-        exchanger = sync_exchanger(comm, domain, job.n_slices, job.precision)
-        fit_scale(state, exchanger, job.options)
-        _shot_noise_prior(state, job)
-        report = run_sync(state, exchanger, job.options, progress)
-    else:
-        asynchronous = async_exchanger(comm, domain, job.n_slices, job.precision, job.options)
-        fit_scale(state, asynchronous, job.options)
-        _shot_noise_prior(state, job)
-        report = run_async(state, asynchronous, job.options, progress)
-        exchanger = asynchronous
+    report, exchanger, stopped = _iterate(job, state, domain, comm, progress, signals)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     predicted = rank_memory(domain, job.n_slices, job.window_px, job.metadata.detector_px,
@@ -300,7 +301,36 @@ def run_rank(job: ReconstructionJob, comm: Any | None) -> None:
         final_positions = positions.copy()
         for d, r in zip(domains, rows, strict=True):
             final_positions[d.positions] = r
-        _write(job, result, to_numpy(state.probe), positions, final_positions, report, all_stats, state.scale)
+        _write(job, result, to_numpy(state.probe), positions, final_positions, report, all_stats, state.scale,
+               stopped)
+
+
+def _iterate(job: ReconstructionJob, state: TileState, domain: RankDomain, comm: Any | None,
+             progress: Callable[[int, float, float], None] | None,
+             signals: StopSignals | None) -> tuple[EngineReport, SyncExchange, str | None]:
+    """Run the engine on this rank; returns its report, exchanger and the stop signal's name (None: ran to the end)."""
+    signals = signals if signals is not None else StopSignals()
+    done = Progress()
+    if job.options.mode == "sync" or job.n_ranks == 1:  # one rank: async has nobody to wait for
+        agreed = AgreedStop(sync_exchanger(comm, domain, job.n_slices, job.precision), signals)
+        fit_scale(state, agreed, job.options)
+        _shot_noise_prior(state, job)
+        try:
+            return run_sync(state, agreed, job.options, done.recorder(progress),
+                            between_batches=agreed.between_batches), agreed.exchanger, None
+        except StopRequested as stop:
+            return reduced_report(done, agreed, "sync"), agreed.exchanger, str(stop)
+    asynchronous = async_exchanger(comm, domain, job.n_slices, job.precision, job.options)
+    fit_scale(state, asynchronous, job.options)
+    _shot_noise_prior(state, job)
+    per_iteration = job.options.updates_per_iteration  # progress's step: the iteration's last update
+    vote = IterationVote(comm, signals, job.options.iterations,
+                         while_waiting=lambda i: asynchronous.progress(state.volume, (i + 1) * per_iteration - 1))
+    try:
+        return run_async(state, asynchronous, job.options, done.recorder(progress, vote)), asynchronous, None
+    except StopRequested as stop:
+        finish_async(state, asynchronous, job.options, len(done.losses))
+        return reduced_report(done, asynchronous, "async"), asynchronous, str(stop)
 
 
 def _mean(values: list[int]) -> float:
@@ -323,8 +353,12 @@ def progress_printer(total: int, started: float,
 
 
 def _write(job: ReconstructionJob, volume: np.ndarray, probe: np.ndarray, nominal: np.ndarray,
-           positions: np.ndarray, report: EngineReport, stats: np.ndarray, scale: float) -> None:
-    attrs = {"mode": job.options.mode, "n_ranks": job.n_ranks, "iterations": job.options.iterations,
+           positions: np.ndarray, report: EngineReport, stats: np.ndarray, scale: float,
+           stopped: str | None = None) -> None:
+    done = len(report.loss_history)
+    attrs = {"mode": job.options.mode, "n_ranks": job.n_ranks, "iterations": done,
+             "iterations_requested": job.options.iterations,
+             "status": "complete" if stopped is None else "interrupted",
              "precision": job.precision, "n_slices": job.n_slices, "slice_thickness_A": job.slice_thickness_A,
              "upsampling": job.upsampling, "loss_function": job.options.loss, "detector_scale": scale,
              "pixel_size_A": job.pixel_size_A, "energy_eV": job.metadata.energy_eV,
@@ -332,23 +366,30 @@ def _write(job: ReconstructionJob, volume: np.ndarray, probe: np.ndarray, nomina
     per_rank = [dict(zip(RANK_STATS, row, strict=True)) for row in stats]
     attrs["positions_corrected"] = job.options.correct_positions
     attrs["depth_regularisation"] = job.options.depth_regularisation
+    if stopped is not None:
+        attrs["stop_signal"] = stopped
     write_result(job.out_path, {"object": volume, "probe": probe, "loss": np.asarray(report.loss_history),
                                 "positions_px": positions, "positions_nominal_px": nominal}, per_rank, attrs)
-    if not job.quiet:
+    if stopped is not None:
+        print(f"interrupted ({stopped}) after {done} of {job.options.iterations} iterations: wrote {job.out_path}",
+              file=sys.stderr, flush=True)
+    elif not job.quiet:
         print(f"wrote {job.out_path}", file=sys.stderr)
 
 
 def run_job(job: ReconstructionJob, comm: Any | None) -> None:
-    """Run ``job`` on this rank; with CuPy each rank takes the GPU of its node-local rank."""
-    if job.backend != "cupy" or comm is None:
-        run_rank(job, comm)
-        return
-    import cupy  # type: ignore[import-not-found]
-    from mpi4py import MPI
+    """Run ``job`` on this rank (SIGTERM, SIGINT, SIGHUP: stop early and save); with CuPy each rank takes the GPU
+    of its node-local rank."""
+    with StopSignals().installed() as signals:
+        if job.backend != "cupy" or comm is None:
+            run_rank(job, comm, signals)
+            return
+        import cupy  # type: ignore[import-not-found]
+        from mpi4py import MPI
 
-    local = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
-    with cupy.cuda.Device(local % cupy.cuda.runtime.getDeviceCount()):
-        run_rank(job, comm)
+        local = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+        with cupy.cuda.Device(local % cupy.cuda.runtime.getDeviceCount()):
+            run_rank(job, comm, signals)
 
 
 def main() -> int:
