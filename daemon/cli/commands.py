@@ -85,10 +85,11 @@ def reconstruct(args: argparse.Namespace, argv: list[str]) -> int:
 
     if not under_mpi():
         job = _validate(args)  # one clear message before any rank starts
-        if args.ranks == 1:
+        if args.ranks == 1 and args.hostfile is None:
             run_job(job, None)
             return 0
-        return relaunch(args.ranks, [], module="ptylive.daemon.cli.offline", env={JOB_ENV: job.to_json()})
+        return relaunch(args.ranks, [], module="ptylive.daemon.cli.offline", env={JOB_ENV: job.to_json()},
+                        hostfile=args.hostfile)
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
@@ -184,7 +185,7 @@ def serve(args: argparse.Namespace, argv: list[str]) -> int:
         if not config.output.folder.is_dir():  # one clear message before any rank starts
             raise ValueError(f"output folder {config.output.folder} does not exist")
         control_token(config.http, os.environ)  # the token file too (rank 0 reads it again, as it starts)
-        return relaunch(config.workers.ranks + 1, argv)
+        return relaunch(config.workers.ranks + 1, argv, hostfile=args.hostfile)  # ignored by the ranks
     from mpi4py import MPI
 
     from ptylive.daemon.cli.serve import run as run_serve

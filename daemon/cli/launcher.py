@@ -3,6 +3,11 @@
 ``ptylive reconstruct --ranks 4`` run from a shell re-executes itself as
 ``mpiexec -n 4 python -m ptylive.daemon.cli.main …``; under a launcher already
 (``mpiexec -n 4 ptylive reconstruct …``) it runs in place.
+
+``--hostfile FILE`` is handed to mpiexec as ``-f FILE`` (MPICH hydra: one ``host[:slots]`` a line; rank 0
+on the first host). How hydra reaches the hosts is its own configuration, from the environment it inherits:
+``HYDRA_LAUNCHER`` (``ssh``, or ``slurm`` inside an allocation, detected by itself),
+``HYDRA_LAUNCHER_EXEC``, ``HYDRA_IFACE`` (docs/operations.md, "Several hosts").
 """
 
 from __future__ import annotations
@@ -50,11 +55,29 @@ def _terminate_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
-def relaunch(n_ranks: int, argv: list[str], module: str = "ptylive.daemon.cli.main",
-             env: dict[str, str] | None = None) -> int:
-    """Run ``python -m MODULE argv`` on ``n_ranks`` ranks, with ``env`` added; return its exit code."""
+def mpiexec_command(n_ranks: int, argv: list[str], module: str, hostfile: Path | None = None) -> list[str]:
+    """``mpiexec [-f HOSTFILE] -n N python -P -m MODULE argv``; ValueError when the hostfile cannot be read.
+
+    Every host must have this Python at the same path (a shared or identical install) and see the same files.
+    """
+    hosts: list[str] = []
+    if hostfile is not None:
+        try:
+            listed = hostfile.read_text().splitlines()
+        except OSError as exc:
+            raise ValueError(f"hostfile {hostfile}: cannot be read ({exc.strerror})") from None
+        if not any(line.split("#")[0].strip() for line in listed):
+            raise ValueError(f"hostfile {hostfile} names no host (expected one host[:slots] a line)")
+        hosts = ["-f", str(hostfile.resolve())]
     # -P: the working directory is not put on sys.path, so a "ptylive" folder there cannot shadow the package
-    command = [find_mpiexec(), "-n", str(n_ranks), sys.executable, "-P", "-m", module, *argv]
+    return [find_mpiexec(), *hosts, "-n", str(n_ranks), sys.executable, "-P", "-m", module, *argv]
+
+
+def relaunch(n_ranks: int, argv: list[str], module: str = "ptylive.daemon.cli.main",
+             env: dict[str, str] | None = None, hostfile: Path | None = None) -> int:
+    """Run ``python -m MODULE argv`` on ``n_ranks`` ranks (on the hosts of ``hostfile``, if given), with ``env``
+    added; return its exit code."""
+    command = mpiexec_command(n_ranks, argv, module, hostfile)
     env = {**os.environ, **(env or {})}
     # One compute thread per rank: ranks carry the parallelism (docs/architecture.md, performance notes).
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):

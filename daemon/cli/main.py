@@ -55,6 +55,8 @@ def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
     p.add_argument("scan", type=Path, help="scan file to reconstruct (HDF5, docs/scanfile.md)")
     p.add_argument("--ranks", type=int, default=1,
                    help="MPI ranks, one tile each; more than 1 starts mpiexec (default: %(default)s)")
+    p.add_argument("--hostfile", type=Path, default=None,
+                   help="hosts for the ranks, passed to mpiexec -f (one host[:slots] a line; docs/operations.md)")
     p.add_argument("--iterations", type=int, default=30,
                    help="passes over every position (default: %(default)s)")
     p.add_argument("--mode", choices=("sync", "async"), default="sync",
@@ -149,6 +151,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the streaming daemon (ingest, workers, previews) from a TOML config")
     p.add_argument("--config", type=Path, required=True,
                    help="TOML config file (docs/daemon.md; example: systemd/ptylive.toml)")
+    p.add_argument("--hostfile", type=Path, default=None,
+                   help="hosts for the ranks, passed to mpiexec -f; rank 0 on the first (docs/operations.md)")
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:

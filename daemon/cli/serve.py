@@ -3,8 +3,9 @@
 Rank 0 runs :class:`~ptylive.daemon.service.supervisor.Rank0` (ingest, collector, HTTP); ranks 1…R run
 :class:`~ptylive.daemon.worker.rank.Worker` ``w = rank − 1``. The workers get a communicator of their own
 for the halo exchange and the per-tick consensus. Rank 0 binds every internal socket (``ipc://`` in a
-private folder, or loopback TCP on port 0: :mod:`~ptylive.daemon.service.internal_sockets`) and
-broadcasts the endpoints once, msgpack-encoded (never pickled). If rank 0 cannot start (a port in
+private folder, or TCP on port 0 of ``[workers] internal_interface``:
+:mod:`~ptylive.daemon.service.internal_sockets`) and broadcasts the endpoints once, with its host's identity,
+msgpack-encoded (never pickled). If rank 0 cannot start (a port in
 use, a missing output folder), it broadcasts the error instead and every rank exits.
 """
 
@@ -22,7 +23,7 @@ from ptylive.daemon.engine.exchange.gather import broadcast_bytes
 from ptylive.daemon.service import messages
 from ptylive.daemon.service.checkpoints import state_folder
 from ptylive.daemon.service.config import DaemonConfig
-from ptylive.daemon.service.internal_sockets import check_reachable
+from ptylive.daemon.service.internal_sockets import check_reachable, host_identity
 from ptylive.daemon.worker.rank import Worker, WorkerSettings
 from ptylive.streaming.inbox import WorkerInbox
 
@@ -61,7 +62,7 @@ def _run_rank0(config: DaemonConfig, comm: Any) -> int:
         broadcast_bytes(comm, msgpack.packb({"error": str(exc)}))
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    broadcast_bytes(comm, msgpack.packb(rank0.internal_endpoints()))
+    broadcast_bytes(comm, msgpack.packb({**rank0.internal_endpoints(), "host": host_identity()}))
     try:
         return rank0.serve(abort=lambda: comm.Abort(1))
     finally:
@@ -71,7 +72,7 @@ def _run_rank0(config: DaemonConfig, comm: Any) -> int:
 
 def _run_worker(config: DaemonConfig, worker: int, endpoints: dict[str, Any], workers_comm: Any) -> int:
     for endpoint in (endpoints["collector"], endpoints["workers"][worker]):
-        check_reachable(endpoint)
+        check_reachable(endpoint, endpoints.get("host"))
     context = zmq.Context()
     outbox = context.socket(zmq.PUSH)
     outbox.linger = 5000

@@ -25,6 +25,7 @@ import tomli_w
 
 from ptylive.daemon.engine.options import DEFAULT_UPDATES_PER_ITERATION, EngineOptions
 from ptylive.daemon.http.access import TokenFileError, authority, read_token, token_file_path, write_token
+from ptylive.daemon.service.internal_sockets import interface_problem
 
 logger = logging.getLogger(__name__)
 
@@ -159,8 +160,22 @@ class WorkersConfig(_Section):
     backend: Literal["numpy", "cupy"] = "numpy"
     precision: Literal["single", "double"] = "single"
     memory_budget_bytes: int = _option(8 * 2**30, gt=0, whole_float=True)
-    # rank 0 <-> workers: ipc:// in a private 0700 folder (every rank on this host), or loopback TCP
+    # rank 0 <-> workers: ipc:// in a private 0700 folder (every rank on this host), or TCP on port 0 of
+    # internal_interface: "" loopback, else an IPv4 address or interface name of rank 0's host (workers elsewhere)
     internal_transport: Literal["ipc", "tcp"] = "ipc"
+    internal_interface: str = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.internal_interface:
+            return
+        if self.internal_transport != "tcp":
+            raise ConfigError(f"invalid value {self.internal_interface!r} for 'workers.internal_interface'; expected "
+                              f"it only with internal_transport = \"tcp\" (got {self.internal_transport!r})")
+        problem = interface_problem(self.internal_interface)
+        if problem is not None:
+            raise ConfigError(f"invalid value {self.internal_interface!r} for 'workers.internal_interface'; expected "
+                              f"an IPv4 address or interface name of rank 0's host: {problem}")
 
 
 @dataclass(frozen=True)

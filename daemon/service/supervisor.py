@@ -130,7 +130,8 @@ class Rank0:
         self.admission = Admission(config)
         c, n = config, config.workers.ranks
         registry = SeriesRegistry(RegistryConfig(c.ingest.on_new_start, c.ingest.history, c.ingest.max_queued_series))
-        self.sockets = InternalSockets(c.workers.internal_transport, n)  # removed at exit, even if this fails
+        self.sockets = InternalSockets(c.workers.internal_transport, n,  # removed at exit, even if this fails
+                                      interface=c.workers.internal_interface)
         ingest_config = IngestSockets(c.ingest.endpoint, tuple(map(self.sockets.worker, range(n))), c.ingest.bind,
                                      c.ingest.queue_messages, socket_buffer_bytes=c.ingest.socket_buffer_bytes,
                                      idle_timeout_s=c.ingest.idle_timeout_s,

@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from ptylive.daemon.service.internal_sockets import IPC_PATH_LIMIT, TCP_ANY_PORT, InternalSockets, check_reachable
+from ptylive.daemon.service.config import ConfigError, config_from_mapping
+from ptylive.daemon.service.internal_sockets import (
+    IPC_PATH_LIMIT,
+    TCP_ANY_PORT,
+    InternalSockets,
+    check_reachable,
+    host_identity,
+)
 from ptylive.daemon.service.process import ServeProcess
 from tests.daemon.serve_harness import daemon_config, get_json
 
@@ -66,6 +73,40 @@ def test_a_worker_on_another_host_is_told_why_it_cannot_connect(tmp_path: Path) 
     check_reachable("tcp://127.0.0.1:5000")
     with pytest.raises(ValueError, match=r"not on this host .* internal_transport = \"tcp\""):
         check_reachable(f"ipc://{tmp_path}/gone/w0")
+    here = host_identity()
+    check_reachable("tcp://127.0.0.1:5000", here)
+    check_reachable("tcp://10.213.0.1:5000", "another-boot/net:[1]")  # routable: ZeroMQ's to reach
+    with pytest.raises(ValueError, match=r"'tcp://127.0.0.1:5000' is rank 0's loopback, and this worker runs on "
+                                         r"another host .* set \[workers\] internal_interface"):
+        check_reachable("tcp://127.0.0.1:5000", here.split("/")[0] + "/net:[1]")  # same kernel, other namespace
+
+
+def test_tcp_binds_the_interface_or_address_it_is_given() -> None:
+    by_address = InternalSockets("tcp", 2, environ={}, interface="127.0.0.1")
+    by_name = InternalSockets("tcp", 1, environ={}, interface="lo")
+    assert by_address.worker(1) == by_address.collector() == "tcp://127.0.0.1:0"
+    assert by_name.worker(0) == "tcp://lo:0"  # ZeroMQ binds the interface's address; LAST_ENDPOINT names it
+
+
+@pytest.mark.parametrize("interface, message", [
+    ("no-such-if0", r"'no-such-if0' is not an interface of this host \(.*lo.*\) nor an IPv4 address"),
+    ("0.0.0.0", "a wildcard binds every interface"), ("*", "a wildcard binds every interface"),
+    ("::1", "IPv6 is not supported"), ("eth0/1", "neither an IPv4 address nor an interface name")])
+def test_an_interface_that_cannot_be_bound_or_advertised_is_refused_by_name(interface: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        InternalSockets("tcp", 1, environ={}, interface=interface)
+
+
+def test_the_workers_section_checks_the_interface_where_it_is_read() -> None:
+    config = config_from_mapping({"workers": {"internal_transport": "tcp", "internal_interface": "ib0"}})
+    assert config.workers.internal_interface == "ib0"  # not checked against this host: rank 0's may differ
+    with pytest.raises(ConfigError, match=r"'workers.internal_interface'; expected it only with "
+                                          r"internal_transport = \"tcp\" \(got 'ipc'\)"):
+        config_from_mapping({"workers": {"internal_interface": "ib0"}})
+    with pytest.raises(ConfigError, match=r"'workers.internal_interface'; expected .*: a wildcard"):
+        config_from_mapping({"workers": {"internal_transport": "tcp", "internal_interface": "0.0.0.0"}})
+    with pytest.raises(ValueError, match="needs the 'tcp' transport"):
+        InternalSockets("ipc", 1, environ={}, interface="lo")
 
 
 @pytest.mark.chaos

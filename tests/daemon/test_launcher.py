@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from ptylive.daemon.cli.launcher import find_mpiexec, mpiexec_command
+
 pytestmark = pytest.mark.mpi
 
 
@@ -76,3 +78,17 @@ def test_ranks_start_the_installed_package_whatever_folder_they_start_in(small_s
                           timeout=300)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "r.h5").is_file()
+
+
+def test_a_hostfile_goes_to_mpiexec_as_f_and_one_that_names_no_host_is_refused(tmp_path: Path) -> None:
+    hosts = tmp_path / "hosts"
+    hosts.write_text("# rank 0 first\nnode1:1\nnode2:4\n")
+    command = mpiexec_command(5, ["serve"], "ptylive.daemon.cli.main", hosts)
+    assert command[:5] == [find_mpiexec(), "-f", str(hosts.resolve()), "-n", "5"]
+    assert command[-3:] == ["-m", "ptylive.daemon.cli.main", "serve"]
+    assert "-f" not in mpiexec_command(2, [], "m")
+    hosts.write_text("# nothing\n\n")
+    with pytest.raises(ValueError, match=r"hostfile .*hosts names no host"):
+        mpiexec_command(2, [], "m", hosts)
+    with pytest.raises(ValueError, match=r"hostfile .*missing: cannot be read"):
+        mpiexec_command(2, [], "m", tmp_path / "missing")
