@@ -1,4 +1,13 @@
-"""Who may change the daemon's state over HTTP: the control token, and the Host and Origin checks.
+"""Who may talk to the daemon over HTTP: the Host check of every request, and the control token and Origin check
+of ``POST /control``.
+
+Every request (every route and method) first passes the Host check (:meth:`HostNames.refusal`): its one ``Host``
+header names the server, else 403 ``foreign_host``. That defeats DNS rebinding, where a page of
+``evil.example`` re-resolves its name to 127.0.0.1 and then reads ``/status``, previews and result files as its
+own origin: the browser still sends ``Host: evil.example``. A ``Host`` that is an IP address is accepted on
+read-only requests (a rebinding page cannot make its origin an address, and a server bound to every interface
+is reached by any of the machine's addresses); a request without ``Host`` is no browser's and is accepted too.
+``POST /control`` is stricter, checked in this order; the first failure answers and the body is never read::
 
 ``POST /control`` is checked in this order; the first failure answers and the body is never read::
 
@@ -11,6 +20,7 @@
 The server's names are its bind address, ``localhost``, ``127.0.0.1`` and ``::1``, plus the operator's
 ``allowed_hosts`` (``name`` or ``name:port``). The Host check compares names only (the port may be a
 proxy's); an Origin must also carry the bound port, or the port of an ``allowed_hosts`` entry that names one.
+``POST /control`` needs one ``Host`` header, naming the server (an address only as one of those names).
 
 The token is read once from a file (:func:`read_token`); a bare file name is looked up in systemd's
 ``$CREDENTIALS_DIRECTORY`` (``LoadCredential=``) when that is set (:func:`token_file_path`).
@@ -19,6 +29,7 @@ The token is read once from a file (:func:`read_token`); a bare file name is loo
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import os
 import secrets
 import stat
@@ -129,6 +140,68 @@ class Refusal:
     message: str
 
 
+def _is_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class HostNames:
+    """The names a request's ``Host`` may carry: the server's own and the operator's ``allowed_hosts``.
+
+    Parameters
+    ----------
+    allowed_hosts : tuple of str
+        Names (``name`` or ``name:port``) accepted beside the server's own, e.g. the machine's DNS name.
+    """
+
+    allowed_hosts: tuple[str, ...] = ()
+    names: frozenset[str] = field(init=False, repr=False)
+    origins: frozenset[tuple[str, int]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        parsed = [(entry, authority(entry)) for entry in self.allowed_hosts]
+        invalid = [entry for entry, found in parsed if found is None]
+        if invalid:
+            raise ValueError(f"allowed host {invalid[0]!r} is not a host name or host:port")
+        entries = [found for _, found in parsed if found is not None]
+        object.__setattr__(self, "names", frozenset(name for name, _ in entries))
+        object.__setattr__(self, "origins", frozenset((name, port) for name, port in entries if port is not None))
+
+    def server_names(self, bound_host: str) -> frozenset[str]:
+        """The bind address, the loopback names and ``allowed_hosts``' names, lower case."""
+        return self.names | {bound_host.strip("[]").lower(), *LOOPBACK_NAMES}
+
+    def refusal(self, headers: Message, bound_host: str) -> Refusal | None:
+        """Why a read-only request (any route) with ``headers`` is refused (foreign ``Host``); None if it may go on.
+
+        No ``Host`` (not a browser) and a ``Host`` that is an IP address (not a rebound name) pass; several
+        ``Host`` headers do not.
+        """
+        hosts = headers.get_all("Host") or []
+        if not hosts:
+            return None
+        found = authority(hosts[0]) if len(hosts) == 1 else None
+        if found is not None and _is_address(found[0]):
+            return None
+        return _host_refusal(headers, self.server_names(bound_host))
+
+
+def _host_refusal(headers: Message, names: frozenset[str]) -> Refusal | None:
+    hosts = headers.get_all("Host") or []
+    if len(hosts) != 1:
+        return Refusal(HTTPStatus.FORBIDDEN, "foreign_host", f"expected one Host header, got {len(hosts)}")
+    found = authority(hosts[0])
+    if found is None or found[0] not in names:
+        return Refusal(HTTPStatus.FORBIDDEN, "foreign_host",
+                       f"Host {_shown(hosts[0])} is not this server's name; an operator can add it to "
+                       f"http.allowed_hosts")
+    return None
+
+
 @dataclass(frozen=True)
 class ControlAccess:
     """The token and the extra host names that let a request change state.
@@ -143,19 +216,12 @@ class ControlAccess:
 
     token: str
     allowed_hosts: tuple[str, ...] = ()
-    _names: frozenset[str] = field(init=False, repr=False)
-    _origins: frozenset[tuple[str, int]] = field(init=False, repr=False)
+    hosts: HostNames = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.token:
             raise ValueError("a control token must not be empty")
-        parsed = [(entry, authority(entry)) for entry in self.allowed_hosts]
-        invalid = [entry for entry, found in parsed if found is None]
-        if invalid:
-            raise ValueError(f"allowed host {invalid[0]!r} is not a host name or host:port")
-        entries = [found for _, found in parsed if found is not None]
-        object.__setattr__(self, "_names", frozenset(name for name, _ in entries))
-        object.__setattr__(self, "_origins", frozenset((name, port) for name, port in entries if port is not None))
+        object.__setattr__(self, "hosts", HostNames(self.allowed_hosts))
 
     def __repr__(self) -> str:  # never the token, in a log or a traceback
         return f"ControlAccess(token=<{len(self.token)} characters>, allowed_hosts={self.allowed_hosts!r})"
@@ -163,28 +229,16 @@ class ControlAccess:
     def refusal(self, headers: Message, bound_host: str, bound_port: int) -> Refusal | None:
         """Why a state-changing request with ``headers``, to a server bound at ``bound_host:bound_port``, is refused;
         None if it may go on."""
-        names = self._names | {bound_host.strip("[]").lower(), *LOOPBACK_NAMES}
-        return (self._host_refusal(headers, names) or self._origin_refusal(headers, names, bound_port)
+        names = self.hosts.server_names(bound_host)
+        return (_host_refusal(headers, names) or self._origin_refusal(headers, names, bound_port)
                 or self._token_refusal(headers) or _content_type_refusal(headers))
-
-    @staticmethod
-    def _host_refusal(headers: Message, names: frozenset[str]) -> Refusal | None:
-        hosts = headers.get_all("Host") or []
-        if len(hosts) != 1:
-            return Refusal(HTTPStatus.FORBIDDEN, "foreign_host", f"expected one Host header, got {len(hosts)}")
-        found = authority(hosts[0])
-        if found is None or found[0] not in names:
-            return Refusal(HTTPStatus.FORBIDDEN, "foreign_host",
-                           f"Host {_shown(hosts[0])} is not this server's name; an operator can add it to "
-                           f"http.allowed_hosts")
-        return None
 
     def _origin_refusal(self, headers: Message, names: frozenset[str], port: int) -> Refusal | None:
         origins = headers.get_all("Origin") or []
         if not origins:
             return None  # not sent by a browser on another site: curl and scripts send none
         origin = origin_authority(origins[0]) if len(origins) == 1 else None
-        same = origin is not None and ((origin[0] in names and origin[1] == port) or origin in self._origins)
+        same = origin is not None and ((origin[0] in names and origin[1] == port) or origin in self.hosts.origins)
         if not same:
             return Refusal(HTTPStatus.FORBIDDEN, "foreign_origin",
                            f"Origin {_shown(', '.join(origins))} is not this server (port {port})")

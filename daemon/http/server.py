@@ -20,6 +20,9 @@ POST        ``/control``           ``{"action": "finalize"|"abort", "series_id":
                                    ``Authorization: Bearer <token>`` (:mod:`.access`)
 ==========  =====================  ==============================================
 
+Every route first checks the request's ``Host`` (:class:`~ptylive.daemon.http.access.HostNames`: DNS
+rebinding), counted and logged like a refused ``POST /control``.
+
 Errors are JSON ``{"error": "..."}``: 400 bad request, 401 no or wrong token, 403 control disabled or a
 foreign Host or Origin, 404 unknown path, 405 wrong method, 409 control refused, 415 not JSON, 500 provider
 raised (the body names only the exception's type: its message may hold a path), 503 too many event streams.
@@ -40,7 +43,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from ptylive.daemon.http.access import ControlAccess, Refusal
+from ptylive.daemon.http.access import ControlAccess, HostNames, Refusal
 from ptylive.daemon.http.requests import (
     CONTROL_DISABLED,
     MAX_CONTROL_BODY_BYTES,
@@ -118,6 +121,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, route: Callable[[str], None]) -> None:
         path = urlsplit(self.path).path
         try:
+            refusal = self.server.hosts.refusal(self.headers, self.server.bound_host)
+            if refusal is not None:
+                self._refuse(refusal)
+                return
             route(path)
         except (BrokenPipeError, ConnectionResetError):
             logger.debug("client went away during %s %s", self.command, path)
@@ -197,7 +204,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(status, {"accepted": bool(accepted), "message": str(message)})
 
     def _refuse(self, refusal: Refusal) -> None:
-        """Answer a refused state change; logged once, without the token, and counted."""
+        """Answer a refused request; logged once, without the token, and counted."""
         logger.warning("refused %s %s from %s (%s): %s", self.command, urlsplit(self.path).path,
                        self.client_address[0], refusal.reason, refusal.message)
         on_refused = self.server.providers.on_refused
@@ -252,8 +259,9 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 128  # the listen backlog (the stdlib's 5 made one /status wait 14.8 s behind 400 clients)
     max_connections = 64  # handler threads; a client beyond them gets 503 at once, without a thread
 
-    def __init__(self, address: tuple[str, int], providers: Providers, access: ControlAccess | None) -> None:
-        self.providers, self.access = providers, access
+    def __init__(self, address: tuple[str, int], providers: Providers, access: ControlAccess | None,
+                 hosts: HostNames) -> None:
+        self.providers, self.access, self.hosts = providers, access, hosts
         self.bound_host = address[0]
         self.closing = threading.Event()  # ends the event streams
         self.connections = OpenConnections()
@@ -293,13 +301,18 @@ class StatusServer:
         TCP port; 0 picks a free one.
     access : ControlAccess, optional
         The token and host names ``POST /control`` requires; needed when ``providers.control`` is set.
+    allowed_hosts : tuple of str, optional
+        Names beside the server's own that every request's ``Host`` may carry (``http.allowed_hosts``); by
+        default ``access``'s, else none.
     """
 
     def __init__(self, providers: Providers, host: str = "127.0.0.1", port: int = 0,
-                 access: ControlAccess | None = None) -> None:
+                 access: ControlAccess | None = None, allowed_hosts: tuple[str, ...] | None = None) -> None:
         if providers.control is not None and access is None:
             raise ValueError("POST /control needs a ControlAccess (its token); none was given")
-        self._server = _Server((host, port), providers, access)
+        if allowed_hosts is None:
+            allowed_hosts = access.allowed_hosts if access is not None else ()
+        self._server = _Server((host, port), providers, access, HostNames(allowed_hosts))
         self._host = host
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None

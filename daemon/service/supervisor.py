@@ -156,7 +156,7 @@ class Rank0:
                                            metrics=self.metrics.exposition, events=self.collector.events,
                                            slice_png=views.slice_png, output_folder=Path(c.output.folder),
                                            on_refused=self.metrics.count_refused),
-                                 c.http.host, c.http.port, access)
+                                 c.http.host, c.http.port, access, allowed_hosts=c.http.allowed_hosts)
         self.stop = threading.Event()
         self._reported_dead: set[str] = set()
 

@@ -148,6 +148,6 @@ def test_nothing_but_a_final_file_of_the_output_folder_is_served(files: tuple[St
 def test_traversal_in_the_raw_path_is_refused(files: tuple[StatusServer, Path]) -> None:
     server, _ = files
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
-        raw.sendall(b"GET /files/../secret.h5 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        raw.sendall(b"GET /files/../secret.h5 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         answer = b"".join(iter(lambda: raw.recv(4096), b""))
     assert answer.startswith(b"HTTP/1.1 400") and b"CONTENT" not in answer
