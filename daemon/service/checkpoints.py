@@ -208,11 +208,13 @@ class CheckpointFolder:
         self.folder = folder
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
 
-    def recover(self, output_folder: Path) -> list[FinalJob]:
+    def recover(self, output_folder: Path, fallback_folder: Path | None = None) -> list[FinalJob]:
         """Jobs writing every interrupted series found here (status ``recovered``), oldest checkpoint first.
 
-        A series whose final file was written after its last checkpoint only has its checkpoints removed; an
-        unreadable checkpoint is renamed ``*.unreadable`` (logged) so that it is not read again.
+        A series whose final file was written after its last checkpoint, in ``output_folder`` or in
+        ``fallback_folder`` (the final writer's: a crash after a fallback write and before the checkpoints'
+        removal), only has its checkpoints removed; an unreadable checkpoint is renamed ``*.unreadable``
+        (logged) so that it is not read again.
         """
         for partial in self.folder.glob(f"*{SUFFIX}.tmp"):  # a write cut short: the checkpoint before it stands
             partial.unlink(missing_ok=True)
@@ -229,7 +231,8 @@ class CheckpointFolder:
             newest[checkpoint.start.series_id] = max(newest[checkpoint.start.series_id], path.stat().st_mtime)
         jobs = []
         for series_id, checkpoints in by_series.items():
-            written = _final_written_after(output_folder, series_id, newest[series_id])
+            folders = [output_folder] if fallback_folder is None else [output_folder, fallback_folder]
+            written = next(filter(None, (_final_written_after(f, series_id, newest[series_id]) for f in folders)), None)
             if written is not None:
                 logger.info("series %r: its final file %s is newer than its checkpoints; removing them", series_id,
                             written)

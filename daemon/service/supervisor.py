@@ -252,7 +252,8 @@ class Rank0:
         """Start the threads, announce readiness, loop until stopped; ``abort()`` kills the whole job."""
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self.stop.set())
-        for job in self.checkpoints.recover(Path(self.config.output.folder)):  # queued before any new series' file
+        recovered = self.checkpoints.recover(Path(self.config.output.folder), self.collector.writer.fallback_folder)
+        for job in recovered:  # queued before any new series' file
             self.collector.writer.submit(job)
         self.ingest.start()
         self.collector.start()
