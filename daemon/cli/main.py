@@ -56,7 +56,8 @@ def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ranks", type=int, default=1,
                    help="MPI ranks, one tile each; more than 1 starts mpiexec (default: %(default)s)")
     p.add_argument("--hostfile", type=Path, default=None,
-                   help="hosts for the ranks, passed to mpiexec -f (one host[:slots] a line; docs/operations.md)")
+                   help="hosts for the ranks, passed to mpiexec -f (one host[:slots] a line; docs/operations.md) "
+                        "(default: this host, or the nodes of a Slurm allocation)")
     p.add_argument("--iterations", type=int, default=30,
                    help="passes over every position (default: %(default)s)")
     p.add_argument("--mode", choices=("sync", "async"), default="sync",
@@ -152,7 +153,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, required=True,
                    help="TOML config file (docs/daemon.md; example: systemd/ptylive.toml)")
     p.add_argument("--hostfile", type=Path, default=None,
-                   help="hosts for the ranks, passed to mpiexec -f; rank 0 on the first (docs/operations.md)")
+                   help="hosts for the ranks, passed to mpiexec -f; rank 0 on the first (docs/operations.md) "
+                        "(default: this host, or the nodes of a Slurm allocation)")
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
