@@ -31,6 +31,7 @@ import os
 import re
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -51,6 +52,8 @@ SUFFIX = ".ckpt.npz"
 RECOVERED = "recovered"
 ARRAYS = ("tile", "probe", "positions_px", "positions_nominal_px")  # a final message's arrays, in order
 STATE_SUBFOLDER = ".ptylive-state"  # in the results folder, when [service] state_folder is unset
+#: Rank 0's state-folder operations that can fail (label ``kind`` of ``ptylive_checkpoint_failures_total``).
+FOLDER_OPERATIONS = ("remove",)
 
 
 @dataclass(frozen=True, eq=False)
@@ -204,9 +207,18 @@ class CheckpointFolder:
         The state folder (created, mode 0700, when missing).
     """
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, on_failure: Callable[[str], None] | None = None) -> None:
         self.folder = folder
+        self.on_failure = on_failure
+        self.failures: dict[str, int] = dict.fromkeys(FOLDER_OPERATIONS, 0)
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def _failed(self, operation: str, what: str, exc: OSError) -> None:
+        """Count and log a failed operation on the state folder; rank 0 goes on (``on_failure``: a metric)."""
+        self.failures[operation] += 1
+        logger.error("checkpoints: could not %s (%s; %d such failures so far)", what, exc, self.failures[operation])
+        if self.on_failure is not None:
+            self.on_failure(operation)
 
     def recover(self, output_folder: Path, fallback_folder: Path | None = None) -> list[FinalJob]:
         """Jobs writing every interrupted series found here (status ``recovered``), oldest checkpoint first.
@@ -251,11 +263,25 @@ class CheckpointFolder:
         return jobs
 
     def remove(self, series_id: str) -> int:
-        """Remove every checkpoint of ``series_id``; how many there were."""
+        """Remove every checkpoint of ``series_id``; how many were removed.
+
+        Never raises: a checkpoint that cannot be removed (read-only or vanished state folder) is counted
+        (``failures["remove"]``) and logged, and stays; the next start finds the series' file newer than it
+        and removes it then.
+        """
         prefix = checkpoint_path(self.folder, series_id, 0).name.removesuffix(f".w0{SUFFIX}")
         removed = 0
-        for path in self.folder.glob(f"{prefix}.w*{SUFFIX}"):  # the prefix's characters are none of glob's
-            path.unlink(missing_ok=True)
+        try:
+            found = list(self.folder.glob(f"{prefix}.w*{SUFFIX}"))  # the prefix's characters are none of glob's
+        except OSError as exc:
+            self._failed("remove", f"list the checkpoints of series {series_id!r} in {self.folder}", exc)
+            return 0
+        for path in found:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                self._failed("remove", f"remove checkpoint {path}", exc)
+                continue
             removed += 1
         return removed
 

@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 import ptylive
 from ptylive.daemon.engine.memory_plan import host_memory_bytes
 from ptylive.daemon.http.access import REFUSAL_REASONS
+from ptylive.daemon.service.checkpoints import FOLDER_OPERATIONS
 from ptylive.daemon.service.final_writer import WRITE_OUTCOMES
 
 logger = logging.getLogger(__name__)
@@ -169,6 +170,11 @@ class DaemonMetrics:
                                     ["reason"], registry=registry)
         for reason in REFUSAL_REASONS:  # every reason exported from the start, at 0
             self.http_refused.labels(reason)
+        self.checkpoint_failures = Counter("ptylive_checkpoint_failures",
+                                           "Rank 0's failed operations on the checkpoint state folder, by kind.",
+                                           ["kind"], registry=registry)
+        for operation in FOLDER_OPERATIONS:
+            self.checkpoint_failures.labels(operation)
         build = Gauge("ptylive_build_info", "Build information (always 1).", ["version", "python"], registry=registry)
         build.labels(ptylive.__version__, platform.python_version()).set(1)
         registry.register(SnapshotCollector(snapshot))
@@ -182,6 +188,10 @@ class DaemonMetrics:
     def count_refused(self, reason: str) -> None:
         """A request the HTTP server refused (HTTP thread); ``reason`` is one of ``access.REFUSAL_REASONS``."""
         self.http_refused.labels(reason).inc()
+
+    def count_checkpoint_failure(self, operation: str) -> None:
+        """A failed operation on the state folder (``checkpoints.FOLDER_OPERATIONS``; collector thread)."""
+        self.checkpoint_failures.labels(operation).inc()
 
     def observe_latencies(self, seconds: Iterable[float]) -> None:
         for value in seconds:

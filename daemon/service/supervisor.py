@@ -142,7 +142,8 @@ class Rank0:
                              recorder=Recorder.open(c.ingest.record_to), taken=self._messages_taken)
         self.metrics = DaemonMetrics(metrics_registry or CollectorRegistry(), self.metrics_snapshot)
         self.latency = PreviewLatency()
-        self.checkpoints = CheckpointFolder(state_folder(c.service.state_folder, Path(c.output.folder)))
+        self.checkpoints = CheckpointFolder(state_folder(c.service.state_folder, Path(c.output.folder)),
+                                            on_failure=self.metrics.count_checkpoint_failure)
         hooks = CollectorHooks(series=self.admission.lookup, progress=self._progress,
                                on_heartbeat=self.metrics.observe_report, on_preview=self._observe_latency,
                                on_finished=self.checkpoints.forget)
@@ -193,7 +194,8 @@ class Rank0:
         return {**collected, "ingest": ingest, "frames_received": current["received"] if current else None,
                 "frames_expected": current["n_expected"] if current else None,
                 "series_id": current["series_id"] if current else collected["series_id"],
-                "threads": self.threads(), "ok": self.healthy()}
+                "threads": self.threads(), "ok": self.healthy(),
+                "checkpoints": {"failures": dict(self.checkpoints.failures)}}
 
     def threads(self) -> dict[str, str]:
         """Rank 0's threads: ``running``, ``stopped`` (not started, or stopped cleanly) or ``dead: <exception>``."""
