@@ -33,12 +33,16 @@ def constrain(volume: Any, max_amplitude: float | None) -> None:
 
     Without it a multislice step that raises ``|O_s|`` amplifies every later
     slice's wave and the iterations diverge (seen on PbTiO3 with 4 slices).
-    Voxel-wise, so all copies of a voxel stay identical.
+    Voxel-wise, so all copies of a voxel stay identical. Works one slice at a time: its scratch is one
+    (H, W) real array, not a tile-sized one.
     """
     if max_amplitude is None:
         return
     xp = get_array_module(volume)
-    factor = xp.abs(volume)  # one real scratch array, reused in place
-    xp.maximum(factor, max_amplitude, out=factor)
-    xp.divide(max_amplitude, factor, out=factor)
-    volume *= factor
+    planes = volume if volume.ndim == 3 else [volume]  # (S, H, W): slice by slice; anything else at once
+    factor = xp.empty(volume.shape[-2:] if volume.ndim == 3 else volume.shape, dtype=volume.real.dtype)
+    for plane in planes:
+        xp.abs(plane, out=factor)
+        xp.maximum(factor, max_amplitude, out=factor)
+        xp.divide(max_amplitude, factor, out=factor)
+        plane *= factor

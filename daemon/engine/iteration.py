@@ -40,7 +40,7 @@ from ptylive.daemon.engine.exchange.protocols import AsyncExchange, SyncExchange
 from ptylive.daemon.engine.options import EngineOptions
 from ptylive.daemon.engine.positions import PositionCorrection, residual_noise
 from ptylive.daemon.engine.step import StepControl, finite_sum, line_search_subset, measure_step, trial_loss
-from ptylive.daemon.engine.tile import TileState
+from ptylive.daemon.engine.tile import TileState, batch_positions
 from ptylive.gpu.backend import get_array_module, to_numpy, zeros_aligned
 from ptylive.gpu.depth import add_depth_gradient, depth_weight
 from ptylive.gpu.loss import fit_intensity_scale, measured_target
@@ -88,7 +88,8 @@ def fit_scale(state: TileState, exchanger: SyncExchange, options: EngineOptions)
     xp = get_array_module(state.volume)
     window = state.probe.shape[-1]
     model_total = 0.0
-    for b in (chunk for members in minibatches(state, options) for chunk in _chunks(members, options.batch_size)):
+    size = batch_positions(state, options.batch_size)
+    for b in (chunk for members in minibatches(state, options) for chunk in _chunks(members, size)):
         field_ = forward(state.probe, xp.asarray(state.shifts[b]), SliceWindows(state.volume, state.starts[b], window),
                          state.propagator, state.targets.shape[-1])
         model_total += float(xp.sum(field_.real**2 + field_.imag**2))
@@ -143,8 +144,9 @@ def local_gradient(
     illumination = xp.zeros(state.volume.shape, state.volume.real.dtype)
     probe_gradient = xp.zeros_like(state.probe) if options.refine_probe else None
     total = subset_total = 0.0
-    first = _chunks(members[:n_first], options.batch_size)
-    chunks, n_first_chunks = first + _chunks(members[n_first:], options.batch_size), len(first)
+    size = batch_positions(state, options.batch_size)
+    first = _chunks(members[:n_first], size)
+    chunks, n_first_chunks = first + _chunks(members[n_first:], size), len(first)
     for i, b in enumerate(chunks):
         result = loss_and_gradient(state.probe, xp.asarray(state.shifts[b]),
                                    SliceWindows(state.volume, state.starts[b], window), state.propagator,
@@ -300,6 +302,7 @@ def run_sync(state: TileState, exchanger: SyncExchange, options: EngineOptions,
                 step_probe(state.probe, (0.5 * options.probe_step_size * options.updates_per_iteration / n_positions)
                            * total)
             loss += found.loss
+            del found, gradient, illumination, direction  # before the next mini-batch allocates its own
         report.loss_history.append(float(exchanger.allreduce_sum(np.array([loss]))[0]))
         control.end_iteration(report.loss_history[-1] / n_positions)
         finish_positions(state, correcting, exchanger, options, report.loss_history[-1] / n_positions)

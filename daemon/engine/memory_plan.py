@@ -1,19 +1,22 @@
 """Predicted memory per rank, before anything runs (``ptylive plan``).
 
-The model counts the arrays the engine allocates (see :mod:`engine`,
-:mod:`exchange`, :mod:`async_exchange`, :mod:`ptylive.gpu.multislice`):
+The model counts the arrays the engine allocates (see :mod:`.iteration`, :mod:`.exchange`,
+:mod:`ptylive.gpu.multislice`):
 
 * object: the extended tile, ``S·He·We`` complex;
-* gradient: one complex copy (exchange and update work in place);
+* gradient: one complex copy (exchange, update and constraint work in place; the constraint's
+  scratch is one slice);
 * illumination: one real copy (async: own and total);
 * optimiser state: none (preconditioned gradient descent keeps no moments);
-* exchange buffers: sync send/receive (gradient + illumination per region);
-  async adds the three buffers (accumulated, send, receive), the staged
-  own illumination and each neighbour's latest illumination per mini-batch;
+* exchange buffers: sized by the overlaps' area. Sync: send and receive of one round of slices
+  (:func:`~.exchange.sync.slices_per_round`, about 1 MiB per region however deep the object). Async adds the
+  method's three buffers over the whole depth (accumulated updates, send, receive), the staged own
+  illumination, each neighbour's latest illumination per mini-batch and that of the blocking
+  first iteration;
 * frames: the rank's measured patterns, real;
-* batch workspace: windows, stored waves (reused for gradients), their
-  intensities, a few batch-sized temporaries, and one scratch array per
-  planned FFT shape (kept by :mod:`ptylive.gpu.fft`'s plan cache).
+* batch workspace: the stored waves of a batch, ``K·S·B·N²`` complex, with ``B`` from
+  :func:`~.tile.batch_limit` (the workspace shrinks with the tile), a few (B, N, N) and (B, D, D)
+  arrays, and one scratch array per planned FFT shape (kept by :mod:`ptylive.gpu.fft`'s plan cache).
 """
 
 from __future__ import annotations
@@ -26,8 +29,13 @@ from typing import Any
 import numpy as np
 
 from ptylive.daemon.engine.decomposition import RankDomain, decompose
+from ptylive.daemon.engine.exchange.sync import slices_per_round
 from ptylive.daemon.engine.options import DEFAULT_UPDATES_PER_ITERATION
+from ptylive.daemon.engine.tile import batch_limit
 from ptylive.gpu.backend import PRECISIONS
+
+#: Default ``batch_size``, the cap of positions per batch (:func:`~.tile.batch_limit` may take fewer).
+DEFAULT_BATCH_CAP = 32
 
 
 @dataclass(frozen=True)
@@ -56,37 +64,42 @@ class RankMemory:
 
 def rank_memory(domain: RankDomain, n_slices: int, window_px: int, detector_px: int,
                 batch_size: int, precision: str, mode: str,
-                updates_per_iteration: int = DEFAULT_UPDATES_PER_ITERATION) -> RankMemory:
+                updates_per_iteration: int = DEFAULT_UPDATES_PER_ITERATION, probe_modes: int = 1) -> RankMemory:
     """Predict one rank's peak array memory in bytes.
 
-    Batches are chunks of at most ``batch_size`` of the rank's members of each
-    global mini-batch (:func:`ptylive.daemon.engine.iteration.minibatch_of`), the line-search subset
-    chunked apart (its size here from the rank's own members; sync runs size it from the whole
-    mini-batch's, which can differ by a position or two).
+    Batches are chunks of at most :func:`~.tile.batch_limit` (``batch_size`` the cap) of the rank's
+    members of each global mini-batch (:func:`ptylive.daemon.engine.iteration.minibatch_of`), the
+    line-search subset chunked apart (its size here from the rank's own members; sync runs size it from
+    the whole mini-batch's, which can differ by a position or two). A rank with no positions holds its
+    tile and buffers only.
     """
     real_t, complex_t = (np.dtype(t) for t in PRECISIONS[precision])
     r, c = real_t.itemsize, complex_t.itemsize
     voxels = n_slices * domain.extended.size
-    overlap = sum(n_slices * box.size for _, box in domain.neighbours)
-    buffers = 2 * 3 * overlap * r
+    overlap_area = sum(box.size for _, box in domain.neighbours)
+    overlap = n_slices * overlap_area
+    buffers = sum(2 * 3 * slices_per_round(box.size, n_slices, r) * box.size * r for _, box in domain.neighbours)
     if mode == "async":
-        buffers += overlap * c + 2 * 3 * overlap * r + (updates_per_iteration + 1) * overlap * r
+        buffers += overlap * (c + 2 * 3 * r + (updates_per_iteration + 2) * r)
     from ptylive.daemon.engine.iteration import minibatch_of
     from ptylive.daemon.engine.step import line_search_subset
 
+    batch_cap = batch_limit(batch_size, n_slices, domain.extended.shape, window_px, probe_modes, c)
     labels = minibatch_of(domain.positions, updates_per_iteration)
     chunk_sizes = set()
     for m in range(updates_per_iteration):  # the line-search subset is chunked apart from the rest (local_gradient)
         members = np.asarray(domain.positions)[labels == m]
         subset = int(np.count_nonzero(line_search_subset(members, len(members)))) if len(members) else 0
         for count in (subset, len(members) - subset):
-            chunk_sizes.update({min(batch_size, count), count % batch_size} - {0})
-    batch = max(chunk_sizes, default=1)
+            chunk_sizes.update({min(batch_cap, count), count % batch_cap} - {0})
+    batch = max(chunk_sizes, default=0)
     # Sync adds neighbours' contributions in place; async also holds own + total illumination.
     illumination_copies = 2 if (mode == "async" and domain.neighbours) else 1
-    fft_scratch = sum(chunk_sizes) * window_px * window_px * c
-    window = batch * window_px * window_px
-    workspace = n_slices * window * (2 * c + r) + 3 * window * c + 4 * batch * detector_px**2 * c + fft_scratch
+    window = window_px * window_px
+    fft_scratch = sum(chunk_sizes) * probe_modes * window * c + (window * c if batch else 0)
+    waves = probe_modes * n_slices * batch * window * c
+    workspace = waves + (2 + probe_modes) * batch * window * c + 2 * batch * window * r \
+        + 4 * batch * detector_px**2 * c + fft_scratch
     return RankMemory(
         rank=domain.rank, extended_shape=domain.extended.shape, n_positions=len(domain.positions),
         object=voxels * c, gradient=voxels * c, illumination=illumination_copies * voxels * r, optimiser_state=0,
@@ -96,12 +109,13 @@ def rank_memory(domain: RankDomain, n_slices: int, window_px: int, detector_px: 
 
 
 def plan_memory(object_shape: tuple[int, int], positions_px: np.ndarray, n_ranks: int, n_slices: int,
-                window_px: int, detector_px: int, batch_size: int = 32, precision: str = "single",
-                mode: str = "sync", updates_per_iteration: int = DEFAULT_UPDATES_PER_ITERATION) -> list[RankMemory]:
+                window_px: int, detector_px: int, batch_size: int = DEFAULT_BATCH_CAP, precision: str = "single",
+                mode: str = "sync", updates_per_iteration: int = DEFAULT_UPDATES_PER_ITERATION,
+                probe_modes: int = 1) -> list[RankMemory]:
     """Predicted memory of every rank of a decomposition."""
     domains = decompose(object_shape, positions_px, window_px, n_ranks)
-    return [rank_memory(d, n_slices, window_px, detector_px, batch_size, precision, mode, updates_per_iteration)
-            for d in domains]
+    return [rank_memory(d, n_slices, window_px, detector_px, batch_size, precision, mode, updates_per_iteration,
+                        probe_modes) for d in domains]
 
 
 def synthetic_positions(object_shape: tuple[int, int], n_positions: int, window_px: int) -> np.ndarray:

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from ptylive.daemon.engine.options import EngineOptions
-from ptylive.daemon.engine.tile import TileState
+from ptylive.daemon.engine.tile import TileState, batch_positions
 from ptylive.gpu.backend import get_array_module
 from ptylive.gpu.loss import loss_function
 from ptylive.gpu.multislice import forward
@@ -135,8 +135,9 @@ def trial_loss(state: TileState, options: EngineOptions, subset: np.ndarray, dir
     xp = get_array_module(state.volume)
     window = state.probe.shape[-1]
     total = 0.0
-    for first in range(0, len(subset), options.batch_size):
-        chunk = subset[first:first + options.batch_size]
+    size = batch_positions(state, options.batch_size)
+    for first in range(0, len(subset), size):
+        chunk = subset[first:first + size]
         trial = SliceWindows(state.volume, state.starts[chunk], window, direction, step, options.max_amplitude)
         field_ = forward(state.probe, xp.asarray(state.shifts[chunk]), trial, state.propagator,
                          state.targets.shape[-1])

@@ -101,6 +101,36 @@ def set_up_tile(domain: RankDomain, optics: TileOptics, starts: np.ndarray, shif
                      np.asarray(shifts).astype(real_t), targets)
 
 
+#: A batch's stored waves may take this share of the object tile's bytes ...
+WORKSPACE_SHARE = 0.5
+#: ... but a batched FFT call covers at least this many points (small windows keep several positions per
+#: call, so the Python overhead of a call stays small beside its arithmetic).
+MIN_POINTS_PER_CALL = 2**14
+
+
+def batch_limit(cap: int, n_slices: int, extended_shape: tuple[int, int], window_px: int, n_modes: int,
+                complex_itemsize: int) -> int:
+    """Positions propagated at once: at most ``cap``, fewer where their stored waves would outgrow the tile.
+
+    A batch of B positions stores ψ_s of every slice and mode, ``K·S·B·N²`` complex (the rest of its
+    workspace is a few (B, N, N) arrays). B is held to :data:`WORKSPACE_SHARE` of the extended tile's
+    object bytes, so the workspace shrinks with the tile as ranks are added instead of staying the same
+    per rank, but not below ``MIN_POINTS_PER_CALL / N²`` positions (nor below one).
+    """
+    per_position = n_modes * n_slices * window_px * window_px * complex_itemsize
+    tile = n_slices * extended_shape[0] * extended_shape[1] * complex_itemsize
+    share = int(WORKSPACE_SHARE * tile // max(per_position, 1))
+    least = -(-MIN_POINTS_PER_CALL // (window_px * window_px))
+    return int(max(1, min(cap, max(share, least))))
+
+
+def batch_positions(state: TileState, cap: int) -> int:
+    """:func:`batch_limit` of this rank's tile and probe."""
+    n_modes = state.probe.shape[0] if state.probe.ndim == 3 else 1
+    return batch_limit(cap, state.volume.shape[0], state.volume.shape[1:], state.probe.shape[-1], n_modes,
+                       state.volume.dtype.itemsize)
+
+
 def tile_view(state: TileState) -> Any:
     """The rank's own tile of ``state.volume`` (halos dropped): (S, h, w), a view."""
     rows, cols = state.domain.tile.relative_to(state.domain.extended)

@@ -53,26 +53,27 @@ def add_pairs(target: Any, pairs: np.ndarray) -> None:
     target.imag += xp.asarray(pairs[..., 1])
 
 
-#: Bytes of one round's send buffers (all neighbours together); a round carries as many slices as fit, at least one.
-EXCHANGE_ROUND_BYTES = 16 * 2**20
+#: Bytes of one region's send buffer per round: a round carries as many slices as fit, at least one.
+EXCHANGE_ROUND_BYTES = 2**20
 
 
-def slices_per_round(domain: RankDomain, n_slices: int, real_itemsize: int,
+def slices_per_round(region_area: int, n_slices: int, real_itemsize: int,
                      round_bytes: int = EXCHANGE_ROUND_BYTES) -> int:
-    """Slices exchanged per round: the send buffers (gradient + illumination, 3 reals per voxel, over every
-    exchange region) of one round stay within ``round_bytes``, so they do not grow with the depth."""
-    per_slice = 3 * real_itemsize * sum(box.size for _, box in domain.neighbours)
-    if per_slice == 0:
-        return max(n_slices, 1)
-    return int(min(max(round_bytes // per_slice, 1), max(n_slices, 1)))
+    """Slices of one exchange region sent per round (gradient + illumination: 3 reals per voxel).
+
+    A function of the region alone, so both ranks that share it agree on the rounds; the send buffer
+    stays within ``round_bytes`` however deep the object (or holds one slice where that is more).
+    """
+    per_slice = 3 * real_itemsize * region_area
+    return int(min(max(round_bytes // max(per_slice, 1), 1), max(n_slices, 1)))
 
 
 class SyncExchanger:
     """Exact, blocking halo gradient exchange over MPI point-to-point messages.
 
-    The regions are exchanged in rounds of :func:`slices_per_round` slices, so the pack buffers hold one
-    round (about :data:`EXCHANGE_ROUND_BYTES`), not the whole depth: they are sized by the overlaps' area,
-    not by the tile's volume.
+    Each region is exchanged in rounds of :func:`slices_per_round` slices, so its pack buffers hold one
+    round (at most :data:`EXCHANGE_ROUND_BYTES`, or one slice), not the whole depth: they are sized by the
+    overlap's area, not by the tile's volume.
     """
 
     def __init__(self, comm: Any, domain: RankDomain, n_slices: int, real_dtype: Any,
@@ -85,9 +86,11 @@ class SyncExchanger:
         self.n_slices = n_slices
         self.regions = [(n, box.relative_to(domain.extended), (n_slices, *box.shape))
                         for n, box in domain.neighbours]
-        self.round_slices = slices_per_round(domain, n_slices, np.dtype(real_dtype).itemsize, round_bytes)
-        self.send = [np.empty(3 * self.round_slices * int(np.prod(shape[1:])), real_dtype)
-                     for _, _, shape in self.regions]
+        itemsize = np.dtype(real_dtype).itemsize
+        self.round_slices = [slices_per_round(int(np.prod(shape[1:])), n_slices, itemsize, round_bytes)
+                             for _, _, shape in self.regions]
+        self.send = [np.empty(3 * k * int(np.prod(shape[1:])), real_dtype)
+                     for k, (_, _, shape) in zip(self.round_slices, self.regions, strict=True)]
         self.recv = [np.empty_like(b) for b in self.send]
 
     def allreduce_sum(self, values: np.ndarray) -> np.ndarray:
@@ -123,21 +126,27 @@ class SyncExchanger:
         from mpi4py import MPI
 
         xp = get_array_module(gradient)
-        for first in range(0, self.n_slices, self.round_slices):
-            depth = slice(first, min(first + self.round_slices, self.n_slices))
-            requests = []
-            for (n, region, shape), send, recv in zip(self.regions, self.send, self.recv, strict=True):
+        n_rounds = max((-(-self.n_slices // k) for k in self.round_slices), default=0)
+        for round_ in range(n_rounds):
+            requests, landed = [], []
+            for i, (n, region, shape) in enumerate(self.regions):
+                first = round_ * self.round_slices[i]
+                if first >= self.n_slices:
+                    continue
+                depth = slice(first, min(first + self.round_slices[i], self.n_slices))
                 size = 3 * (depth.stop - depth.start) * int(np.prod(shape[1:]))
-                pack(gradient[(depth, *region)], illumination[(depth, *region)], send[:size])
-                requests.append(self.comm.Irecv(recv[:size], source=n, tag=TAG_SYNC))
-                requests.append(self.comm.Isend(send[:size], dest=n, tag=TAG_SYNC))
-                self.stats.bytes_sent += send[:size].nbytes
+                send, recv = self.send[i][:size], self.recv[i][:size]
+                pack(gradient[(depth, *region)], illumination[(depth, *region)], send)
+                requests.append(self.comm.Irecv(recv, source=n, tag=TAG_SYNC))
+                requests.append(self.comm.Isend(send, dest=n, tag=TAG_SYNC))
+                landed.append((i, region, depth, (depth.stop - depth.start, *shape[1:]), recv))
+                self.stats.bytes_sent += send.nbytes
                 self.stats.messages_sent += 1
             start = time.perf_counter()
             MPI.Request.Waitall(requests)
             self.stats.wait_s += time.perf_counter() - start
-            for i, ((_, region, shape), recv) in enumerate(zip(self.regions, self.recv, strict=True)):
-                pairs, received_illumination = unpack(recv, (depth.stop - depth.start, *shape[1:]))
+            for i, region, depth, shape, recv in landed:  # ascending neighbour order, as before
+                pairs, received_illumination = unpack(recv, shape)
                 add_pairs(gradient[(depth, *region)], pairs)
                 illumination[(depth, *region)] += xp.asarray(received_illumination)
                 self.received_illumination(i, depth, received_illumination)

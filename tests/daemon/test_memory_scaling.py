@@ -1,0 +1,62 @@
+"""Per-rank memory shrinks with the rank count, and ``ptylive plan`` predicts what the ranks measure.
+
+A scaled analog of the method's small data set (1024² × 100 slices, 462 positions, 256-px windows):
+a quarter of its side (64-px windows, 22 × 21 positions 9 px apart, an object of about 253² px) and
+40 slices, so per-slice arrays dominate as they do there. Each rank measures its peak array memory with
+tracemalloc (``ranks/peak_memory_bytes``) beside the plan's prediction for its own tile
+(``ranks/predicted_memory_bytes``); the plan must hold within 15 % on every rank, sync and async.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import read_result, run_cli
+
+pytestmark = [pytest.mark.mpi, pytest.mark.slow]
+
+PLAN_TOLERANCE = 0.15  # issue 13: plan and measurement within 15 %
+
+
+@pytest.fixture(scope="module")
+def deep_scan(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("scans") / "deep.h5"
+    result = run_cli("simulate", str(path), "--detector-px", "64", "--scan", "22", "21", "--step-px", "9",
+                     "--slices", "40", "--slice-thickness-A", "1.0", "--quiet")
+    assert result.returncode == 0, result.stderr
+    return path
+
+
+def measure(scan: Path, out: Path, ranks: int, mode: str) -> dict[str, np.ndarray]:
+    result = run_cli("reconstruct", str(scan), "--ranks", str(ranks), "--out", str(out), "--quiet",
+                     "--iterations", "2", "--mode", mode, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return read_result(out)
+
+
+@pytest.mark.parametrize("ranks, mode", [(1, "sync"), (2, "sync"), (4, "sync"), (8, "sync"), (4, "async"),
+                                         (8, "async")])
+def test_measured_peak_memory_matches_the_plan(deep_scan: Path, tmp_path: Path, ranks: int, mode: str) -> None:
+    result = measure(deep_scan, tmp_path / "out.h5", ranks, mode)
+    measured, predicted = result["ranks/peak_memory_bytes"], result["ranks/predicted_memory_bytes"]
+    assert len(measured) == ranks and np.all(measured > 0)
+    ratio = measured / predicted
+    assert np.all(np.abs(ratio - 1) <= PLAN_TOLERANCE), (ranks, mode, ratio)
+
+
+def test_worst_rank_memory_shrinks_with_the_rank_count(deep_scan: Path, tmp_path: Path) -> None:
+    """Measured, not planned: the worst rank at 8 ranks holds less than 1/1.8 of what one rank holds.
+
+    The halo bounds the gain: the largest extended tile at 8 ranks is 118 × 154 px of the 253 × 244 px
+    object (0.29 of it, at best 3.4×), and what does not shrink with the tile here is a batch of at least
+    4 positions for 64-px windows (:data:`ptylive.daemon.engine.tile.MIN_POINTS_PER_CALL`) and the
+    exchange rounds (1 MiB per region). The plan predicts 65.3 → 31.1 MiB (2.1×); the engine before
+    this test was written planned 163.8 → 151.5 MiB (1.08×: every rank kept a 32-position batch of
+    (S, B, N, N) patches, waves, gradients and illumination, and whole-depth exchange buffers).
+    """
+    one = measure(deep_scan, tmp_path / "one.h5", 1, "sync")["ranks/peak_memory_bytes"].max()
+    eight = measure(deep_scan, tmp_path / "eight.h5", 8, "sync")["ranks/peak_memory_bytes"].max()
+    assert one / eight > 1.8, (one, eight)
