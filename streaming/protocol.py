@@ -203,15 +203,18 @@ def _decode_start(header: dict[str, Any]) -> SeriesStart:
 def _common_frame_fields(header: dict[str, Any]) -> tuple[str, int, tuple[int, int], str] | None:
     """Series id, index, shape and dtype when all are plainly valid (the usual case, a few µs); else None and
     the caller runs the full checks, which name the reason."""
-    series_id, index, shape, dtype = (header.get(k) for k in ("series_id", "frame_index", "shape", "dtype"))
+    get = header.get
+    series_id, index, shape, dtype = get("series_id"), get("frame_index"), get("shape"), get("dtype")
     if (type(series_id) is str and type(index) is int and index >= 0 and dtype in _LITTLE_ENDIAN
-            and type(shape) is list and len(shape) == 2 and type(shape[0]) is int and type(shape[1]) is int
-            and 0 < shape[0] <= MAX_DETECTOR_PX and 0 < shape[1] <= MAX_DETECTOR_PX):
-        return series_id, index, (shape[0], shape[1]), str(dtype)
+            and type(shape) is list and len(shape) == 2):
+        rows, cols = shape
+        if type(rows) is int and type(cols) is int and 0 < rows <= MAX_DETECTOR_PX and 0 < cols <= MAX_DETECTOR_PX:
+            return series_id, index, (rows, cols), dtype
     return None
 
 
-def _decode_frame(header: dict[str, Any], payload: Any, verify_framing: bool = True) -> Frame:
+def _decode_frame(header: dict[str, Any], buffer: memoryview, verify_framing: bool = True) -> Frame:
+    """The frame of ``header`` whose payload is ``buffer`` (a byte view of part 1)."""
     common = _common_frame_fields(header)
     if common is None:
         index = header_field(header, "frame_index", int)
@@ -224,10 +227,6 @@ def _decode_frame(header: dict[str, Any], payload: Any, verify_framing: bool = T
     encoding = header.get("encoding", "raw")
     if encoding not in ENCODINGS:
         raise ProtocolError("unsupported_encoding", f"encoding {encoding!r}; supported: {ENCODINGS}")
-    try:
-        buffer = memoryview(payload).cast("B")
-    except (TypeError, ValueError, NotImplementedError):
-        raise ProtocolError("payload_size", f"frame {index}: payload is not a contiguous buffer") from None
     little_endian = _LITTLE_ENDIAN[dtype]
     expected = shape[0] * shape[1] * little_endian.itemsize
     position = pair(header, "position_A", float, positive=False) if "position_A" in header else None
@@ -281,9 +280,13 @@ def decode(parts: list[Any], verify_framing: bool = True) -> Message:
     if htype == "series_start":
         return _decode_start(header)
     if htype == "frame":
-        if memoryview(parts[1]).nbytes > MAX_FRAME_BYTES:
+        try:
+            payload = memoryview(parts[1]).cast("B")
+        except (TypeError, ValueError, NotImplementedError):
+            raise ProtocolError("payload_size", "frame payload is not a contiguous buffer") from None
+        if payload.nbytes > MAX_FRAME_BYTES:
             raise ProtocolError("too_large", f"frame payload over {MAX_FRAME_BYTES} bytes")
-        return _decode_frame(header, parts[1], verify_framing)
+        return _decode_frame(header, payload, verify_framing)
     if htype == "series_end":
         n_frames = header_field(header, "n_frames", int)
         if n_frames < 0:

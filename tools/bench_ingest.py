@@ -108,8 +108,8 @@ def _sender_main() -> None:
         context.term()
 
 
-def _send(context: zmq.Context, endpoint: str, side: int, n: int, rate: float | None,
-          series: bool) -> tuple[float, float, np.ndarray | None, str | None]:
+def _send(context: zmq.Context, endpoint: str, side: int, n: int, rate: float | None, series: bool,
+          bind: bool = False, peers_wait_s: float = 0.0) -> tuple[float, float, np.ndarray | None, str | None]:
     rng = np.random.default_rng(side)
     pixels = rng.integers(0, 1000, size=(side, side), dtype=np.uint16)
     messages = [encode_frame(SERIES_ID, k, pixels) for k in range(n)]  # encoded before the clock starts
@@ -118,7 +118,11 @@ def _send(context: zmq.Context, endpoint: str, side: int, n: int, rate: float | 
     push.linger = int(SEND_TIMEOUT_S * 1000)
     push.sndtimeo = int(SEND_TIMEOUT_S * 1000)  # zmq.Again instead of a hang if nobody receives
     try:
-        push.connect(endpoint)
+        if bind:  # several receivers connect, as to a SIMPLON v2 detector: PUSH round-robins over them
+            push.bind(endpoint)
+            time.sleep(peers_wait_s)
+        else:
+            push.connect(endpoint)
         if series:
             push.send_multipart(encode_series_start(_series_start(side, n)))
         t_first = time.monotonic()
@@ -145,9 +149,10 @@ class Sender:
             [sys.executable, "-c", "from ptylive.tools.bench_ingest import _sender_main; _sender_main()"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
-    def start(self, endpoint: str, side: int, n: int, rate: float | None = None, series: bool = False) -> None:
+    def start(self, endpoint: str, side: int, n: int, rate: float | None = None, series: bool = False,
+              bind: bool = False, peers_wait_s: float = 0.0) -> None:
         assert self._process.stdin is not None
-        _write(self._process.stdin, (endpoint, side, n, rate, series))
+        _write(self._process.stdin, (endpoint, side, n, rate, series, bind, peers_wait_s))
 
     def result(self, timeout_s: float = SEND_TIMEOUT_S + 10) -> tuple[float, float, np.ndarray | None]:
         assert self._process.stdout is not None
@@ -368,7 +373,8 @@ def main(quick: bool = False) -> int:
     """Run the ingest benchmarks and print markdown tables; 0 if every frame arrived, else 1."""
     cases = QUICK_CASES if quick else FULL_CASES
     print(f"# ptylive bench ingest ({'quick' if quick else 'full'}), {CORES} cores, pyzmq {zmq.__version__}, "
-          f"libzmq {zmq.zmq_version()}, R = {N_WORKERS} workers\n")
+          f"libzmq {zmq.zmq_version()}, R = {N_WORKERS} workers, load average at start "
+          f"{os.getloadavg()[0]:.2f}\n")
     print(f"Sender (a process), ingest (a thread) and workers ({N_WORKERS} inboxes polled "
           f"{'in threads' if WORKER_THREADS else 'round-robin by the main thread'} of the benchmark process) "
           f"share the machine's {CORES} cores; loopback TCP; the bare reference is sender process → one PULL "
@@ -377,9 +383,13 @@ def main(quick: bool = False) -> int:
     context = zmq.Context()
     sender = Sender()
     try:
-        print("## 1. Throughput: bare PUSH→PULL vs through the ingest\n")
+        from ptylive.tools import bench_ingest_cpu
+
+        cpu_lines, ingest_us = bench_ingest_cpu.main(context, sender, quick)
+        print("\n## 1. Throughput: bare PUSH→PULL vs through the ingest, wall clock, workers in this process\n")
         throughput = throughput_table(context, sender, cases)
         print("\n".join(throughput))
+        throughput += cpu_lines
         print(f"\n## 2. Frame-to-worker latency, paced at {LATENCY_RATE:.0f} fps for {LATENCY_FRAMES} frames\n")
         print("Send time per frame index (sender) to receive time in the worker (after decode), one clock.\n")
         latency = latency_table(context, sender, [side for side, _ in cases])
@@ -391,7 +401,9 @@ def main(quick: bool = False) -> int:
         print("Scheduled send time of each frame to the arrival of the first preview whose tile used it; the "
               "reference is the preview interval (2 Hz).\n")
         print("\n".join(latency_lines(frame_to_preview_latency(scan_shape=(16, 16) if quick else (24, 24)))))
-        decode_benchmark(quick)  # §4: DECTRIS decode on workers
+        decode_us = decode_benchmark(quick)  # §4: DECTRIS decode on workers
+        print("\n## 5. Cores needed: frames/s × µs CPU per frame (1a at the ingest, 4 on the workers)\n")
+        print("\n".join(bench_ingest_cpu.cores_lines(ingest_us, decode_us)))
         print(f"\nload average: {os.getloadavg()[0]:.2f}")
     finally:
         sender.close()
