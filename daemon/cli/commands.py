@@ -148,7 +148,7 @@ def plan(args: argparse.Namespace, argv: list[str]) -> int:
         positions = synthetic_positions(shape, args.positions, window)
         slices = args.slices or 1
     result = plan_memory(shape, np.asarray(positions), args.ranks, slices, window, detector,
-                         args.batch_size, args.precision, args.mode, args.updates_per_iteration)
+                         args.batch_size, args.precision, args.mode, args.updates_per_iteration, args.probe_modes)
     if args.json:
         print(json.dumps({"object_shape": list(shape), "n_slices": slices, "window_px": window,
                           "detector_px": detector, "ranks": [m.as_dict() for m in result]}, default=list))

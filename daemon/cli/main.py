@@ -75,7 +75,8 @@ def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--loss", choices=("amplitude", "poisson"), default="amplitude",
                    help="data term (default: %(default)s; docs/physics.md)")
     p.add_argument("--batch-size", type=int, default=32,
-                   help="positions propagated at once per rank (default: %(default)s)")
+                   help="most positions propagated at once per rank (default: %(default)s; fewer where their "
+                        "stored waves would outgrow half the rank's tile, docs/decomposition.md)")
     p.add_argument("--step-size", type=float, default=None,
                    help="update step, dimensionless (default: 1.0 sync, 0.5 async; halved for --loss poisson)")
     p.add_argument("--refine-probe", action=argparse.BooleanOptionalAction, default=None,
@@ -119,13 +120,16 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--upsampling", type=int, default=None,
                    help="object pixels per detector-limited pixel (default: implied by the file, else 1)")
     p.add_argument("--batch-size", type=int, default=32,
-                   help="positions propagated at once per rank (default: %(default)s)")
+                   help="most positions propagated at once per rank (default: %(default)s; fewer where their "
+                        "stored waves would outgrow half the rank's tile, docs/decomposition.md)")
     p.add_argument("--precision", choices=("single", "double"), default="single",
                    help="floating point of the arrays (default: %(default)s)")
     p.add_argument("--mode", choices=("sync", "async"), default="sync",
                    help="halo exchange (default: %(default)s)")
     p.add_argument("--updates-per-iteration", type=int, default=DEFAULT_UPDATES_PER_ITERATION,
                    help=f"global mini-batches per iteration (default: {DEFAULT_UPDATES_PER_ITERATION})")
+    p.add_argument("--probe-modes", type=int, default=1,
+                   help="incoherent probe modes K; each stores its own waves (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="JSON on stdout instead of the table")
 
 

@@ -9,7 +9,7 @@ The model counts the arrays the engine allocates (see :mod:`.iteration`, :mod:`.
 * illumination: one real copy (async: own and total);
 * optimiser state: none (preconditioned gradient descent keeps no moments);
 * exchange buffers: sized by the overlaps' area. Sync: send and receive of one round of slices
-  (:func:`~.exchange.sync.slices_per_round`, about 1 MiB per region however deep the object). Async adds the
+  (:func:`~.exchange.sync.slices_per_round`, about 256 KiB per region however deep the object). Async adds the
   method's three buffers over the whole depth (accumulated updates, send, receive), the staged own
   illumination, each neighbour's latest illumination per mini-batch and that of the blocking
   first iteration;
@@ -98,8 +98,10 @@ def rank_memory(domain: RankDomain, n_slices: int, window_px: int, detector_px: 
     window = window_px * window_px
     fft_scratch = sum(chunk_sizes) * probe_modes * window * c + (window * c if batch else 0)
     waves = probe_modes * n_slices * batch * window * c
+    # besides the waves: the shifted probe(s), the windows of one slice and the probe gradient's shift, (B, N, N)
+    # complex; one slice of illumination and the mode scratch, real; the far field of the unfused losses.
     workspace = waves + (2 + probe_modes) * batch * window * c + 2 * batch * window * r \
-        + 4 * batch * detector_px**2 * c + fft_scratch
+        + batch * detector_px**2 * c + fft_scratch
     return RankMemory(
         rank=domain.rank, extended_shape=domain.extended.shape, n_positions=len(domain.positions),
         object=voxels * c, gradient=voxels * c, illumination=illumination_copies * voxels * r, optimiser_state=0,

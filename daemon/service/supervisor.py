@@ -95,7 +95,8 @@ class Admission:
         except ValueError as exc:
             return str(exc)
         plans = [rank_memory(d, r.n_slices, geometry.window_px, geometry.detector_px, r.batch_size,
-                             c.workers.precision, "async", r.updates_per_iteration) for d in geometry.domains]
+                             c.workers.precision, "async", r.updates_per_iteration, r.probe_modes)
+                 for d in geometry.domains]
         largest = max(plans, key=lambda m: m.total)
         if largest.total > c.workers.memory_budget_bytes:
             return (f"series {start.series_id!r} needs {largest.total / 2**30:.2f} GiB on worker {largest.rank} "

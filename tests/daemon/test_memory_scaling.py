@@ -30,9 +30,9 @@ def deep_scan(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def measure(scan: Path, out: Path, ranks: int, mode: str) -> dict[str, np.ndarray]:
+def measure(scan: Path, out: Path, ranks: int, mode: str, *extra: str) -> dict[str, np.ndarray]:
     result = run_cli("reconstruct", str(scan), "--ranks", str(ranks), "--out", str(out), "--quiet",
-                     "--iterations", "2", "--mode", mode, timeout=600)
+                     "--iterations", "2", "--mode", mode, *extra, timeout=600)
     assert result.returncode == 0, result.stderr
     return read_result(out)
 
@@ -48,15 +48,16 @@ def test_measured_peak_memory_matches_the_plan(deep_scan: Path, tmp_path: Path, 
 
 
 def test_worst_rank_memory_shrinks_with_the_rank_count(deep_scan: Path, tmp_path: Path) -> None:
-    """Measured, not planned: the worst rank at 8 ranks holds less than 1/1.8 of what one rank holds.
+    """Measured, not planned: the worst rank's memory at 8 ranks against one rank's.
 
+    At the default batch this analog is too small to shrink its workspace (below 32 MiB a batch keeps
+    up to 32 positions, :data:`ptylive.daemon.engine.tile.WORKSPACE_FLOOR_BYTES`), so the batch is fixed
+    at 2 positions here and the test looks at what must scale: tile, gradient, illumination, exchange.
     The halo bounds the gain: the largest extended tile at 8 ranks is 118 × 154 px of the 253 × 244 px
-    object (0.29 of it, at best 3.4×), and what does not shrink with the tile here is a batch of at least
-    4 positions for 64-px windows (:data:`ptylive.daemon.engine.tile.MIN_POINTS_PER_CALL`) and the
-    exchange rounds (1 MiB per region). The plan predicts 65.3 → 31.1 MiB (2.1×); the engine before
-    this test was written planned 163.8 → 151.5 MiB (1.08×: every rank kept a 32-position batch of
-    (S, B, N, N) patches, waves, gradients and illumination, and whole-depth exchange buffers).
+    object (0.29 of it, at best 3.4×). The plan predicts 57.4 → 20.4 MiB (2.8×); the bound is that less
+    the plan's 15 % tolerance. The engine before this test planned 61.1 → 48.8 MiB (1.25×): whole-depth
+    exchange buffers, and a tile-sized scratch in the amplitude constraint.
     """
-    one = measure(deep_scan, tmp_path / "one.h5", 1, "sync")["ranks/peak_memory_bytes"].max()
-    eight = measure(deep_scan, tmp_path / "eight.h5", 8, "sync")["ranks/peak_memory_bytes"].max()
-    assert one / eight > 1.8, (one, eight)
+    one = measure(deep_scan, tmp_path / "one.h5", 1, "sync", "--batch-size", "2")["ranks/peak_memory_bytes"].max()
+    eight = measure(deep_scan, tmp_path / "eight.h5", 8, "sync", "--batch-size", "2")["ranks/peak_memory_bytes"].max()
+    assert one / eight > 2.8 * (1 - PLAN_TOLERANCE), (one, eight)

@@ -54,7 +54,7 @@ def add_pairs(target: Any, pairs: np.ndarray) -> None:
 
 
 #: Bytes of one region's send buffer per round: a round carries as many slices as fit, at least one.
-EXCHANGE_ROUND_BYTES = 2**20
+EXCHANGE_ROUND_BYTES = 2**18
 
 
 def slices_per_round(region_area: int, n_slices: int, real_itemsize: int,
