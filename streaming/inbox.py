@@ -5,7 +5,10 @@ detector's own format (``streaming/decoders.py``). Compressed frames stay compre
 first read, which is the worker's job (``FrameStore.add``), not the ingest's. Besides those, the ingest sends
 one internal message of its own, :class:`SeriesControl` (``htype = "series_control"``): finalize or abort a series,
 or shut down. It travels on the same socket as the frames, so a worker sees it after every frame the
-ingest forwarded before it. Detectors cannot send it: the ingest's decoder rejects the htype.
+ingest forwarded before it. Detectors cannot send it: the ingest's decoder rejects the htype. Small frames
+bound for one worker may come as one ``frame_batch`` message (:func:`encode_batch_header`, then each frame's
+two parts as the detector sent them): ZeroMQ's cost is per message, whatever its size, so the ingest sends what
+it drained in one go as one message; the inbox returns its frames one by one, in order.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 CONTROL_HTYPE = "series_control"
 CONTROL_ACTIONS = ("finalize", "abort", "shutdown", "incomplete")
+BATCH_HTYPE = "frame_batch"  # [{"htype": "frame_batch", "frames": k}, header 1, pixels 1, ..., header k, pixels k]
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,24 @@ class SeriesControl:
 def encode_control(control: SeriesControl) -> list[bytes]:
     """One-part message for the worker sockets."""
     return [msgpack.packb({"htype": CONTROL_HTYPE, "action": control.action, "series_id": control.series_id})]
+
+
+def encode_batch_header(n_frames: int) -> bytes:
+    """Part 0 of a batch of ``n_frames`` frames for one worker; each frame's own two parts follow, unchanged."""
+    return msgpack.packb({"htype": BATCH_HTYPE, "frames": n_frames})
+
+
+def _batch_size(parts: list[zmq.Frame]) -> int | None:
+    """The number of frames in ``parts`` when it is a batch (a frame alone has 2 parts, a batch 2k + 1)."""
+    if len(parts) < 5 or len(parts) % 2 == 0 or len(parts[0].buffer) > 64:
+        return None
+    try:
+        header = msgpack.unpackb(parts[0].buffer, raw=False)
+    except (ValueError, msgpack.UnpackException):
+        return None
+    if not isinstance(header, dict) or header.get("htype") != BATCH_HTYPE or header.get("frames") != len(parts) // 2:
+        return None
+    return len(parts) // 2
 
 
 def _decode_control(parts: list[zmq.Frame]) -> SeriesControl | None:
@@ -80,19 +102,28 @@ class WorkerInbox:
         self._closed, self.protocol_errors = False, 0
 
     def poll(self, timeout_ms: int = 0, max_messages: int | None = None) -> list[Message | SeriesControl]:
-        """Wait up to ``timeout_ms`` for a message, then return all available ones (at most ``max_messages``)."""
+        """Wait up to ``timeout_ms`` for a message, then return all available ones (at most ``max_messages``,
+        or a few more when the last one taken was a batch: its frames are returned whole)."""
         messages: list[Message | SeriesControl] = []
         wait_ms = timeout_ms
         while (max_messages is None or len(messages) < max_messages) and self._socket.poll(wait_ms, zmq.POLLIN):
             wait_ms = 0
             parts = self._socket.recv_multipart(copy=False)
-            try:
-                control = _decode_control(parts)
-                messages.append(control if control is not None else decode(parts, verify_framing=False))
-            except (ProtocolError, ValueError) as exc:
-                self.protocol_errors += 1
-                logger.error("worker inbox got an undecodable message: %s", exc)
+            n_batched = _batch_size(parts)
+            if n_batched is not None:
+                for k in range(n_batched):
+                    self._decode(parts[1 + 2 * k:3 + 2 * k], messages)
+            else:
+                self._decode(parts, messages)
         return messages
+
+    def _decode(self, parts: list[zmq.Frame], messages: list[Message | SeriesControl]) -> None:
+        try:
+            control = _decode_control(parts)
+            messages.append(control if control is not None else decode(parts, verify_framing=False))
+        except (ProtocolError, ValueError) as exc:
+            self.protocol_errors += 1
+            logger.error("worker inbox got an undecodable message: %s", exc)
 
     def close(self) -> None:
         """Close the socket (pending messages are discarded)."""

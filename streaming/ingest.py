@@ -11,6 +11,14 @@ meanwhile stops reading, so the detector's high-water mark throttles the sender.
 (``send_hwm``, ZeroMQ's) and, given each worker's ``messages_taken``, in bytes over all workers
 (``max_buffered_bytes``: :mod:`~ptylive.streaming.in_flight`), since a message can be 200 bytes or 64 MiB.
 No MPI: the daemon maps worker indices to ranks and runs :class:`~ptylive.streaming.inbox.WorkerInbox` on each.
+
+Batches: ZeroMQ's cost is per message (its I/O thread wakes, encodes and writes per message), which at 64² made
+the forwarding cost several times the receive. So the small frames (``BATCH_FRAME_BYTES``) that one drain of the
+detector socket routes to the same worker go to it as one ``frame_batch`` message
+(:func:`~ptylive.streaming.inbox.encode_batch_header`), their parts still the very ``zmq.Frame`` objects
+received. A batch is sent when it is full (``BATCH_FRAMES``, ``BATCH_BYTES``), when the drain ends (nothing
+waits on the detector socket: no latency is added), and before any start, end or control message is broadcast
+(order per worker is kept). The byte ledger still counts one entry per frame, as the worker counts what it takes.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from typing import Any
 import zmq
 
 from ptylive.streaming.in_flight import InFlight, message_bytes
-from ptylive.streaming.inbox import SeriesControl, encode_control
+from ptylive.streaming.inbox import SeriesControl, encode_batch_header, encode_control
 from ptylive.streaming.protocol import MAX_PART_BYTES, Frame, Message, ProtocolError, SeriesStart, decode
 from ptylive.streaming.recording import Recorder
 from ptylive.streaming.router import Router
@@ -38,6 +46,8 @@ from ptylive.streaming.stream_decoder import PtyliveDecoder, StreamDecoder
 logger = logging.getLogger(__name__)
 
 RECV_BATCH = 256  # messages drained per poll before the stop flag is looked at again
+BATCH_FRAME_BYTES = 64 * 1024  # frames up to this size may share a message to their worker; larger ones go alone
+BATCH_FRAMES, BATCH_BYTES = 64, 1 << 20  # a batch is sent once it holds this many frames or bytes
 _NOBLOCK, _MORE_NOBLOCK = int(zmq.NOBLOCK), int(zmq.NOBLOCK | zmq.SNDMORE)  # enum arithmetic costs µs per frame
 
 
@@ -123,6 +133,8 @@ class Ingest:
         self.book = SeriesBook(router_factory, registry if registry is not None else SeriesRegistry(), n, admit)
         self.forwarded, self.control_forwarded, self.blocked_s = [0] * n, [0] * n, [0.0] * n
         self.bytes_forwarded = [0] * n
+        self._batches: list[list[list[Any]]] = [[] for _ in range(n)]  # per worker: frames waiting for one send
+        self._batch_bytes, self._batch_pixel_bytes = [0] * n, [0] * n
         self.in_flight = InFlight(n, config.max_buffered_bytes) if config.max_buffered_bytes else None
         self.unsent_on_stop = self.messages_received = 0
         self._stop = threading.Event()
@@ -175,6 +187,7 @@ class Ingest:
             if not self._pull.poll(self.config.poll_ms, zmq.POLLIN):
                 continue
             self._drain(stop)
+            self._flush_batches(stop)
 
     def _drain(self, stop: threading.Event) -> None:
         """Take up to ``RECV_BATCH`` waiting messages. The hot path: per message, one ``recv`` per part (the
@@ -217,14 +230,50 @@ class Ingest:
         if isinstance(message, Frame):
             message = message.header_view()  # a compressed frame is checked, never decoded, on rank 0
             worker = self.book.route(message)
-            if worker is not None and self._send(worker, parts, stop):
-                self.forwarded[worker] += 1
-                self.bytes_forwarded[worker] += message.payload.nbytes  # raw (or its placeholder): the pixels
+            if worker is not None:
+                self._forward_frame(worker, parts, message.payload.nbytes, stop)  # raw or placeholder: its pixels
         elif isinstance(message, SeriesStart):
             if self.book.start(message):
                 self._broadcast(parts, stop)
         elif self.book.end(message):
             self._broadcast(parts, stop)
+
+    def _forward_frame(self, worker: int, parts: list[Any], pixel_bytes: int, stop: threading.Event) -> None:
+        """Send a frame now (large) or add it to its worker's batch (small; see the module docstring)."""
+        nbytes = message_bytes(parts)
+        if nbytes > BATCH_FRAME_BYTES:
+            if self._send(worker, parts, stop):
+                self.forwarded[worker] += 1
+                self.bytes_forwarded[worker] += pixel_bytes
+            return
+        self._batches[worker].append(parts)
+        self._batch_bytes[worker] += nbytes
+        self._batch_pixel_bytes[worker] += pixel_bytes
+        if len(self._batches[worker]) >= BATCH_FRAMES or self._batch_bytes[worker] >= BATCH_BYTES:
+            self._flush_batch(worker, stop)
+
+    def _flush_batches(self, stop: threading.Event) -> None:
+        for worker, batch in enumerate(self._batches):
+            if batch:
+                self._flush_batch(worker, stop)
+
+    def _flush_batch(self, worker: int, stop: threading.Event) -> None:
+        """Send ``worker``'s waiting frames: alone if one, else as one ``frame_batch`` message."""
+        batch, pixel_bytes = self._batches[worker], self._batch_pixel_bytes[worker]
+        self._batches[worker], self._batch_bytes[worker], self._batch_pixel_bytes[worker] = [], 0, 0
+        if len(batch) == 1:
+            message = batch[0]
+        else:
+            message = [encode_batch_header(len(batch))]
+            for parts in batch:
+                message += parts
+        ledger = None
+        if self.in_flight is not None:  # one entry per frame, the batch header's bytes on the first
+            ledger = [message_bytes(parts) for parts in batch]
+            ledger[0] += message_bytes(message) - sum(ledger)
+        if self._send(worker, message, stop, ledger=ledger, messages=len(batch)):
+            self.forwarded[worker] += len(batch)
+            self.bytes_forwarded[worker] += pixel_bytes
 
     def request(self, control: SeriesControl, timeout_s: float = 5.0) -> tuple[bool, str]:
         """Ask the ingest thread to finalize or abort a series (None: the current one) or to shut down.
@@ -263,13 +312,16 @@ class Ingest:
                 self._broadcast(encode_control(SeriesControl("incomplete", series_id)), stop)
 
     def _broadcast(self, parts: list[Any], stop: threading.Event) -> None:
+        """Send ``parts`` to every worker, after the frames batched for it (order per worker is kept)."""
+        self._flush_batches(stop)
         for worker in range(len(self._pushes)):
             if self._send(worker, parts, stop):
                 self.control_forwarded[worker] += 1
 
-    def _send(self, worker: int, parts: list[Any], stop: threading.Event) -> bool:
+    def _send(self, worker: int, parts: list[Any], stop: threading.Event, ledger: list[int] | None = None,
+              messages: int = 1) -> bool:
         """Send without copying; while the byte bound or the worker's queue is full wait for room. False only if
-        stopped."""
+        stopped. ``messages``: what the worker will count in it (a batch's frames), ``ledger`` their sizes."""
         nbytes = message_bytes(parts) if self.in_flight is not None else 0
         push, waited = self._pushes[worker], False
         while True:
@@ -280,7 +332,8 @@ class Ingest:
                         send(part, _MORE_NOBLOCK, copy=False)  # later parts of an accepted first one never block
                     send(parts[-1], _NOBLOCK, copy=False)
                     if self.in_flight is not None:
-                        self.in_flight.sent(worker, nbytes)
+                        for size in ledger or [nbytes]:
+                            self.in_flight.sent(worker, size)
                     return True
                 except zmq.Again:
                     wait_for_socket = True
@@ -289,8 +342,8 @@ class Ingest:
                 if not waited and self.in_flight is not None:
                     waited, self.in_flight.waits = True, self.in_flight.waits + 1
             if stop.is_set():
-                self.unsent_on_stop += 1
-                logger.warning("stopped while worker %d was full: one message not forwarded", worker)
+                self.unsent_on_stop += messages
+                logger.warning("stopped while worker %d was full: %d message(s) not forwarded", worker, messages)
                 return False
             began = time.monotonic()
             if wait_for_socket:

@@ -334,3 +334,76 @@ def test_a_series_whose_sender_goes_quiet_ends_incomplete_after_the_idle_timeout
     state = rig.ingest.book.registry.find("quiet")
     assert state is not None and state.ended and state.end_cause == "idle_timeout" and state.received == 5
     assert rig.ingest.book.registry.current is None
+
+
+def test_small_frames_drained_together_go_to_their_worker_as_one_batch_in_order() -> None:
+    """40 frames queued on the detector socket before the ingest runs are drained at once: each worker gets its
+    20 as one ``frame_batch`` message between the start and the end (raw parts checked on worker 1), and the inbox
+    of worker 0 returns its 20 frames one by one, in sending order, bit for bit."""
+    context = zmq.Context()
+    ingest = Ingest(IngestSockets(LOOPBACK, (LOOPBACK, LOOPBACK)), lambda start: Router(
+        lambda positions: (np.rint(positions[:, 1]).astype(int) % 2), 2), context=context)
+    detector, raw = context.socket(zmq.PUSH), context.socket(zmq.PULL)
+    inbox = WorkerInbox(ingest.worker_endpoints[0], context)
+    try:
+        raw.connect(ingest.worker_endpoints[1])
+        detector.connect(ingest.endpoint)
+        start = SeriesStart("b", (4, 10), (1.0, 1.0), (8, 8), "uint16", 300e3, 20.0, 0.0, 1.0)
+        pixels = [np.full((8, 8), k, dtype=np.uint16) for k in range(40)]
+        detector.send_multipart(encode_series_start(start))
+        for k, frame in enumerate(pixels):
+            detector.send_multipart(encode_frame("b", k, frame))
+        detector.send_multipart(encode_series_end("b", 40))
+        time.sleep(0.3)  # all of it waits on the ingest's PULL
+        ingest.start()
+        received = collect(inbox)
+        raw_messages = []
+        while len(raw_messages) < 3 and raw.poll(5000):
+            raw_messages.append(raw.recv_multipart())
+        ingest.join(timeout=5)
+    finally:
+        ingest.close()
+        inbox.close()
+        detector.close(linger=0)
+        raw.close(linger=0)
+        context.term()
+    frames = frames_of(received)
+    assert [f.frame_index for f in frames] == list(range(0, 40, 2))
+    assert all(np.array_equal(f.pixels, pixels[f.frame_index]) for f in frames)
+    assert [len(m) for m in raw_messages] == [1, 1 + 2 * 20, 1]
+    assert ingest.forwarded == [20, 20] and ingest.messages_received == 42
+
+
+def test_a_detector_cannot_send_a_batch() -> None:
+    from ptylive.streaming.inbox import encode_batch_header
+    from ptylive.streaming.protocol import ProtocolError, decode
+
+    parts = [encode_batch_header(2)] + encode_frame("s", 0, np.zeros((2, 2), np.uint16)) * 2
+    with pytest.raises(ProtocolError) as info:
+        decode(parts)
+    assert info.value.reason == "parts"
+    with pytest.raises(ProtocolError) as info:
+        decode(parts[:1])
+    assert info.value.reason == "unknown_htype"
+
+
+def test_the_inbox_counts_a_broken_batch_and_keeps_the_good_frames_of_a_batch() -> None:
+    from ptylive.streaming.inbox import encode_batch_header
+
+    context = zmq.Context()
+    push = context.socket(zmq.PUSH)
+    port = push.bind_to_random_port("tcp://127.0.0.1")
+    inbox = WorkerInbox(f"tcp://127.0.0.1:{port}", context)
+    try:
+        good = [encode_frame("s", k, np.full((2, 2), k, np.uint16)) for k in range(3)]
+        bad = [good[1][0], b"short"]  # a payload of the wrong size
+        push.send_multipart([encode_batch_header(3), *good[0], *bad, *good[2]])
+        push.send_multipart([encode_batch_header(3), *good[0], *good[1]])  # claims 3, holds 2: not a batch
+        messages, deadline = [], time.monotonic() + 5
+        while inbox.protocol_errors < 2 and time.monotonic() < deadline:
+            messages += inbox.poll(50)
+    finally:
+        inbox.close()
+        push.close(linger=0)
+        context.term()
+    assert [m.frame_index for m in messages if isinstance(m, Frame)] == [0, 2] and inbox.protocol_errors == 2
