@@ -181,10 +181,12 @@ class Ingest:
 
     def run(self, stop: threading.Event) -> None:
         """Receive and forward until ``stop`` is set; malformed input is counted, never raised."""
+        poller = zmq.Poller()  # one for the whole run: Socket.poll builds a Poller per call (µs per wake-up)
+        poller.register(self._pull, zmq.POLLIN)
         while not stop.is_set():
             self._run_commands(stop)
             self._end_idle(stop)
-            if not self._pull.poll(self.config.poll_ms, zmq.POLLIN):
+            if not poller.poll(self.config.poll_ms):
                 continue
             self._drain(stop)
             self._flush_batches(stop)
@@ -228,26 +230,27 @@ class Ingest:
 
     def _dispatch(self, message: Message, parts: list[Any], stop: threading.Event) -> None:
         if isinstance(message, Frame):
+            wire_bytes = message.payload.nbytes  # pixels, or the compressed buffer
             message = message.header_view()  # a compressed frame is checked, never decoded, on rank 0
             worker = self.book.route(message)
-            if worker is not None:
-                self._forward_frame(worker, parts, message.payload.nbytes, stop)  # raw or placeholder: its pixels
+            if worker is not None:  # raw pixels or the placeholder: the decoded size
+                self._forward_frame(worker, parts, wire_bytes, message.payload.nbytes, stop)
         elif isinstance(message, SeriesStart):
             if self.book.start(message):
                 self._broadcast(parts, stop)
         elif self.book.end(message):
             self._broadcast(parts, stop)
 
-    def _forward_frame(self, worker: int, parts: list[Any], pixel_bytes: int, stop: threading.Event) -> None:
+    def _forward_frame(self, worker: int, parts: list[Any], wire_bytes: int, pixel_bytes: int,
+                       stop: threading.Event) -> None:
         """Send a frame now (large) or add it to its worker's batch (small; see the module docstring)."""
-        nbytes = message_bytes(parts)
-        if nbytes > BATCH_FRAME_BYTES:
+        if wire_bytes > BATCH_FRAME_BYTES:
             if self._send(worker, parts, stop):
                 self.forwarded[worker] += 1
                 self.bytes_forwarded[worker] += pixel_bytes
             return
         self._batches[worker].append(parts)
-        self._batch_bytes[worker] += nbytes
+        self._batch_bytes[worker] += wire_bytes
         self._batch_pixel_bytes[worker] += pixel_bytes
         if len(self._batches[worker]) >= BATCH_FRAMES or self._batch_bytes[worker] >= BATCH_BYTES:
             self._flush_batch(worker, stop)
