@@ -10,9 +10,9 @@ The model counts the arrays the engine allocates (see :mod:`.iteration`, :mod:`.
 * optimiser state: none (preconditioned gradient descent keeps no moments);
 * exchange buffers: sized by the overlaps' area. Sync: send and receive of one round of slices
   (:func:`~.exchange.sync.slices_per_round`, about 256 KiB per region however deep the object). Async adds the
-  method's three buffers over the whole depth (accumulated updates, send, receive), the staged own
-  illumination, each neighbour's latest illumination per mini-batch and that of the blocking
-  first iteration;
+  method's three buffers (accumulated updates over the whole depth; send and receive of one round),
+  the staged own illumination, each neighbour's latest illumination per mini-batch and that of the
+  blocking first iteration, each over the whole depth;
 * frames: the rank's measured patterns, real;
 * batch workspace: the stored waves of a batch, ``K·S·B·N²`` complex, with ``B`` from
   :func:`~.tile.batch_limit` (the workspace shrinks with the tile), a few (B, N, N) and (B, D, D)
@@ -78,9 +78,10 @@ def rank_memory(domain: RankDomain, n_slices: int, window_px: int, detector_px: 
     voxels = n_slices * domain.extended.size
     overlap_area = sum(box.size for _, box in domain.neighbours)
     overlap = n_slices * overlap_area
-    buffers = sum(2 * 3 * slices_per_round(box.size, n_slices, r) * box.size * r for _, box in domain.neighbours)
-    if mode == "async":
-        buffers += overlap * (c + 2 * 3 * r + (updates_per_iteration + 2) * r)
+    rounds = [2 * 3 * slices_per_round(box.size, n_slices, r) * box.size * r for _, box in domain.neighbours]
+    buffers = sum(rounds)  # sync: send + receive of one round per region
+    if mode == "async":  # the same again for the async send/receive; accumulated, staged, per-mini-batch, exact
+        buffers += sum(rounds) + overlap * (c + (updates_per_iteration + 2) * r)
     from ptylive.daemon.engine.iteration import minibatch_of
     from ptylive.daemon.engine.step import line_search_subset
 

@@ -232,6 +232,46 @@ def test_async_ranks_end_with_the_same_overlap_after_finish() -> None:
     assert world.unmatched() == {"sends": 0, "recvs": 0}  # finish drained every message, posted no new Irecv
 
 
+def test_async_exchange_in_rounds_of_slices_ends_with_the_same_sums() -> None:
+    """Five slices sent two at a time (three messages a flush): updates pushed during a flush go in the next
+    one, every message lands where its header says, and ``finish`` leaves every copy equal."""
+    n_slices, per_slice = 5, 3 * 8 * REGION.size
+    rng = np.random.default_rng(9)
+    world = FakeWorld(2)
+    exchangers = [AsyncExchanger(world.comm(r), DOMAINS[r], n_slices, np.float64, np.complex128, max_staleness=1,
+                                 n_minibatches=2, max_amplitude=None, round_bytes=2 * per_slice) for r in (0, 1)]
+    assert [e.round_slices for e in exchangers] == [[2], [2]]
+    assert all(e.async_send[0].size == 4 + 2 * per_slice // 8 for e in exchangers)  # one round, not the depth
+    steps = 6
+    shapes = [(n_slices, *EXTENDED[r].shape) for r in (0, 1)]
+    updates = [[integers(rng, shapes[r], complex_=True) for _ in range(steps)] for r in (0, 1)]
+    lights = [[integers(rng, shapes[r]) for _ in range(steps)] for r in (0, 1)]
+
+    def rank(comm: FakeComm) -> np.ndarray:
+        r = comm.Get_rank()
+        exchanger, volume = exchangers[r], np.zeros(shapes[r], complex)
+        for step, update in enumerate(updates[r]):
+            exchanger.enforce_staleness(volume, step)
+            volume += update
+            exchanger.push(update, lights[r][step], step, step % 2)
+            exchanger.progress(volume, step)
+        exchanger.finish(volume, steps)
+        return volume
+
+    volumes = run_ranks(world, rank)
+    region = [(slice(None), *REGION.relative_to(EXTENDED[r])) for r in (0, 1)]
+    for r, volume in enumerate(volumes):
+        expected = np.sum(updates[r], axis=0)
+        expected[region[r]] += np.sum(updates[1 - r], axis=0)[region[1 - r]]
+        np.testing.assert_array_equal(volume, expected)
+        assert exchangers[r].finished == [True] and exchangers[r].cursor == [None]
+        # the latest illumination of each mini-batch, slice by slice (every round of the final flush carries it)
+        np.testing.assert_array_equal(exchangers[r].neighbour_illumination[0][(steps - 1) % 2],
+                                      lights[1 - r][steps - 1][region[1 - r]])
+    assert world.unmatched() == {"sends": 0, "recvs": 0}
+    assert exchangers[0].stats.messages_sent % 3 == 0  # whole flushes of three rounds
+
+
 def test_async_first_update_keeps_the_neighbours_illumination_of_the_blocking_reduction() -> None:
     rng = np.random.default_rng(6)
     world = FakeWorld(2)

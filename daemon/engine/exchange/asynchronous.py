@@ -11,6 +11,12 @@ Per neighbour ``n`` and its exchange region ``R_n`` a rank keeps:
   completes, the neighbour's updates are added to the tile and its
   illumination is kept per mini-batch for the preconditioner.
 
+Send and receive buffers hold one *round* of slices (:func:`~.sync.slices_per_round`, the same on both
+sides of a region), not the whole depth: a flush of the accumulation is a sequence of messages, one per
+round, each sent when the previous one has left; each message carries its first slice, and the receiver
+adds each as it lands (updates add, so nothing depends on the rounds arriving together). Updates pushed
+during a flush accumulate over every slice and go in the next flush.
+
 Compute never waits on the network: :meth:`AsyncExchanger.progress` only
 tests requests (non-blocking MPI does not progress while numpy computes, so
 the engine calls it between batches). The one exception is the staleness
@@ -34,14 +40,14 @@ import numpy as np
 
 from ptylive.daemon.engine.decomposition import RankDomain
 from ptylive.daemon.engine.exchange.protocols import ExchangeStats
-from ptylive.daemon.engine.exchange.sync import SyncExchanger, add_pairs, pack, unpack
+from ptylive.daemon.engine.exchange.sync import EXCHANGE_ROUND_BYTES, SyncExchanger, add_pairs, pack, unpack
 from ptylive.gpu.backend import get_array_module, to_numpy
 from ptylive.gpu.update import constrain
 
 logger = logging.getLogger(__name__)
 
 TAG_ASYNC = 11
-HEADER = 3  # (update step, is_last, mini-batch of the illumination)
+HEADER = 4  # (update step, is_last, mini-batch of the illumination, first slice of the round)
 POLL_S = 2e-4
 
 
@@ -54,20 +60,22 @@ class AsyncExchanger(SyncExchanger):
 
     def __init__(self, comm: Any, domain: RankDomain, n_slices: int, real_dtype: Any,
                  complex_dtype: Any, max_staleness: int = 4, n_minibatches: int = 1,
-                 max_amplitude: float | None = 1.0) -> None:
-        super().__init__(comm, domain, n_slices, real_dtype)
+                 max_amplitude: float | None = 1.0, round_bytes: int = EXCHANGE_ROUND_BYTES) -> None:
+        super().__init__(comm, domain, n_slices, real_dtype, round_bytes)
         self.max_amplitude = max_amplitude
         if max_staleness < 1:
             raise ValueError(f"max_staleness must be >= 1, got {max_staleness}")
         self.max_staleness = max_staleness
         shapes = [shape for _, _, shape in self.regions]
         self.accumulated = [np.zeros(s, complex_dtype) for s in shapes]
+        self.cursor: list[int | None] = [None] * len(shapes)  # next slice of a flush in progress (None: idle)
         self.staged_illumination = [np.zeros(s, real_dtype) for s in shapes]
         # A mini-batch lights the same voxels every iteration, so keeping each
         # neighbour's illumination per mini-batch reproduces sync's preconditioner.
         self.neighbour_illumination = [np.zeros((n_minibatches, *s), real_dtype) for s in shapes]
         self.exact_illumination = [np.zeros(s, real_dtype) for s in shapes]  # of the last blocking exchange
-        self.async_send = [np.empty(HEADER + 3 * int(np.prod(s)), real_dtype) for s in shapes]
+        self.async_send = [np.empty(HEADER + 3 * k * int(np.prod(s[1:])), real_dtype)
+                           for k, s in zip(self.round_slices, shapes, strict=True)]
         self.async_recv = [np.empty_like(b) for b in self.async_send]
         self.send_requests: list[Any] = [None] * len(shapes)
         self.recv_requests: list[Any] = [self._post_recv(i) for i in range(len(shapes))]
@@ -83,21 +91,29 @@ class AsyncExchanger(SyncExchanger):
     def _post_recv(self, i: int) -> Any:
         return self.comm.Irecv(self.async_recv[i], source=self.regions[i][0], tag=TAG_ASYNC)
 
-    def _send_staged(self, i: int, last: bool = False) -> None:
+    def _send_round(self, i: int, last: bool = False) -> None:
+        """Send the next round of region ``i``'s flush (starting one if idle); ``last`` flags a flush's final round."""
         step, minibatch = self.staged[i]
-        pack(self.accumulated[i], self.staged_illumination[i], self.async_send[i],
-             header=(step, float(last), minibatch))
-        self.accumulated[i][...] = 0
-        self.pending[i] = False
-        self.send_requests[i] = self.comm.Isend(self.async_send[i], dest=self.regions[i][0], tag=TAG_ASYNC)
-        self.stats.bytes_sent += self.async_send[i].nbytes
+        first = 0 if self.cursor[i] is None else self.cursor[i]
+        if first == 0:
+            self.pending[i] = False  # this flush takes everything accumulated so far (and what comes meanwhile)
+        depth = slice(first, min(first + self.round_slices[i], self.n_slices))
+        ending = depth.stop >= self.n_slices
+        size = HEADER + 3 * (depth.stop - depth.start) * int(np.prod(self.regions[i][2][1:]))
+        send = self.async_send[i][:size]
+        pack(self.accumulated[i][depth], self.staged_illumination[i][depth], send,
+             header=(step, float(last and ending), minibatch, first))
+        self.accumulated[i][depth] = 0
+        self.cursor[i] = None if ending else depth.stop
+        self.send_requests[i] = self.comm.Isend(send, dest=self.regions[i][0], tag=TAG_ASYNC)
+        self.stats.bytes_sent += send.nbytes
         self.stats.messages_sent += 1
 
     def _flush(self) -> None:
-        """Send every pending accumulation whose link is free."""
+        """Send the next round of every region with something to send whose link is free."""
         for i, request in enumerate(self.send_requests):
-            if self.pending[i] and (request is None or request.Test()):
-                self._send_staged(i)
+            if (self.pending[i] or self.cursor[i] is not None) and (request is None or request.Test()):
+                self._send_round(i)
 
     def push(self, update: Any, illumination: Any, step: int, minibatch: int) -> None:
         """Accumulate this rank's update over each region; send where the link is free.
@@ -121,14 +137,15 @@ class AsyncExchanger(SyncExchanger):
 
     def _apply(self, i: int, volume: Any, step: int) -> None:
         _, region, shape = self.regions[i]
-        sent_step, last, minibatch = (int(v) for v in self.async_recv[i][:HEADER])
-        update, illumination = unpack(self.async_recv[i], shape, n_head=HEADER)
-        target = volume[(slice(None), *region)]
+        sent_step, last, minibatch, first = (int(v) for v in self.async_recv[i][:HEADER])
+        depth = slice(first, min(first + self.round_slices[i], self.n_slices))
+        update, illumination = unpack(self.async_recv[i], (depth.stop - depth.start, *shape[1:]), n_head=HEADER)
+        target = volume[(depth, *region)]
         add_pairs(target, update)
         # A neighbour's update arrives after this rank's own constraint: without its own, |O| > 1 grew
         # through the slices until the wave overflowed (NaN from the second iteration on a thick crystal).
         constrain(target, self.max_amplitude)
-        self.neighbour_illumination[i][minibatch] = illumination
+        self.neighbour_illumination[i][minibatch][depth] = illumination
         self.last_received[i] = sent_step
         self.stats.staleness.append(max(step - sent_step, 0))
         self.finished[i] = bool(last)
@@ -207,15 +224,22 @@ class AsyncExchanger(SyncExchanger):
         """
         start = time.perf_counter()
         last_sent = [False] * len(self.regions)
+        final = [False] * len(self.regions)  # the final flush (every round, the last one flagged) has begun
         while True:
             for i in range(len(self.regions)):
                 while self.recv_requests[i] is not None and self.recv_requests[i].Test():
                     self._apply(i, volume, step)
                 request = self.send_requests[i]
-                if not last_sent[i] and (request is None or request.Test()):
+                if last_sent[i] or not (request is None or request.Test()):
+                    continue
+                if self.cursor[i] is not None and not final[i]:  # finish the flush in progress first
+                    self._send_round(i)
+                    continue
+                if not final[i]:
+                    final[i] = True
                     self.staged[i] = (step, self.staged[i][1])
-                    self._send_staged(i, last=True)
-                    last_sent[i] = True
+                self._send_round(i, last=True)
+                last_sent[i] = self.cursor[i] is None
             if (all(last_sent) and all(r is None for r in self.recv_requests)
                     and all(r is None or r.Test() for r in self.send_requests)):
                 break
