@@ -285,7 +285,8 @@ def run_rank(job: ReconstructionJob, comm: Any | None, signals: StopSignals | No
     tracemalloc.stop()
     predicted = rank_memory(domain, job.n_slices, job.window_px, job.metadata.detector_px,
                             job.options.batch_size, job.precision, job.options.mode,
-                            job.options.updates_per_iteration, job.options.probe_modes).total
+                            job.options.updates_per_iteration, job.options.probe_modes,
+                            total_positions=len(positions)).total
     measured = {"compute_s": report.compute_s, "exchange_wait_s": exchanger.stats.wait_s, "consensus_wait_s": 0.0,
                 "bytes_sent": exchanger.stats.bytes_sent, "staleness_mean": _mean(exchanger.stats.staleness),
                 "staleness_max": max(exchanger.stats.staleness, default=0),

@@ -64,14 +64,15 @@ class RankMemory:
 
 def rank_memory(domain: RankDomain, n_slices: int, window_px: int, detector_px: int,
                 batch_size: int, precision: str, mode: str,
-                updates_per_iteration: int = DEFAULT_UPDATES_PER_ITERATION, probe_modes: int = 1) -> RankMemory:
+                updates_per_iteration: int = DEFAULT_UPDATES_PER_ITERATION, probe_modes: int = 1,
+                total_positions: int | None = None) -> RankMemory:
     """Predict one rank's peak array memory in bytes.
 
     Batches are chunks of at most :func:`~.tile.batch_limit` (``batch_size`` the cap) of the rank's
     members of each global mini-batch (:func:`ptylive.daemon.engine.iteration.minibatch_of`), the
-    line-search subset chunked apart (its size here from the rank's own members; sync runs size it from
-    the whole mini-batch's, which can differ by a position or two). A rank with no positions holds its
-    tile and buffers only.
+    line-search subset chunked apart. Sync runs choose that subset by the size of the whole mini-batch
+    (``total_positions`` of the scan give it), async runs by the rank's own members (also the fallback
+    when ``total_positions`` is None). A rank with no positions holds its tile and buffers only.
     """
     real_t, complex_t = (np.dtype(t) for t in PRECISIONS[precision])
     r, c = real_t.itemsize, complex_t.itemsize
@@ -87,10 +88,14 @@ def rank_memory(domain: RankDomain, n_slices: int, window_px: int, detector_px: 
 
     batch_cap = batch_limit(batch_size, n_slices, domain.extended.shape, window_px, probe_modes, c)
     labels = minibatch_of(domain.positions, updates_per_iteration)
+    global_sizes = (np.bincount(minibatch_of(np.arange(total_positions), updates_per_iteration),
+                                minlength=updates_per_iteration)
+                    if mode == "sync" and total_positions is not None else None)
     chunk_sizes = set()
     for m in range(updates_per_iteration):  # the line-search subset is chunked apart from the rest (local_gradient)
         members = np.asarray(domain.positions)[labels == m]
-        subset = int(np.count_nonzero(line_search_subset(members, len(members)))) if len(members) else 0
+        n_global = len(members) if global_sizes is None else int(global_sizes[m])
+        subset = int(np.count_nonzero(line_search_subset(members, n_global))) if len(members) else 0
         for count in (subset, len(members) - subset):
             chunk_sizes.update({min(batch_cap, count), count % batch_cap} - {0})
     batch = max(chunk_sizes, default=0)
@@ -118,7 +123,7 @@ def plan_memory(object_shape: tuple[int, int], positions_px: np.ndarray, n_ranks
     """Predicted memory of every rank of a decomposition."""
     domains = decompose(object_shape, positions_px, window_px, n_ranks)
     return [rank_memory(d, n_slices, window_px, detector_px, batch_size, precision, mode, updates_per_iteration,
-                        probe_modes) for d in domains]
+                        probe_modes, total_positions=len(positions_px)) for d in domains]
 
 
 def synthetic_positions(object_shape: tuple[int, int], n_positions: int, window_px: int) -> np.ndarray:
