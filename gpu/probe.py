@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+import numba
 import numpy as np
 
 from ptylive.gpu.backend import empty_aligned, get_array_module
@@ -146,21 +147,41 @@ def fourier_shift(wave: Any, shifts_px: Any) -> Any:
     Returns
     -------
     (B, N, N) complex
-        New, SIMD-aligned array. The adjoint is ``fourier_shift(·, −shifts_px)``.
+        New, SIMD-aligned array. The adjoint is ``fourier_shift(·, −shifts_px)``. Where every shift is
+        exactly zero the shift is the identity: ``wave`` is copied (broadcast), no FFT is done.
     """
     xp = get_array_module(wave)
     n = wave.shape[-1]
     b = len(shifts_px)
     out = empty_aligned(xp, (b, wave.shape[-2], n), wave.dtype)
+    if not get_array_module(shifts_px).any(shifts_px):  # -0.0 counts as zero too (the adjoint's shifts)
+        out[...] = wave
+        return out
     row, col = shift_ramps(xp, n, shifts_px, wave.dtype)
     row *= row.real.dtype.type(1.0 / (n * wave.shape[-2]))  # both FFTs' scale on the small ramp
-    if wave.ndim == 2:  # one probe for every position: transform it once
+    if wave.ndim == 2:  # one probe for every position: transformed once
         spectrum = empty_aligned(xp, wave.shape, wave.dtype)
         spectrum[...] = wave
-        xp.multiply(fft2(spectrum, normalise=False)[None], row[:, :, None], out=out)
-    else:
+        spectrum = fft2(spectrum, normalise=False)[None]
+    else:  # one wave per shift: transformed in place in ``out``
         out[...] = wave
-        fft2(out, normalise=False)
-        out *= row[:, :, None]
-    out *= col[:, None, :]
+        spectrum = fft2(out, normalise=False)
+    if xp is np:
+        _ramped(spectrum, row, col, out)
+    else:
+        xp.multiply(spectrum, row[:, :, None], out=out)
+        out *= col[:, None, :]
     return ifft2(out, normalise=False)
+
+
+@numba.njit(cache=True, nogil=True)
+def _ramped(spectrum: np.ndarray, row: np.ndarray, col: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover
+    """``out[b] = spectrum[b or 0] · row[b, :, None] · col[b, None, :]`` in one pass; ``spectrum`` may be ``out``."""
+    batch, n, m = out.shape
+    one = spectrum.shape[0] == 1
+    for b in range(batch):
+        source = spectrum[0] if one else spectrum[b]
+        for i in range(n):
+            r = row[b, i]
+            for j in range(m):
+                out[b, i, j] = (source[i, j] * r) * col[b, j]

@@ -64,6 +64,24 @@ def test_shift_adjoint_and_integer_shift_is_roll() -> None:
     np.testing.assert_allclose(rolled[0], np.roll(m[0], (2, -3), axis=(0, 1)), atol=1e-12)
 
 
+def test_zero_shifts_copy_the_wave_without_an_fft(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every shift exactly zero (or -0.0, the adjoint's): the wave itself, broadcast, and no transform."""
+    import ptylive.gpu.probe as probe_module
+
+    probe, waves = random_complex(1, 20, 20)[0], random_complex(3, 20, 20)
+    shifted = fourier_shift(probe, np.array([[0.1, 0.0], [0.0, 0.0], [0.0, -0.3]]))  # not all zero: ramps
+    np.testing.assert_allclose(shifted[1], probe, atol=1e-12)
+
+    def no_fft(*_: object, **__: object) -> None:
+        raise AssertionError("an FFT was run for zero shifts")
+
+    monkeypatch.setattr(probe_module, "fft2", no_fft)
+    monkeypatch.setattr(probe_module, "ifft2", no_fft)
+    zeros = np.zeros((3, 2))
+    np.testing.assert_array_equal(fourier_shift(probe, zeros), np.broadcast_to(probe, (3, 20, 20)))
+    np.testing.assert_array_equal(fourier_shift(waves, -zeros), waves)
+
+
 @pytest.mark.parametrize("window, detector", [(16, 16), (24, 12), (32, 16)])
 def test_farfield_adjoint(window: int, detector: int) -> None:
     m, d = random_complex(3, window, window), random_complex(3, detector, detector)
