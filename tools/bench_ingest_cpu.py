@@ -40,7 +40,7 @@ from ptylive.streaming.ingest import BATCH_FRAMES, Ingest, IngestSockets
 from ptylive.streaming.protocol import decode, encode_frame
 from ptylive.streaming.router import Router
 from ptylive.streaming.series import SeriesRegistry
-from ptylive.tools.bench_ingest import N_WORKERS, SEND_TIMEOUT_S, Sender, _read, _series_start, _split_columns, _write
+from ptylive.tools.bench_sender import N_WORKERS, SEND_TIMEOUT_S, Sender, _read, _series_start, _split_columns, _write
 
 CPU_CASES = [(64, 20000), (96, 20000), (128, 10000), (256, 3000), (512, 1000)]
 QUICK_CPU_CASES = [(64, 5000), (96, 5000)]
