@@ -159,34 +159,30 @@ class Receiver:
         self._out.close()
 
 
-def _sink(context: zmq.Context, endpoints: list[str], n: int) -> tuple[int, float]:
-    """Take frames (2-part messages) from every endpoint until ``n`` or the deadline; (frames, last arrival)."""
-    pulls = []
-    poller = zmq.Poller()
+def _sinks(context: zmq.Context, endpoints: list[str]) -> tuple[zmq.Poller, list[zmq.Socket]]:
+    """The workers' stand-ins: a PULL on every endpoint, registered with one poller (the caller closes them)."""
+    pulls, poller = [], zmq.Poller()
     for endpoint in endpoints:
         pull = context.socket(zmq.PULL)
         pull.linger, pull.rcvhwm = 0, 100_000
         pull.connect(endpoint)
         poller.register(pull, zmq.POLLIN)
         pulls.append(pull)
-    return _drain_sinks(poller, pulls, n)
+    return poller, pulls
 
 
-def _drain_sinks(poller: zmq.Poller, pulls: list[zmq.Socket], n: int) -> tuple[int, float]:
+def _drain_sinks(poller: zmq.Poller, n: int) -> tuple[int, float]:
+    """Take frames until ``n`` or the deadline; (frames, last arrival). Starts and ends are skipped."""
     frames, last, deadline = 0, 0.0, time.monotonic() + SEND_TIMEOUT_S
-    try:
-        while frames < n and time.monotonic() < deadline:
-            for pull, _ in poller.poll(100):
-                while True:
-                    try:
-                        parts = pull.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    if len(parts) == 2 or len(parts) >= 5:  # a frame, or a batch of (parts - 1) / 2
-                        frames, last = frames + len(parts) // 2, time.monotonic()
-    finally:
-        for pull in pulls:
-            pull.close()
+    while frames < n and time.monotonic() < deadline:
+        for pull, _ in poller.poll(100):
+            while True:
+                try:
+                    parts = pull.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                if len(parts) == 2 or len(parts) >= 5:  # a frame, or a batch of (parts - 1) / 2
+                    frames, last = frames + len(parts) // 2, time.monotonic()
     return frames, last
 
 
@@ -205,24 +201,26 @@ def cpu_run(context: zmq.Context, sender: Sender, mode: str, side: int,
             frames, cpu_s, _ = receiver.result()
             t_first, t_last, _ = sender.result()
             return cpu_s / max(frames, 1) * 1e6, frames / max(t_last - t_first, 1e-9), frames == n, 0.0
-        pulls: list[zmq.Socket] = []
-        poller = zmq.Poller()
-        for endpoint in receiver.worker_endpoints:
-            pull = context.socket(zmq.PULL)
-            pull.linger, pull.rcvhwm = 0, 100_000
-            pull.connect(endpoint)
-            poller.register(pull, zmq.POLLIN)
-            pulls.append(pull)
+        return _ingest_cpu_run(context, sender, receiver, side, n)
+    finally:
+        receiver.close()
+
+
+def _ingest_cpu_run(context: zmq.Context, sender: Sender, receiver: Receiver, side: int,
+                    n: int) -> tuple[float, float, bool, float]:
+    poller, pulls = _sinks(context, receiver.worker_endpoints)
+    try:
         time.sleep(0.1)  # the sinks connect before the start is broadcast
         receiver.go()
         sender.start(receiver.endpoint, side, n, series=True)
-        got, t_last = _drain_sinks(poller, pulls, n)
-        frames, cpu_s, thread_s = receiver.result()
+        got, t_last = _drain_sinks(poller, n)
+        frames, cpu_s, thread_s = receiver.result()  # the sinks stay open for the series end
         t_first, _, _ = sender.result()
-        return (cpu_s / max(frames, 1) * 1e6, got / max(t_last - t_first, 1e-9), got == n == frames,
-                float(thread_s) / max(frames, 1) * 1e6)
     finally:
-        receiver.close()
+        for pull in pulls:
+            pull.close()
+    return (cpu_s / max(frames, 1) * 1e6, got / max(t_last - t_first, 1e-9), got == n == frames,
+            float(thread_s) / max(frames, 1) * 1e6)
 
 
 def cpu_table(context: zmq.Context, sender: Sender, cases: list[tuple[int, int]]) -> tuple[list[str], dict[int, float]]:
@@ -331,19 +329,12 @@ def scale_run(context: zmq.Context, sender: Sender, k: int, side: int, n: int) -
     """``k`` ingest processes behind one binding PUSH: (aggregate frames/s, mean µs CPU per frame, delivered)."""
     endpoint = _free_endpoint()
     receivers = [Receiver("ingest", side, n, connect_to=endpoint) for _ in range(k)]
+    poller, pulls = _sinks(context, [e for receiver in receivers for e in receiver.worker_endpoints])
     try:
-        poller, pulls = zmq.Poller(), []
-        for receiver in receivers:
-            for worker_endpoint in receiver.worker_endpoints:
-                pull = context.socket(zmq.PULL)
-                pull.linger, pull.rcvhwm = 0, 100_000
-                pull.connect(worker_endpoint)
-                poller.register(pull, zmq.POLLIN)
-                pulls.append(pull)
         for receiver in receivers:
             receiver.go()
         sender.start(endpoint, side, n, bind=True, peers_wait_s=0.5)
-        got, t_last = _drain_sinks(poller, pulls, n)
+        got, t_last = _drain_sinks(poller, n)
         for receiver in receivers:
             receiver.stop()
         results = [receiver.result() for receiver in receivers]
@@ -351,6 +342,8 @@ def scale_run(context: zmq.Context, sender: Sender, k: int, side: int, n: int) -
     finally:
         for receiver in receivers:
             receiver.close()
+        for pull in pulls:
+            pull.close()
     cpu_us = sum(r[1] for r in results) / max(got, 1) * 1e6
     return got / max(t_last - t_first, 1e-9), cpu_us, got == n and sum(r[0] for r in results) == n
 
