@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
 import msgpack
@@ -132,14 +131,20 @@ class Frame:
             raise ValueError(f"compressed frame needs an encoding in {ENCODINGS}, a 2-D shape and a dtype in "
                              f"{DTYPES}; got {self.encoding!r}, {self.shape}, {self.dtype!r}")
 
-    @cached_property
+    @property
     def pixels(self) -> np.ndarray:
-        """(rows, cols) read-only pixels; decoding a compressed frame raises CompressionError if it is corrupt."""
+        """(rows, cols) read-only pixels; decoding a compressed frame raises CompressionError if it is corrupt.
+
+        A compressed frame is decoded once, on first use, and kept (``_pixels``); a plain property rather than
+        ``functools.cached_property``, which on Python 3.11 takes a lock on every first access, per frame."""
         if self.encoding == "raw":
             return self.payload  # type: ignore[no-any-return]
-        pixels = decompress(self.payload, self.encoding, self.shape, self.dtype)
-        pixels.flags.writeable = False
-        return pixels
+        pixels = self.__dict__.get("_pixels")
+        if pixels is None:
+            pixels = decompress(self.payload, self.encoding, self.shape, self.dtype)
+            pixels.flags.writeable = False
+            self.__dict__["_pixels"] = pixels  # a frozen dataclass: its __dict__ is the cache
+        return pixels  # type: ignore[no-any-return]
 
     @property
     def nbytes(self) -> int:
@@ -266,7 +271,7 @@ def decode(parts: list[Any], verify_framing: bool = True) -> Message:
     if raw_header.nbytes > MAX_START_BYTES:
         raise ProtocolError("header_too_large", f"{raw_header.nbytes} bytes > {MAX_START_BYTES}")
     try:
-        header = msgpack.unpackb(raw_header, raw=False, strict_map_key=True, use_list=True)
+        header = msgpack.unpackb(raw_header)  # msgpack >= 1.0 defaults: raw=False, strict_map_key, use_list
     except Exception as exc:  # noqa: BLE001 - msgpack raises several types for bad input
         raise ProtocolError("not_msgpack", f"header does not decode: {type(exc).__name__}") from None
     if not isinstance(header, dict):

@@ -113,12 +113,12 @@ def test_a_compressed_ptylive_frame_is_decoded_lazily() -> None:
     assert len(parts[1]) < pixels.nbytes
     frame = decode(parts)
     assert isinstance(frame, Frame) and frame.encoding == "bslz4" and frame.shape == (32, 32)
-    assert "pixels" not in vars(frame)  # nothing decoded yet
+    assert "_pixels" not in vars(frame)  # nothing decoded yet
     view = frame.header_view()
     assert view.pixels.shape == (32, 32) and view.pixels.dtype == np.uint16 and view.nbytes == pixels.nbytes
     assert view.pixels.strides == (0, 0)  # a placeholder, not the pixels
     np.testing.assert_array_equal(frame.pixels, pixels)
-    assert not frame.pixels.flags.writeable
+    assert not frame.pixels.flags.writeable and frame.pixels is vars(frame)["_pixels"]  # decoded once, kept
 
 
 def test_a_ptylive_frame_with_a_broken_block_chain_is_rejected_as_corrupt_payload() -> None:
