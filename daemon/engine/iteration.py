@@ -40,8 +40,17 @@ from ptylive.daemon.engine.exchange.protocols import AsyncExchange, SyncExchange
 from ptylive.daemon.engine.options import EngineOptions
 from ptylive.daemon.engine.positions import PositionCorrection, residual_noise
 from ptylive.daemon.engine.step import StepControl, finite_sum, line_search_subset, measure_step, trial_loss
+from ptylive.daemon.engine.sweep import (
+    WHOLE,
+    GradientWorkspace,
+    Region,
+    disjoint_cover,
+    exchange_boxes,
+    regions_max,
+    windows_box,
+)
 from ptylive.daemon.engine.tile import TileState, batch_positions
-from ptylive.gpu.backend import get_array_module, to_numpy, zeros_aligned
+from ptylive.gpu.backend import get_array_module, to_numpy
 from ptylive.gpu.depth import add_depth_gradient, depth_weight
 from ptylive.gpu.loss import fit_intensity_scale, measured_target
 from ptylive.gpu.multislice import forward, loss_and_gradient
@@ -126,7 +135,7 @@ class MinibatchGradient:
 def local_gradient(
     state: TileState, options: EngineOptions, members: np.ndarray,
     between_batches: Callable[[], None] | None = None, n_first: int = 0,
-    positions: PositionCorrection | None = None,
+    positions: PositionCorrection | None = None, workspace: GradientWorkspace | None = None,
 ) -> MinibatchGradient:
     """Loss, object gradient, illumination and probe gradient of some of this rank's positions.
 
@@ -137,11 +146,16 @@ def local_gradient(
         ``n_first`` form chunks of their own so their loss is reported apart.
     positions : PositionCorrection or None
         When given, each member's position gradient and curvature are written into it.
+    workspace : GradientWorkspace or None
+        Where the tile-sized gradient and illumination come from (zero); None: allocated.
     """
     xp = get_array_module(state.volume)
     window = state.probe.shape[-1]
-    gradient = zeros_aligned(xp, state.volume.shape, state.volume.dtype)
-    illumination = xp.zeros(state.volume.shape, state.volume.real.dtype)
+    if workspace is None:
+        gradient = xp.zeros(state.volume.shape, state.volume.dtype)
+        illumination = xp.zeros(state.volume.shape, state.volume.real.dtype)
+    else:
+        gradient, illumination = workspace.begin()
     probe_gradient = xp.zeros_like(state.probe) if options.refine_probe else None
     total = subset_total = 0.0
     size = batch_positions(state, options.batch_size)
@@ -194,19 +208,49 @@ def regularise_depth(gradient: Any, volume: Any, illumination: Any, floor: float
 
 
 def take_step(state: TileState, options: EngineOptions, control: StepControl, subset: np.ndarray,
-              gradient: MinibatchGradient, direction: Any, reduce: Callable[[np.ndarray], np.ndarray]) -> Any:
+              gradient: MinibatchGradient, direction: Any, reduce: Callable[[np.ndarray], np.ndarray],
+              regions: list[Region] = WHOLE) -> Any:
     """Scale ``direction`` (Δ, the update at step 1) in place by the step of :mod:`.step`; returns it.
 
     ``reduce`` sums the line-search numbers over the ranks that share the step (every rank in
-    ``sync`` mode; the identity in ``async`` mode). A rejected update comes back as zeros.
+    ``sync`` mode; the identity in ``async`` mode). A rejected update comes back as zeros. Only
+    ``regions`` of ``direction`` are checked and scaled (:mod:`.sweep`: it is zero elsewhere).
     """
-    alpha = measure_step(control, gradient.subset_loss, finite_sum(direction),
+    finite = all(finite_sum(direction[:, rows, cols]) for rows, cols in regions)
+    alpha = measure_step(control, gradient.subset_loss, finite,
                          partial(trial_loss, state, options, subset, direction), reduce)
-    if alpha == 0.0:
-        direction[...] = 0
-    else:
-        direction *= direction.real.dtype.type(alpha)
+    for rows, cols in regions:
+        part = direction[:, rows, cols]
+        if alpha == 0.0:
+            part[...] = 0
+        else:
+            part *= part.real.dtype.type(alpha)
     return direction
+
+
+def update_regions(state: TileState, members: np.ndarray, options: EngineOptions, workspace: GradientWorkspace,
+                   neighbours: bool) -> list[Region]:
+    """Where an update of ``members`` sweeps (:mod:`.sweep`): their windows' box, with ``neighbours`` (sync)
+    also the exchange regions; the whole tile for a run's first update and with the depth penalty."""
+    if not workspace.constrained or options.depth_regularisation > 0:
+        return WHOLE
+    boxes = [windows_box(state.starts[members], state.probe.shape[-1])]
+    return disjoint_cover(boxes + exchange_boxes(state.domain) if neighbours else boxes)
+
+
+def precondition(gradient: Any, illumination: Any, floor: float, regions: list[Region]) -> Any:
+    """:func:`~ptylive.gpu.update.object_update` at step 1 over ``regions``; returns ``gradient`` (now Δ)."""
+    for rows, cols in regions:
+        object_update(gradient[:, rows, cols], illumination[:, rows, cols], floor, 1.0)
+    return gradient
+
+
+def apply_update(volume: Any, update: Any, regions: list[Region], max_amplitude: float | None) -> None:
+    """``volume += update`` and the amplitude constraint, over ``regions``."""
+    for rows, cols in regions:
+        target = volume[:, rows, cols]
+        target += update[:, rows, cols]
+        constrain(target, max_amplitude)
 
 
 def ordered_for_line_search(state: TileState, members: np.ndarray, n_global: int) -> tuple[np.ndarray, int]:
@@ -261,16 +305,18 @@ def finish_positions(state: TileState, correcting: PositionCorrection | None, ex
 def run_sync(state: TileState, exchanger: SyncExchange, options: EngineOptions,
              on_iteration: Callable[[int, float, float], None] | None = None,
              on_exact_update: Callable[[int, int], None] | None = None,
-             between_batches: Callable[[], None] | None = None) -> EngineReport:
+             between_batches: Callable[[], None] | None = None,
+             workspace: GradientWorkspace | None = None) -> EngineReport:
     """Synchronous iterations: exact totals at every update (any number of ranks).
 
     ``on_exact_update(minibatch, step)`` runs after each update (async mode uses
     its sync warm-up iteration to learn every neighbour's illumination). ``between_batches`` runs between
     chunks of every local gradient (a stop check: an exception it raises leaves the tile as the last
     update left it; in sync mode every rank must raise at the same point, or the others wait in the
-    next collective).
+    next collective). ``workspace``: the run's gradient arrays (:mod:`.sweep`), made here when None.
     """
     report = EngineReport()
+    workspace = GradientWorkspace(state.volume) if workspace is None else workspace
     batches = minibatches(state, options)
     n_positions = float(exchanger.allreduce_sum(np.array([float(len(state.starts))]))[0])
     xp = get_array_module(state.volume)
@@ -284,17 +330,17 @@ def run_sync(state: TileState, exchanger: SyncExchange, options: EngineOptions,
         correcting = begin_positions(state, iteration)
         now = options_at(options, iteration)
         for m, (members, n_subset) in enumerate(ordered):
+            sweep = update_regions(state, members, options, workspace, neighbours=True)
             found = local_gradient(state, now, members, between_batches=between_batches, n_first=n_subset,
-                                   positions=correcting)
+                                   positions=correcting, workspace=workspace)
             gradient, illumination = exchanger.reduce_gradients(found.gradient, found.illumination)
             if iteration == 0:  # fixed per mini-batch after the first pass: the same on every rank
                 floors[m] = options.illumination_floor * float(
-                    exchanger.allreduce_max(np.array([float(illumination.max())]))[0])
+                    exchanger.allreduce_max(np.array([regions_max(illumination, sweep)]))[0])
             regularise_depth(gradient, state.volume, illumination, floors[m], options.depth_regularisation)
-            direction = object_update(gradient, illumination, floors[m], 1.0)
-            state.volume += take_step(state, options, control, members[:n_subset], found, direction,
-                                      exchanger.allreduce_sum)
-            constrain(state.volume, options.max_amplitude)
+            direction = precondition(gradient, illumination, floors[m], sweep)
+            take_step(state, options, control, members[:n_subset], found, direction, exchanger.allreduce_sum, sweep)
+            apply_update(state.volume, direction, sweep, options.max_amplitude)
             if on_exact_update is not None:
                 on_exact_update(m, iteration * len(batches) + m)
             if found.probe_gradient is not None:
@@ -302,7 +348,8 @@ def run_sync(state: TileState, exchanger: SyncExchange, options: EngineOptions,
                 step_probe(state.probe, (0.5 * options.probe_step_size * options.updates_per_iteration / n_positions)
                            * total)
             loss += found.loss
-            del found, gradient, illumination, direction  # before the next mini-batch allocates its own
+            workspace.end(sweep)
+            del found, gradient, illumination, direction
         report.loss_history.append(float(exchanger.allreduce_sum(np.array([loss]))[0]))
         control.end_iteration(report.loss_history[-1] / n_positions)
         finish_positions(state, correcting, exchanger, options, report.loss_history[-1] / n_positions)
@@ -314,7 +361,8 @@ def run_sync(state: TileState, exchanger: SyncExchange, options: EngineOptions,
 def async_update(state: TileState, exchanger: AsyncExchange, options: EngineOptions, control: StepControl,
                  members: np.ndarray, minibatch: int, step: int, floor: float | None,
                  positions: PositionCorrection | None = None,
-                 between_batches: Callable[[], None] | None = None) -> tuple[float, Any, float]:
+                 between_batches: Callable[[], None] | None = None,
+                 workspace: GradientWorkspace | None = None) -> tuple[float, Any, float]:
     """One asynchronous update of the tile: the step offline async and the streaming workers share.
 
     The local gradient of ``members`` (this rank's positions of global mini-batch ``minibatch``),
@@ -335,6 +383,9 @@ def async_update(state: TileState, exchanger: AsyncExchange, options: EngineOpti
     between_batches : callable or None
         Also called between chunks of the gradient (after the exchange's progress); an exception it raises
         leaves the tile as it was (the update is not applied, nothing is pushed).
+    workspace : GradientWorkspace or None
+        The run's gradient arrays (:mod:`.sweep`): the update then sweeps only its own windows' box. None:
+        fresh arrays, and the whole tile is swept (as every update of a run's first does).
 
     Returns
     -------
@@ -352,7 +403,11 @@ def async_update(state: TileState, exchanger: AsyncExchange, options: EngineOpti
         if between_batches is not None:
             between_batches()
 
-    found = local_gradient(state, options, members, between_batches=between, n_first=n_subset, positions=positions)
+    owned = workspace is not None
+    workspace = GradientWorkspace(state.volume) if workspace is None else workspace
+    sweep = update_regions(state, members, options, workspace, neighbours=False)  # neighbours' updates: progress()
+    found = local_gradient(state, options, members, between_batches=between, n_first=n_subset, positions=positions,
+                           workspace=workspace)
     own = found.illumination
     total = exchanger.total_illumination(own, minibatch)
     illumination_max = float(total.max())
@@ -361,12 +416,13 @@ def async_update(state: TileState, exchanger: AsyncExchange, options: EngineOpti
     regularise_depth(found.gradient, state.volume, total, floor, options.depth_regularisation,
                      own=state.domain.tile.relative_to(state.domain.extended))
     update = take_step(state, options, control, members[:n_subset], found,
-                       object_update(found.gradient, total, max(floor, 1e-30), 1.0), np.asarray)
-    state.volume += update
-    constrain(state.volume, options.max_amplitude)
+                       precondition(found.gradient, total, max(floor, 1e-30), sweep), np.asarray, sweep)
+    apply_update(state.volume, update, sweep, options.max_amplitude)
     exchanger.push(update, own, step, minibatch)
     exchanger.progress(state.volume, step)
     exchanger.enforce_staleness(state.volume, step)
+    if owned:
+        workspace.end(sweep)
     return found.loss, found.probe_gradient, illumination_max
 
 
@@ -420,8 +476,10 @@ def run_async(state: TileState, exchanger: AsyncExchange, options: EngineOptions
     """
     batches = minibatches(state, options)
     warm_up = replace(options, iterations=1)
+    workspace = GradientWorkspace(state.volume)
     report = run_sync(state, exchanger, warm_up, on_iteration,
-                      on_exact_update=exchanger.remember_neighbour_illumination, between_batches=between_batches)
+                      on_exact_update=exchanger.remember_neighbour_illumination, between_batches=between_batches,
+                      workspace=workspace)
     local_losses = list(report.loss_history)  # iteration 0 is exact: already a global sum
     control = report.step_control
     assert control is not None  # run_sync made it
@@ -436,7 +494,7 @@ def run_async(state: TileState, exchanger: AsyncExchange, options: EngineOptions
             step = iteration * len(batches) + m
             part, probe_gradient, _ = async_update(state, exchanger, options_at(options, iteration), control,
                                                    members, m, step, report.floors[m], correcting,
-                                                   between_batches=between_batches)
+                                                   between_batches=between_batches, workspace=workspace)
             if probe_gradient is not None and probe_gradient_sum is None:
                 probe_gradient_sum = probe_gradient
             elif probe_gradient is not None:
