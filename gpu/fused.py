@@ -52,12 +52,14 @@ def _detector_amplitude(spectrum: np.ndarray, target: np.ndarray, scale: float,
                 r, ti = starts_fft[rb] + i, starts_det[rb] + i
                 for cb in range(2):
                     c0, tj0 = starts_fft[cb], starts_det[cb]
-                    for j in range(lengths[cb]):
-                        z = spectrum[b, r, c0 + j] * scale
-                        amplitude = np.sqrt(z.real * z.real + z.imag * z.imag + delta2)
-                        residual = amplitude - target[b, ti, tj0 + j]
+                    row, target_row = spectrum[b, r, c0:c0 + lengths[cb]], target[b, ti, tj0:tj0 + lengths[cb]]
+                    for j in range(lengths[cb]):  # real arithmetic in the spectrum's precision (no double literal)
+                        re, im = row[j].real * scale, row[j].imag * scale
+                        amplitude = np.sqrt(re * re + im * im + delta2)
+                        residual = amplitude - target_row[j]
                         total += residual * residual
-                        spectrum[b, r, c0 + j] = z * (2.0 * residual / amplitude * scale)
+                        factor = (residual + residual) / amplitude * scale
+                        row[j] = complex(re * factor, im * factor)
         if detector < n:  # frequencies beyond the detector get no gradient
             for r in range(n):
                 on_row = r < detector - half or r >= n - half
