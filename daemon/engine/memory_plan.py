@@ -11,8 +11,8 @@ The model counts the arrays the engine allocates (see :mod:`.iteration`, :mod:`.
 * exchange buffers: sized by the overlaps' area. Sync: send and receive of one round of slices
   (:func:`~.exchange.sync.slices_per_round`, about 256 KiB per region however deep the object). Async adds the
   method's three buffers (accumulated updates over the whole depth; send and receive of one round),
-  the staged own illumination, each neighbour's latest illumination per mini-batch and that of the
-  blocking first iteration, each over the whole depth;
+  each neighbour's latest illumination per mini-batch (and, with several mini-batches, that of the
+  blocking first iteration) over the whole depth, and the staged own illumination once over the tile;
 * frames: the rank's measured patterns, real;
 * batch workspace: the stored waves of a batch, ``K·S·B·N²`` complex, with ``B`` from
   :func:`~.tile.batch_limit` (the workspace shrinks with the tile), a few (B, N, N) and (B, D, D)
@@ -82,7 +82,9 @@ def rank_memory(domain: RankDomain, n_slices: int, window_px: int, detector_px: 
     rounds = [2 * 3 * slices_per_round(box.size, n_slices, r) * box.size * r for _, box in domain.neighbours]
     buffers = sum(rounds)  # sync: send + receive of one round per region
     if mode == "async":  # the same again for the async send/receive; accumulated, staged, per-mini-batch, exact
-        buffers += sum(rounds) + overlap * (c + (updates_per_iteration + 2) * r)
+        exact = overlap * r if updates_per_iteration > 1 else 0  # with one mini-batch it lands in place
+        staged = voxels * r if domain.neighbours else 0  # the own illumination, once over the tile
+        buffers += sum(rounds) + overlap * (c + updates_per_iteration * r) + exact + staged
     from ptylive.daemon.engine.iteration import minibatch_of
     from ptylive.daemon.engine.step import line_search_subset
 

@@ -54,6 +54,9 @@ ARRAYS = ("tile", "probe", "positions_px", "positions_nominal_px")  # a final me
 STATE_SUBFOLDER = ".ptylive-state"  # in the results folder, when [service] state_folder is unset
 #: Rank 0's state-folder operations that can fail (label ``kind`` of ``ptylive_checkpoint_failures_total``).
 FOLDER_OPERATIONS = ("remove",)
+#: Every ``kind`` of ``ptylive_checkpoint_failures_total``: rank 0's operations, and the workers' ``write``s
+#: (counted on each worker, carried in its heartbeats' ``checkpoint_failures``).
+FAILURE_KINDS = (*FOLDER_OPERATIONS, "write")
 
 
 @dataclass(frozen=True, eq=False)
@@ -196,6 +199,14 @@ def _final_written_after(output_folder: Path, series_id: str, since_s: float) ->
         except OSError:
             continue
     return None
+
+
+def checkpoint_status(folder_failures: dict[str, int], worker_reports: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """``/status`` ``checkpoints``: failures by kind (``remove`` on rank 0, ``write`` summed over the workers),
+    and ``write_failures`` per worker as of its last heartbeat (a worker not heard from yet is absent)."""
+    per_worker = {worker: int(report.get("checkpoint_failures", 0))
+                  for worker, report in sorted(worker_reports.items())}
+    return {"failures": {**folder_failures, "write": sum(per_worker.values())}, "write_failures": per_worker}
 
 
 class CheckpointFolder:

@@ -49,6 +49,7 @@ class WorkerReport(TypedDict):
     wait_fraction: float
     memory_host_bytes: int
     memory_gpu_bytes: int
+    checkpoint_failures: int
 
 
 class HeartbeatHeader(WorkerReport):

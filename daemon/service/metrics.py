@@ -25,7 +25,7 @@ from prometheus_client.registry import Collector
 import ptylive
 from ptylive.daemon.engine.memory_plan import host_memory_bytes
 from ptylive.daemon.http.access import REFUSAL_REASONS
-from ptylive.daemon.service.checkpoints import FOLDER_OPERATIONS
+from ptylive.daemon.service.checkpoints import FAILURE_KINDS
 from ptylive.daemon.service.final_writer import WRITE_OUTCOMES
 
 logger = logging.getLogger(__name__)
@@ -171,19 +171,32 @@ class DaemonMetrics:
         for reason in REFUSAL_REASONS:  # every reason exported from the start, at 0
             self.http_refused.labels(reason)
         self.checkpoint_failures = Counter("ptylive_checkpoint_failures",
-                                           "Rank 0's failed operations on the checkpoint state folder, by kind.",
+                                           "Failed operations on the checkpoint state folder, by kind: remove "
+                                           "(rank 0), write (the workers' checkpoints, from their heartbeats).",
                                            ["kind"], registry=registry)
-        for operation in FOLDER_OPERATIONS:
-            self.checkpoint_failures.labels(operation)
+        for kind in FAILURE_KINDS:
+            self.checkpoint_failures.labels(kind)
+        self._checkpoint_writes_failed: dict[int, int] = {}  # worker -> its heartbeats' count, as last counted
         build = Gauge("ptylive_build_info", "Build information (always 1).", ["version", "python"], registry=registry)
         build.labels(ptylive.__version__, platform.python_version()).set(1)
         registry.register(SnapshotCollector(snapshot))
 
     def observe_report(self, worker: int, report: dict[str, Any]) -> None:
-        """A worker heartbeat: its new iteration durations go into the histogram."""
+        """A worker heartbeat: its new iteration durations go into the histogram, its new checkpoint write
+        failures into ``ptylive_checkpoint_failures_total{kind="write"}`` (collector thread)."""
         histogram = self.iteration_duration.labels(str(worker + 1))
         for seconds in report.get("iteration_s", ()):
             histogram.observe(float(seconds))
+        self._count_checkpoint_writes(worker, int(report.get("checkpoint_failures", 0)))
+
+    def _count_checkpoint_writes(self, worker: int, failed: int) -> None:
+        """Add what a worker's cumulative ``checkpoint_failures`` grew by since its previous heartbeat (a count
+        that went down is a new worker process: all of it is new)."""
+        before = self._checkpoint_writes_failed.get(worker, 0)
+        new = failed - before if failed >= before else failed
+        self._checkpoint_writes_failed[worker] = failed
+        if new > 0:
+            self.checkpoint_failures.labels("write").inc(new)
 
     def count_refused(self, reason: str) -> None:
         """A request the HTTP server refused (HTTP thread); ``reason`` is one of ``access.REFUSAL_REASONS``."""

@@ -29,7 +29,7 @@ from ptylive.daemon.engine.geometry import SeriesGeometry, series_geometry
 from ptylive.daemon.engine.memory_plan import rank_memory
 from ptylive.daemon.http.access import ControlAccess
 from ptylive.daemon.http.server import Providers, StatusServer
-from ptylive.daemon.service.checkpoints import CheckpointFolder, state_folder
+from ptylive.daemon.service.checkpoints import CheckpointFolder, checkpoint_status, state_folder
 from ptylive.daemon.service.collector import Collector, CollectorHooks
 from ptylive.daemon.service.config import DaemonConfig, apply_overrides, control_token
 from ptylive.daemon.service.final_writer import FinalWriter
@@ -196,7 +196,7 @@ class Rank0:
                 "frames_expected": current["n_expected"] if current else None,
                 "series_id": current["series_id"] if current else collected["series_id"],
                 "threads": self.threads(), "ok": self.healthy(),
-                "checkpoints": {"failures": dict(self.checkpoints.failures)}}
+                "checkpoints": checkpoint_status(self.checkpoints.failures, collected["worker_reports"])}
 
     def threads(self) -> dict[str, str]:
         """Rank 0's threads: ``running``, ``stopped`` (not started, or stopped cleanly) or ``dead: <exception>``."""

@@ -79,7 +79,6 @@ class Worker:
         self._heartbeat_due = 0.0
         self._preview_due = 0.0
         self._checkpoint_due = 0.0
-        self.checkpoint_failures = 0
         self._running: str | None = None
         self.stats = WorkerStats(settings.backend)
         self._run: tuple[StreamRun, Consensus] | None = None
@@ -236,7 +235,9 @@ class Worker:
 
     def _maybe_checkpoint(self, run: StreamRun, consensus: Consensus, slot: SeriesSlot) -> None:
         """Save the tile as the final it would send now, every ``checkpoint_interval_s`` (rank 0 recovers it
-        after a crash: :mod:`ptylive.daemon.service.checkpoints`). A failed write is logged; refinement goes on."""
+        after a crash: :mod:`ptylive.daemon.service.checkpoints`). A failed write is logged and counted
+        (``stats.checkpoint_failures``, in every heartbeat: rank 0's ``/status`` and metrics); refinement goes on,
+        the previous checkpoint standing."""
         s, now = self.settings, time.monotonic()
         if s.checkpoint_folder is None or not s.checkpoint_interval_s or now < self._checkpoint_due:
             return
@@ -249,9 +250,9 @@ class Worker:
         try:
             write_checkpoint(path, checkpoint)
         except OSError as exc:
-            self.checkpoint_failures += 1
+            self.stats.checkpoint_failures += 1
             logger.error("worker %d: checkpoint %s not written (%d failures so far): %s", s.worker, path,
-                         self.checkpoint_failures, exc)
+                         self.stats.checkpoint_failures, exc)
             return
         logger.debug("worker %d: checkpoint of %r at iteration %d in %.3f s", s.worker, slot.start.series_id,
                      run.iterations, time.perf_counter() - began)

@@ -22,6 +22,7 @@ class WorkerStats:
     finished: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
         ("iterations", "exchange_bytes", "exchange_wait_s", "consensus_wait_s", "busy_s", "series"), 0.0))
     rejected: dict[str, int] = field(default_factory=dict)  # frames dropped on this worker, finished series
+    checkpoint_failures: int = 0  # checkpoint writes that failed, all series (rank 0 shows them: /status, metrics)
     _reported_iterations: int = 0
 
     @staticmethod
@@ -31,7 +32,8 @@ class WorkerStats:
                 "consensus_wait_s": consensus.wait_s, "busy_s": sum(run.iteration_s), "series": 0}
 
     def report(self, run: StreamRun | None, consensus: Consensus | None) -> WorkerReport:
-        """Heartbeat fields: ``totals`` (cumulative), ``iteration_s`` (new since the last report), gauges."""
+        """Heartbeat fields: ``totals`` (cumulative), ``iteration_s`` (new since the last report), gauges, and
+        ``checkpoint_failures`` (cumulative)."""
         current = self._of(run, consensus) if run is not None and consensus is not None else {}
         totals = {k: v + current.get(k, 0.0) for k, v in self.finished.items()}
         new: list[float] = []
@@ -48,7 +50,8 @@ class WorkerStats:
         return {"totals": totals, "iteration_s": new, "loss_per_frame": per_frame, "frames_rejected": rejected,
                 "staleness_max": max(staleness, default=0),
                 "wait_fraction": (totals["exchange_wait_s"] + totals["consensus_wait_s"]) / busy if busy else 0.0,
-                "memory_host_bytes": host_memory_bytes(), "memory_gpu_bytes": gpu_memory_bytes(self.backend)}
+                "memory_host_bytes": host_memory_bytes(), "memory_gpu_bytes": gpu_memory_bytes(self.backend),
+                "checkpoint_failures": self.checkpoint_failures}
 
     def finish(self, run: StreamRun, consensus: Consensus) -> None:
         """Fold a finished series into the totals (call after its last report)."""
