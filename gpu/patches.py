@@ -220,6 +220,7 @@ class SliceWindows:
                     _extract_plane_trial(self.volume[s], self.direction[s], real(self.step), self.starts,
                                          real(self.max_amplitude), out)
             return out
+        assert self._grids is not None  # made in __init__ for every array module but numpy
         rows, cols = self._grids
         out[...] = self.volume[s][rows, cols]
         if self.direction is not None:

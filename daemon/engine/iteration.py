@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from ptylive.daemon.engine.decomposition import Box
 from ptylive.daemon.engine.exchange.protocols import AsyncExchange, SyncExchange
 from ptylive.daemon.engine.options import EngineOptions
 from ptylive.daemon.engine.positions import PositionCorrection, residual_noise
@@ -234,8 +235,10 @@ def update_regions(state: TileState, members: np.ndarray, options: EngineOptions
     also the exchange regions; the whole tile for a run's first update and with the depth penalty."""
     if not workspace.constrained or options.depth_regularisation > 0:
         return WHOLE
-    boxes = [windows_box(state.starts[members], state.probe.shape[-1])]
-    return disjoint_cover(boxes + exchange_boxes(state.domain) if neighbours else boxes)
+    boxes: list[Box | None] = [windows_box(state.starts[members], state.probe.shape[-1])]
+    if neighbours:
+        boxes.extend(exchange_boxes(state.domain))
+    return disjoint_cover(boxes)
 
 
 def precondition(gradient: Any, illumination: Any, floor: float, regions: list[Region]) -> Any:

@@ -10,9 +10,9 @@ from ptylive.gpu.backend import empty_aligned
 from ptylive.gpu.fft import fft2
 from ptylive.gpu.loss import measured_target
 from ptylive.gpu.multislice import (
-    _slice_curvature_arrays,
     _shift_gradient,
     _shift_gradient_arrays,
+    _slice_curvature_arrays,
     forward,
     loss_and_gradient,
     position_curvature,

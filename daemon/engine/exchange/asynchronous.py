@@ -99,7 +99,8 @@ class AsyncExchanger(SyncExchanger):
     def _send_round(self, i: int, last: bool = False) -> None:
         """Send the next round of region ``i``'s flush (starting one if idle); ``last`` flags a flush's final round."""
         step, minibatch = self.staged[i]
-        first = 0 if self.cursor[i] is None else self.cursor[i]
+        cursor = self.cursor[i]
+        first = 0 if cursor is None else cursor
         if first == 0:
             self.pending[i] = False  # this flush takes everything accumulated so far (and what comes meanwhile)
         depth = slice(first, min(first + self.round_slices[i], self.n_slices))
