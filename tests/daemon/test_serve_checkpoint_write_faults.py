@@ -53,16 +53,19 @@ def test_a_worker_whose_checkpoints_fail_is_reported_on_rank_0_and_its_series_st
         final = listener.wait_final(SERIES)
         assert final["status"] == "complete", final
 
-        status: dict[str, Any] = wait_for(
-            lambda: (s := get_json(http + "status"))["checkpoints"]["write_failures"].get("1") and s, 30,
-            "worker 1's checkpoint write failures in /status")
+        def reported() -> dict[str, Any] | None:  # the removal runs on the collector after the final's announcement
+            status = get_json(http + "status")
+            checkpoints = status["checkpoints"]
+            return status if checkpoints["write_failures"].get("1") and checkpoints["failures"]["remove"] else None
+
+        status: dict[str, Any] = wait_for(reported, 30, "worker 1's write failures and the removal's in /status")
         checkpoints = status["checkpoints"]
         failed = checkpoints["write_failures"]["1"]
         assert failed >= 2, checkpoints  # every 0.2 s for the whole series, not once
         assert checkpoints["write_failures"]["0"] == 0, checkpoints  # worker 0's checkpoints were written
         assert checkpoints["failures"]["write"] == sum(checkpoints["write_failures"].values()), checkpoints
         assert status["worker_reports"]["1"]["checkpoint_failures"] == failed
-        # The blocker cannot be removed either once the file is written: counted, and the collector lives on.
+        # The blocker cannot be removed either once the file is written: counted once, and the collector lives on.
         assert checkpoints["failures"]["remove"] == 1, checkpoints
         assert status["threads"]["collector"] == "running", status["threads"]
         wait_for(lambda: checkpoint_write_failures(http + "metrics") == get_json(http + "status")["checkpoints"][
