@@ -44,6 +44,7 @@ from ptylive.daemon.engine.iteration import (
 )
 from ptylive.daemon.engine.options import EngineOptions
 from ptylive.daemon.engine.step import StepControl
+from ptylive.daemon.engine.sweep import GradientWorkspace
 from ptylive.daemon.engine.tile import TileState
 from ptylive.daemon.worker.frames import FrameStore
 from ptylive.gpu.backend import get_array_module, to_numpy
@@ -93,6 +94,8 @@ class StreamRun:
     step_control: StepControl = field(init=False)
     probe_frames: float = 1.0
     placed: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # rows whose window the tile took
+    # the run's gradient arrays, kept between updates so each sweeps only what it touched (engine.sweep)
+    workspace: GradientWorkspace | None = None
 
     def __post_init__(self) -> None:
         self.step_control = StepControl.from_options(self.options)
@@ -191,13 +194,15 @@ def _iterate(run: StreamRun, drain: Callable[[], None], n_frames: float) -> floa
         if run.flags.stop_level:
             raise StopRequested
 
+    if run.workspace is None or run.workspace.gradient.shape != state.volume.shape:
+        run.workspace = GradientWorkspace(state.volume)
     for m in range(options.updates_per_iteration):
         step = run.step + m
         members = np.flatnonzero(usable & (run.labels == m))
         try:
             part, probe_gradient, run.illumination_max[m] = async_update(
                 state, exchanger, options, run.step_control, members, m, step, run.floors[m],
-                positions=correcting, between_batches=stop_between_batches)
+                positions=correcting, between_batches=stop_between_batches, workspace=run.workspace)
         except StopRequested:  # the unfinished update is dropped; the iteration's collectives still match
             logger.info("stop requested: iteration %d ended after %d of %d updates", run.iterations, m,
                         options.updates_per_iteration)
