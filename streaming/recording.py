@@ -46,6 +46,29 @@ def sidecar(path: str | Path) -> Path:
     return path.with_name(path.name + SIDECAR_SUFFIX)
 
 
+def kept_name(path: Path, when: float) -> Path:
+    """``<name>.<UTC time>`` beside ``path``, with a counter where that name is taken."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(when))
+    candidate, n = path.with_name(f"{path.name}.{stamp}"), 1
+    while candidate.exists() or sidecar(candidate).exists():
+        candidate, n = path.with_name(f"{path.name}.{stamp}-{n}"), n + 1
+    return candidate
+
+
+def keep_previous(path: Path) -> Path | None:
+    """Rename a non-empty recording at ``path`` (and its sidecar) out of the way; returns its new name, or None."""
+    try:
+        if path.stat().st_size == 0:
+            return None
+    except FileNotFoundError:
+        return None
+    target = kept_name(path, path.stat().st_mtime)
+    path.rename(target)
+    if sidecar(path).exists():
+        sidecar(path).rename(sidecar(target))
+    return target
+
+
 class RecordingWriter:
     """Writes messages to ``path`` (and their part counts to the sidecar); a context manager."""
 
@@ -175,8 +198,17 @@ class Recorder:
 
     @classmethod
     def open(cls, path: str | Path | None) -> Recorder | None:
-        """A recorder for ``path``; None for an empty path (no recording)."""
-        return cls(path) if path else None
+        """A recorder for ``path``; None for an empty path (no recording).
+
+        A recording already at ``path`` (the last run's, perhaps of a series a crash interrupted) is kept:
+        it and its sidecar are renamed to :func:`kept_name` first, never overwritten.
+        """
+        if not path:
+            return None
+        kept = keep_previous(Path(path))
+        if kept is not None:
+            logger.warning("recording %s existed: kept as %s", path, kept)
+        return cls(path)
 
     def write(self, parts: list[Any]) -> None:
         """Queue one message; waits while more than ``max_queued_bytes`` are queued. After an error: dropped."""

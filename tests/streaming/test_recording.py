@@ -104,3 +104,27 @@ def test_a_failing_disk_stops_the_recording_not_the_caller(tmp_path: Path) -> No
     recorder.close()
     recorder.write([b"after"])
     assert recorder.snapshot()["error"] is not None and recorder.dropped == 1
+
+
+@pytest.mark.chaos
+def test_a_restart_keeps_the_last_runs_recording(tmp_path: Path) -> None:
+    """The daemon's recorder opens ``record_to`` at every start: a crashed run's recording (the frames of the
+    series it interrupted) is renamed aside with its sidecar, never overwritten; twice in the same second too."""
+    path = tmp_path / "r.zmq"
+    runs = [[[b"first run", b"h"]], [[b"second run", b"h"], [b"x", b"y"]], [[b"third", b"h"]]]
+    for messages in runs:
+        recorder = Recorder.open(path)
+        assert recorder is not None
+        for message in messages:
+            recorder.write(message)
+        recorder.close()
+    kept = sorted(p for p in tmp_path.iterdir() if p.name.startswith("r.zmq.") and not p.name.endswith(".parts"))
+    assert len(kept) == 2
+    found = [list(group_messages(read_parts(p), "ptylive", read_counts(p))) for p in kept]
+    assert sorted(map(str, found)) == sorted(map(str, runs[:2]))  # both earlier runs, boundaries and all
+    assert all(sidecar(p).exists() for p in kept)
+    assert list(group_messages(read_parts(path), "ptylive", read_counts(path))) == runs[2]
+    empty = tmp_path / "empty.zmq"
+    empty.touch()
+    Recorder.open(empty).close()  # an empty file holds nothing to keep: reused, not renamed
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("empty.zmq.") and p != sidecar(empty)]
