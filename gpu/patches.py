@@ -4,7 +4,8 @@ A window of ``N×N`` pixels starting at integer ``(row, col)`` covers object
 pixels ``[row, row+N) × [col, col+N)`` of every slice. On the CPU both
 directions are single-pass numba loops (a Python loop over positions cost
 18-35 % of a gradient pass); on the GPU they are fancy indexing and
-``cupyx.scatter_add``.
+``cupyx.scatter_add`` (:func:`_scatter_add`: CuPy's atomic add takes real dtypes
+only, so a complex array takes its real and imaginary parts apart).
 """
 
 from __future__ import annotations
@@ -164,11 +165,25 @@ def accumulate_patches(volume: Any, starts: np.ndarray, patches: Any) -> None:
     if xp is np:
         _accumulate(volume, np.ascontiguousarray(starts, dtype=np.int64), patches)
         return
-    import cupyx  # type: ignore[import-not-found]  # only reached with CuPy arrays
-
     rows, cols = _index_grids(xp, starts, patches.shape[-1])
     for s in range(volume.shape[0]):
-        cupyx.scatter_add(volume[s], (rows, cols), patches[s])
+        _scatter_add(volume[s], (rows, cols), patches[s])
+
+
+def _scatter_add(target: Any, index: tuple[Any, Any], values: Any) -> None:
+    """``cupyx.scatter_add(target, index, values)``, complex arrays included (CuPy arrays only).
+
+    CuPy's scatter-add (``cupy.add.at``) takes int32, uint32, uint64 and float16/32/64 only (CUDA's
+    ``atomicAdd``) and raises TypeError for complex64/complex128; the real and imaginary parts are views
+    of a real dtype, so each is added on its own: the same sums, voxel by voxel.
+    """
+    import cupyx  # type: ignore[import-not-found]  # only reached with CuPy arrays
+
+    if target.dtype.kind == "c":
+        cupyx.scatter_add(target.real, index, values.real)
+        cupyx.scatter_add(target.imag, index, values.imag)
+    else:
+        cupyx.scatter_add(target, index, values)
 
 
 class SliceWindows:
@@ -239,10 +254,8 @@ def accumulate_plane(plane: Any, starts: np.ndarray, patches: Any) -> None:
     if xp is np:
         _accumulate_plane(plane, np.ascontiguousarray(starts, dtype=np.int64), patches)
         return
-    import cupyx  # type: ignore[import-not-found]  # only reached with CuPy arrays
-
     rows, cols = _index_grids(xp, starts, patches.shape[-1])
-    cupyx.scatter_add(plane, (rows, cols), patches)
+    _scatter_add(plane, (rows, cols), patches)
 
 
 class TileSink:
