@@ -172,6 +172,7 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
         raise ValueError(f"no benchmark {args.what!r} is installed; found {sorted(found) or 'none'} "
                          "(reinstall ptylive: pip install -e .)")
     options = {"engine": {"quick": args.quick, "backend": args.backend}, "ingest": {"quick": args.quick},
+               "gpu": {"quick": args.quick, "as_json": args.json},
                "quality": {"cases": args.cases, "ranks": args.ranks, "iterations": args.iterations,
                            "peers": args.peers, "as_json": args.json, "ptylive_args": args.ptylive_args}}[args.what]
     return int(found[args.what].load()(**options))

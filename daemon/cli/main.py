@@ -135,7 +135,8 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (ratios against references measured in the same run)")
-    p.add_argument("what", choices=("engine", "ingest", "quality"), help="the benchmark to run")
+    p.add_argument("what", choices=("engine", "gpu", "ingest", "quality"),
+                   help="the benchmark to run (gpu: the engine on CuPy, the card named; tools/device_check.sh)")
     p.add_argument("cases", type=Path, nargs="*", help="quality: scan files (default: tests/data/abtem/*.h5)")
     p.add_argument("--quick", action="store_true", help="small shapes only (seconds)")
     p.add_argument("--backend", choices=("numpy", "cupy"), default="numpy",
@@ -146,7 +147,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="quality: iterations, for every code (default: %(default)s)")
     p.add_argument("--peers", default="py4dstem,ptyrad",
                    help="quality: peer codes, comma-separated, or 'none' (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="quality: JSON instead of the table")
+    p.add_argument("--json", action="store_true", help="quality, gpu: JSON instead of the table")
     p.add_argument("--ptylive-args", default="", metavar="FLAGS",
                    help="quality: extra flags for both ptylive runs, e.g. --ptylive-args=--correct-positions "
                         "(default: none)")
