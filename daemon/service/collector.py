@@ -173,11 +173,12 @@ class Collector:
     def _announce(self, outcome: FinalOutcome) -> None:
         """A series ended: its final file (or none) on the PUB and as an event, one INFO line, the hook."""
         entry, coverage = self.views.finished(outcome)
-        self.publisher.series_ended(entry, coverage)
         where = ("no final file written" if entry["path"] is None
                  else f"final file {entry['path']}" + (" (in the fallback folder)" if entry["fallback"] else ""))
+        # the journal's line first: whoever acts on the event (a test, an operator's script) finds it logged
         logger.info("series %r ended: %s after %d iterations; %s", entry["series_id"], entry["status"],
                     entry["iterations"], where)
+        self.publisher.series_ended(entry, coverage)
         self.hooks.on_finished(outcome)
 
     def status(self) -> dict[str, Any]:
