@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,10 @@ try:
 except ImportError:  # pragma: no cover - hard dependency, kept for clarity
     pyfftw = None
 
-_PLANS: dict[tuple[tuple[int, ...], str], tuple[Any, Any, Any]] = {}
+#: Planned shapes kept (least recently used dropped first): each holds a scratch array of its shape, and a
+#: streaming worker meets a new batch shape with every series whose chunk sizes differ.
+MAX_PLANS = 64
+_PLANS: OrderedDict[tuple[tuple[int, ...], str], tuple[Any, Any, Any]] = OrderedDict()
 _PLAN_LOCK = threading.Lock()
 PLANNER_FLAGS = ("FFTW_MEASURE",)
 
@@ -33,16 +37,20 @@ PLANNER_FLAGS = ("FFTW_MEASURE",)
 def _plans(shape: tuple[int, ...], dtype: np.dtype) -> tuple[Any, Any, Any]:
     """(forward plan, backward plan, scratch) for one shape; both plans share the scratch."""
     key = (shape, dtype.str)
-    entry = _PLANS.get(key)
-    if entry is None:
-        with _PLAN_LOCK:
-            scratch = pyfftw.empty_aligned(shape, dtype=dtype)
-            entry = tuple(
-                pyfftw.FFTW(scratch, scratch, axes=(-2, -1), direction=direction, flags=PLANNER_FLAGS, threads=1)
-                for direction in ("FFTW_FORWARD", "FFTW_BACKWARD")
-            ) + (scratch,)
-            _PLANS[key] = entry
-            logger.debug("planned FFTW %s %s", shape, dtype)
+    with _PLAN_LOCK:
+        entry = _PLANS.get(key)
+        if entry is not None:
+            _PLANS.move_to_end(key)
+            return entry
+        scratch = pyfftw.empty_aligned(shape, dtype=dtype)
+        entry = tuple(
+            pyfftw.FFTW(scratch, scratch, axes=(-2, -1), direction=direction, flags=PLANNER_FLAGS, threads=1)
+            for direction in ("FFTW_FORWARD", "FFTW_BACKWARD")
+        ) + (scratch,)
+        _PLANS[key] = entry
+        while len(_PLANS) > MAX_PLANS:
+            _PLANS.popitem(last=False)
+        logger.debug("planned FFTW %s %s", shape, dtype)
     return entry
 
 
