@@ -14,6 +14,7 @@ model of ``K`` probe modes (:mod:`ptylive.gpu.multislice`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -132,7 +133,8 @@ def source_probes(spec: SimulationSpec) -> np.ndarray:
                      for x, w in zip(nodes, weights, strict=True)])
 
 
-def simulate(spec: SimulationSpec, batch_size: int = 64) -> Simulation:
+def simulate(spec: SimulationSpec, batch_size: int = 64,
+             on_batch: Callable[[int, int], None] | None = None) -> Simulation:
     """Simulate a scan.
 
     Parameters
@@ -141,6 +143,8 @@ def simulate(spec: SimulationSpec, batch_size: int = 64) -> Simulation:
         The crystal, optics and raster.
     batch_size : int
         Positions propagated at once.
+    on_batch : callable or None
+        ``on_batch(done, total)`` after each batch: positions simulated so far, of all (progress).
 
     Returns
     -------
@@ -167,6 +171,8 @@ def simulate(spec: SimulationSpec, batch_size: int = 64) -> Simulation:
         sl = slice(b, b + batch_size)
         field = forward(beam, shifts[sl], extract_patches(truth, starts[sl], n), propagator, spec.detector_px)
         intensities[sl] = np.abs(field) ** 2 if field.ndim == 3 else model_intensity(field)
+        if on_batch is not None:
+            on_batch(min(b + batch_size, len(positions)), len(positions))
     if spec.dose_e_per_A2 is not None:
         step_A = spec.scan_step_px * pixel
         electrons = spec.dose_e_per_A2 * step_A**2

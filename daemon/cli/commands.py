@@ -51,9 +51,18 @@ def simulate(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"simulating {n_positions} positions: {spec.n_slices} slices, window {spec.window_px} px",
               file=sys.stderr, flush=True)
     began = time.perf_counter()
-    result = run_simulation(spec)
+    shown = [began]
+
+    def progress(done: int, total: int) -> None:  # at most one line a second, with the time left
+        now = time.perf_counter()
+        if done < total and now - shown[0] >= 1.0:
+            shown[0] = now
+            left = (now - began) / done * (total - done)
+            print(f"simulated {done}/{total} positions, about {left:.0f} s left", file=sys.stderr, flush=True)
+
+    result = run_simulation(spec, on_batch=None if args.quiet else progress)
     seconds = time.perf_counter() - began
-    if not args.quiet:  # gpu/simulate.py reports no batches, so the count comes once, at the end
+    if not args.quiet:
         print(f"simulated {len(result.positions_px)}/{n_positions} positions in {seconds:.1f} s "
               f"({len(result.positions_px) / max(seconds, 1e-9):,.1f} positions/s)", file=sys.stderr, flush=True)
     write_scan(args.out, result.metadata, result.intensities, result.positions_px, result.probe, result.object_truth)

@@ -43,3 +43,10 @@ def test_dose_gives_reproducible_integer_counts(simulation: Simulation) -> None:
     electrons = 1e4 * (SPEC.scan_step_px * SPEC.pixel_size_A) ** 2
     np.testing.assert_allclose(counts.sum(axis=(1, 2)), simulation.intensities.sum(axis=(1, 2)) * electrons,
                                rtol=0.1)
+
+
+def test_progress_is_reported_after_every_batch_and_ends_at_the_total(simulation: Simulation) -> None:
+    seen: list[tuple[int, int]] = []
+    again = simulate(SPEC, batch_size=5, on_batch=lambda done, total: seen.append((done, total)))
+    assert seen == [(5, 12), (10, 12), (12, 12)]  # 12 positions in batches of 5
+    np.testing.assert_array_equal(again.intensities, simulation.intensities)  # the hook changes nothing
