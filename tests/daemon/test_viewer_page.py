@@ -115,7 +115,12 @@ def test_events_drive_the_page_and_it_recovers_after_a_restart(page: tuple[Any, 
 
     after = ScriptedDaemon(series_id="after-restart", tiles=TILES[:2], png=mosaic_png(3),
                            finished=[{"series_id": "before", "path": "/x/before.h5", "file": "before.h5",
-                                      "status": "complete", "iterations": 31}])
+                                      "status": "complete", "iterations": 31},
+                                     {"series_id": "spilled", "path": "/spare/spilled.h5", "file": None,
+                                      "status": "complete", "iterations": 30, "fallback": True,
+                                      "error": "No space left on device"},
+                                     {"series_id": "lost", "path": None, "file": None, "status": "write_failed",
+                                      "iterations": 30, "fallback": False, "error": "Read-only file system"}])
     with StatusServer(after.providers(), port=port):
         view.wait_for_selector('#connection[data-state="live"]', timeout=TIMEOUT_MS)
         # recovered from /status, /tiles and /preview.png alone: no event was published yet
@@ -123,6 +128,9 @@ def test_events_drive_the_page_and_it_recovers_after_a_restart(page: tuple[Any, 
                                timeout=TIMEOUT_MS)
         view.wait_for_selector('#mosaic[data-src*="after-restart.0"]', timeout=TIMEOUT_MS)
         assert view.get_attribute("#finished a", "href") == "/files/before.h5"
+        listed = view.text_content("#finished")
+        assert "spilled (in the fallback folder: /spare/spilled.h5)" in listed  # said "(no file written)"
+        assert "lost (no file written: Read-only file system)" in listed
         view.wait_for_function("document.querySelectorAll('#overlay .tile').length === 2", timeout=TIMEOUT_MS)
         after.publish_preview(version=1)
         view.wait_for_selector('#mosaic[data-src*="after-restart.1"]', timeout=TIMEOUT_MS)

@@ -213,8 +213,10 @@ function renderFinished(state) {
       const link = document.createElement("a");
       Object.assign(link, {href: "/files/" + encodeURIComponent(f.file), textContent: f.series_id, download: f.file});
       li.appendChild(link);
+    } else if (f.path) {  // written, but to the fallback folder, which /files does not serve
+      li.appendChild(document.createTextNode(f.series_id + " (in the fallback folder: " + f.path + ")"));
     } else {
-      li.appendChild(document.createTextNode(f.series_id + " (no file written)"));
+      li.appendChild(document.createTextNode(f.series_id + " (no file written" + (f.error ? ": " + f.error : "") + ")"));
     }
     const status = document.createElement("span");
     status.className = f.status === "complete" ? "status-complete" : "status-other";
