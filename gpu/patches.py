@@ -19,30 +19,6 @@ from ptylive.gpu.backend import empty_aligned, get_array_module
 
 
 @numba.njit(cache=True, nogil=True)
-def _extract(volume: np.ndarray, starts: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover
-    n_slices, n_pos, n, m = out.shape
-    for s in range(n_slices):
-        for b in range(n_pos):
-            r0 = starts[b, 0]
-            c0 = starts[b, 1]
-            for i in range(n):
-                for j in range(m):
-                    out[s, b, i, j] = volume[s, r0 + i, c0 + j]
-
-
-@numba.njit(cache=True, nogil=True)
-def _accumulate(volume: np.ndarray, starts: np.ndarray, patches: np.ndarray) -> None:  # pragma: no cover
-    n_slices, n_pos, n, m = patches.shape
-    for s in range(n_slices):
-        for b in range(n_pos):
-            r0 = starts[b, 0]
-            c0 = starts[b, 1]
-            for i in range(n):
-                for j in range(m):
-                    volume[s, r0 + i, c0 + j] += patches[s, b, i, j]
-
-
-@numba.njit(cache=True, nogil=True)
 def _extract_plane(plane: np.ndarray, starts: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover
     n_pos, n, m = out.shape
     for b in range(n_pos):
@@ -51,6 +27,29 @@ def _extract_plane(plane: np.ndarray, starts: np.ndarray, out: np.ndarray) -> No
         for i in range(n):
             for j in range(m):
                 out[b, i, j] = plane[r0 + i, c0 + j]
+
+
+@numba.njit(cache=True, nogil=True)
+def _accumulate_plane(plane: np.ndarray, starts: np.ndarray, patches: np.ndarray) -> None:  # pragma: no cover
+    n_pos, n, m = patches.shape
+    for b in range(n_pos):
+        r0 = starts[b, 0]
+        c0 = starts[b, 1]
+        for i in range(n):
+            for j in range(m):
+                plane[r0 + i, c0 + j] += patches[b, i, j]
+
+
+@numba.njit(cache=True, nogil=True)
+def _extract(volume: np.ndarray, starts: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover
+    for s in range(out.shape[0]):
+        _extract_plane(volume[s], starts, out[s])
+
+
+@numba.njit(cache=True, nogil=True)
+def _accumulate(volume: np.ndarray, starts: np.ndarray, patches: np.ndarray) -> None:  # pragma: no cover
+    for s in range(patches.shape[0]):
+        _accumulate_plane(volume[s], starts, patches[s])
 
 
 @numba.njit(cache=True, nogil=True)
@@ -84,17 +83,6 @@ def _extract_plane_step(plane: np.ndarray, direction: np.ndarray, step: float, s
             for j in range(m):
                 target[j] = complex(row[j].real + step * row_direction[j].real,
                                     row[j].imag + step * row_direction[j].imag)
-
-
-@numba.njit(cache=True, nogil=True)
-def _accumulate_plane(plane: np.ndarray, starts: np.ndarray, patches: np.ndarray) -> None:  # pragma: no cover
-    n_pos, n, m = patches.shape
-    for b in range(n_pos):
-        r0 = starts[b, 0]
-        c0 = starts[b, 1]
-        for i in range(n):
-            for j in range(m):
-                plane[r0 + i, c0 + j] += patches[b, i, j]
 
 
 def _index_grids(xp: Any, starts: Any, n: int) -> tuple[Any, Any]:
