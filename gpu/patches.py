@@ -258,7 +258,15 @@ class TileSink:
         self.gradient = gradient
         self.illumination = illumination
         self.starts = np.ascontiguousarray(starts, dtype=np.int64)
+        self._numpy = get_array_module(gradient) is np
+        self._grids: tuple[Any, Any] | None = None  # CuPy's window indices, built on the first slice
 
     def add(self, s: int, gradient_s: Any, illumination_s: Any) -> None:
-        accumulate_plane(self.gradient[s], self.starts, gradient_s)
-        accumulate_plane(self.illumination[s], self.starts, illumination_s)
+        if self._numpy:
+            _accumulate_plane(self.gradient[s], self.starts, gradient_s)
+            _accumulate_plane(self.illumination[s], self.starts, illumination_s)
+            return
+        if self._grids is None:
+            self._grids = _index_grids(get_array_module(self.gradient), self.starts, gradient_s.shape[-1])
+        _scatter_add(self.gradient[s], self._grids, gradient_s)
+        _scatter_add(self.illumination[s], self._grids, illumination_s)
