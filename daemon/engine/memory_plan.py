@@ -30,12 +30,9 @@ import numpy as np
 
 from ptylive.daemon.engine.decomposition import RankDomain, decompose
 from ptylive.daemon.engine.exchange.sync import slices_per_round
-from ptylive.daemon.engine.options import DEFAULT_UPDATES_PER_ITERATION
+from ptylive.daemon.engine.options import DEFAULT_UPDATES_PER_ITERATION, EngineOptions
 from ptylive.daemon.engine.tile import batch_limit
 from ptylive.gpu.backend import PRECISIONS
-
-#: Default ``batch_size``, the cap of positions per batch (:func:`~.tile.batch_limit` may take fewer).
-DEFAULT_BATCH_CAP = 32
 
 
 @dataclass(frozen=True)
@@ -77,8 +74,7 @@ def rank_memory(domain: RankDomain, n_slices: int, window_px: int, detector_px: 
     real_t, complex_t = (np.dtype(t) for t in PRECISIONS[precision])
     r, c = real_t.itemsize, complex_t.itemsize
     voxels = n_slices * domain.extended.size
-    overlap_area = sum(box.size for _, box in domain.neighbours)
-    overlap = n_slices * overlap_area
+    overlap = n_slices * sum(box.size for _, box in domain.neighbours)
     rounds = [2 * 3 * slices_per_round(box.size, n_slices, r) * box.size * r for _, box in domain.neighbours]
     buffers = sum(rounds)  # sync: send + receive of one round per region
     if mode == "async":  # the same again for the async send/receive; accumulated, staged, per-mini-batch, exact
@@ -119,7 +115,7 @@ def rank_memory(domain: RankDomain, n_slices: int, window_px: int, detector_px: 
 
 
 def plan_memory(object_shape: tuple[int, int], positions_px: np.ndarray, n_ranks: int, n_slices: int,
-                window_px: int, detector_px: int, batch_size: int = DEFAULT_BATCH_CAP, precision: str = "single",
+                window_px: int, detector_px: int, batch_size: int = EngineOptions.batch_size, precision: str = "single",
                 mode: str = "sync", updates_per_iteration: int = DEFAULT_UPDATES_PER_ITERATION,
                 probe_modes: int = 1) -> list[RankMemory]:
     """Predicted memory of every rank of a decomposition."""
