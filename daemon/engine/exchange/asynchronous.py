@@ -185,7 +185,7 @@ class AsyncExchanger(SyncExchanger):
     def remember_neighbour_illumination(self, minibatch: int, step: int) -> None:
         """After a blocking :meth:`reduce_gradients`, keep each neighbour's illumination of it."""
         for i in range(len(self.regions)):
-            if self.exact_illumination[i] is not self.neighbour_illumination[i][0] or minibatch != 0:
+            if len(self.neighbour_illumination[i]) > 1:  # with one mini-batch it landed in place
                 self.neighbour_illumination[i][minibatch] = self.exact_illumination[i]
             self.last_received[i] = step
 
