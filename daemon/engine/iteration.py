@@ -352,7 +352,6 @@ def run_sync(state: TileState, exchanger: SyncExchange, options: EngineOptions,
                            * total)
             loss += found.loss
             workspace.end(sweep)
-            del found, gradient, illumination, direction
         report.loss_history.append(float(exchanger.allreduce_sum(np.array([loss]))[0]))
         control.end_iteration(report.loss_history[-1] / n_positions)
         finish_positions(state, correcting, exchanger, options, report.loss_history[-1] / n_positions)
