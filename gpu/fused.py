@@ -54,6 +54,9 @@ def _detector_amplitude(spectrum: np.ndarray, target: np.ndarray, scale: float,
                     c0, tj0 = starts_fft[cb], starts_det[cb]
                     row, target_row = spectrum[b, r, c0:c0 + lengths[cb]], target[b, ti, tj0:tj0 + lengths[cb]]
                     for j in range(lengths[cb]):  # real arithmetic in the spectrum's precision (no double literal)
+                        if target_row[j] < 0:  # a masked pixel: no loss, no gradient
+                            row[j] = 0
+                            continue
                         re, im = row[j].real * scale, row[j].imag * scale
                         amplitude = np.sqrt(re * re + im * im + delta2)
                         residual = amplitude - target_row[j]
@@ -78,7 +81,7 @@ def detector_amplitude_in_place(spectrum: np.ndarray, target: np.ndarray) -> flo
         *Unscaled* FFT of the exit waves, FFT order; overwritten with the
         *unscaled* inverse-FFT input of the gradient (zero outside the detector).
     target : (B, D, D) real
-        ``√(I/α)``.
+        ``√(I/α)``; negative at masked pixels (:data:`ptylive.gpu.loss.MASKED_TARGET`).
 
     Returns
     -------

@@ -9,6 +9,10 @@ Measured intensities are divided once by the fitted scale ``α`` of
 With K incoherent probe modes the model intensity is ``Σ_k |Ψ_k|²`` (:func:`model_intensity`):
 the same losses take (K, B, D, D) fields, every mode's gradient the per-pixel factor times its
 own field.
+
+A detector pixel whose target is negative (:data:`MASKED_TARGET`, set by :func:`measured_target`'s
+``mask``) is masked: it adds nothing to the loss and gets no gradient. Rescaling a target by a positive
+factor keeps it masked.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from ptylive.gpu.backend import get_array_module
 
 LOSSES = ("amplitude", "poisson")
 AMPLITUDE_DELTA_PER_PIXEL = 1e-3  # δ = this / D, see amplitude_loss
+MASKED_TARGET = -1.0  # a target below zero marks a masked detector pixel (no loss, no gradient)
 
 
 def model_intensity(fields: Any) -> Any:
@@ -48,18 +53,20 @@ def amplitude_loss(field: Any, measured_amplitude: Any) -> tuple[float, Any]:
     field : (B, D, D) or (K, B, D, D) complex
         Model far field Ψ, or that of each of K incoherent probe modes.
     measured_amplitude : (B, D, D) real
-        ``√(I/α)``.
+        ``√(I/α)``; negative where a pixel is masked.
 
     Returns
     -------
     loss : float
     gradient : complex, the shape of ``field``
-        ``2 (a − √I) Ψ_k / a`` with ``a = √(m + δ²)``: every mode its own field times the same factor.
+        ``2 (a − √I) Ψ_k / a`` with ``a = √(m + δ²)``: every mode its own field times the same factor
+        (zero at masked pixels).
     """
     xp = get_array_module(field)
     delta = AMPLITUDE_DELTA_PER_PIXEL / field.shape[-1]
     amplitude = xp.sqrt(model_intensity(field) + delta * delta)
     residual = amplitude - measured_amplitude
+    residual[measured_amplitude < 0] = 0
     loss = float(xp.sum(residual * residual))
     return loss, field * (2.0 * residual / amplitude)
 
@@ -72,7 +79,7 @@ def poisson_loss(field: Any, measured_intensity: Any, epsilon: float = 1e-6) -> 
     field : (B, D, D) or (K, B, D, D) complex
         As for :func:`amplitude_loss`.
     measured_intensity : (B, D, D) real
-        ``I/α``.
+        ``I/α``; negative where a pixel is masked.
     epsilon : float
         Keeps the logarithm finite where the model is dark.
 
@@ -80,12 +87,16 @@ def poisson_loss(field: Any, measured_intensity: Any, epsilon: float = 1e-6) -> 
     -------
     loss : float
     gradient : complex, the shape of ``field``
-        ``2 (1 − I/(m+ε)) Ψ_k``.
+        ``2 (1 − I/(m+ε)) Ψ_k`` (zero at masked pixels).
     """
     xp = get_array_module(field)
     model = model_intensity(field)
-    loss = float(xp.sum(model - measured_intensity * xp.log(model + epsilon)))
-    return loss, field * (2.0 * (1.0 - measured_intensity / (model + epsilon)))
+    masked = measured_intensity < 0
+    terms = model - measured_intensity * xp.log(model + epsilon)
+    terms[masked] = 0
+    factor = 2.0 * (1.0 - measured_intensity / (model + epsilon))
+    factor[masked] = 0
+    return float(xp.sum(terms)), field * factor
 
 
 def loss_function(name: str) -> Callable[[Any, Any], tuple[float, Any]]:
@@ -97,16 +108,20 @@ def loss_function(name: str) -> Callable[[Any, Any], tuple[float, Any]]:
     raise ValueError(f"unknown loss {name!r}; expected one of {LOSSES}")
 
 
-def measured_target(name: str, intensity: Any) -> Any:
+def measured_target(name: str, intensity: Any, mask: Any = None) -> Any:
     """Turn intensities into what a loss compares against, in place.
 
     ``√I`` for amplitude, ``I`` for Poisson (negative counts clipped to 0);
-    ``intensity`` (real) is overwritten and returned, so frames never exist twice.
+    ``intensity`` (real, (..., D, D)) is overwritten and returned, so frames never exist twice.
+    ``mask`` ((D, D) bool, True = masked, optional) sets those pixels to :data:`MASKED_TARGET`, which
+    every loss leaves out.
     """
     xp = get_array_module(intensity)
     xp.maximum(intensity, 0, out=intensity)
     if name == "amplitude":
         xp.sqrt(intensity, out=intensity)
+    if mask is not None:
+        intensity[..., xp.asarray(mask, dtype=bool)] = MASKED_TARGET
     return intensity
 
 
