@@ -211,10 +211,14 @@ def _shot_noise_prior(state: TileState, job: ReconstructionJob) -> None:
         state.positions.noise_px2_loss = counting_noise(job.options.loss, state.scale)
 
 
+def implied_upsampling(meta: ScanMetadata) -> float:
+    """The upsampling the file's pixel size stands for, unrounded: λ / (D · Δθ · pixel)."""
+    return wavelength_A(meta.energy_eV) / (meta.detector_px * meta.detector_pixel_mrad * 1e-3 * meta.pixel_size_A)
+
+
 def infer_upsampling(meta: ScanMetadata) -> int:
-    """Upsampling implied by the file's pixel size: λ / (D · Δθ · pixel), rounded."""
-    ratio = wavelength_A(meta.energy_eV) / (meta.detector_px * meta.detector_pixel_mrad * 1e-3 * meta.pixel_size_A)
-    return max(1, int(round(ratio)))
+    """Upsampling implied by the file's pixel size (:func:`implied_upsampling`), rounded, at least 1."""
+    return max(1, int(round(implied_upsampling(meta))))
 
 
 #: Fraction of the mean pattern's intensity on the detector's outer ring above which a hint suggests upsampling.
@@ -227,7 +231,7 @@ def reconstruction_pixel_A(meta: ScanMetadata, upsampling: int) -> float:
     The file's own pixel must be such a pixel for a whole ``u`` (the file is consistent); any
     ``upsampling`` then works on it, the positions rescaled to the finer or coarser grid.
     """
-    implied = wavelength_A(meta.energy_eV) / (meta.detector_px * meta.detector_pixel_mrad * 1e-3 * meta.pixel_size_A)
+    implied = implied_upsampling(meta)
     if implied < 0.99 or abs(implied - round(implied)) > 0.01 * implied:
         raise ScanFileError(
             f"pixel_size_A={meta.pixel_size_A:.5g} is not lambda/(u*N*dtheta) for a whole u (it implies u = "
