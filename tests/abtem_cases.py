@@ -58,6 +58,8 @@ CASE_NAMES = {
                         "true positions: 1 deg rotation, 1.5 % scale, 0.35 A rms errors",
     "graphene_lowdose_d1e4": "graphene (one Si, one vacancy), 80 kV, 1e4 e/A^2, -150 A defocus",
     "graphene_lowdose_d1e5": "same, 1e5 e/A^2",
+    "pbtio3_deep": "cubic perovskite with Pb on the A site, 78 A, 40 slices, 2 frozen phonons, 300 kV, "
+                   "25 mrad, 128-px detector, 1e5 e/A^2, +100 A defocus",
 }
 
 

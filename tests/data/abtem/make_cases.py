@@ -115,13 +115,12 @@ CASES = {
         defocus_A=-150.0, repeats_xy=(26, 15), repeats_z=1, scan_shape=(24, 24), step_A=0.60,
         doses=(1e4, 1e5), phonon_configs=4, phonon_sigma_A=0.08, seed=20240603, group_slices=1,
         notes="monolayer graphene with one Si substitution and one vacancy, 80 kV, overfocus"),
-    # Not committed (about 20 MB): a benchmark-only case close to issue 11's held-back description
-    # (about 80 A in 40 slices, 300 kV, 25 mrad, a 128-px detector cropped from a finer grid, Poisson
-    # noise), made with `make_cases.py pbtio3_deep --out DIR` and scored like the others.
+    # Close to issue 11's held-back description (about 80 A in 40 slices, 300 kV, 25 mrad, a 128-px
+    # detector cropped from a finer grid, Poisson noise); reconstructed with half the slices in its test.
     "pbtio3_deep": Case(
         name="pbtio3_deep", specimen="pbtio3", energy_eV=300e3, convergence_semiangle_mrad=25.0,
         defocus_A=+100.0, repeats_xy=(12, 12), repeats_z=20, scan_shape=(16, 16), step_A=0.40,
-        doses=(1e5,), phonon_configs=2, phonon_sigma_A=0.09, seed=20240604, detector_px=128, committed=False,
+        doses=(1e5,), phonon_configs=2, phonon_sigma_A=0.09, seed=20240604, detector_px=128,
         notes="cubic perovskite with Pb on the A site (PbTiO3 approximant, a = 3.905 A, no tetragonal "
               "distortion), 20 unit cells (78.1 A) in 40 slices of a/2; 128-px detector; underfocus"),
 }
