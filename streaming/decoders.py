@@ -13,6 +13,7 @@ from typing import Any, Literal
 from ptylive.streaming.dectris_v1 import DectrisV1Decoder
 from ptylive.streaming.dectris_v2 import DectrisV2Decoder
 from ptylive.streaming.scan_geometry import template_from_settings
+from ptylive.streaming.scan_plan import ScanPlan, plan_from_settings
 from ptylive.streaming.stream_decoder import PtyliveDecoder, StreamDecoder
 
 logger = logging.getLogger(__name__)
@@ -21,9 +22,11 @@ FORMATS = ("ptylive", "dectris_v1", "dectris_v2")
 
 
 def make_decoder(format: Literal["ptylive", "dectris_v1", "dectris_v2"] | str, scan: Any = None,
-                 channel: str = "") -> StreamDecoder:
+                 channel: str = "", plan: ScanPlan | None = None) -> StreamDecoder:
     """The decoder for ``[ingest] format``; DECTRIS formats need ``scan`` (the ``[scan]`` config section, see
     :func:`ptylive.streaming.scan_geometry.template_from_settings`) and stream v2 may name its ``channel``.
+    ``plan`` decides each DECTRIS series' scan (:mod:`ptylive.streaming.scan_plan`; default: the plan of
+    ``scan``, without a hook).
 
     Raises
     ------
@@ -37,6 +40,7 @@ def make_decoder(format: Literal["ptylive", "dectris_v1", "dectris_v2"] | str, s
     if scan is None:
         raise ValueError(f"format {format!r} needs the scan geometry and optics of the [scan] section")
     template = template_from_settings(scan)
+    plan = plan if plan is not None else plan_from_settings(scan)
     if format == "dectris_v1":
-        return DectrisV1Decoder(template)
-    return DectrisV2Decoder(template, channel)
+        return DectrisV1Decoder(template, plan)
+    return DectrisV2Decoder(template, channel, plan)

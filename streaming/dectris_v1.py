@@ -13,8 +13,10 @@ place an appendix (see ``docs/dectris.md``)::
 A start part (``dheader``, ``dimage``, ``dseries_end``) always begins a new message; one that arrives while
 another is incomplete counts that one as ``missing_parts``. After an error the decoder skips to the next start
 part, so one broken message is counted once. The ptylive ``series_start`` is sent with the first image, when
-the frame shape and dtype are known (the scan and optics come from the daemon's config, the frame index from
-:class:`~ptylive.streaming.scan_geometry.ScanGeometry`); blobs are forwarded as received, never decoded here.
+the frame shape and dtype are known. The optics come from the daemon's config; the scan is decided when the
+series begins, from the header's ``nimages``/``ntrigger`` and what was asked for it
+(:class:`~ptylive.streaming.scan_plan.ScanPlan`), and maps image numbers to frame indices
+(:class:`~ptylive.streaming.scan_geometry.ScanGeometry`); blobs are forwarded as received, never decoded here.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ from ptylive.streaming.protocol import (
     encode_series_end,
     encode_series_start,
 )
-from ptylive.streaming.scan_geometry import SKIP, SeriesTemplate
+from ptylive.streaming.scan_geometry import SKIP, ScanGeometry, SeriesTemplate
+from ptylive.streaming.scan_plan import DetectorCount, ScanDecision, ScanPlan, simplon_v1_count
 from ptylive.streaming.stream_decoder import Decoded
 
 logger = logging.getLogger(__name__)
@@ -51,16 +54,31 @@ CONFIG = "config"  # a JSON map without htype (the detector configuration)
 BLOB = "blob"
 
 
-class ImageSeries:
-    """One detector series as ptylive messages: the start goes out with the first image; images become frames."""
+REFUSED_SCAN = ScanGeometry(1, 1)  # a refused series' start still goes out (the registry records the refusal)
 
-    def __init__(self, template: SeriesTemplate, series_id: str, counts: Counter[str]) -> None:
+
+class ImageSeries:
+    """One detector series as ptylive messages: the start goes out with the first image; images become frames,
+    placed by the scan ``decision`` made when the series began."""
+
+    def __init__(self, template: SeriesTemplate, series_id: str, counts: Counter[str],
+                 decision: ScanDecision | None = None) -> None:
         self.template, self.series_id, self.counts = template, series_id, counts
         self.started, self.distinct = False, set[int]()
+        if decision is None:
+            decision = ScanPlan.fixed(template.scan).resolve(series_id, DetectorCount())
+        self.decision = decision
+        self.scan = decision.geometry or REFUSED_SCAN
+
+    @classmethod
+    def begin(cls, template: SeriesTemplate, plan: ScanPlan, series_id: str, counts: Counter[str],
+              count: DetectorCount) -> ImageSeries:
+        """A series that begins now, its scan decided by ``plan`` from the detector's ``count``."""
+        return cls(template, series_id, counts, plan.resolve(series_id, count))
 
     def image(self, image_number: int, payload: Any, shape: tuple[int, int], dtype: str,
               encoding: str) -> list[Decoded | ProtocolError]:
-        index = self.template.scan.position_index(image_number)
+        index = self.scan.position_index(image_number)
         if index == SKIP:
             self.counts["flyback_skipped"] += 1
             return []
@@ -71,10 +89,10 @@ class ImageSeries:
             return [exc]
         out: list[Decoded | ProtocolError] = []
         if not self.started:
-            start = self.template.start(self.series_id, shape, dtype)
+            start = self.template.start(self.series_id, shape, dtype, self.scan)
             out.append((start, encode_series_start(start)))
             self.started = True
-        if index < self.template.scan.n_positions:
+        if index < self.scan.n_positions:
             self.distinct.add(index)
         out.append((frame, parts))
         return out
@@ -128,10 +146,12 @@ class _Pending:
 
 
 class DectrisV1Decoder:
-    """Stateful decoder of DECTRIS SIMPLON stream v1; see the module docstring."""
+    """Stateful decoder of DECTRIS SIMPLON stream v1; see the module docstring. ``plan`` decides each series'
+    scan (default: ``template.scan`` for every series, checked against the header's count)."""
 
-    def __init__(self, template: SeriesTemplate) -> None:
+    def __init__(self, template: SeriesTemplate, plan: ScanPlan | None = None) -> None:
         self.template = template
+        self.plan = plan if plan is not None else ScanPlan.fixed(template.scan)
         self.series: ImageSeries | None = None
         self.counts: Counter[str] = Counter()
         self._pending: _Pending | None = None
@@ -212,7 +232,8 @@ class DectrisV1Decoder:
             raise ProtocolError("missing_field", f"{header['htype']!r} lacks 'series'")
         series_id = str(header["series"])
         if header["htype"] == "dheader-1.0":
-            self.series = ImageSeries(self.template, series_id, self.counts)
+            config = pending.parts[1] if len(pending.parts) > 1 else None  # header_detail none: no config
+            self.series = ImageSeries.begin(self.template, self.plan, series_id, self.counts, simplon_v1_count(config))
             logger.info("DECTRIS series %s (header_detail %s)", series_id, header.get("header_detail", "basic"))
             return []
         if header["htype"] == "dseries_end-1.0":
@@ -241,7 +262,8 @@ class DectrisV1Decoder:
         if size is not None and size != memoryview(blob).nbytes:
             raise ProtocolError("payload_size", f"dimage_d size {size!r}, blob of {memoryview(blob).nbytes} bytes")
         if self.series is None or self.series.series_id != series_id:
-            self.series = ImageSeries(self.template, series_id, self.counts)  # no header seen: the series starts here
+            # no header seen: the series starts here, without the detector's count
+            self.series = ImageSeries.begin(self.template, self.plan, series_id, self.counts, DetectorCount())
         return self.series.image(image, blob, (shape[1], shape[0]), str(dtype), V1_ENCODINGS[encoding])
 
 
@@ -250,7 +272,8 @@ class DectrisV1Decoder:
 
 def header_message(series: int | str, header_detail: str = "basic",
                    config: dict[str, Any] | None = None) -> list[bytes]:
-    """A ``dheader-1.0`` message (``"all"`` adds empty flatfield, pixel mask and count-rate parts)."""
+    """A ``dheader-1.0`` message (``"all"`` adds empty flatfield, pixel mask and count-rate parts); ``config`` is
+    the detector configuration part (e.g. ``{"nimages": 1, "ntrigger": 256, "trigger_mode": "exts"}``)."""
     parts = [json.dumps({"htype": "dheader-1.0", "series": series, "header_detail": header_detail}).encode()]
     if header_detail != "none":
         parts.append(json.dumps(config or {}).encode())

@@ -25,6 +25,7 @@ from ptylive.streaming.compression import compress
 from ptylive.streaming.dectris_v1 import ImageSeries
 from ptylive.streaming.protocol import MAX_FRAME_BYTES, MAX_START_BYTES, ProtocolError
 from ptylive.streaming.scan_geometry import SeriesTemplate
+from ptylive.streaming.scan_plan import DetectorCount, ScanPlan, simplon_v2_count
 from ptylive.streaming.stream_decoder import Decoded
 
 logger = logging.getLogger(__name__)
@@ -86,10 +87,13 @@ def _compressed(content: Any, name: str) -> tuple[str, int, bytes]:
 
 
 class DectrisV2Decoder:
-    """Decoder of DECTRIS SIMPLON stream v2; ``channel``: which one to reconstruct ("" = the first)."""
+    """Decoder of DECTRIS SIMPLON stream v2; ``channel``: which one to reconstruct ("" = the first). ``plan``
+    decides each series' scan when its ``start`` arrives (default: ``template.scan`` for every series, checked
+    against the start's ``number_of_images``)."""
 
-    def __init__(self, template: SeriesTemplate, channel: str = "") -> None:
+    def __init__(self, template: SeriesTemplate, channel: str = "", plan: ScanPlan | None = None) -> None:
         self.template, self.channel = template, channel
+        self.plan = plan if plan is not None else ScanPlan.fixed(template.scan)
         self.series: ImageSeries | None = None
         self.channels: list[str] = []
         self.counts: Counter[str] = Counter()
@@ -129,7 +133,8 @@ class DectrisV2Decoder:
         if kind == "start":
             channels = message.get("channels", [])
             self.channels = [str(c) for c in channels] if isinstance(channels, Sequence) else []
-            self.series = ImageSeries(self.template, str(series_id), self.counts)
+            self.series = ImageSeries.begin(self.template, self.plan, str(series_id), self.counts,
+                                            simplon_v2_count(message))
             return []
         if kind == "end":
             if self.series is None or self.series.series_id != str(series_id):
@@ -152,7 +157,8 @@ class DectrisV2Decoder:
             raise ProtocolError("missing_field", f"image {image} lacks channel {name!r} (has {sorted(data)})")
         shape, dtype, payload, encoding = _channel_array(data[name], name)
         if self.series is None or self.series.series_id != series_id:
-            self.series = ImageSeries(self.template, series_id, self.counts)  # no start seen: the series starts here
+            # no start seen: the series starts here, without the detector's count
+            self.series = ImageSeries.begin(self.template, self.plan, series_id, self.counts, DetectorCount())
         return self.series.image(image, payload, shape, dtype.name, encoding)
 
 

@@ -39,6 +39,7 @@ from ptylive.streaming.inbox import SeriesControl, encode_batch_header, encode_c
 from ptylive.streaming.protocol import MAX_PART_BYTES, Frame, Message, ProtocolError, SeriesStart, decode
 from ptylive.streaming.recording import Recorder
 from ptylive.streaming.router import Router
+from ptylive.streaming.scan_plan import ScanPlan
 from ptylive.streaming.series import SeriesRegistry
 from ptylive.streaming.series_book import SeriesBook
 from ptylive.streaming.stream_decoder import PtyliveDecoder, StreamDecoder
@@ -105,6 +106,9 @@ class Ingest:
         ``taken(worker)`` → messages that worker has taken in all, as of its last report (None: none yet);
         needed by ``config.max_buffered_bytes`` (the daemon reads the workers' heartbeats). Called on the
         ingest thread.
+    scan_plan : ScanPlan, optional
+        The plan the DECTRIS decoder decides each series' scan with (:mod:`~ptylive.streaming.scan_plan`; default:
+        the decoder's ``plan``): its decisions' refusals and count mismatches go into the registry (``/status``).
 
     Attributes
     ----------
@@ -121,7 +125,8 @@ class Ingest:
     def __init__(self, config: IngestSockets, router_factory: Callable[[SeriesStart], Router],
                  registry: SeriesRegistry | None = None, context: zmq.Context | None = None,
                  admit: Callable[[SeriesStart], str | None] | None = None, decoder: StreamDecoder | None = None,
-                 recorder: Recorder | None = None, taken: Callable[[int], int | None] | None = None) -> None:
+                 recorder: Recorder | None = None, taken: Callable[[int], int | None] | None = None,
+                 scan_plan: ScanPlan | None = None) -> None:
         if config.max_buffered_bytes and taken is None:
             raise ValueError("max_buffered_bytes needs the taken hook: without the workers' reports nothing is "
                              "ever known to be taken")
@@ -130,7 +135,9 @@ class Ingest:
         self.recorder = recorder
         self._commands: queue.SimpleQueue[tuple[SeriesControl, Future[tuple[bool, str]]]] = queue.SimpleQueue()
         n = len(config.worker_endpoints)
-        self.book = SeriesBook(router_factory, registry if registry is not None else SeriesRegistry(), n, admit)
+        scan_plan = scan_plan if scan_plan is not None else getattr(self.decoder, "plan", None)  # a DECTRIS one's
+        self.book = SeriesBook(router_factory, registry if registry is not None else SeriesRegistry(), n, admit,
+                               scan_of=None if scan_plan is None else scan_plan.decision)
         self.forwarded, self.control_forwarded, self.blocked_s = [0] * n, [0] * n, [0.0] * n
         self.bytes_forwarded = [0] * n
         self._batches: list[list[list[Any]]] = [[] for _ in range(n)]  # per worker: frames waiting for one send

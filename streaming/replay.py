@@ -11,7 +11,8 @@ SOURCE is one of:
 
 ``--rate`` paces frame messages (images, for DECTRIS recordings); other messages go out at once. A PUSH socket
 cannot hear a refusal, so with ``--status-url`` the replay asks the daemon's ``/status`` after sending whether
-it refused any series it sent, and exits with status 3 if it did.
+it refused any series it sent (exit status 3), or found that a DECTRIS series' image count and its scan
+disagree (``count_mismatch``: exit status 4).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from ptylive.streaming.recording import detect_format, group_messages, read_coun
 logger = logging.getLogger(__name__)
 
 EXIT_REFUSED = 3
+EXIT_COUNT_MISMATCH = 4
 LINGER_MS = 30_000
 CONNECT_TIMEOUT_S = 10.0  # the first message waits this long for a connected peer; then "nothing listens"
 PROGRESS_S = 0.2
@@ -267,8 +269,9 @@ class NobodyListening(OSError):
     """No peer connected to the replay's endpoint in time (the CLI prints one ``error:`` line, exit 2)."""
 
 
-def refusals(status_url: str, series_ids: set[str], timeout_s: float = 10.0) -> dict[str, str]:
-    """Series among ``series_ids`` the daemon refused, with its reason; waits until it has seen them all."""
+def registered(status_url: str, series_ids: set[str], timeout_s: float = 10.0) -> dict[str, dict[str, Any]]:
+    """The daemon's registry record of each series among ``series_ids``; waits up to ``timeout_s`` until it has
+    seen them all (those it has not are left out, logged)."""
     url = status_url.rstrip("/") + "/status"
     deadline, found = time.monotonic() + timeout_s, dict[str, Any]()
     while True:
@@ -285,7 +288,12 @@ def refusals(status_url: str, series_ids: set[str], timeout_s: float = 10.0) -> 
     missing = series_ids - set(found)
     if missing:
         logger.warning("the daemon has not registered series %s (yet)", sorted(missing))
-    return {sid: r["refusal"] for sid, r in found.items() if r.get("refusal")}
+    return found
+
+
+def refusals(status_url: str, series_ids: set[str], timeout_s: float = 10.0) -> dict[str, str]:
+    """Series among ``series_ids`` the daemon refused, with its reason; waits until it has seen them all."""
+    return {sid: r["refusal"] for sid, r in registered(status_url, series_ids, timeout_s).items() if r.get("refusal")}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -296,8 +304,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     pace.add_argument("--max-rate", action="store_true", help="as fast as the daemon takes them (or --rate)")
     p.add_argument("--bind", action="store_true",
                    help="bind the endpoint, for a daemon with ingest.bind = false (default: connect)")
-    p.add_argument("--status-url", help="the daemon's HTTP root, e.g. http://127.0.0.1:8080/: exit 3 on refusal "
-                                        "(default: none, refusals not read)")
+    p.add_argument("--status-url", help="the daemon's HTTP root, e.g. http://127.0.0.1:8080/: exit 3 when it refused "
+                                        "a series, 4 when a series' image count and its scan disagree (default: "
+                                        "none, neither read)")
     p.add_argument("--format", choices=("auto", "ptylive", "dectris_v1", "dectris_v2"), default="auto",
                    help="of a recording; auto: from its first part (default: %(default)s)")
     p.add_argument("--single-parts", action="store_true",
@@ -321,7 +330,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Replay ``args.source``; print the summary; 3 if the daemon refused a series, else 0."""
+    """Replay ``args.source``; print the summary; 3 if the daemon refused a series, 4 if a series' image count
+    and its scan disagree (the daemon's ``count_mismatch``), else 0."""
     if args.rate is not None and not (math.isfinite(args.rate) and args.rate > 0):
         raise ValueError(f"--rate must be a positive number of frames per second, got {args.rate}")
     source = open_source(args.source, args)
@@ -329,9 +339,17 @@ def run(args: argparse.Namespace) -> int:
     print(f"sent {stats.frames} frames ({stats.messages} messages, {stats.bytes / 1e6:,.2f} MB) in "
           f"{stats.seconds:.2f} s: {stats.rate_hz:,.1f} frames/s")
     if args.status_url:
-        refused = refusals(args.status_url, source.series_ids)
+        records = registered(args.status_url, source.series_ids)
+        refused = {sid: r["refusal"] for sid, r in records.items() if r.get("refusal")}
+        mismatched = {sid: r["count_mismatch"] for sid, r in records.items()
+                      if r.get("count_mismatch") and sid not in refused}
         for series_id, reason in sorted(refused.items()):
             print(f"error: the daemon refused series {series_id!r}: {reason}", file=sys.stderr)
+        for series_id, what in sorted(mismatched.items()):
+            print(f"error: series {series_id!r}: the detector's image count and the scan disagree: {what}",
+                  file=sys.stderr)
         if refused:
             return EXIT_REFUSED
+        if mismatched:
+            return EXIT_COUNT_MISMATCH
     return 0

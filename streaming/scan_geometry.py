@@ -117,24 +117,38 @@ class Optics:
 
 @dataclass(frozen=True)
 class SeriesTemplate:
-    """Everything of a ``series_start`` but the detector's own facts (series id, frame shape and dtype)."""
+    """Everything of a ``series_start`` but the detector's own facts (series id, frame shape and dtype) and, for a
+    series whose geometry is decided when it begins (:mod:`ptylive.streaming.scan_plan`), its scan.
 
-    scan: ScanGeometry
+    ``scan`` is the static geometry (``[scan]``), or None when none is configured.
+    """
+
+    scan: ScanGeometry | None
     optics: Optics
     overrides: dict[str, Any] = field(default_factory=dict, hash=False)
 
-    def start(self, series_id: str, detector_shape: tuple[int, int], dtype: str) -> SeriesStart:
-        return SeriesStart(series_id=series_id, scan_shape=(self.scan.rows, self.scan.cols),
-                           scan_step_A=self.scan.step_A, detector_shape=detector_shape, dtype=dtype,
-                           scan_rotation_deg=self.scan.rotation_deg, overrides=dict(self.overrides),
-                           **vars(self.optics))
+    def start(self, series_id: str, detector_shape: tuple[int, int], dtype: str,
+              scan: ScanGeometry | None = None) -> SeriesStart:
+        """The series' start on ``scan`` (default: the template's own)."""
+        scan = scan if scan is not None else self.scan
+        if scan is None:
+            raise ValueError(f"series {series_id!r} has no scan geometry")
+        return SeriesStart(series_id=series_id, scan_shape=(scan.rows, scan.cols), scan_step_A=scan.step_A,
+                           detector_shape=detector_shape, dtype=dtype, scan_rotation_deg=scan.rotation_deg,
+                           overrides=dict(self.overrides), **vars(self.optics))
 
 
 def template_from_settings(settings: Any) -> SeriesTemplate:
     """A template from an object with the ``[scan]`` config keys (``rows``, ``cols``, ``step_row_A``,
-    ``step_col_A``, ``rotation_deg``, ``snake``, ``flyback_frames``, ``flyback_at`` and the four optics keys)."""
-    scan = ScanGeometry(settings.rows, settings.cols, (settings.step_row_A, settings.step_col_A),
-                        settings.rotation_deg, settings.snake, settings.flyback_frames, settings.flyback_at)
+    ``step_col_A``, ``rotation_deg``, ``snake``, ``flyback_frames``, ``flyback_at`` and the four optics keys).
+
+    ``rows`` or ``cols`` 0 (taken from the detector's count per series: :mod:`ptylive.streaming.scan_plan`) leaves
+    the template without a static scan.
+    """
+    scan = None
+    if settings.rows >= 1 and settings.cols >= 1:
+        scan = ScanGeometry(settings.rows, settings.cols, (settings.step_row_A, settings.step_col_A),
+                            settings.rotation_deg, settings.snake, settings.flyback_frames, settings.flyback_at)
     optics = Optics(settings.energy_eV, settings.convergence_semiangle_mrad, settings.defocus_A,
                     settings.detector_pixel_mrad)
     if min(optics.energy_eV, optics.convergence_semiangle_mrad, optics.detector_pixel_mrad) <= 0:

@@ -80,6 +80,11 @@ class SeriesState:
         ``"superseded"``, ``"finalize"`` or ``"abort"`` (control endpoint), ``"refused"``.
     refusal : str or None
         Why the daemon refused the series (its frames are rejected as ``"refused_series"``).
+    scan : dict or None
+        How a DECTRIS series' scan was decided (:meth:`ptylive.streaming.scan_plan.ScanDecision.snapshot`: its
+        source, the detector's image count); None for a series that carried its own (ptylive stream v1).
+    count_mismatch : str or None
+        When the detector's image count and the scan disagreed: what disagreed and what was done about it.
     coverage : (n_expected,) bool
         ``coverage[k]`` is set once frame ``k`` was accepted; ``(0,)`` for a refused series, which takes no frame
         (a refused 4096 × 4096 start would otherwise keep 150 MB in the history).
@@ -98,6 +103,8 @@ class SeriesState:
     sender_n_frames: int | None = None
     end_cause: str | None = None
     refusal: str | None = None
+    scan: dict[str, Any] | None = None
+    count_mismatch: str | None = None
     last_frame_s: float = field(default_factory=time.monotonic)  # monotonic: the start, then each accepted frame
     series_id: str = field(init=False)
     n_expected: int = field(init=False)
@@ -141,6 +148,7 @@ class SeriesState:
             "coverage_fraction": self.coverage_fraction,
             "started_s": self.started_s, "ended_s": self.ended_s, "ended": self.ended,
             "sender_n_frames": self.sender_n_frames, "end_cause": self.end_cause, "refusal": self.refusal,
+            "count_mismatch": self.count_mismatch, "scan": self.scan,
         }
 
 
@@ -180,10 +188,11 @@ class SeriesRegistry:
         state.ended, state.ended_s, state.end_cause, state.sender_n_frames = True, self.clock(), cause, n_frames
         self.finished.append(state)
         self.missing_total += state.missing
-        short = state.missing or (n_frames is not None and n_frames != state.received)
+        short = state.missing or (n_frames is not None and n_frames != state.received) or state.count_mismatch
         logger.log(logging.WARNING if short else logging.INFO,
-                   "series %r ended (%s): %d of %d frames received, %d missing; the sender counted %s",
-                   state.series_id, cause, state.received, state.n_expected, state.missing, n_frames)
+                   "series %r ended (%s): %d of %d frames received, %d missing; the sender counted %s%s",
+                   state.series_id, cause, state.received, state.n_expected, state.missing, n_frames,
+                   "; the detector's image count and the scan disagreed" if state.count_mismatch else "")
 
     def dropped_start(self, series_id: str) -> str | None:
         """``"duplicate_id"`` or ``"queue_full"`` when a start of ``series_id`` would be dropped now, else None.

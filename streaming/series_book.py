@@ -22,6 +22,7 @@ import numpy.typing as npt
 from ptylive.streaming.ownership import NotPlaceable
 from ptylive.streaming.protocol import Frame, SeriesEnd, SeriesStart
 from ptylive.streaming.router import Router
+from ptylive.streaming.scan_plan import ScanDecision
 from ptylive.streaming.series import SeriesRegistry, SeriesState
 
 logger = logging.getLogger(__name__)
@@ -74,6 +75,10 @@ class SeriesBook:
     registry : SeriesRegistry
     admit : callable or None
         ``admit(start)`` → None to accept, or the reason to refuse (see :class:`~ptylive.streaming.ingest.Ingest`).
+    scan_of : callable or None
+        ``scan_of(series_id)`` → the :class:`~ptylive.streaming.scan_plan.ScanDecision` the decoder made for a
+        DECTRIS series as it began (None: the series carries its own scan). A decision's refusal refuses the
+        series before admission; its source, count and ``count_mismatch`` go into the series' record.
 
     Attributes
     ----------
@@ -82,8 +87,10 @@ class SeriesBook:
     """
 
     def __init__(self, router_factory: Callable[[SeriesStart], Router], registry: SeriesRegistry, n_workers: int,
-                 admit: Callable[[SeriesStart], str | None] | None = None) -> None:
+                 admit: Callable[[SeriesStart], str | None] | None = None,
+                 scan_of: Callable[[str], ScanDecision | None] | None = None) -> None:
         self.router_factory, self.registry, self.n_workers, self.admit = router_factory, registry, n_workers, admit
+        self.scan_of = scan_of
         self.routing_errors = 0
         self._routers: dict[str, tuple[SeriesStart, Router]] = {}
         self._lock = threading.Lock()
@@ -104,12 +111,14 @@ class SeriesBook:
             if self.registry.dropped_start(start.series_id) is not None:
                 self.registry.start(start)  # counted as duplicate_id or queue_full, never registered
                 return False
-        refusal = self._admit(start)
+        decision = self.scan_of(start.series_id) if self.scan_of is not None else None
+        refusal = decision.refusal if decision is not None and decision.refusal else self._admit(start)
         with self._lock:
             if refusal is not None:
-                self.registry.refuse(start, refusal)
+                self._note_scan(self.registry.refuse(start, refusal), decision)
                 return False
             _, state = self.registry.start(start)
+            self._note_scan(state, decision)
             if state is not None:
                 try:
                     self._routers[start.series_id] = (start, self._build_router(start))
@@ -118,6 +127,11 @@ class SeriesBook:
                     logger.error("no router for series %r; its frames will be dropped: %s", start.series_id, exc)
             self._prune_routers()
         return state is not None
+
+    @staticmethod
+    def _note_scan(state: SeriesState | None, decision: ScanDecision | None) -> None:
+        if state is not None and decision is not None:
+            state.scan, state.count_mismatch = decision.snapshot(), decision.count_mismatch
 
     def end(self, end: SeriesEnd) -> bool:
         """Register an end; True when it must be forwarded (the series was live)."""

@@ -7,10 +7,13 @@ value and what was expected (the server answers 400 with that message).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from urllib.parse import parse_qs
 
+from ptylive.streaming.scan_plan import SCAN_FIELDS, ScanRequest
+
 MAX_CONTROL_BODY_BYTES = 4096
-CONTROL_ACTIONS = ("finalize", "abort")
+CONTROL_ACTIONS = ("finalize", "abort", "scan")
 CONTROL_DISABLED = "control endpoint disabled; set http.control = true"
 
 
@@ -18,14 +21,29 @@ class BadRequest(ValueError):
     """A request the client must fix (answered 400 with the message)."""
 
 
-def parse_control(body: bytes) -> tuple[str, str | None]:
-    """Return ``(action, series_id)`` from a ``/control`` body.
+@dataclass(frozen=True)
+class ControlRequest:
+    """A parsed ``/control`` body: ``finalize`` or ``abort`` a series (None: the current one), or ``scan``: the
+    scan geometry of the next series that begins (or of series ``series_id``), ``scan`` holding what was asked."""
+
+    action: str
+    series_id: str | None = None
+    scan: ScanRequest | None = None
+
+
+def parse_control(body: bytes) -> ControlRequest:
+    """The request of a ``/control`` body.
+
+    ``{"action": "finalize" | "abort", "series_id": optional}``, or ``{"action": "scan", "series_id": optional,
+    "shape": [rows, cols], "step_A": Å or [along rows, along cols], "rotation_deg", "snake", "flyback_frames",
+    "flyback_at"}`` where every scan key is optional (left out: the ``[scan]`` section's; a shape entry -1: from
+    the detector's image count).
 
     Raises
     ------
     BadRequest
-        If the body is not a JSON object with a known ``action``, an optional string
-        ``series_id`` and no other keys.
+        If the body is not a JSON object with a known ``action``, an optional string ``series_id``, the scan
+        keys for ``scan`` only, valid values and no other keys.
     """
     try:
         request = json.loads(body.decode("utf-8"))
@@ -33,16 +51,24 @@ def parse_control(body: bytes) -> tuple[str, str | None]:
         raise BadRequest(f"body is not valid JSON: {error}") from None
     if not isinstance(request, dict):
         raise BadRequest(f"body must be a JSON object, got {type(request).__name__}")
-    unknown = sorted(set(request) - {"action", "series_id"})
-    if unknown:
-        raise BadRequest(f"unknown keys {unknown}; expected 'action' and optional 'series_id'")
     action = request.get("action")
+    known = {"action", "series_id", *(SCAN_FIELDS if action == "scan" else ())}
+    unknown = sorted(set(request) - known)
+    if unknown:
+        scan_keys = f" and, for 'scan', optional {list(SCAN_FIELDS)}" if action != "scan" else f", {list(SCAN_FIELDS)}"
+        raise BadRequest(f"unknown keys {unknown}; expected 'action' and optional 'series_id'{scan_keys}")
     if action not in CONTROL_ACTIONS:
         raise BadRequest(f"unknown action {action!r}; expected one of {list(CONTROL_ACTIONS)}")
     series_id = request.get("series_id")
     if series_id is not None and not isinstance(series_id, str):
         raise BadRequest(f"series_id must be a string or null, got {series_id!r}")
-    return action, series_id
+    if action != "scan":
+        return ControlRequest(action, series_id)
+    try:
+        scan = ScanRequest.from_mapping({k: v for k, v in request.items() if k in SCAN_FIELDS})
+    except (TypeError, ValueError) as error:
+        raise BadRequest(f"scan: {error}") from None
+    return ControlRequest(action, series_id, scan)
 
 
 def parse_preview_query(query: str) -> int | None:

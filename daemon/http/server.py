@@ -16,7 +16,8 @@ GET         ``/preview.png``       ``Providers.preview_png()``; 404 while it is 
 GET         ``/events``            server-sent events from ``Providers.events``
 GET         ``/files/<name>.h5``   a final file of ``Providers.output_folder``
 GET         ``/metrics``           ``Providers.metrics()`` body and type; 404 if unset
-POST        ``/control``           ``{"action": "finalize"|"abort", "series_id": str}``, with
+POST        ``/control``           ``{"action": "finalize"|"abort", "series_id": str}``, or
+                                   ``{"action": "scan", ...}`` (:func:`.requests.parse_control`), with
                                    ``Authorization: Bearer <token>`` (:mod:`.access`)
 ==========  =====================  ==============================================
 
@@ -54,6 +55,7 @@ from ptylive.daemon.http.requests import (
 from ptylive.daemon.http.sse import EventHub, json_ready
 from ptylive.daemon.http.streams import OpenConnections, send_event_stream, send_file, served_file
 from ptylive.daemon.http.viewer import viewer_asset
+from ptylive.streaming.scan_plan import ScanRequest
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +91,9 @@ class Providers:
         Where ``/files/<name>.h5`` reads final files; None answers 404.
     on_refused : (reason) -> None, optional
         Told of every refused ``POST /control``, with a reason of ``access.REFUSAL_REASONS`` (e.g. a metric).
+    scan : (request, series_id) -> (accepted, message), optional
+        Called for ``POST /control`` ``{"action": "scan", ...}`` once access was checked: the scan of the next
+        series (or of ``series_id``). None answers 409 (this daemon takes no scan requests).
     """
 
     status: Callable[[], dict[str, Any]]
@@ -100,6 +105,7 @@ class Providers:
     slice_png: Callable[[int], bytes | None] | None = None
     output_folder: Path | None = None
     on_refused: Callable[[str], None] | None = None
+    scan: Callable[[ScanRequest, str | None], tuple[bool, str]] | None = None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -198,8 +204,13 @@ class _Handler(BaseHTTPRequestHandler):
         if refusal is not None:
             self._refuse(refusal)
             return
-        action, series_id = parse_control(self._read_body(MAX_CONTROL_BODY_BYTES))
-        accepted, message = control(action, series_id)
+        request = parse_control(self._read_body(MAX_CONTROL_BODY_BYTES))
+        if request.action == "scan":
+            scan = self.server.providers.scan
+            accepted, message = ((False, "this daemon takes no scan requests") if scan is None or request.scan is None
+                                 else scan(request.scan, request.series_id))
+        else:
+            accepted, message = control(request.action, request.series_id)
         status = HTTPStatus.OK if accepted else HTTPStatus.CONFLICT
         self._send_json(status, {"accepted": bool(accepted), "message": str(message)})
 

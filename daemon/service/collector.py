@@ -61,6 +61,9 @@ class CollectorHooks:
         ``on_preview(header, progress, geometry)`` after each published preview (frame-to-preview latency).
     on_finished : callable
         ``on_finished(outcome)`` after each final file's outcome is announced (its checkpoints are removed).
+    final_attrs : callable
+        ``final_attrs(series_id)`` → attributes of the series' result file beyond the workers' (a DECTRIS series'
+        scan source, detector count and ``count_mismatch``); once per series, when every final is in.
     """
 
     series: SeriesLookup
@@ -68,6 +71,7 @@ class CollectorHooks:
     on_heartbeat: HeartbeatHook = _ignore
     on_preview: Callable[[dict[str, Any], SeriesProgress | None, SeriesGeometry], None] = _ignore
     on_finished: Callable[[FinalOutcome], None] = _ignore
+    final_attrs: Callable[[str], dict[str, Any]] = lambda _: {}
 
 
 class Collector:
@@ -105,7 +109,7 @@ class Collector:
         self.pull_endpoint = self._pull.getsockopt_string(zmq.LAST_ENDPOINT)
         self.pub_endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
         self.roster = Roster(hooks.on_heartbeat, n_workers=n_workers)
-        self.views = SeriesViews(hooks.series, n_workers, history)
+        self.views = SeriesViews(hooks.series, n_workers, history, final_attrs=hooks.final_attrs)
         self.publisher = Publisher(self._pub, rate_hz)
         self.writer = writer if writer is not None else FinalWriter(output_folder)
         self.events = self.publisher.events  # the viewer's server-sent events

@@ -122,7 +122,7 @@ class IngestConfig(_Section):
     max_queued_series: int = _option(4, ge=0)
     history: int = _option(16, ge=1)
     idle_timeout_s: float = _option(120.0, ge=0)  # no frame for this long: the series ends "incomplete"; 0: never
-    format: Literal["ptylive", "dectris_v1", "dectris_v2"] = "ptylive"  # DECTRIS: geometry and optics from [scan]
+    format: Literal["ptylive", "dectris_v1", "dectris_v2"] = "ptylive"  # DECTRIS: optics (and a scan) from [scan]
     channel: str = ""  # DECTRIS stream v2: the channel (threshold) to reconstruct; "" = the first
     record_to: str = ""  # write everything received to this recording (ZeroMQ dump format); "" = none
 
@@ -133,7 +133,11 @@ class ScanConfig(_Section):
 
     Images are mapped to positions by :class:`ptylive.streaming.scan_geometry.ScanGeometry`: ``snake``
     lines alternate direction, ``flyback_frames`` extra images per line (at its ``flyback_at``) are skipped.
-    ``rows = cols = 0`` (the default) means unset, which only ``[ingest] format = "ptylive"`` allows.
+    This raster is the default of every series; ``POST /control`` ``{"action": "scan", ...}`` and ``hook``
+    (``"package.module:function"`` or a ``ptylive.scan_hooks`` entry-point name) set one per series
+    (:mod:`ptylive.streaming.scan_plan`). ``rows`` or ``cols`` 0 is taken from the detector's image count (both
+    0, the default: a square of it, else the series is refused). ``on_count_mismatch``: what a series does
+    when the detector's count and the raster disagree.
     """
 
     SECTION: ClassVar[str] = "scan"
@@ -149,6 +153,14 @@ class ScanConfig(_Section):
     convergence_semiangle_mrad: float = _option(20.0, gt=0)
     defocus_A: float = 0.0
     detector_pixel_mrad: float = _option(1.0, gt=0)
+    hook: str = ""  # "package.module:function" or a "ptylive.scan_hooks" entry-point name; "" = none
+    on_count_mismatch: Literal["rows_from_count", "keep_shape", "refuse"] = "rows_from_count"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.hook and (self.hook != self.hook.strip() or " " in self.hook or self.hook.count(":") > 1):
+            raise ConfigError(f"invalid value {self.hook!r} for 'scan.hook'; expected \"package.module:function\" "
+                              f"or the name of a \"ptylive.scan_hooks\" entry point")
 
 
 @dataclass(frozen=True)
@@ -295,10 +307,9 @@ class DaemonConfig:
     scan: ScanConfig = field(default_factory=ScanConfig)
 
     def __post_init__(self) -> None:
-        if self.ingest.format != "ptylive" and min(self.scan.rows, self.scan.cols) < 1:
-            raise ConfigError(f"'ingest.format' = {self.ingest.format!r} needs the scan raster: set 'scan.rows' and "
-                              f"'scan.cols' (got {self.scan.rows} × {self.scan.cols}); DECTRIS streams carry only "
-                              f"an image number")
+        if self.ingest.format == "ptylive" and self.scan.hook:
+            raise ConfigError(f"'scan.hook' = {self.scan.hook!r} needs a DECTRIS 'ingest.format' (got 'ptylive', "
+                              f"whose series_start carries its own scan)")
 
 
 #: Section name -> its dataclass, in file order.

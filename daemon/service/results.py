@@ -150,5 +150,5 @@ def write_final(folder: Path, start: SeriesStart, geometry: SeriesGeometry, fina
     for reason in sorted({r for m in finals for r in m.header.get("rejected", {})}):  # dropped on workers
         attrs[f"worker_rejected_{reason}"] = sum(int(m.header.get("rejected", {}).get(reason, 0)) for m in finals)
     write_result(path, datasets, [cast(Mapping[str, float], m.header["stats"]) for m in finals], attrs)
-    logger.info("series %r: wrote %s (%s)", start.series_id, path, _status(finals))
+    logger.info("series %r: wrote %s (%s)", start.series_id, path, attrs["status"])
     return path

@@ -142,10 +142,15 @@ class SeriesViews:
         Finished series kept: their ``/status`` entries, and their ids, so late messages about them are
         dropped. A finished series' view (mosaics, tiles) is released once its file is written, unless it
         is the latest (HTTP shows it until the next series): rank 0 once kept ~16 MiB per series for ever.
+    final_attrs : callable, optional
+        ``final_attrs(series_id)`` → the series' result-file attributes beyond the workers' (collector thread,
+        once per series). One with ``count_mismatch`` turns the workers' ``complete`` into ``incomplete``.
     """
 
-    def __init__(self, series: SeriesLookup, n_workers: int, history: int = 16) -> None:
+    def __init__(self, series: SeriesLookup, n_workers: int, history: int = 16,
+                 final_attrs: Callable[[str], dict[str, Any]] | None = None) -> None:
         self._series, self.n_workers = series, n_workers
+        self._final_attrs = final_attrs
         self._views: dict[str, SeriesView] = {}
         self._latest: str | None = None
         self._finished: deque[dict[str, Any]] = deque(maxlen=max(history, 1))
@@ -168,7 +173,17 @@ class SeriesViews:
                 view.tiles[worker]["iteration"] = message.header["iterations"]
                 if len(view.finals) == self.n_workers:
                     job = FinalJob(view.start, view.geometry, list(view.finals.values()))
+        if job is not None and self._final_attrs is not None:
+            job = FinalJob(job.start, job.geometry, job.finals, self._extra_attrs(job))
         return ViewUpdate(started, job)
+
+    def _extra_attrs(self, job: FinalJob) -> dict[str, Any]:
+        """The hook's attributes; a count mismatch makes a ``complete`` reconstruction ``incomplete``."""
+        assert self._final_attrs is not None
+        attrs = dict(self._final_attrs(job.start.series_id))
+        if attrs.get("count_mismatch") and {m.header["status"] for m in job.finals} == {"complete"}:
+            attrs["status"] = "incomplete"
+        return attrs
 
     def _view(self, series_id: str) -> tuple[SeriesView | None, dict[str, Any] | None]:
         with self._lock:
@@ -236,12 +251,15 @@ class SeriesViews:
         finals = job.finals
         path = None if outcome.path is None else str(outcome.path)
         # a reconstruction whose file could not be written is not "complete": say so wherever it is announced
-        status = "write_failed" if outcome.path is None else str(finals[0].header["status"])
+        status = "write_failed" if outcome.path is None else str(job.extra_attrs.get("status",
+                                                                                    finals[0].header["status"]))
         coverage = coverage_map(job.start, [m.header["received"] for m in finals])
         served_name = None if outcome.path is None or outcome.fallback else outcome.path.name
         entry = {"series_id": job.start.series_id, "path": path, "file": served_name,
                  "status": status, "iterations": finals[0].header["iterations"], "error": outcome.error,
                  "fallback": outcome.fallback}
+        if job.extra_attrs.get("count_mismatch"):  # a DECTRIS series whose image count and scan disagreed
+            entry["count_mismatch"] = job.extra_attrs["count_mismatch"]
         with self._lock:
             view = self._views.get(job.start.series_id)
             if view is not None:

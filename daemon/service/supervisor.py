@@ -45,6 +45,7 @@ from ptylive.streaming.ingest import Ingest, IngestSockets
 from ptylive.streaming.protocol import SeriesStart
 from ptylive.streaming.recording import Recorder
 from ptylive.streaming.router import Router
+from ptylive.streaming.scan_plan import ScanPlan, ScanRequest, load_scan_hook, plan_from_settings
 from ptylive.streaming.series import RegistryConfig, SeriesRegistry
 from ptylive.streaming.series_book import SeriesProgress
 
@@ -130,6 +131,10 @@ class Rank0:
         token = control_token(config.http, os.environ)  # read once, before anything is bound
         self.admission = Admission(config)
         c, n = config, config.workers.ranks
+        self.scan_plan: ScanPlan | None = None  # DECTRIS formats: each series' scan (streaming/scan_plan.py)
+        if c.ingest.format != "ptylive":
+            hook = load_scan_hook(c.scan.hook) if c.scan.hook else None  # a ValueError stops the start, named
+            self.scan_plan = plan_from_settings(c.scan, hook, history=self.admission.capacity)
         registry = SeriesRegistry(RegistryConfig(c.ingest.on_new_start, c.ingest.history, c.ingest.max_queued_series))
         self.sockets = InternalSockets(c.workers.internal_transport, n,  # removed at exit, even if this fails
                                       interface=c.workers.internal_interface)
@@ -139,15 +144,16 @@ class Rank0:
                                      max_buffered_bytes=c.ingest.max_buffered_bytes,
                                      recv_hwm=c.ingest.receive_messages)
         self.ingest = Ingest(ingest_config, self.admission.router, registry, context, admit=self.admission,
-                             decoder=make_decoder(c.ingest.format, c.scan, c.ingest.channel),
-                             recorder=Recorder.open(c.ingest.record_to), taken=self._messages_taken)
+                             decoder=make_decoder(c.ingest.format, c.scan, c.ingest.channel, self.scan_plan),
+                             recorder=Recorder.open(c.ingest.record_to), taken=self._messages_taken,
+                             scan_plan=self.scan_plan)
         self.metrics = DaemonMetrics(metrics_registry or CollectorRegistry(), self.metrics_snapshot)
         self.latency = PreviewLatency()
         self.checkpoints = CheckpointFolder(state_folder(c.service.state_folder, Path(c.output.folder)),
                                             on_failure=self.metrics.count_checkpoint_failure)
         hooks = CollectorHooks(series=self.admission.lookup, progress=self._progress,
                                on_heartbeat=self.metrics.observe_report, on_preview=self._observe_latency,
-                               on_finished=self.checkpoints.forget)
+                               on_finished=self.checkpoints.forget, final_attrs=self._final_attrs)
         writer = FinalWriter(Path(c.output.folder), fallback_folder=c.output.fallback_folder)
         self.collector = Collector(context, self.sockets.collector(), c.preview.endpoint, hooks,
                                    Path(c.output.folder), n, c.preview.rate_hz, writer=writer, history=c.ingest.history)
@@ -157,7 +163,8 @@ class Rank0:
         self.http = StatusServer(Providers(self.status, views.tiles, views.preview_png, control,
                                            metrics=self.metrics.exposition, events=self.collector.events,
                                            slice_png=views.slice_png, output_folder=Path(c.output.folder),
-                                           on_refused=self.metrics.count_refused),
+                                           on_refused=self.metrics.count_refused,
+                                           scan=self.scan_request if token is not None else None),
                                  c.http.host, c.http.port, access, allowed_hosts=c.http.allowed_hosts)
         self.stop = threading.Event()
         self._reported_dead: set[str] = set()
@@ -180,8 +187,9 @@ class Rank0:
         return self.ingest.book.find(series_id, arrays=True)
 
     def status(self) -> dict[str, Any]:
-        """``/status``: :meth:`counters` plus the coverage map."""
-        return {**self.counters(), "coverage": self.coverage()}
+        """``/status``: :meth:`counters` plus the coverage map and (DECTRIS formats) the scan plan."""
+        return {**self.counters(), "coverage": self.coverage(),
+                "scan": None if self.scan_plan is None else self.scan_plan.snapshot()}
 
     def counters(self) -> dict[str, Any]:
         """Ingest and collector counters (what ``/status`` and the metrics share; no coverage map)."""
@@ -218,6 +226,18 @@ class Rank0:
 
     def control(self, action: str, series_id: str | None) -> tuple[bool, str]:
         return self.ingest.request(SeriesControl(action, series_id))  # type: ignore[arg-type]
+
+    def scan_request(self, request: ScanRequest, series_id: str | None) -> tuple[bool, str]:
+        """``POST /control`` ``{"action": "scan", ...}``: the scan of the next series (or of ``series_id``)."""
+        if self.scan_plan is None:
+            return False, ("this daemon reads ptylive stream v1, whose series_start carries its own scan; scan "
+                           "requests are for DECTRIS streams ([ingest] format = \"dectris_v1\" or \"dectris_v2\")")
+        return True, self.scan_plan.request(request, series_id)
+
+    def _final_attrs(self, series_id: str) -> dict[str, Any]:
+        """The result file's scan attributes of a DECTRIS series (source, detector count, count mismatch)."""
+        decision = None if self.scan_plan is None else self.scan_plan.decision(series_id)
+        return {} if decision is None else decision.result_attrs()
 
     def metrics_snapshot(self) -> dict[str, Any]:
         """:meth:`counters` plus the two figures only metrics need (the coverage map is not built per scrape)."""

@@ -156,6 +156,39 @@ def test_a_refused_series_exits_with_status_3(tmp_path: Path, receiver: Receiver
     assert "refused series '9': needs 9 GiB" in capsys.readouterr().err
 
 
+class MismatchStatus(BaseHTTPRequestHandler):
+    """``/status`` with one series whose image count and scan disagreed (the daemon's ``count_mismatch``)."""
+
+    def do_GET(self) -> None:  # noqa: N802 - the http.server API
+        record = {"series_id": "9", "refusal": None, "count_mismatch": "the detector takes 320 images, the scan 256"}
+        body = json.dumps({"ingest": {"registry": {"current": record, "queued": [], "finished": []}}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_count_mismatch_exits_with_status_4(tmp_path: Path, receiver: Receiver,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """[scan] 16×16 and 320 triggers once replayed with exit status 0 (tests/daemon/test_serve_scan_geometry.py)."""
+    dectris_recording(tmp_path / "d.zmq", np.zeros((2, 4, 4), np.uint16))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), MismatchStatus)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        assert replay(str(tmp_path / "d.zmq"), "--endpoint", receiver.endpoint, "--max-rate", "--status-url",
+                      url) == 4
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert ("error: series '9': the detector's image count and the scan disagree: the detector takes 320 images"
+            in capsys.readouterr().err)
+
+
 def test_bad_sources_are_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "broken.zmq").write_bytes(b"\x05\x00")
     assert replay(str(tmp_path / "missing.h5"), "--endpoint", "tcp://127.0.0.1:9", "--max-rate") == 2

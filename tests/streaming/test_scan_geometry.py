@@ -61,9 +61,18 @@ def test_template_builds_the_series_start_from_the_scan_section() -> None:
     assert raster_positions_A(start).shape == (20, 2)
 
 
-def test_dectris_formats_need_the_scan_raster() -> None:
-    with pytest.raises(ConfigError, match="scan.rows"):
-        DaemonConfig(ingest=IngestConfig(format="dectris_v1"))
+def test_dectris_formats_take_the_scan_raster_per_series() -> None:
+    """No raster in [scan] is no longer refused at load: each series' scan comes from the detector's count, a
+    request or a hook (tests/streaming/test_scan_plan.py); a hook is refused for ptylive stream v1."""
+    assert DaemonConfig(ingest=IngestConfig(format="dectris_v1")).scan.rows == 0
+    with pytest.raises(ConfigError, match="scan.hook"):
+        config_from_mapping({"scan": {"hook": "acquisition.hooks:scan"}})
+    with pytest.raises(ConfigError, match="scan.hook"):
+        config_from_mapping({"ingest": {"format": "dectris_v1"}, "scan": {"hook": "a b"}})
+    with pytest.raises(ConfigError, match="scan.on_count_mismatch"):
+        config_from_mapping({"scan": {"on_count_mismatch": "guess"}})
+    assert config_from_mapping({"ingest": {"format": "dectris_v1"},
+                                "scan": {"cols": 16, "hook": "acquisition.hooks:scan"}}).scan.rows == 0
     config = config_from_mapping({"ingest": {"format": "dectris_v2", "channel": "threshold_1"},
                                   "scan": {"rows": 3, "cols": 4, "snake": True, "flyback_frames": 2}})
     assert config.scan.rows == 3 and config.ingest.channel == "threshold_1"
