@@ -279,11 +279,12 @@ class SeriesViews:
                     "finished": [dict(entry) for entry in self._finished]}
 
     def tiles(self) -> dict[str, Any]:
-        """``/tiles``: the latest series' tiles, object shape, slice count and (once finished) coverage."""
+        """``/tiles``: the latest series' tiles, object shape, pixel size (Å), slices and (once finished) coverage."""
         with self._lock:
             view = self._views.get(self._latest) if self._latest else None
             return {"series_id": view.start.series_id if view else None,
                     "object_shape": list(view.geometry.object_shape) if view else None,
+                    "pixel_size_A": float(view.geometry.pixel_size_A) if view else None,  # the viewer's scale bar
                     "n_slices": (len(view.slices) or 1) if view else None,
                     "coverage": view.coverage if view else None,
                     "tiles": view.tile_list() if view else []}

@@ -127,7 +127,7 @@ def test_events_drive_the_page_and_it_recovers_after_a_restart(page: tuple[Any, 
         view.wait_for_function("document.getElementById('series').textContent === 'series after-restart'",
                                timeout=TIMEOUT_MS)
         view.wait_for_selector('#mosaic[data-src*="after-restart.0"]', timeout=TIMEOUT_MS)
-        assert view.get_attribute("#finished a", "href") == "/files/before.h5"
+        assert view.get_attribute("#finished a", "href") == "files/before.h5"  # relative: works under a prefix
         listed = view.text_content("#finished")
         assert "spilled (in the fallback folder: /spare/spilled.h5)" in listed  # said "(no file written)"
         assert "lost (no file written: Read-only file system)" in listed

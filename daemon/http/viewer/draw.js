@@ -42,6 +42,24 @@ export function showMosaic(image) {
   $("no-preview").hidden = true;
 }
 
+const SCALE_FRACTION = 0.2;  // the scale bar spans about this part of the mosaic's width
+
+export function niceLength(approx) {  // the largest 1, 2 or 5 x 10^k not above approx (approx > 0)
+  const decade = Math.pow(10, Math.floor(Math.log10(approx)));
+  return [5, 2, 1].map((m) => m * decade).find((v) => v <= approx) ?? decade;
+}
+
+export function renderScaleBar(objectShape, pixelSizeA) {  // a bar of a round length in Å under the mosaic
+  const bar = $("scale-bar");
+  if (!objectShape || !(pixelSizeA > 0)) { bar.hidden = true; return; }
+  const widthA = objectShape[1] * pixelSizeA;
+  const lengthA = niceLength(widthA * SCALE_FRACTION);
+  $("scale-line").style.width = (100 * lengthA / widthA) + "%";
+  $("scale-text").textContent = lengthA + " \u00c5";
+  bar.dataset.lengthA = String(lengthA);
+  bar.hidden = false;
+}
+
 export function setSlices(count) {
   const select = $("slice");
   if (select.options.length === count + 1 || (count <= 1 && select.options.length === 1)) { return; }
@@ -211,7 +229,7 @@ function renderFinished(state) {
     const li = document.createElement("li");
     if (f.file) {
       const link = document.createElement("a");
-      Object.assign(link, {href: "/files/" + encodeURIComponent(f.file), textContent: f.series_id, download: f.file});
+      Object.assign(link, {href: "files/" + encodeURIComponent(f.file), textContent: f.series_id, download: f.file});
       li.appendChild(link);
     } else if (f.path) {  // written, but to the fallback folder, which /files does not serve
       li.appendChild(document.createTextNode(f.series_id + " (in the fallback folder: " + f.path + ")"));

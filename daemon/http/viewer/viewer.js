@@ -4,8 +4,8 @@
 // per-tile quality, and the mosaic is fetched once per event (at most the daemon's preview rate; one
 // image in flight, later events coalesce). /status and /tiles are read again on every (re)connect and
 // after a "resync", so a restarted daemon or dropped events cost nothing. Only the daemon is asked.
-import {$, clearCoverage, drawCoverage, render, renderProgress, setConnection, setSlices, showMosaic,
-        showNoPreview} from "/draw.js";
+import {$, clearCoverage, drawCoverage, render, renderProgress, renderScaleBar, setConnection, setSlices,
+        showMosaic, showNoPreview} from "./draw.js";
 
 const RECONNECT_MS = 2000;     // when the browser gave up on the stream (an HTTP error, not a network one)
 const STATUS_EVERY_MS = 2000;  // /status (coverage map, ingest counters) at most this often while previews arrive
@@ -16,8 +16,9 @@ const NO_PREVIEW = "no preview yet: start a scan, the mosaic appears with its fi
 const state = {
   seriesId: null, objectShape: null, framesReceived: null, framesExpected: null, iteration: null, tiles: [],
   ended: false, version: 0, record: null, samples: [], lastPreviewMs: null, coverageShown: false,
-  finished: [], workersUp: [], heartbeatAge: {}, workerErrors: [],
+  finished: [], workersUp: [], heartbeatAge: {}, workerErrors: [], pixelSizeA: null,
 };
+const TOKEN_KEY = "ptylive.control-token";  // sessionStorage only: gone with the tab, never in the page
 const preview = {loading: false, pending: null};
 let source = null;
 let statusDue = 0;
@@ -32,7 +33,7 @@ async function getJson(path) {
 // ---- the event stream ------------------------------------------------------------------------------
 function connect() {
   if (source) { source.close(); }
-  source = new EventSource("/events");
+  source = new EventSource("events");
   source.onopen = () => { setConnection("live"); refreshAll(); };
   source.onerror = () => {
     setConnection("reconnecting");
@@ -45,7 +46,8 @@ function connect() {
 }
 
 function newSeries(seriesId) {
-  Object.assign(state, {seriesId, objectShape: null, framesReceived: null, framesExpected: null, iteration: null,
+  renderScaleBar(null, null);
+  Object.assign(state, {seriesId, pixelSizeA: null, objectShape: null, framesReceived: null, framesExpected: null, iteration: null,
                         tiles: [], ended: false, version: 0, record: null, samples: [], lastPreviewMs: null,
                         coverageShown: false});
   setSlices(1);
@@ -95,7 +97,7 @@ async function refreshStatus() {
   statusInFlight = true;
   statusDue = Date.now() + STATUS_EVERY_MS;
   try {
-    applyStatus(await getJson("/status"));
+    applyStatus(await getJson("status"));
   } catch (error) {
     // the connection badge already says the daemon is away; keep what is shown
   } finally {
@@ -131,9 +133,11 @@ function showCoverage(coverage) {  // /status' map while the series runs; the fi
 
 async function refreshTiles() {
   try {
-    const data = await getJson("/tiles");
+    const data = await getJson("tiles");
     if (data.series_id && data.series_id === state.seriesId) {
-      Object.assign(state, {tiles: data.tiles || [], objectShape: data.object_shape || state.objectShape});
+      Object.assign(state, {tiles: data.tiles || [], objectShape: data.object_shape || state.objectShape,
+                            pixelSizeA: data.pixel_size_A ?? state.pixelSizeA});
+      renderScaleBar(state.objectShape, state.pixelSizeA);
       setSlices(data.n_slices || 1);
       showCoverage(data.coverage);  // the final map, once the series is finished
       render(state);
@@ -145,7 +149,7 @@ async function refreshTiles() {
 
 // ---- the mosaic ------------------------------------------------------------------------------------
 function requestPreview() {
-  preview.pending = "/preview.png?slice=" + encodeURIComponent($("slice").value) + "&v=" +
+  preview.pending = "preview.png?slice=" + encodeURIComponent($("slice").value) + "&v=" +
     encodeURIComponent((state.seriesId || "none") + "." + state.version);
   if (!preview.loading) { loadPreview(); }
 }
@@ -171,6 +175,31 @@ function loadPreview() {
   next.src = url;
 }
 
+// ---- finalize / abort ------------------------------------------------------------------------------
+async function sendControl(action) {  // POST control with the token the operator typed; the daemon decides
+  const token = $("control-token").value.trim();
+  sessionStorage.setItem(TOKEN_KEY, token);
+  const result = $("control-result");
+  const headers = {"Content-Type": "application/json"};
+  if (token) { headers.Authorization = "Bearer " + token; }
+  let text, ok = false;
+  try {
+    const response = await fetch("control", {method: "POST", headers, cache: "no-store",
+                                             body: JSON.stringify({action, series_id: state.seriesId})});
+    const body = await response.json().catch(() => ({}));
+    ok = response.ok;
+    text = ok ? action + ": " + (body.message || "accepted")
+              : action + " refused (HTTP " + response.status + "): " + (body.error || body.message || response.statusText);
+  } catch (error) {
+    text = action + " not sent: " + error.message;
+  }
+  Object.assign(result, {textContent: text, className: ok ? "accepted" : "refused"});
+  result.dataset.status = ok ? "accepted" : "refused";
+}
+
+$("control-token").value = sessionStorage.getItem(TOKEN_KEY) || "";
+$("finalize").addEventListener("click", () => sendControl("finalize"));
+$("abort").addEventListener("click", () => sendControl("abort"));
 $("slice").addEventListener("change", requestPreview);
 $("show-overlay").addEventListener("change", () => $("overlay").classList.toggle("off", !$("show-overlay").checked));
 setInterval(() => {
