@@ -5,8 +5,8 @@ path               file
 =================  ==============================================================
 ``/``              ``viewer/index.html``: the page (layout only)
 ``/viewer.css``    ``viewer/viewer.css``: dark theme, narrow-screen layout
-``/viewer.js``     ``viewer/viewer.js`` (module): the state; ``/events`` (SSE), ``/status``, ``/tiles``,
-                   ``/preview.png``
+``/viewer.js``     ``viewer/viewer.js`` (module): the state; ``events`` (SSE), ``status``, ``tiles``,
+                   ``preview.png``, ``POST control`` (the finalize/abort buttons), all as relative URLs
 ``/draw.js``       ``viewer/draw.js`` (module): state to DOM: progress, tile overlay, attention, lists
 =================  ==============================================================
 
