@@ -1,0 +1,123 @@
+"""Virtual detector images of 4D-STEM frames: BF, ADF, centre of mass (DPC) and iDPC.
+
+Pure array functions (numpy or CuPy through ``get_array_module``). Per frame: the bright-field sum
+inside the disk of radius α, annular sums over [inner, outer] mrad and the centre of mass in mrad
+relative to the zero-frequency pixel (D//2, D//2) (``docs/physics.md``). iDPC integrates a
+scan-shaped CoM field and is not per frame. Issue 14 item 3: only this module is built so far.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ptylive.gpu.backend import get_array_module
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VirtualDetector:
+    """Where the virtual detectors lie, in mrad.
+
+    Attributes
+    ----------
+    convergence_semiangle_mrad : float
+        α: the bright-field disk's radius.
+    detector_pixel_mrad : float
+        The angle one detector pixel spans.
+    annuli_mrad : tuple of (float, float)
+        ADF rings [inner, outer) in mrad; ``adf0``, ``adf1``, … in this order.
+    """
+
+    convergence_semiangle_mrad: float
+    detector_pixel_mrad: float
+    annuli_mrad: tuple[tuple[float, float], ...]
+
+    def __post_init__(self) -> None:
+        if self.convergence_semiangle_mrad <= 0 or self.detector_pixel_mrad <= 0:
+            raise ValueError("convergence_semiangle_mrad and detector_pixel_mrad must be > 0")
+        for inner, outer in self.annuli_mrad:
+            if not 0 <= inner < outer:
+                raise ValueError(f"annulus [{inner}, {outer}] mrad: need 0 <= inner < outer")
+
+
+def default_detector(convergence_semiangle_mrad: float, detector_pixel_mrad: float,
+                     detector_px: int) -> VirtualDetector:
+    """One ADF ring from 1.5 α to the detector's edge (its inscribed circle)."""
+    edge_mrad = (detector_px // 2) * detector_pixel_mrad
+    inner = 1.5 * convergence_semiangle_mrad
+    annuli = ((inner, edge_mrad),) if edge_mrad > inner else ()
+    return VirtualDetector(convergence_semiangle_mrad, detector_pixel_mrad, annuli)
+
+
+def angles_mrad(detector_px: int, detector_pixel_mrad: float, xp: Any = np) -> tuple[Any, Any]:
+    """Scattering angles (ky, kx) in mrad of each pixel, zero at (D//2, D//2); each (D, D)."""
+    axis = (xp.arange(detector_px) - detector_px // 2) * detector_pixel_mrad
+    return axis[:, None] + 0 * axis[None, :], 0 * axis[:, None] + axis[None, :]
+
+
+def frame_values(frames: Any, detector: VirtualDetector) -> dict[str, Any]:
+    """Per-frame virtual detector values.
+
+    Parameters
+    ----------
+    frames : array, shape (N, D, D)
+        Diffraction intensities.
+    detector : VirtualDetector
+
+    Returns
+    -------
+    dict of str to array, each shape (N,)
+        ``bf``, ``adf0``…, ``com_x``, ``com_y`` (mrad; NaN for an empty frame).
+    """
+    xp = get_array_module(frames)
+    if frames.ndim != 3 or frames.shape[1] != frames.shape[2]:
+        raise ValueError(f"frames must be (N, D, D), got {frames.shape}")
+    data = frames.astype(xp.float64, copy=False)
+    ky, kx = angles_mrad(frames.shape[1], detector.detector_pixel_mrad, xp)
+    radius = xp.sqrt(ky * ky + kx * kx)
+    values: dict[str, Any] = {
+        "bf": (data * (radius <= detector.convergence_semiangle_mrad)).sum(axis=(1, 2))}
+    for index, (inner, outer) in enumerate(detector.annuli_mrad):
+        ring = (radius >= inner) & (radius < outer)
+        values[f"adf{index}"] = (data * ring).sum(axis=(1, 2))
+    total = data.sum(axis=(1, 2))
+    safe = xp.where(total != 0, total, xp.nan)
+    values["com_x"] = (data * kx).sum(axis=(1, 2)) / safe
+    values["com_y"] = (data * ky).sum(axis=(1, 2)) / safe
+    return values
+
+
+def integrated_dpc(com_x: Any, com_y: Any, step_x: float = 1.0, step_y: float = 1.0) -> Any:
+    """iDPC: the scalar field whose gradient best matches (com_x, com_y), by Fourier integration.
+
+    iDPC = F⁻¹[(kx F[com_x] + ky F[com_y]) / (i 2π |k|²)], the k = 0 term set to 0 (mean zero).
+
+    Parameters
+    ----------
+    com_x, com_y : array, shape (rows, cols)
+        Centre of mass along columns (x) and rows (y); NaN (no frame yet) is taken as 0.
+    step_x, step_y : float
+        Scan steps; the result is in CoM units × step units.
+
+    Returns
+    -------
+    array, shape (rows, cols), real
+    """
+    xp = get_array_module(com_x, com_y)
+    if com_x.shape != com_y.shape or com_x.ndim != 2:
+        raise ValueError(f"com_x {com_x.shape} and com_y {com_y.shape} must be one 2D shape")
+    rows, cols = com_x.shape
+    kx = xp.fft.fftfreq(cols, d=step_x)[None, :]
+    ky = xp.fft.fftfreq(rows, d=step_y)[:, None]
+    k2 = kx * kx + ky * ky
+    k2[0, 0] = 1.0
+    fx = xp.fft.fft2(xp.nan_to_num(com_x.astype(xp.float64)))
+    fy = xp.fft.fft2(xp.nan_to_num(com_y.astype(xp.float64)))
+    spectrum = (kx * fx + ky * fy) / (2j * np.pi * k2)
+    spectrum[0, 0] = 0.0
+    return xp.fft.ifft2(spectrum).real
