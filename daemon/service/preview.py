@@ -218,6 +218,23 @@ class Mosaic:
         logger.debug("placed tile %s at coarse (%d, %d)", (row0, row1, col0, col1), top, left)
 
 
+def display_range(image: npt.ArrayLike) -> tuple[float, float] | None:
+    """The values :func:`to_png` maps to black and white by default: the 1st and 99th percentiles of the finite
+    pixels, or None when there are none (the viewer's colour bar prints them).
+
+    Parameters
+    ----------
+    image : (h, w) real
+        Image as given to :func:`to_png`; NaN and infinities are left out.
+    """
+    values = np.asarray(image, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return None
+    low, high = (float(p) for p in np.percentile(finite, [1.0, 99.0]))
+    return low, high
+
+
 def to_png(image: npt.ArrayLike, low_high: tuple[float, float] | None = None) -> bytes:
     """Encode a float image as an 8-bit grayscale PNG.
 
@@ -245,7 +262,7 @@ def to_png(image: npt.ArrayLike, low_high: tuple[float, float] | None = None) ->
     finite = np.isfinite(values)
     if finite.any() or low_high is not None:
         if low_high is None:
-            low, high = (float(p) for p in np.percentile(values[finite], [1.0, 99.0]))
+            low, high = display_range(values) or (0.0, 0.0)
         else:
             low, high = float(low_high[0]), float(low_high[1])
         if high > low:

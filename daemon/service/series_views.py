@@ -29,7 +29,7 @@ import numpy.typing as npt
 from ptylive.daemon.engine.geometry import SeriesGeometry
 from ptylive.daemon.service.final_writer import FinalJob, FinalOutcome
 from ptylive.daemon.service.messages import FinalMessage, PreviewMessage
-from ptylive.daemon.service.preview import Mosaic, to_png
+from ptylive.daemon.service.preview import Mosaic, display_range, to_png
 from ptylive.streaming.protocol import SeriesStart
 
 logger = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 TILE_KEYS = ("worker", "tile", "iteration", "frames_used", "frames_received", "frames_expected", "loss",
              "loss_per_frame", "convergence_rate", "wait_fraction", "staleness_max", "status")
 FINAL_HEADER_SKIPPED = ("loss_history", "frames_history", "received")  # long lists kept out of /tiles
+LOSS_CURVE_POINTS = 2000  # per tile: the viewer's loss-vs-iteration curve keeps the latest iterations
 
 SeriesLookup = Callable[[str], tuple[SeriesStart, SeriesGeometry] | None]
 
@@ -75,9 +76,23 @@ class SeriesView:
     path: str | None = None
     status: str | None = None
     coverage: dict[str, Any] | None = None  # which frames reached a worker, once every final is in
+    loss_curves: dict[int, deque[tuple[int, float]]] = field(default_factory=dict)  # (iteration, loss/frame)
 
     def tile_list(self) -> list[dict[str, Any]]:
         return [{k: self.tiles[w].get(k) for k in TILE_KEYS} for w in sorted(self.tiles)]
+
+    def loss_curve_list(self) -> list[dict[str, Any]]:
+        """``/tiles``' ``loss_curves``: per worker its previews' iterations and loss per frame (same order)."""
+        return [{"worker": w, "iteration": [p[0] for p in self.loss_curves[w]],
+                 "loss_per_frame": [p[1] for p in self.loss_curves[w]]} for w in sorted(self.loss_curves)]
+
+    def record_loss(self, worker: int, iteration: int, loss_per_frame: float | None) -> None:
+        """One point of ``worker``'s loss curve: a preview of a later iteration than its last point."""
+        if loss_per_frame is None or not np.isfinite(loss_per_frame):
+            return
+        curve = self.loss_curves.setdefault(worker, deque(maxlen=LOSS_CURVE_POINTS))
+        if not curve or iteration > curve[-1][0]:
+            curve.append((int(iteration), float(loss_per_frame)))
 
 
 @dataclass(frozen=True)
@@ -223,6 +238,7 @@ class SeriesViews:
             for mosaic, layer in zip(view.slices, message.arrays[1], strict=True):
                 mosaic.place(tile, layer)
         view.tiles[worker] = dict(message.header)
+        view.record_loss(worker, int(message.header["iteration"]), message.header.get("loss_per_frame"))
         view.iteration = max(view.iteration, int(message.header["iteration"]))
         if view.first_preview_s is None:
             view.first_preview_s = time.time()
@@ -238,8 +254,10 @@ class SeriesViews:
             extra = {"version": view.published_version, "object_shape": list(mosaic.object_shape),
                      "n_slices": len(view.slices) or 1}
             by_tiles = sum(t.get("frames_received", 0) for t in view.tiles.values())
-            return PendingPreview(view.start, view.geometry, mosaic.image, view.iteration, view.tile_list(),
-                                  mosaic.factor, extra, by_tiles)
+            pending = PendingPreview(view.start, view.geometry, mosaic.image, view.iteration, view.tile_list(),
+                                     mosaic.factor, extra, by_tiles)
+        extra["phase_range_rad"] = display_range(pending.image)  # the colour bar's numbers (outside the lock)
+        return pending
 
     def finished(self, outcome: FinalOutcome) -> tuple[dict[str, Any], dict[str, Any]]:
         """Record a written (or failed) final file: ``(the /status 'finished' entry, the coverage map)``.
@@ -279,15 +297,22 @@ class SeriesViews:
                     "finished": [dict(entry) for entry in self._finished]}
 
     def tiles(self) -> dict[str, Any]:
-        """``/tiles``: the latest series' tiles, object shape, pixel size (Å), slices and (once finished) coverage."""
+        """``/tiles``: the latest series' tiles, object shape, pixel size (Å), slices, (once finished) coverage,
+        each tile's loss curve and the display ranges (rad) of the projected and slice mosaics."""
         with self._lock:
             view = self._views.get(self._latest) if self._latest else None
-            return {"series_id": view.start.series_id if view else None,
-                    "object_shape": list(view.geometry.object_shape) if view else None,
-                    "pixel_size_A": float(view.geometry.pixel_size_A) if view else None,  # the viewer's scale bar
-                    "n_slices": (len(view.slices) or 1) if view else None,
-                    "coverage": view.coverage if view else None,
-                    "tiles": view.tile_list() if view else []}
+            table = {"series_id": view.start.series_id if view else None,
+                     "object_shape": list(view.geometry.object_shape) if view else None,
+                     "pixel_size_A": float(view.geometry.pixel_size_A) if view else None,  # the viewer's scale bar
+                     "n_slices": (len(view.slices) or 1) if view else None,
+                     "coverage": view.coverage if view else None,
+                     "tiles": view.tile_list() if view else [],
+                     "loss_curves": view.loss_curve_list() if view else []}
+            mosaic = view.mosaic.image if view is not None and view.mosaic is not None else None
+            slices = [m.image for m in view.slices] if view is not None else []
+        table["phase_range_rad"] = None if mosaic is None else display_range(mosaic)  # the colour bar's numbers
+        table["slice_ranges_rad"] = [display_range(image) for image in slices]
+        return table
 
     def preview_png(self) -> bytes | None:
         """PNG of the latest series' projected phase; None before its first preview."""

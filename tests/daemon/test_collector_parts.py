@@ -105,7 +105,7 @@ def test_views_start_a_series_once_and_publish_each_new_mosaic_once(geometry: Se
     assert first.started == {"series_id": "p-1", "frames_expected": 48, "object_shape": list(geometry.object_shape)}
     pending = views.take_preview()
     assert pending is not None and pending.extra == {"version": 1, "object_shape": list(geometry.object_shape),
-                                                     "n_slices": 1}
+                                                     "n_slices": 1, "phase_range_rad": (0.0, 0.0)}
     assert views.take_preview() is None  # nothing new since
     second = views.handle(preview(geometry, 1, iteration=3))
     assert second.started is None and second.final_job is None
@@ -116,6 +116,24 @@ def test_views_start_a_series_once_and_publish_each_new_mosaic_once(geometry: Se
         pending.image.shape)
     assert pending.header(frames_received=40)["frames_received"] == 40
     assert views.status() == {"series_id": "p-1", "iteration": 3, "finished": []}
+
+
+def test_views_keep_each_tiles_loss_curve_and_the_colour_bars_range(geometry: SeriesGeometry) -> None:
+    views = views_for(geometry)
+    for iteration, loss in ((1, 0.8), (2, 0.5), (2, 0.45), (1, 0.9), (4, 0.3)):  # a repeat and a late one dropped
+        message = preview(geometry, 0, iteration)
+        views.handle(dataclasses.replace(message, header={**message.header, "loss_per_frame": loss}))
+    message = preview(geometry, 1, 3)
+    views.handle(dataclasses.replace(message, header={**message.header, "loss_per_frame": None}))  # no point
+    views.handle(preview(geometry, 1, 5))
+    tiles = views.tiles()
+    assert tiles["loss_curves"] == [{"worker": 0, "iteration": [1, 2, 4], "loss_per_frame": [0.8, 0.5, 0.3]},
+                                    {"worker": 1, "iteration": [5], "loss_per_frame": [0.4]}]
+    low, high = tiles["phase_range_rad"]  # tile 0 drawn 0, tile 1 drawn 1: the percentiles lie between
+    assert 0.0 <= low < high <= 1.0 and tiles["slice_ranges_rad"] == []
+    pending = views.take_preview()
+    assert pending is not None and pending.extra["phase_range_rad"] == (low, high)
+    json.dumps(tiles)  # /tiles stays plain JSON
 
 
 def test_views_ignore_series_that_were_not_admitted(geometry: SeriesGeometry, caplog: pytest.LogCaptureFixture) -> None:
