@@ -7,11 +7,15 @@ way to get it the tests fail under CI (``CI`` set) and are skipped elsewhere, sa
 
 from __future__ import annotations
 
+import http.client
 import ipaddress
 import os
 import shutil
 import subprocess
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
@@ -21,6 +25,8 @@ import pytest
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
 APT_TIMEOUT_S = 900
 LOCAL_SCHEMES = ("data", "about")  # never a request to anywhere
+HOP_HEADERS = {"connection", "transfer-encoding", "keep-alive"}
+Answer = Callable[[str], tuple[int, str, bytes] | None]  # a path (query included) -> (status, type, body) or None
 
 
 def unavailable(reason: str) -> NoReturn:
@@ -88,10 +94,11 @@ class PageLog:
         return [url for url in self.requests if not is_loopback(url)]
 
 
-def pixel_checksum(page: Any) -> tuple[str, int] | None:
-    """``(image URL, sum of its RGBA bytes)`` of the mosaic as drawn now, or None before it shows."""
-    result = page.evaluate("""() => {
-        const image = document.getElementById("mosaic");
+def pixel_checksum(page: Any, image_id: str = "mosaic") -> tuple[str, int] | None:
+    """``(image URL, sum of its RGBA bytes)`` of the mosaic (or image ``image_id``) as drawn now, or None before
+    it shows."""
+    result = page.evaluate("""(imageId) => {
+        const image = document.getElementById(imageId);
         if (!image || !image.dataset.src || !image.naturalWidth) { return null; }
         const canvas = document.createElement("canvas");
         canvas.width = image.naturalWidth; canvas.height = image.naturalHeight;
@@ -101,7 +108,7 @@ def pixel_checksum(page: Any) -> tuple[str, int] | None:
         let sum = 0;
         for (let i = 0; i < pixels.length; i++) { sum = (sum + pixels[i] * (i % 9973 + 1)) % 2147483647; }
         return [image.dataset.src, sum];
-    }""")
+    }""", image_id)
     return None if result is None else (str(result[0]), int(result[1]))
 
 
@@ -127,3 +134,53 @@ def save_screenshot(page: Any, path: Path, config: pytest.Config, full_page: boo
             reporter.ensure_newline()
             reporter.write_line(f"viewer screenshot: {path}")
     return path
+
+
+def start_proxy(upstream_port: int, prefix: str = "", answer: Answer | None = None) -> ThreadingHTTPServer:
+    """A reverse proxy on loopback (port 0) serving ``prefix/...`` from the daemon's ``/...``, streamed (SSE works).
+
+    ``answer(path)``, when given, is asked first (``path`` without the prefix): a ``(status, content type, body)``
+    it returns is served by the proxy itself, a stub for routes the daemon does not have yet.
+    """
+
+    class Proxy(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"  # one response per connection: the body ends when the socket closes
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base class signature
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802 - name fixed by BaseHTTPRequestHandler
+            if not (self.path == prefix or self.path.startswith(prefix + "/")):
+                self.send_error(404, "outside the prefix")
+                return
+            path = self.path[len(prefix):] or "/"
+            stub = answer(path) if answer is not None else None
+            if stub is not None:
+                status, content_type, body = stub
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            upstream = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=30)
+            upstream.request("GET", path, headers={"Accept": self.headers.get("Accept", "*/*")})
+            reply = upstream.getresponse()
+            self.send_response(reply.status)
+            for name, value in reply.getheaders():
+                if name.lower() not in HOP_HEADERS:
+                    self.send_header(name, value)
+            self.end_headers()
+            try:
+                while chunk := reply.read1(65536):
+                    self.wfile.write(chunk)
+                    self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError, TimeoutError):
+                pass
+            finally:
+                upstream.close()
+
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    proxy.daemon_threads = True
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    return proxy

@@ -3,24 +3,20 @@ that serves it under a path prefix (relative URLs only)."""
 
 from __future__ import annotations
 
-import http.client
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 
 from ptylive.daemon.http.access import ControlAccess
 from ptylive.daemon.http.server import Providers, StatusServer
-from tests.daemon.browser_harness import PageLog
+from tests.daemon.browser_harness import PageLog, start_proxy
 from tests.daemon.test_viewer_page import OBJECT_SHAPE, TILES, TIMEOUT_MS, ScriptedDaemon, mosaic_png
 
 pytestmark = pytest.mark.browser
 
 TOKEN = "viewer-test-token-0123456789abcdef"
 PREFIX = "/ptylive"
-HOP_HEADERS = {"connection", "transfer-encoding", "keep-alive"}
 
 
 class PixelDaemon(ScriptedDaemon):
@@ -91,49 +87,12 @@ def test_scale_bar_in_angstrom_and_buttons_refuse_without_the_token(page: tuple[
     assert log.errors == []
 
 
-def start_prefix_proxy(upstream_port: int) -> ThreadingHTTPServer:
-    """A reverse proxy on loopback that serves ``PREFIX/...`` from the daemon's ``/...`` (streaming, for SSE)."""
-
-    class Proxy(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.0"  # one response per connection: the body ends when the socket closes
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base class signature
-            pass
-
-        def do_GET(self) -> None:  # noqa: N802 - name fixed by BaseHTTPRequestHandler
-            if not (self.path == PREFIX or self.path.startswith(PREFIX + "/")):
-                self.send_error(404, "outside the prefix")
-                return
-            upstream = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=30)
-            accept = self.headers.get("Accept", "*/*")
-            upstream.request("GET", self.path[len(PREFIX):] or "/", headers={"Accept": accept})
-            reply = upstream.getresponse()
-            self.send_response(reply.status)
-            for name, value in reply.getheaders():
-                if name.lower() not in HOP_HEADERS:
-                    self.send_header(name, value)
-            self.end_headers()
-            try:
-                while chunk := reply.read1(65536):
-                    self.wfile.write(chunk)
-                    self.wfile.flush()
-            except (BrokenPipeError, ConnectionResetError, TimeoutError):
-                pass
-            finally:
-                upstream.close()
-
-    proxy = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
-    proxy.daemon_threads = True
-    threading.Thread(target=proxy.serve_forever, daemon=True).start()
-    return proxy
-
-
 def test_the_page_works_behind_a_reverse_proxy_with_a_path_prefix(page: tuple[Any, PageLog]) -> None:
     view, log = page
     daemon = PixelDaemon(series_id="proxied", tiles=TILES, png=mosaic_png(6))
     daemon.calls = []
     with StatusServer(daemon.providers()) as server:
-        proxy = start_prefix_proxy(server.port)
+        proxy = start_proxy(server.port, PREFIX)
         try:
             view.goto(f"http://127.0.0.1:{proxy.server_address[1]}{PREFIX}/")
             view.wait_for_selector('#connection[data-state="live"]', timeout=TIMEOUT_MS)  # events through the proxy

@@ -60,6 +60,91 @@ export function renderScaleBar(objectShape, pixelSizeA) {  // a bar of a round l
   bar.hidden = false;
 }
 
+export function renderColourBar(id, range, units) {  // black-to-white ramp with the values it stands for
+  const bar = $(id);
+  if (!Array.isArray(range) || range.length !== 2 || !range.every(Number.isFinite)) { bar.hidden = true; return; }
+  bar.querySelector(".low").textContent = fmt(range[0]) + " " + units;
+  bar.querySelector(".high").textContent = fmt(range[1]) + " " + units;
+  Object.assign(bar.dataset, {low: String(range[0]), high: String(range[1]), units});
+  bar.hidden = false;
+}
+
+const LOSS_COLOURS = ["#4a9eff", "#e9b23a", "#5c5", "#f55", "#c7f", "#4dd", "#f9a", "#aa8"];
+const PLOT_MARGIN = {left: 46, right: 6, top: 6, bottom: 18};
+
+export function drawLossCurves(curves) {  // {worker: [[iteration, loss per frame], ...]}, log scale in y
+  const canvas = $("loss-plot");
+  const context = canvas.getContext("2d");
+  const {width, height} = canvas;
+  context.fillStyle = "#000";
+  context.fillRect(0, 0, width, height);
+  const workers = Object.keys(curves).map(Number).sort((a, b) => a - b);
+  const points = workers.flatMap((w) => curves[w]).filter((p) => p[1] > 0);
+  canvas.dataset.points = JSON.stringify(Object.fromEntries(workers.map((w) => [w, curves[w].length])));
+  if (!points.length) {
+    $("loss-legend").replaceChildren();
+    $("loss-text").textContent = "no iterations yet";
+    return;
+  }
+  const iterations = points.map((p) => p[0]), logs = points.map((p) => Math.log10(p[1]));
+  const x0 = Math.min(...iterations), x1 = Math.max(...iterations, x0 + 1);
+  let y0 = Math.min(...logs), y1 = Math.max(...logs);
+  if (y1 - y0 < 1e-6) { y0 -= 0.5; y1 += 0.5; }
+  const px = (x) => PLOT_MARGIN.left + (x - x0) / (x1 - x0) * (width - PLOT_MARGIN.left - PLOT_MARGIN.right);
+  const py = (y) => PLOT_MARGIN.top + (y1 - y) / (y1 - y0) * (height - PLOT_MARGIN.top - PLOT_MARGIN.bottom);
+  context.strokeStyle = "#555";
+  context.strokeRect(PLOT_MARGIN.left, PLOT_MARGIN.top, width - PLOT_MARGIN.left - PLOT_MARGIN.right,
+                     height - PLOT_MARGIN.top - PLOT_MARGIN.bottom);
+  context.fillStyle = "#aaa";
+  context.font = "10px ui-monospace, monospace";
+  context.textAlign = "right";
+  context.fillText(fmt(Math.pow(10, y1)), PLOT_MARGIN.left - 3, PLOT_MARGIN.top + 8);
+  context.fillText(fmt(Math.pow(10, y0)), PLOT_MARGIN.left - 3, height - PLOT_MARGIN.bottom);
+  context.textAlign = "left";
+  context.fillText(String(x0), PLOT_MARGIN.left, height - 4);
+  context.textAlign = "right";
+  context.fillText("iteration " + x1, width - PLOT_MARGIN.right, height - 4);
+  const legend = [];
+  workers.forEach((worker, i) => {
+    const colour = LOSS_COLOURS[i % LOSS_COLOURS.length];
+    const curve = curves[worker].filter((p) => p[1] > 0);
+    context.strokeStyle = context.fillStyle = colour;
+    context.beginPath();
+    curve.forEach(([x, y], k) => context[k ? "lineTo" : "moveTo"](px(x), py(Math.log10(y))));
+    context.stroke();
+    if (curve.length === 1) { context.fillRect(px(curve[0][0]) - 2, py(Math.log10(curve[0][1])) - 2, 4, 4); }
+    const swatch = document.createElement("span");
+    swatch.className = "swatch";
+    swatch.style.background = colour;
+    const entry = item("tile " + worker + ": " + fmt(curve.length ? curve[curve.length - 1][1] : null));
+    entry.prepend(swatch);
+    legend.push(entry);
+  });
+  $("loss-legend").replaceChildren(...legend);
+  $("loss-text").textContent = "log scale: " + fmt(Math.pow(10, y0)) + " … " + fmt(Math.pow(10, y1)) +
+    " per frame, iterations " + x0 + "–" + Math.max(...iterations);
+}
+
+export function setVirtualKinds(images, chosen) {  // the select lists what /virtual.json offers
+  const select = $("virtual-kind");
+  const kinds = images.map((image) => image.kind);
+  if ([...select.options].map((o) => o.value).join() !== kinds.join()) {
+    select.replaceChildren(...images.map((image) => {
+      const option = document.createElement("option");
+      Object.assign(option, {value: image.kind, textContent: image.label || image.kind});
+      return option;
+    }));
+  }
+  if (kinds.includes(chosen)) { select.value = chosen; }
+  return select.value || null;
+}
+
+export function showVirtual(image, text) {  // image null: nothing to show (text says why)
+  if (image) { $("virtual").replaceWith(image); }
+  $("virtual-frame").hidden = !image;
+  $("virtual-text").textContent = text;
+}
+
 export function setSlices(count) {
   const select = $("slice");
   if (select.options.length === count + 1 || (count <= 1 && select.options.length === 1)) { return; }

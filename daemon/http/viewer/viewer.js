@@ -4,8 +4,10 @@
 // per-tile quality, and the mosaic is fetched once per event (at most the daemon's preview rate; one
 // image in flight, later events coalesce). /status and /tiles are read again on every (re)connect and
 // after a "resync", so a restarted daemon or dropped events cost nothing. Only the daemon is asked.
-import {$, clearCoverage, drawCoverage, render, renderProgress, renderScaleBar, setConnection, setSlices,
-        showMosaic, showNoPreview} from "./draw.js";
+// Each preview event also adds a point to every tile's loss curve (seeded from /tiles' loss_curves) and
+// re-reads virtual.json and the chosen virtual.png (one request in flight; none once the daemon said 404).
+import {$, clearCoverage, drawCoverage, drawLossCurves, render, renderColourBar, renderProgress, renderScaleBar,
+        setConnection, setSlices, setVirtualKinds, showMosaic, showNoPreview, showVirtual} from "./draw.js";
 
 const RECONNECT_MS = 2000;     // when the browser gave up on the stream (an HTTP error, not a network one)
 const STATUS_EVERY_MS = 2000;  // /status (coverage map, ingest counters) at most this often while previews arrive
@@ -17,9 +19,13 @@ const state = {
   seriesId: null, objectShape: null, framesReceived: null, framesExpected: null, iteration: null, tiles: [],
   ended: false, version: 0, record: null, samples: [], lastPreviewMs: null, coverageShown: false,
   finished: [], workersUp: [], heartbeatAge: {}, workerErrors: [], pixelSizeA: null,
+  phaseRange: null, sliceRanges: [], lossCurves: {},
 };
+const virtual = {served: true, loading: false, again: false, kind: null, shown: null};
 const TOKEN_KEY = "ptylive.control-token";  // sessionStorage only: gone with the tab, never in the page
+const LOSS_POINTS = 2000;      // per tile, as rank 0 keeps
 const preview = {loading: false, pending: null};
+let tilesDue = 0;
 let source = null;
 let statusDue = 0;
 let statusInFlight = false;
@@ -43,13 +49,18 @@ function connect() {
   source.addEventListener("preview", (event) => onPreview(JSON.parse(event.data)));
   source.addEventListener("series_end", (event) => onSeriesEnd(JSON.parse(event.data)));
   source.addEventListener("resync", () => refreshAll());
+  source.addEventListener("virtual", () => refreshVirtual());  // if the daemon announces new virtual images
 }
 
 function newSeries(seriesId) {
   renderScaleBar(null, null);
   Object.assign(state, {seriesId, pixelSizeA: null, objectShape: null, framesReceived: null, framesExpected: null, iteration: null,
                         tiles: [], ended: false, version: 0, record: null, samples: [], lastPreviewMs: null,
-                        coverageShown: false});
+                        coverageShown: false, phaseRange: null, sliceRanges: [], lossCurves: {}});
+  Object.assign(virtual, {served: true, shown: null});
+  showVirtual(null, "no virtual images yet");
+  drawLossCurves(state.lossCurves);
+  renderMosaicColourBar();
   setSlices(1);
   clearCoverage(seriesId ? "no coverage map yet" : "no series running");
 }
@@ -67,6 +78,12 @@ function onPreview(data) {
                         iteration: data.iteration, tiles: data.tiles || [], objectShape: data.object_shape,
                         version: data.version, lastPreviewMs: Date.now()});
   setSlices(data.n_slices || 1);
+  state.phaseRange = data.phase_range_rad ?? state.phaseRange;
+  for (const tile of state.tiles) { addLossPoint(tile.worker, tile.iteration, tile.loss_per_frame); }
+  drawLossCurves(state.lossCurves);
+  renderMosaicColourBar();
+  refreshVirtual();
+  if ($("slice").value !== "projected" && Date.now() >= tilesDue) { refreshTiles(); }  // the slice's range
   state.samples.push([data.published_s, data.frames_received]);
   while (state.samples.length > 2 && data.published_s - state.samples[0][0] > RATE_WINDOW_S) { state.samples.shift(); }
   render(state);
@@ -90,6 +107,8 @@ async function refreshAll() {  // in order: /status says which series /tiles mus
   await refreshStatus();
   await refreshTiles();
   requestPreview();
+  virtual.served = true;  // a restarted (or upgraded) daemon may serve them now
+  refreshVirtual();
 }
 
 async function refreshStatus() {
@@ -132,11 +151,19 @@ function showCoverage(coverage) {  // /status' map while the series runs; the fi
 }
 
 async function refreshTiles() {
+  tilesDue = Date.now() + STATUS_EVERY_MS;
   try {
     const data = await getJson("tiles");
     if (data.series_id && data.series_id === state.seriesId) {
       Object.assign(state, {tiles: data.tiles || [], objectShape: data.object_shape || state.objectShape,
-                            pixelSizeA: data.pixel_size_A ?? state.pixelSizeA});
+                            pixelSizeA: data.pixel_size_A ?? state.pixelSizeA,
+                            phaseRange: data.phase_range_rad ?? state.phaseRange,
+                            sliceRanges: data.slice_ranges_rad || state.sliceRanges});
+      for (const curve of data.loss_curves || []) {
+        curve.iteration.forEach((iteration, k) => addLossPoint(curve.worker, iteration, curve.loss_per_frame[k]));
+      }
+      drawLossCurves(state.lossCurves);
+      renderMosaicColourBar();
       renderScaleBar(state.objectShape, state.pixelSizeA);
       setSlices(data.n_slices || 1);
       showCoverage(data.coverage);  // the final map, once the series is finished
@@ -145,6 +172,72 @@ async function refreshTiles() {
   } catch (error) {
     // as above
   }
+}
+
+function addLossPoint(worker, iteration, lossPerFrame) {  // kept in iteration order, one point per iteration
+  if (typeof iteration !== "number" || typeof lossPerFrame !== "number" || !Number.isFinite(lossPerFrame)) { return; }
+  const curve = state.lossCurves[worker] || (state.lossCurves[worker] = []);
+  const at = curve.findIndex((point) => point[0] >= iteration);
+  if (at === -1) { curve.push([iteration, lossPerFrame]); } else if (curve[at][0] !== iteration) {
+    curve.splice(at, 0, [iteration, lossPerFrame]);
+  }
+  if (curve.length > LOSS_POINTS) { curve.splice(0, curve.length - LOSS_POINTS); }
+}
+
+function renderMosaicColourBar() {  // the range preview.png maps to black and white, of the view shown
+  const chosen = $("slice").value;
+  renderColourBar("colour-bar", chosen === "projected" ? state.phaseRange : state.sliceRanges[Number(chosen)], "rad");
+}
+
+// ---- virtual images (virtual.json, virtual.png) ----------------------------------------------------
+async function refreshVirtual() {
+  if (!virtual.served) { return; }
+  if (virtual.loading) { virtual.again = true; return; }
+  virtual.loading = true;
+  try {
+    const response = await fetch("virtual.json", {cache: "no-store"});
+    if (response.status === 404) {
+      virtual.served = false;
+      showVirtual(null, "this daemon serves no virtual images");
+      return;
+    }
+    if (!response.ok) { throw new Error("virtual.json: HTTP " + response.status); }
+    const index = await response.json();
+    const images = index.images || [];
+    if (!images.length || index.series_id !== state.seriesId) {
+      if (!virtual.shown) { showVirtual(null, "no virtual images yet: they start with the first frame"); }
+      return;
+    }
+    virtual.kind = setVirtualKinds(images, virtual.kind);
+    const chosen = images.find((image) => image.kind === virtual.kind);
+    await loadVirtual(chosen, index);
+  } catch (error) {
+    // the connection badge says when the daemon is away; keep what is shown
+  } finally {
+    virtual.loading = false;
+    if (virtual.again) { virtual.again = false; refreshVirtual(); }
+  }
+}
+
+function loadVirtual(chosen, index) {  // resolves once the image is swapped in (or failed)
+  const url = "virtual.png?kind=" + encodeURIComponent(chosen.kind) + "&v=" +
+    encodeURIComponent(index.series_id + "." + index.frames_filled);
+  if (virtual.shown === url) { return Promise.resolve(); }
+  return new Promise((resolve) => {
+    const next = new Image();
+    next.onload = () => {
+      Object.assign(next, {id: "virtual", alt: (chosen.label || chosen.kind) + " of " + index.series_id});
+      next.dataset.src = url;
+      virtual.shown = url;
+      showVirtual(next, (chosen.label || chosen.kind) + ": " + index.frames_filled + " of " + index.frames_expected +
+        " frames" + (chosen.inner_mrad !== null && chosen.inner_mrad !== undefined
+          ? ", " + chosen.inner_mrad + "\u2013" + chosen.outer_mrad + " mrad" : ""));
+      renderColourBar("virtual-colour", [chosen.finite_min, chosen.finite_max], chosen.units || "");
+      resolve();
+    };
+    next.onerror = () => resolve();  // 404 before the first frame of this kind: keep what is shown
+    next.src = url;
+  });
 }
 
 // ---- the mosaic ------------------------------------------------------------------------------------
@@ -200,7 +293,9 @@ async function sendControl(action) {  // POST control with the token the operato
 $("control-token").value = sessionStorage.getItem(TOKEN_KEY) || "";
 $("finalize").addEventListener("click", () => sendControl("finalize"));
 $("abort").addEventListener("click", () => sendControl("abort"));
-$("slice").addEventListener("change", requestPreview);
+$("slice").addEventListener("change", () => { requestPreview(); renderMosaicColourBar(); refreshTiles(); });
+$("virtual-kind").addEventListener("change", () => { virtual.kind = $("virtual-kind").value; virtual.shown = null;
+                                                     refreshVirtual(); });
 $("show-overlay").addEventListener("change", () => $("overlay").classList.toggle("off", !$("show-overlay").checked));
 setInterval(() => {
   renderProgress(state);  // the "last preview … ago" clock
