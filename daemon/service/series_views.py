@@ -301,13 +301,14 @@ class SeriesViews:
         each tile's loss curve and the display ranges (rad) of the projected and slice mosaics."""
         with self._lock:
             view = self._views.get(self._latest) if self._latest else None
-            table = {"series_id": view.start.series_id if view else None,
-                     "object_shape": list(view.geometry.object_shape) if view else None,
-                     "pixel_size_A": float(view.geometry.pixel_size_A) if view else None,  # the viewer's scale bar
-                     "n_slices": (len(view.slices) or 1) if view else None,
-                     "coverage": view.coverage if view else None,
-                     "tiles": view.tile_list() if view else [],
-                     "loss_curves": view.loss_curve_list() if view else []}
+            table: dict[str, Any] = {"series_id": view.start.series_id if view else None,
+                                     "object_shape": list(view.geometry.object_shape) if view else None,
+                                     # the object's pixel: the viewer's scale bar
+                                     "pixel_size_A": float(view.geometry.pixel_size_A) if view else None,
+                                     "n_slices": (len(view.slices) or 1) if view else None,
+                                     "coverage": view.coverage if view else None,
+                                     "tiles": view.tile_list() if view else [],
+                                     "loss_curves": view.loss_curve_list() if view else []}
             mosaic = view.mosaic.image if view is not None and view.mosaic is not None else None
             slices = [m.image for m in view.slices] if view is not None else []
         table["phase_range_rad"] = None if mosaic is None else display_range(mosaic)  # the colour bar's numbers
