@@ -71,10 +71,12 @@ def test_viewer_page_is_self_contained(server: StatusServer) -> None:
         bodies[path] = reply.body.decode()
         assert re.search(r"(https?|wss?):|//[a-z]", bodies[path]) is None  # nothing absolute, nothing elsewhere
     page = bodies["/"]
-    assert '<link rel="stylesheet" href="/viewer.css">' in page and 'src="/viewer.js"' in page
-    assert 'from "/draw.js"' in bodies["/viewer.js"]
-    for path in ("/events", "/preview.png", "/tiles", "/status"):
+    # relative URLs only, so the page works behind a reverse proxy that adds a path prefix
+    assert '<link rel="stylesheet" href="viewer.css">' in page and 'src="viewer.js"' in page
+    assert 'from "./draw.js"' in bodies["/viewer.js"]
+    for path in ("events", "preview.png", "tiles", "status"):
         assert f'"{path}' in bodies["/viewer.js"]
+    assert re.search(r"""(href|src|fetch\(|EventSource\()\s*=?\s*["']/""", page + bodies["/viewer.js"]) is None
     assert "innerHTML" not in bodies["/viewer.js"] + bodies["/draw.js"]  # values are written as text
 
 
