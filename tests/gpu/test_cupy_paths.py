@@ -432,3 +432,23 @@ def test_engine_iterations_match_numpy(device: Device, mode: str) -> None:
     assert loss_np[-1] < loss_np[0]  # the run did refine
     close(volume, volume_np, rel=1e-3)
     close(probe, probe_np, rel=1e-3)
+
+
+def test_detector_preprocessing_matches_numpy(device: Device) -> None:
+    """Crop, flatfield, mask and bin of raw frames (streaming/detector_frames.py), and the bright-field centre."""
+    from ptylive.streaming.detector_frames import DetectorCrop, DetectorPreprocessing, bright_field_centre_px
+
+    rng = np.random.default_rng(7)
+    shape = (66, 130)
+    rows, cols = np.mgrid[0:shape[0], 0:shape[1]]
+    disk = (rows - 30.3) ** 2 + (cols - 71.6) ** 2 <= 100
+    raw = rng.poisson(np.where(disk, 80.0, 1.0), (3, *shape)).astype(np.uint16)
+    mask = np.zeros(shape, bool)
+    mask[32:34, :] = True
+    flat = rng.uniform(0.8, 1.2, shape).astype(np.float32)
+    pre = DetectorPreprocessing.build(shape, DetectorCrop(10, 40, 48, bin_factor=2), mask, flat)
+    expected = pre.apply(raw)
+    close(device.host(pre.apply(device.xp.asarray(raw))), expected)
+    centre = bright_field_centre_px(device.xp.asarray(raw), device.xp.asarray(mask))
+    np.testing.assert_allclose(centre, bright_field_centre_px(raw, mask), rtol=1e-12)
+    assert abs(centre[0] - 30.3) <= 0.5 and abs(centre[1] - 71.6) <= 0.5
