@@ -27,7 +27,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +47,7 @@ from ptylive.streaming.stream_decoder import PtyliveDecoder, StreamDecoder
 logger = logging.getLogger(__name__)
 
 RECV_BATCH = 256  # messages drained per poll before the stop flag is looked at again
+PRELOAD_COMMANDS_EVERY = 256  # preloaded messages between two looks at the control requests
 BATCH_FRAME_BYTES = 64 * 1024  # frames up to this size may share a message to their worker; larger ones go alone
 BATCH_FRAMES, BATCH_BYTES = 64, 1 << 20  # a batch is sent once it holds this many frames or bytes
 _NOBLOCK, _MORE_NOBLOCK = int(zmq.NOBLOCK), int(zmq.NOBLOCK | zmq.SNDMORE)  # enum arithmetic costs µs per frame
@@ -144,6 +145,7 @@ class Ingest:
         self._batch_bytes, self._batch_pixel_bytes = [0] * n, [0] * n
         self.in_flight = InFlight(n, config.max_buffered_bytes) if config.max_buffered_bytes else None
         self.unsent_on_stop = self.messages_received = 0
+        self._preload: Iterable[list[Any]] = ()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -186,8 +188,24 @@ class Ingest:
         """The bound worker endpoints (actual ports), worker ``w`` at index ``w``."""
         return self._worker_endpoints
 
+    def preload(self, messages: Iterable[list[Any]]) -> None:
+        """Messages to take, in order, before any from the detector (a resumed series' recorded ones:
+        :mod:`ptylive.daemon.service.resume`); they go the detector's messages' way (recorded, decoded, admitted,
+        routed, bounded). Call before :meth:`start`."""
+        if self._thread is not None:
+            raise RuntimeError("preload before the ingest starts")
+        self._preload = messages
+
     def run(self, stop: threading.Event) -> None:
         """Receive and forward until ``stop`` is set; malformed input is counted, never raised."""
+        for n, parts in enumerate(self._preload, 1):
+            self._take(parts, stop)
+            if stop.is_set():
+                return
+            if n % PRELOAD_COMMANDS_EVERY == 0:  # finalize/abort requests are answered meanwhile
+                self._flush_batches(stop)
+                self._run_commands(stop)
+        self._flush_batches(stop)
         poller = zmq.Poller()  # one for the whole run: Socket.poll builds a Poller per call (µs per wake-up)
         poller.register(self._pull, zmq.POLLIN)
         while not stop.is_set():
@@ -212,20 +230,26 @@ class Ingest:
             while part.more:  # the rest of a multipart message is there once its first part is
                 part = recv(_NOBLOCK, copy=False)
                 parts.append(part)
-            self.messages_received += 1
-            if self.recorder is not None:  # everything, malformed traffic included
-                self.recorder.write(parts)
-            if native:  # ptylive stream v1: one message in, forwarded as received
-                try:
-                    message = decode(parts)
-                except ProtocolError as exc:
-                    self.book.record_protocol_error(exc.reason)
-                else:
-                    self._dispatch(message, parts, stop)
-            else:
-                self._handle_decoded(self.decoder.feed(parts), stop)
+            self._take(parts, stop, native)
             if stop.is_set():
                 return
+
+    def _take(self, parts: list[Any], stop: threading.Event, native: bool | None = None) -> None:
+        """One message: recorded, decoded, dispatched."""
+        if native is None:
+            native = type(self.decoder) is PtyliveDecoder
+        self.messages_received += 1
+        if self.recorder is not None:  # everything, malformed traffic included
+            self.recorder.write(parts)
+        if native:  # ptylive stream v1: one message in, forwarded as received
+            try:
+                message = decode(parts)
+            except ProtocolError as exc:
+                self.book.record_protocol_error(exc.reason)
+            else:
+                self._dispatch(message, parts, stop)
+        else:
+            self._handle_decoded(self.decoder.feed(parts), stop)
 
     def _handle_decoded(self, outcomes: list[Any], stop: threading.Event) -> None:
         """Count what a decoder rejected, forward what it decoded."""

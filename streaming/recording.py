@@ -90,6 +90,11 @@ class RecordingWriter:
         self.messages += 1
         self.parts += count
 
+    def flush(self) -> None:
+        """Hand what is buffered to the OS (a process killed after this loses none of it; a power cut may)."""
+        self._data.flush()
+        self._counts.flush()
+
     def close(self) -> None:
         self._data.close()
         self._counts.close()
@@ -191,6 +196,7 @@ class Recorder:
         self.max_queued_bytes = max_queued_bytes
         self.queued_bytes, self.blocked_s, self.dropped = 0, 0.0, 0
         self.error: BaseException | None = None
+        self.previous: Path | None = None  # the last run's recording, kept by open() under a new name
         self._room = threading.Condition()
         self._queue: queue.SimpleQueue[list[Any] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="ptylive-recorder", daemon=True)
@@ -201,14 +207,16 @@ class Recorder:
         """A recorder for ``path``; None for an empty path (no recording).
 
         A recording already at ``path`` (the last run's, perhaps of a series a crash interrupted) is kept:
-        it and its sidecar are renamed to :func:`kept_name` first, never overwritten.
+        it and its sidecar are renamed to :func:`kept_name` first, never overwritten; :attr:`previous` names it.
         """
         if not path:
             return None
         kept = keep_previous(Path(path))
         if kept is not None:
             logger.warning("recording %s existed: kept as %s", path, kept)
-        return cls(path)
+        recorder = cls(path)
+        recorder.previous = kept
+        return recorder
 
     def write(self, parts: list[Any]) -> None:
         """Queue one message; waits while more than ``max_queued_bytes`` are queued. After an error: dropped."""
@@ -231,6 +239,8 @@ class Recorder:
             try:
                 if self.error is None:
                     self.writer.write(parts)
+                    if self._queue.empty():  # a burst written: a SIGKILL now loses nothing of it
+                        self.writer.flush()
             except (OSError, ValueError) as exc:  # a full disk, a closed file: stop recording, keep ingesting
                 self.error = exc
                 logger.error("recording to %s stopped: %s", self.writer.path, exc)

@@ -10,6 +10,11 @@ frames, corrected and nominal positions), one file per (series, worker), replace
         <stem>-<hash>.w1.ckpt.npz
         ...
 
+A series to be resumed from the recording (:mod:`ptylive.daemon.service.resume`) also gets a snapshot of its
+checkpoints, ``<stem>-<hash>.w<worker>.resume.npz`` (hard links, made by :meth:`CheckpointFolder.snapshot`): the
+workers start from those, all from the same files, while their own checkpoints of the resumed run replace the
+``.ckpt.npz`` ones.
+
 Rank 0 removes a series' checkpoints once its final file is written (:meth:`CheckpointFolder.forget`). Any
 checkpoint still there when the service starts belongs to a series that ended abnormally (a crash, a
 SIGKILL, a worker that died and took the MPI job down): :meth:`CheckpointFolder.recover` turns each such
@@ -29,6 +34,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -49,6 +55,7 @@ from ptylive.streaming.protocol import SeriesStart
 logger = logging.getLogger(__name__)
 
 SUFFIX = ".ckpt.npz"
+RESUME_SUFFIX = ".resume.npz"  # a snapshot of a checkpoint that a resumed series starts from
 RECOVERED = "recovered"
 ARRAYS = ("tile", "probe", "positions_px", "positions_nominal_px")  # a final message's arrays, in order
 STATE_SUBFOLDER = ".ptylive-state"  # in the results folder, when [service] state_folder is unset
@@ -95,6 +102,12 @@ def checkpoint_path(folder: Path, series_id: str, worker: int) -> Path:
     stem = re.sub(r"[^A-Za-z0-9_-]", "_", series_id)[:40]
     digest = hashlib.sha256(series_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
     return folder / f"{stem}-{digest}.w{worker}{SUFFIX}"
+
+
+def resume_path(folder: Path, series_id: str, worker: int) -> Path:
+    """The snapshot of :func:`checkpoint_path` that a resumed series starts from (``.resume.npz``)."""
+    path = checkpoint_path(folder, series_id, worker)
+    return path.with_name(path.name.removesuffix(SUFFIX) + RESUME_SUFFIX)
 
 
 def _plain(value: Any) -> Any:
@@ -241,6 +254,8 @@ class CheckpointFolder:
         """
         for partial in self.folder.glob(f"*{SUFFIX}.tmp"):  # a write cut short: the checkpoint before it stands
             partial.unlink(missing_ok=True)
+        for snapshot in self.folder.glob(f"*{RESUME_SUFFIX}"):  # a resume cut short: made again if it is resumed
+            snapshot.unlink(missing_ok=True)
         by_series: dict[str, list[Checkpoint]] = defaultdict(list)
         newest: dict[str, float] = defaultdict(float)
         for path in sorted(self.folder.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime):
@@ -282,8 +297,8 @@ class CheckpointFolder:
         """
         prefix = checkpoint_path(self.folder, series_id, 0).name.removesuffix(f".w0{SUFFIX}")
         removed = 0
-        try:
-            found = list(self.folder.glob(f"{prefix}.w*{SUFFIX}"))  # the prefix's characters are none of glob's
+        try:  # the prefix's characters are none of glob's
+            found = [*self.folder.glob(f"{prefix}.w*{SUFFIX}"), *self.folder.glob(f"{prefix}.w*{RESUME_SUFFIX}")]
         except OSError as exc:
             self._failed("remove", f"list the checkpoints of series {series_id!r} in {self.folder}", exc)
             return 0
@@ -296,10 +311,32 @@ class CheckpointFolder:
             removed += 1
         return removed
 
+    def snapshot(self, series_id: str, workers: list[int]) -> None:
+        """Snapshot the checkpoints of ``workers`` for a resume (:func:`resume_path`: a hard link, or a copy where
+        the file system has none); OSError if one cannot be made (the ones made are removed again)."""
+        made = []
+        try:
+            for worker in workers:
+                source, target = checkpoint_path(self.folder, series_id, worker), resume_path(self.folder, series_id,
+                                                                                             worker)
+                target.unlink(missing_ok=True)
+                try:
+                    os.link(source, target)
+                except OSError:
+                    if not source.exists():
+                        raise
+                    shutil.copyfile(source, target)
+                made.append(target)
+        except OSError:
+            for target in made:
+                target.unlink(missing_ok=True)
+            raise
+
     def forget(self, outcome: FinalOutcome) -> None:
         """After a final file is written (also to the fallback): its series' checkpoints are no longer needed.
 
-        A file that could not be written anywhere keeps them, so the next start writes it again.
+        A file that could not be written anywhere keeps them, so the next start writes it again; so does the
+        checkpoint version of a series that is then resumed (``keep_checkpoints``: its resumed file removes them).
         """
-        if outcome.path is not None:
+        if outcome.path is not None and not outcome.job.keep_checkpoints:
             self.remove(outcome.job.start.series_id)

@@ -282,8 +282,11 @@ class OutputConfig(_Section):
 
 @dataclass(frozen=True)
 class ServiceConfig(_Section):
-    """``[service]``: systemd watchdog (0 = ``WATCHDOG_USEC``), ready file ("" = none), heartbeats, and the
-    workers' checkpoints (``state_folder`` "" = ``<output.folder>/.ptylive-state``; interval 0 = none)."""
+    """``[service]``: systemd watchdog (0 = ``WATCHDOG_USEC``), ready file ("" = none), heartbeats, the
+    workers' checkpoints (``state_folder`` "" = ``<output.folder>/.ptylive-state``; interval 0 = none), and
+    whether a series recovered from its checkpoints is then refined on from the last run's recording
+    (``resume_from_recording``, with ``[ingest] record_to`` set; ``resume_iterations`` more iterations once
+    every recorded frame is back, 0 = the series' ``final_iterations``: :mod:`ptylive.daemon.service.resume`)."""
 
     SECTION: ClassVar[str] = "service"
     watchdog_s: float = _option(0.0, ge=0)
@@ -291,6 +294,8 @@ class ServiceConfig(_Section):
     heartbeat_timeout_s: float = _option(10.0, gt=0)
     state_folder: str = ""
     checkpoint_interval_s: float = _option(30.0, ge=0)
+    resume_from_recording: bool = True
+    resume_iterations: int = _option(0, ge=0, le=1_000_000)
 
 
 @dataclass(frozen=True)

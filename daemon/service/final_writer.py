@@ -75,6 +75,7 @@ class FinalJob:
     geometry: SeriesGeometry
     finals: list[FinalMessage]
     extra_attrs: dict[str, Any] = field(default_factory=dict)
+    keep_checkpoints: bool = False  # a recovered series refined on after this file: its checkpoints stay
 
 
 @dataclass(frozen=True, eq=False)

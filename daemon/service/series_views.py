@@ -169,6 +169,7 @@ class SeriesViews:
         self._views: dict[str, SeriesView] = {}
         self._latest: str | None = None
         self._finished: deque[dict[str, Any]] = deque(maxlen=max(history, 1))
+        self._resuming: set[str] = set()  # recovered series refined on: their checkpoint version is not the end
         self._lock = threading.Lock()
 
     # Collector thread ----------------------------------------------------------------------------------------
@@ -203,7 +204,8 @@ class SeriesViews:
     def _view(self, series_id: str) -> tuple[SeriesView | None, dict[str, Any] | None]:
         with self._lock:
             view = self._views.get(series_id)
-            done = view is None and any(entry["series_id"] == series_id for entry in self._finished)
+            done = view is None and series_id not in self._resuming and any(
+                entry["series_id"] == series_id for entry in self._finished)
         if view is not None:
             return view, None
         if done:  # a late message about a series whose file is written: its view is gone on purpose
@@ -280,12 +282,22 @@ class SeriesViews:
             entry["count_mismatch"] = job.extra_attrs["count_mismatch"]
         with self._lock:
             view = self._views.get(job.start.series_id)
+            if job.keep_checkpoints:  # the checkpoint version of a resumed series: its run goes on in the view
+                view = None
+            else:
+                self._resuming.discard(job.start.series_id)
             if view is not None:
                 view.path, view.status, view.coverage = path, status, coverage
                 view.finals.clear()  # the tile volumes are in the file (or lost, and said so): free them
             self._finished.append(entry)
             self._release_finished()
         return entry, coverage
+
+    def expect_again(self, series_id: str) -> None:
+        """A recovered series is resumed (:mod:`ptylive.daemon.service.resume`): its workers' messages after its
+        checkpoint version's file are its run's, not late ones (rank 0's main thread, before the ingest starts)."""
+        with self._lock:
+            self._resuming.add(series_id)
 
     # HTTP threads --------------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

@@ -10,6 +10,7 @@ so a hung worker cannot keep the service alive: the job is aborted instead).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ from ptylive.daemon.service.final_writer import FinalWriter
 from ptylive.daemon.service.internal_sockets import InternalSockets
 from ptylive.daemon.service.metrics import DaemonMetrics, PreviewLatency
 from ptylive.daemon.service.notify import Watchdog, notify, watchdog_period_s
+from ptylive.daemon.service.resume import ResumePlan, plan_resumes, resume_feed
 from ptylive.daemon.service.roster import DeathWatch
 from ptylive.daemon.service.series_views import coverage_rows
 from ptylive.gpu.backend import PRECISIONS
@@ -168,6 +170,7 @@ class Rank0:
                                  c.http.host, c.http.port, access, allowed_hosts=c.http.allowed_hosts)
         self.stop = threading.Event()
         self._reported_dead: set[str] = set()
+        self.resumes: dict[str, ResumePlan] = {}  # recovered series being refined on (daemon.service.resume)
 
     def endpoints(self) -> dict[str, Any]:
         """What operators and detectors connect to (actual ports): the ready file's contents."""
@@ -237,7 +240,9 @@ class Rank0:
     def _final_attrs(self, series_id: str) -> dict[str, Any]:
         """The result file's scan attributes of a DECTRIS series (source, detector count, count mismatch)."""
         decision = None if self.scan_plan is None else self.scan_plan.decision(series_id)
-        return {} if decision is None else decision.result_attrs()
+        resumed = self.resumes.pop(series_id, None)  # a recovered series refined on: its second file
+        return {**({} if decision is None else decision.result_attrs()),
+                **({} if resumed is None else resumed.result_attrs())}
 
     def metrics_snapshot(self) -> dict[str, Any]:
         """:meth:`counters` plus the two figures only metrics need (the coverage map is not built per scrape)."""
@@ -275,9 +280,7 @@ class Rank0:
         """Start the threads, announce readiness, loop until stopped; ``abort()`` kills the whole job."""
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self.stop.set())
-        recovered = self.checkpoints.recover(Path(self.config.output.folder), self.collector.writer.fallback_folder)
-        for job in recovered:  # queued before any new series' file
-            self.collector.writer.submit(job)
+        self._recover()
         self.ingest.start()
         self.collector.start()
         self.http.start()
@@ -298,6 +301,28 @@ class Rank0:
             if watchdog is not None:
                 watchdog.maybe_ping(time.monotonic())
         return self._shutdown(abort)
+
+    def _recover(self) -> None:
+        """Queue the file of every series the last run left unfinished (before any new series' file), and
+        re-stream through the ingest those that can be refined on from the last run's recording (resume)."""
+        recovered = self.checkpoints.recover(Path(self.config.output.folder), self.collector.writer.fallback_folder)
+        recorder = self.ingest.recorder
+        plans = plan_resumes(recovered, None if recorder is None else recorder.previous, self.config)
+        for job in recovered:
+            series_id = job.start.series_id
+            if series_id in plans:
+                try:  # the workers start from these, while their new checkpoints replace the old ones
+                    self.checkpoints.snapshot(series_id, [int(w) for w in job.extra_attrs["recovered_workers"]])
+                except OSError as exc:
+                    logger.error("series %r is written from its checkpoints only: they could not be snapshotted "
+                                 "in %s (%s)", series_id, self.checkpoints.folder, exc)
+                    del plans[series_id]
+            if series_id in plans:
+                self.collector.views.expect_again(series_id)
+            self.collector.writer.submit(dataclasses.replace(job, keep_checkpoints=series_id in plans))
+        self.resumes.update(plans)
+        if plans:
+            self.ingest.preload(resume_feed(list(plans.values())))
 
     def _announce(self) -> None:
         endpoints = self.endpoints()

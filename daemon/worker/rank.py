@@ -25,11 +25,12 @@ from ptylive.daemon.engine.geometry import series_geometry
 from ptylive.daemon.engine.positions import PositionCorrection
 from ptylive.daemon.engine.tile import TileOptics, set_up_tile, tile_view
 from ptylive.daemon.service import messages as rank_messages
-from ptylive.daemon.service.checkpoints import Checkpoint, checkpoint_path, write_checkpoint
+from ptylive.daemon.service.checkpoints import RECOVERED, Checkpoint, checkpoint_path, write_checkpoint
 from ptylive.daemon.service.config import ReconstructionConfig, apply_overrides
 from ptylive.daemon.service.preview import downsample_factor, slice_phases
 from ptylive.daemon.worker.frames import FrameStore
 from ptylive.daemon.worker.refine import N_SUM, SeriesFlags, StreamRun, probe_power, refine
+from ptylive.daemon.worker.resume import ResumePoint, load_resume
 from ptylive.daemon.worker.stats import WorkerStats
 from ptylive.gpu.backend import PRECISIONS, backend_module, to_numpy
 from ptylive.streaming.inbox import SeriesControl, WorkerInbox
@@ -54,6 +55,7 @@ class WorkerSettings:
     preview_max_px: int = 256
     checkpoint_folder: Path | None = None  # None: no checkpoints
     checkpoint_interval_s: float = 0.0  # 0: no checkpoints
+    resume_iterations: int = 0  # a resumed series' iterations once every frame is back (0: final_iterations)
 
 
 @dataclass
@@ -177,8 +179,12 @@ class Worker:
         if options.correct_positions:
             state.positions = PositionCorrection.start(slot.store.positions_px, options.positions_from_iteration)
         exchanger = async_exchanger(self.comm, domain, r.n_slices, s.precision, options)
-        run = StreamRun(state, slot.store, exchanger, options, s.n_workers, r.final_iterations, r.final_seconds,
+        resume = load_resume(s.checkpoint_folder, slot.start, geometry, s.worker, slot.store.global_index)
+        final_iterations = (s.resume_iterations or r.final_iterations) if resume is not None else r.final_iterations
+        run = StreamRun(state, slot.store, exchanger, options, s.n_workers, final_iterations, r.final_seconds,
                         slot.flags, probe_power(state.probe, state.propagator, r.n_slices, geometry.detector_px))
+        if resume is not None:  # after probe_power: the detector scale keeps the first run's reference
+            self._take_over(run, resume)
         factor = max(downsample_factor(d.tile.shape, s.preview_max_px) for d in geometry.domains)
         consensus = Consensus(self.comm, N_SUM, 2 + options.updates_per_iteration)
         self._preview_due = 0.0
@@ -196,7 +202,27 @@ class Worker:
         finally:
             self._run = None
             self.stats.finish(run, consensus)
+        if resume is not None and run.status in ("complete", "incomplete"):
+            run.status = RECOVERED  # a recovered series refined on: its file, /status, PUB and SSE say so
         self._send_final(run, consensus, r.slice_thickness_A)
+
+    def _take_over(self, run: StreamRun, resume: ResumePoint) -> None:
+        """Start ``run`` from a recovered series' checkpoints (:mod:`ptylive.daemon.worker.resume`)."""
+        state, xp = run.state, self.xp
+        if resume.volume.shape != state.volume.shape:  # rank 0 checked the split and the slices: a bug
+            logger.error("worker %d: the resume snapshot's tile %s does not fit the tile %s; starting from vacuum",
+                         self.settings.worker, resume.volume.shape, state.volume.shape)
+            return
+        state.volume[...] = xp.asarray(resume.volume, dtype=state.volume.dtype)
+        if resume.probe.shape == state.probe.shape:
+            state.probe = xp.asarray(resume.probe, dtype=state.probe.dtype)
+        else:
+            logger.warning("worker %d: the checkpoint's probe %s is not this run's %s (probe modes changed?); "
+                           "starting from the optics' probe", self.settings.worker, resume.probe.shape,
+                           state.probe.shape)
+        run.iterations = resume.iterations
+        run.loss_history, run.frames_history = list(resume.loss_history), list(resume.frames_history)
+        run.resumed_px = resume.positions_px
 
     def _idle(self, seconds: float) -> None:
         for message in self.inbox.poll(int(seconds * 1000)):

@@ -49,7 +49,7 @@ from ptylive.daemon.engine.tile import TileState
 from ptylive.daemon.worker.frames import FrameStore
 from ptylive.gpu.backend import get_array_module, to_numpy
 from ptylive.gpu.multislice import forward
-from ptylive.gpu.patches import extract_patches
+from ptylive.gpu.patches import extract_patches, window_starts
 from ptylive.gpu.update import constrain
 
 logger = logging.getLogger(__name__)
@@ -94,6 +94,8 @@ class StreamRun:
     step_control: StepControl = field(init=False)
     probe_frames: float = 1.0
     placed: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # rows whose window the tile took
+    # a resumed series (daemon.worker.resume): per row, the corrected position its checkpoint held (NaN: none)
+    resumed_px: np.ndarray | None = None
     # the run's gradient arrays, kept between updates so each sweeps only what it touched (engine.sweep)
     workspace: GradientWorkspace | None = None
 
@@ -158,6 +160,15 @@ def take_new_windows(run: StreamRun, usable: np.ndarray) -> None:
     if state.positions is not None:
         state.positions.nominal_px[new] = store.positions_px[new]
         state.positions.state.positions_px[new] = store.positions_px[new]
+    if run.resumed_px is not None:  # rows a checkpoint held go on from where their correction had moved them
+        moved = new & np.isfinite(run.resumed_px[:, 0])
+        if moved.any():
+            starts, shifts = window_starts(run.resumed_px[moved], store.geometry.window_px)
+            extended = state.domain.extended
+            state.starts[moved] = starts - np.array([extended.row0, extended.col0])
+            state.shifts[moved] = shifts
+            if state.positions is not None:
+                state.positions.state.positions_px[moved] = run.resumed_px[moved]
     run.placed |= new
 
 

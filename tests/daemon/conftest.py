@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 
+from ptylive.daemon.engine.geometry import SeriesGeometry, series_geometry
 from ptylive.daemon.http.server import StatusServer
 from ptylive.daemon.service.process import ServeProcess
+from tests.daemon.checkpoint_data import START
 from tests.daemon.http_harness import FakeDaemon
 from tests.daemon.serve_harness import FINAL_ITERATIONS, PreviewListener, daemon_config, serving
 
@@ -59,3 +61,10 @@ def server(fake_daemon: FakeDaemon) -> Iterator[StatusServer]:
     """A StatusServer on 127.0.0.1, port 0, over ``fake_daemon``, control on (``http_harness.TOKEN``)."""
     with StatusServer(fake_daemon.providers(control=True), "127.0.0.1", 0, fake_daemon.access()) as running:
         yield running
+
+
+@pytest.fixture(scope="module")
+def geometry() -> SeriesGeometry:
+    """The checkpoint tests' series (:data:`tests.daemon.checkpoint_data.START`) on two workers."""
+    return series_geometry(START, 2, 1)
+

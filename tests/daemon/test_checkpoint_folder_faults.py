@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from ptylive.daemon.engine.geometry import SeriesGeometry, series_geometry
+from ptylive.daemon.engine.geometry import SeriesGeometry
 from ptylive.daemon.service.checkpoints import (
     CheckpointFolder,
     checkpoint_path,
@@ -23,15 +23,10 @@ from ptylive.daemon.service.checkpoints import (
 )
 from ptylive.daemon.service.final_writer import FinalOutcome
 from ptylive.daemon.service.metrics import DaemonMetrics
-from tests.daemon.test_checkpoints import START, checkpoint
+from tests.daemon.checkpoint_data import START, checkpoint
 from tests.daemon.test_metrics import snapshot
 
 pytestmark = pytest.mark.chaos  # issue 12: a fault row of docs/operations.md
-
-
-@pytest.fixture(scope="module")
-def geometry() -> SeriesGeometry:
-    return series_geometry(START, 2, 1)
 
 
 def _written(folder: Path, geometry: SeriesGeometry) -> FinalOutcome:

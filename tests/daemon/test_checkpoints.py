@@ -10,16 +10,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import h5py
 import numpy as np
 import pytest
 
-from ptylive.daemon.engine.geometry import SeriesGeometry, series_geometry
+from ptylive.daemon.engine.geometry import SeriesGeometry
 from ptylive.daemon.service import checkpoints
 from ptylive.daemon.service.checkpoints import (
-    Checkpoint,
     CheckpointFolder,
     checkpoint_path,
     read_checkpoint,
@@ -27,40 +25,11 @@ from ptylive.daemon.service.checkpoints import (
     write_checkpoint,
 )
 from ptylive.daemon.service.final_writer import FinalOutcome
-from ptylive.daemon.service.messages import FinalMessage
 from ptylive.daemon.service.results import write_final
 from ptylive.daemon.service.roster import DeathWatch, Roster, process_alive
-from ptylive.streaming.protocol import SeriesStart
+from tests.daemon.checkpoint_data import START, checkpoint
 
 pytestmark = pytest.mark.chaos  # issue 12: a fault row of docs/operations.md
-
-START = SeriesStart(series_id="crashed/1", scan_shape=(4, 4), scan_step_A=(1.0, 1.0), detector_shape=(16, 16),
-                    dtype="uint16", energy_eV=300e3, convergence_semiangle_mrad=20.0, defocus_A=0.0,
-                    detector_pixel_mrad=2.0, overrides={"final_iterations": 5})
-QUALITY = {"frames_used": 8, "frames_expected": 8, "frames_received": 8, "loss": 1.0, "loss_per_frame": 0.1,
-           "convergence_rate": None, "wait_fraction": 0.0, "staleness_max": 0}
-
-
-@pytest.fixture(scope="module")
-def geometry() -> SeriesGeometry:
-    return series_geometry(START, 2, 1)
-
-
-def checkpoint(geometry: SeriesGeometry, worker: int, value: complex, iterations: int = 3) -> Checkpoint:
-    """Worker ``worker``'s checkpoint: its tile filled with ``value``, its probe with ``value`` too."""
-    domain = geometry.domains[worker]
-    t = domain.tile
-    volume = np.full((2, t.row1 - t.row0, t.col1 - t.col0), value, np.complex64)
-    received = [int(i) for i in domain.positions]
-    positions = geometry.positions_px[received] + 0.25  # "corrected"
-    header: Any = {"series_id": START.series_id, "worker": worker, "status": "complete", "iterations": iterations,
-                   "tile": [t.row0, t.row1, t.col0, t.col1], "loss_history": [float(worker + 1)] * iterations,
-                   "frames_history": [len(received)] * iterations, "scale": np.float64(2.5),
-                   "slice_thickness_A": 1.5, "rejected": {}, "received": received,
-                   "stats": {"compute_s": 1.0, "bytes_sent": np.int64(7)}, **QUALITY}
-    arrays = (volume, np.full((16, 16), value, np.complex64), positions, geometry.positions_px[received])
-    return Checkpoint(START, 2, 1, FinalMessage(header, arrays))
-
 
 def test_a_checkpoint_reads_back_as_written(tmp_path: Path, geometry: SeriesGeometry) -> None:
     written = checkpoint(geometry, 1, 2 + 1j)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ptylive.daemon.engine.geometry import SeriesGeometry, series_geometry
+from ptylive.daemon.engine.geometry import SeriesGeometry
 from ptylive.daemon.service.checkpoints import (
     CheckpointFolder,
     checkpoint_path,
@@ -20,14 +20,9 @@ from ptylive.daemon.service.checkpoints import (
     write_checkpoint,
 )
 from ptylive.daemon.service.results import write_final
-from tests.daemon.test_checkpoints import START, checkpoint
+from tests.daemon.checkpoint_data import START, checkpoint
 
 pytestmark = pytest.mark.chaos  # issue 12: a fault row of docs/operations.md
-
-
-@pytest.fixture(scope="module")
-def geometry() -> SeriesGeometry:
-    return series_geometry(START, 2, 1)
 
 
 def test_a_final_in_the_fallback_folder_is_not_written_again_as_recovered(tmp_path: Path,

@@ -13,10 +13,12 @@ import dataclasses
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from ptylive.daemon.service.checkpoints import read_checkpoint
 from ptylive.daemon.service.config import ServiceConfig
 from ptylive.daemon.service.process import ServeProcess
 from ptylive.daemon.service.roster import process_alive
@@ -66,3 +68,60 @@ def test_a_series_cut_by_sigkill_is_written_as_recovered_at_the_next_start(tmp_p
         assert np.isfinite(written["object"]).all() and np.abs(written["object"] - 1).max() > 1e-3  # not vacuum
         assert written["received"].all()
         wait_for(lambda: not list(state.glob("*.ckpt.npz*")), 10, "the checkpoints to be removed")
+
+
+def test_a_series_cut_by_sigkill_is_refined_on_from_the_recording(tmp_path: Path, dosed_scan: Path) -> None:
+    """With ``record_to``, the second start writes the checkpoint version, then re-streams the recorded series,
+    takes every tile over from the checkpoints and writes a second ``recovered`` file that went further."""
+    results, state, recording = tmp_path / "results", tmp_path / "state", tmp_path / "record.zmqdump"
+    results.mkdir()
+    config = daemon_config(results, final_iterations=100_000)  # still refining when it is killed
+    config = dataclasses.replace(config, ingest=dataclasses.replace(config.ingest, record_to=str(recording)),
+                                 service=ServiceConfig(state_folder=str(state), checkpoint_interval_s=0.3,
+                                                       resume_iterations=8))
+    first = ServeProcess(config, tmp_path / "first")
+    try:
+        first.start()
+        stream(first, ScanSource.from_file(dosed_scan), series_id="cut", dtype="uint16")
+        wait_for(lambda: len(checkpoint_iterations(state)) == 2 and min(checkpoint_iterations(state)) >= 10, 120,
+                 "both workers' checkpoints at 10 iterations or more")
+        kill_everything(first)
+    finally:
+        first.stop()
+    assert recording.stat().st_size > 0
+
+    def finished_cut() -> list[dict[str, Any]] | None:
+        entries = [e for e in get_json(http + "status")["finished"] if e["series_id"] == "cut"]
+        return entries if len(entries) == 2 else None
+
+    with serving(config, tmp_path / "second") as (second, _):
+        http = second.endpoints["http"]
+        entries = wait_for(finished_cut, 120, "the checkpoint version and the resumed file in /status")
+        assert [e["file"] for e in entries] == ["cut.h5", "cut-1.h5"], entries
+        assert all(e["status"] == "recovered" for e in entries), entries
+        checkpointed, resumed = (read_final(e["path"]) for e in entries)
+        taken_over = int(resumed["attrs"]["resumed_from_iteration"])
+        assert taken_over == min(checkpointed["attrs"]["checkpoint_iterations"]) >= 10
+        assert str(resumed["attrs"]["resumed_from_recording"]).startswith("record.zmqdump.")
+        assert resumed["attrs"]["iterations"] >= taken_over + 8  # 8 more once every frame was back
+        assert resumed["received"].all() and np.isfinite(resumed["object"]).all()
+        wait_for(lambda: not list(state.glob("*.npz*")), 10, "the checkpoints and snapshots to be removed")
+
+    def per_frame(final: dict[str, Any], iteration: int) -> float:
+        return float(final["loss"][iteration] / max(final["frames_used"][iteration], 1))
+
+    # It went on from the checkpoints, not from vacuum: its first iteration already fits the frames better than
+    # the first run's second iteration did, and it ends below the checkpoint version.
+    assert per_frame(resumed, taken_over) < per_frame(checkpointed, 1), (resumed["loss"], resumed["frames_used"])
+    assert per_frame(resumed, -1) < per_frame(checkpointed, -1)
+
+
+def checkpoint_iterations(state: Path) -> list[int]:
+    """Iterations of every readable checkpoint in ``state`` (one being replaced is skipped)."""
+    found = []
+    for path in state.glob("*.ckpt.npz"):
+        try:
+            found.append(int(read_checkpoint(path).final.header["iterations"]))
+        except ValueError:
+            continue
+    return found
