@@ -42,6 +42,7 @@ from ptylive.daemon.service.roster import DeathWatch
 from ptylive.daemon.service.series_views import coverage_rows
 from ptylive.gpu.backend import PRECISIONS
 from ptylive.streaming.decoders import make_decoder
+from ptylive.streaming.detector_maps import DetectorSettings, settings_from_config
 from ptylive.streaming.inbox import SeriesControl
 from ptylive.streaming.ingest import Ingest, IngestSockets
 from ptylive.streaming.protocol import SeriesStart
@@ -65,7 +66,8 @@ def frames_exceed_budget(start: SeriesStart, n_workers: int, precision: str, bud
     start of 200 bytes once kept the ingest thread 30 s and 2.45 GB busy before the plan refused it.
     """
     real_bytes = np.dtype(PRECISIONS[precision][0]).itemsize
-    rows, cols = start.detector_shape
+    crop = start.detector_crop  # workers keep each frame as the crop makes it (streaming.detector_frames)
+    rows, cols = start.detector_shape if crop is None else (crop.output_px, crop.output_px)
     per_worker = start.n_positions * rows * cols * real_bytes / max(n_workers, 1)
     if per_worker <= budget_bytes:
         return None
@@ -146,7 +148,8 @@ class Rank0:
                                      max_buffered_bytes=c.ingest.max_buffered_bytes,
                                      recv_hwm=c.ingest.receive_messages)
         self.ingest = Ingest(ingest_config, self.admission.router, registry, context, admit=self.admission,
-                             decoder=make_decoder(c.ingest.format, c.scan, c.ingest.channel, self.scan_plan),
+                             decoder=make_decoder(c.ingest.format, c.scan, c.ingest.channel, self.scan_plan,
+                                                  detector=self._detector_settings()),
                              recorder=Recorder.open(c.ingest.record_to), taken=self._messages_taken,
                              scan_plan=self.scan_plan)
         self.metrics = DaemonMetrics(metrics_registry or CollectorRegistry(), self.metrics_snapshot)
