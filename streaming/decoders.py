@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from ptylive.streaming.dectris_v1 import DectrisV1Decoder
 from ptylive.streaming.dectris_v2 import DectrisV2Decoder
+from ptylive.streaming.detector_maps import DetectorSettings
 from ptylive.streaming.scan_geometry import template_from_settings
 from ptylive.streaming.scan_plan import ScanPlan, plan_from_settings
 from ptylive.streaming.stream_decoder import PtyliveDecoder, StreamDecoder
@@ -22,11 +23,13 @@ FORMATS = ("ptylive", "dectris_v1", "dectris_v2")
 
 
 def make_decoder(format: Literal["ptylive", "dectris_v1", "dectris_v2"] | str, scan: Any = None,
-                 channel: str = "", plan: ScanPlan | None = None) -> StreamDecoder:
+                 channel: str = "", plan: ScanPlan | None = None,
+                 detector: DetectorSettings | None = None) -> StreamDecoder:
     """The decoder for ``[ingest] format``; DECTRIS formats need ``scan`` (the ``[scan]`` config section, see
     :func:`ptylive.streaming.scan_geometry.template_from_settings`) and stream v2 may name its ``channel``.
     ``plan`` decides each DECTRIS series' scan (:mod:`ptylive.streaming.scan_plan`; default: the plan of
-    ``scan``, without a hook).
+    ``scan``, without a hook). ``detector`` crops, bins and masks each DECTRIS series (``[detector]``,
+    :mod:`ptylive.streaming.detector_maps`; default: the detector as it is, with its own pixel mask).
 
     Raises
     ------
@@ -39,7 +42,7 @@ def make_decoder(format: Literal["ptylive", "dectris_v1", "dectris_v2"] | str, s
         raise ValueError(f"unknown stream format {format!r}; expected one of {FORMATS}")
     if scan is None:
         raise ValueError(f"format {format!r} needs the scan geometry and optics of the [scan] section")
-    template = template_from_settings(scan)
+    template = template_from_settings(scan, detector)
     plan = plan if plan is not None else plan_from_settings(scan)
     if format == "dectris_v1":
         return DectrisV1Decoder(template, plan)

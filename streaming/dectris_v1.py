@@ -16,7 +16,10 @@ part, so one broken message is counted once. The ptylive ``series_start`` is sen
 the frame shape and dtype are known. The optics come from the daemon's config; the scan is decided when the
 series begins, from the header's ``nimages``/``ntrigger`` and what was asked for it
 (:class:`~ptylive.streaming.scan_plan.ScanPlan`), and maps image numbers to frame indices
-(:class:`~ptylive.streaming.scan_geometry.ScanGeometry`); blobs are forwarded as received, never decoded here.
+(:class:`~ptylive.streaming.scan_geometry.ScanGeometry`); blobs are forwarded as received, never decoded here,
+except the series' first image when ``[detector]`` finds the crop's centre in it. With ``header_detail`` "all"
+the header's pixel mask (non-zero = bad) and flatfield (used unless the config says
+``flatfield_correction_applied``) go into the series' start (:mod:`ptylive.streaming.detector_maps`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from ptylive.streaming.compression import compress
+from ptylive.streaming.compression import CompressionError, compress
 from ptylive.streaming.protocol import (
     DTYPES,
     MAX_HEADER_BYTES,
@@ -55,6 +58,8 @@ BLOB = "blob"
 
 
 REFUSED_SCAN = ScanGeometry(1, 1)  # a refused series' start still goes out (the registry records the refusal)
+DetectorMaps = tuple[np.ndarray | None, np.ndarray | None]  # a detector's own (pixel mask, flatfield)
+MAP_TYPES = {"dflatfield-1.0": ("float32",), "dpixelmask-1.0": ("uint32", "uint16", "uint8", "int32")}
 
 
 class ImageSeries:
@@ -62,8 +67,8 @@ class ImageSeries:
     placed by the scan ``decision`` made when the series began."""
 
     def __init__(self, template: SeriesTemplate, series_id: str, counts: Counter[str],
-                 decision: ScanDecision | None = None) -> None:
-        self.template, self.series_id, self.counts = template, series_id, counts
+                 decision: ScanDecision | None = None, maps: DetectorMaps = (None, None)) -> None:
+        self.template, self.series_id, self.counts, self.maps = template, series_id, counts, maps
         self.started, self.distinct = False, set[int]()
         if decision is None:
             decision = ScanPlan.fixed(template.scan).resolve(series_id, DetectorCount())
@@ -72,9 +77,10 @@ class ImageSeries:
 
     @classmethod
     def begin(cls, template: SeriesTemplate, plan: ScanPlan, series_id: str, counts: Counter[str],
-              count: DetectorCount) -> ImageSeries:
-        """A series that begins now, its scan decided by ``plan`` from the detector's ``count``."""
-        return cls(template, series_id, counts, plan.resolve(series_id, count))
+              count: DetectorCount, maps: DetectorMaps = (None, None)) -> ImageSeries:
+        """A series that begins now, its scan decided by ``plan`` from the detector's ``count``; ``maps``: the
+        detector's own pixel mask and flatfield (either None)."""
+        return cls(template, series_id, counts, plan.resolve(series_id, count), maps)
 
     def image(self, image_number: int, payload: Any, shape: tuple[int, int], dtype: str,
               encoding: str) -> list[Decoded | ProtocolError]:
@@ -89,7 +95,15 @@ class ImageSeries:
             return [exc]
         out: list[Decoded | ProtocolError] = []
         if not self.started:
-            start = self.template.start(self.series_id, shape, dtype, self.scan)
+            detector = self.template.detector
+            first = None
+            if detector.needs_first_image:  # the one image rank 0 decodes: the crop is centred on its disk
+                try:
+                    first = frame.pixels
+                except CompressionError as exc:  # the next image starts the series
+                    return [ProtocolError("corrupt_payload", f"image {image_number}: {exc}")]
+            start = detector.series_start(self.template.start(self.series_id, shape, dtype, self.scan), first,
+                                          *self.maps)
             out.append((start, encode_series_start(start)))
             self.started = True
         if index < self.scan.n_positions:
@@ -233,7 +247,9 @@ class DectrisV1Decoder:
         series_id = str(header["series"])
         if header["htype"] == "dheader-1.0":
             config = pending.parts[1] if len(pending.parts) > 1 else None  # header_detail none: no config
-            self.series = ImageSeries.begin(self.template, self.plan, series_id, self.counts, simplon_v1_count(config))
+            maps = _header_maps(pending.parts[2:], config)
+            self.series = ImageSeries.begin(self.template, self.plan, series_id, self.counts, simplon_v1_count(config),
+                                            maps)
             logger.info("DECTRIS series %s (header_detail %s)", series_id, header.get("header_detail", "basic"))
             return []
         if header["htype"] == "dseries_end-1.0":
@@ -267,19 +283,55 @@ class DectrisV1Decoder:
         return self.series.image(image, blob, (shape[1], shape[0]), str(dtype), V1_ENCODINGS[encoding])
 
 
+def _header_maps(parts: list[Any], config: Any) -> DetectorMaps:
+    """The pixel mask (non-zero = bad) and flatfield of a ``header_detail`` "all" header's extra parts
+    (``[flatfield header, blob, pixel mask header, blob, count-rate header, blob]``, raw little-endian blobs,
+    ``shape`` [x, y]); the flatfield is left out when the config says the detector applied it already."""
+    maps: dict[str, np.ndarray] = {}
+    for header, blob in zip(parts[0::2], parts[1::2], strict=False):
+        htype = header.get("htype")
+        if htype not in MAP_TYPES:
+            continue
+        shape, dtype = header.get("shape"), header.get("type")
+        if (not isinstance(shape, list) or len(shape) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
+            raise ProtocolError("bad_field", f"{htype} shape must be [x, y] positive integers, got {shape!r}")
+        if dtype not in MAP_TYPES[htype]:
+            raise ProtocolError("bad_field", f"{htype} type {dtype!r} not in {MAP_TYPES[htype]}")
+        size = memoryview(blob).nbytes
+        expected = shape[0] * shape[1] * np.dtype(dtype).itemsize
+        if size != expected:
+            raise ProtocolError("payload_size", f"{htype} of {shape} {dtype}: {size} bytes, expected {expected}")
+        maps[htype] = np.frombuffer(blob, np.dtype(dtype).newbyteorder("<")).reshape(shape[1], shape[0])
+    mask = maps.get("dpixelmask-1.0")
+    flatfield = maps.get("dflatfield-1.0")
+    if flatfield is not None and isinstance(config, dict) and config.get("flatfield_correction_applied") is True:
+        flatfield = None  # the images are corrected already
+    return (None if mask is None else mask != 0), (None if flatfield is None else flatfield.astype(np.float32))
+
+
 # ------------------------------------------------------------------------------------------ writing (tests, tools)
 
 
-def header_message(series: int | str, header_detail: str = "basic",
-                   config: dict[str, Any] | None = None) -> list[bytes]:
-    """A ``dheader-1.0`` message (``"all"`` adds empty flatfield, pixel mask and count-rate parts); ``config`` is
-    the detector configuration part (e.g. ``{"nimages": 1, "ntrigger": 256, "trigger_mode": "exts"}``)."""
+def header_message(series: int | str, header_detail: str = "basic", config: dict[str, Any] | None = None,
+                   pixel_mask: np.ndarray | None = None, flatfield: np.ndarray | None = None) -> list[bytes]:
+    """A ``dheader-1.0`` message; ``config`` is the detector configuration part (e.g. ``{"nimages": 1,
+    "ntrigger": 256, "trigger_mode": "exts"}``). ``"all"`` adds the flatfield, pixel mask and count-rate parts:
+    ``pixel_mask`` (rows, cols; uint32, non-zero = bad) and ``flatfield`` (float32) default to those of a
+    detector of the config's ``y_pixels_in_detector`` × ``x_pixels_in_detector`` without bad pixels (1 × 1 when
+    the config does not say)."""
     parts = [json.dumps({"htype": "dheader-1.0", "series": series, "header_detail": header_detail}).encode()]
     if header_detail != "none":
         parts.append(json.dumps(config or {}).encode())
     if header_detail == "all":
+        shape = ((config or {}).get("y_pixels_in_detector", 1), (config or {}).get("x_pixels_in_detector", 1))
+        maps = {"dflatfield-1.0": np.ones(shape, "<f4") if flatfield is None else flatfield.astype("<f4"),
+                "dpixelmask-1.0": np.zeros(shape, "<u4") if pixel_mask is None else pixel_mask.astype("<u4"),
+                "dcountrate_table-1.0": np.zeros((1, 1), "<f4")}
         for extra in HEADER_EXTRAS:
-            parts += [json.dumps({"htype": extra, "shape": [1, 1], "type": "float32"}).encode(), bytes(4)]
+            values = maps[extra]
+            parts += [json.dumps({"htype": extra, "shape": [values.shape[1], values.shape[0]],
+                                  "type": values.dtype.name}).encode(), values.tobytes()]
     return parts
 
 

@@ -9,6 +9,10 @@ One channel is reconstructed: ``channel`` if given, else the first of the start 
 else the first in the image. Its bytes are forwarded compressed (decoded on the workers); the CBOR decoder
 copies them out of the message once, which is the only copy of pixel data on rank 0. Big-endian raw arrays
 are byte-swapped here; big-endian compressed ones are refused (``unsupported_encoding``).
+
+The start's ``pixel_mask`` and ``flatfield`` (maps of channel name → tag-40 array, like an image's ``data``) of
+that channel go into the series' start (:mod:`ptylive.streaming.detector_maps`): the mask (non-zero = bad)
+always, the flatfield unless ``flatfield_enabled`` says the detector applied it already.
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ from typing import Any
 import cbor2
 import numpy as np
 
-from ptylive.streaming.compression import compress
-from ptylive.streaming.dectris_v1 import ImageSeries
+from ptylive.streaming.compression import CompressionError, compress, decompress
+from ptylive.streaming.dectris_v1 import DetectorMaps, ImageSeries
 from ptylive.streaming.protocol import MAX_FRAME_BYTES, MAX_START_BYTES, ProtocolError
 from ptylive.streaming.scan_geometry import SeriesTemplate
 from ptylive.streaming.scan_plan import DetectorCount, ScanPlan, simplon_v2_count
@@ -134,7 +138,7 @@ class DectrisV2Decoder:
             channels = message.get("channels", [])
             self.channels = [str(c) for c in channels] if isinstance(channels, Sequence) else []
             self.series = ImageSeries.begin(self.template, self.plan, str(series_id), self.counts,
-                                            simplon_v2_count(message))
+                                            simplon_v2_count(message), self._start_maps(message))
             return []
         if kind == "end":
             if self.series is None or self.series.series_id != str(series_id):
@@ -143,6 +147,34 @@ class DectrisV2Decoder:
             series, self.series = self.series, None
             return series.end()
         return self._image(str(series_id), message)
+
+    def _start_maps(self, message: Mapping[str, Any]) -> DetectorMaps:
+        """The reconstructed channel's pixel mask (non-zero = bad) and flatfield from a start message; the
+        flatfield only when ``flatfield_enabled`` is not true (the images are not corrected yet)."""
+        maps: list[np.ndarray | None] = []
+        for key in ("pixel_mask", "flatfield"):
+            by_channel = message.get(key)
+            if not isinstance(by_channel, Mapping) or not by_channel:
+                maps.append(None)
+                continue
+            name = self.channel or next((c for c in self.channels if c in by_channel), next(iter(by_channel)))
+            if name not in by_channel:
+                raise ProtocolError("missing_field", f"start {key!r} lacks channel {name!r} (has {sorted(by_channel)})")
+            shape, dtype, payload, encoding = _channel_array(by_channel[name], f"{key} {name}")
+            try:
+                values = decompress(payload, encoding, shape, dtype.name) if encoding != "raw" else None
+            except CompressionError as exc:
+                raise ProtocolError("corrupt_payload", f"start {key!r} of channel {name!r}: {exc}") from None
+            if values is None:
+                if len(payload) != shape[0] * shape[1] * dtype.itemsize:
+                    raise ProtocolError("payload_size", f"start {key!r} of channel {name!r}: {len(payload)} bytes for "
+                                                        f"{shape} {dtype}")
+                values = np.frombuffer(payload, dtype.newbyteorder("<")).reshape(shape)
+            maps.append(values)
+        mask, flatfield = maps
+        if flatfield is not None and message.get("flatfield_enabled") is True:
+            flatfield = None  # the detector corrected the images already
+        return (None if mask is None else mask != 0), (None if flatfield is None else flatfield.astype(np.float32))
 
     def _image(self, series_id: str, message: Mapping[str, Any]) -> list[Decoded | ProtocolError]:
         image = message.get("image_id")
@@ -174,11 +206,20 @@ def _typed_array(pixels: np.ndarray, compression: str | None) -> cbor2.CBORTag:
     return cbor2.CBORTag(MULTI_DIM_ARRAY, [list(pixels.shape), cbor2.CBORTag(TAG_OF[pixels.dtype.name], data)])
 
 
-def start_message(series_id: int, channels: Sequence[str], image_size: tuple[int, int], n_images: int) -> bytes:
-    """A ``start`` message (the fields ptylive reads, and the image size)."""
-    return cbor2.dumps(cbor2.CBORTag(SELF_DESCRIBED, {
+def start_message(series_id: int, channels: Sequence[str], image_size: tuple[int, int], n_images: int,
+                  pixel_mask: Mapping[str, np.ndarray] | None = None, flatfield: Mapping[str, np.ndarray] | None = None,
+                  flatfield_enabled: bool = False) -> bytes:
+    """A ``start`` message (the fields ptylive reads, and the image size); ``pixel_mask`` (uint32, non-zero =
+    bad) and ``flatfield`` (float32) map channel names to (rows, cols) arrays, sent uncompressed."""
+    fields: dict[str, Any] = {
         "type": "start", "series_id": series_id, "series_unique_id": f"series-{series_id}", "channels": list(channels),
-        "image_size_x": image_size[1], "image_size_y": image_size[0], "number_of_images": n_images}))
+        "image_size_x": image_size[1], "image_size_y": image_size[0], "number_of_images": n_images,
+        "flatfield_enabled": flatfield_enabled, "pixel_mask_enabled": pixel_mask is not None}
+    if pixel_mask is not None:
+        fields["pixel_mask"] = {c: _typed_array(m.astype(np.uint32), None) for c, m in pixel_mask.items()}
+    if flatfield is not None:
+        fields["flatfield"] = {c: _typed_array(f.astype(np.float32), None) for c, f in flatfield.items()}
+    return cbor2.dumps(cbor2.CBORTag(SELF_DESCRIBED, fields))
 
 
 def image_message(series_id: int, image_id: int, channels: Mapping[str, np.ndarray],

@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ptylive.streaming.compression import ENCODINGS, CompressionError, check_framing, compress, decompress
+from ptylive.streaming.detector_frames import DetectorCrop
 from ptylive.streaming.header_fields import (
     DECTRIS_REJECT_REASONS,
     DTYPES,
@@ -80,6 +81,14 @@ class SeriesStart:
     overrides : dict
         Reconstruction settings for this series (validated by the daemon);
         excluded from the hash.
+    detector_crop : DetectorCrop or None
+        The square box of the detector the series reconstructs, and its binning
+        (:mod:`ptylive.streaming.detector_frames`); None: the whole detector, which must be square.
+    pixel_mask : (H, W) or (C, C) bool or None
+        True = bad pixel, over the whole detector or over the crop box; left out of the loss.
+    flatfield : (H, W) or (C, C) float32 or None
+        Multiplies the raw counts, over the whole detector or the crop box. Neither map is compared or hashed;
+        the daemon checks their shapes (a series with a map of another shape is refused).
     """
 
     series_id: str
@@ -94,6 +103,9 @@ class SeriesStart:
     scan_rotation_deg: float = 0.0
     positions_A: tuple[tuple[float, float], ...] | None = None
     overrides: dict[str, Any] = field(default_factory=dict, hash=False)
+    detector_crop: DetectorCrop | None = None
+    pixel_mask: npt.NDArray[np.bool_] | None = field(default=None, compare=False, repr=False)
+    flatfield: npt.NDArray[np.float32] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.positions_A is not None and not isinstance(self.positions_A, tuple):
@@ -192,6 +204,7 @@ def _decode_start(header: dict[str, Any]) -> SeriesStart:
             raise ProtocolError("bad_field", f"{len(positions)} 'positions_A' for a scan of {scan_shape} "
                                              f"({scan_shape[0] * scan_shape[1]} frames)")
     overrides = header_field(header, "reconstruction", dict, optional=True) or {}
+    crop, pixel_mask, flatfield = _decode_detector_extras(detector)
     return SeriesStart(
         series_id=series_id_of(header), scan_shape=scan_shape,
         scan_step_A=pair(header, "scan_step_A", float, positive=True, scalar=True), detector_shape=shape, dtype=dtype,
@@ -201,8 +214,57 @@ def _decode_start(header: dict[str, Any]) -> SeriesStart:
         detector_pixel_mrad=required_number(optics, "detector_pixel_mrad", positive=True),
         scan_rotation_deg=number(header, "scan_rotation_deg", optional=True) or 0.0,
         positions_A=None if positions is None else tuple((float(r), float(c)) for r, c in positions),
-        overrides=dict(overrides),
+        overrides=dict(overrides), detector_crop=crop, pixel_mask=pixel_mask, flatfield=flatfield,
     )
+
+
+CROP_KEYS = ("row0_px", "col0_px", "size_px", "bin")
+
+
+def _decode_detector_extras(detector: dict[str, Any]) -> tuple[DetectorCrop | None, np.ndarray | None,
+                                                                np.ndarray | None]:
+    """The optional ``crop``, ``pixel_mask`` and ``flatfield`` of a series_start's ``detector`` map."""
+    crop = header_field(detector, "crop", dict, optional=True)
+    if crop is not None:
+        values = [crop.get(key) for key in CROP_KEYS]
+        if (set(crop) != set(CROP_KEYS) or not all(type(v) is int for v in values) or min(values[:2]) < 0
+                or min(values[2:]) < 1):
+            raise ProtocolError("bad_field", f"detector 'crop' must map {CROP_KEYS} to integers (>= 0, >= 0, >= 1, "
+                                             f">= 1), got {crop!r}")
+        crop = DetectorCrop(*values)
+    return crop, _decode_map(detector, "pixel_mask", "bits"), _decode_map(detector, "flatfield", "float32")
+
+
+def _decode_map(detector: dict[str, Any], name: str, kind: str) -> np.ndarray | None:
+    """A detector map: ``{"shape": [rows, cols], kind: bytes}``, bits packed row-major (``numpy.packbits``) or
+    little-endian float32."""
+    entry = header_field(detector, name, dict, optional=True)
+    if entry is None:
+        return None
+    shape = pair(entry, "shape", int, positive=True)
+    if max(shape) > MAX_DETECTOR_PX:
+        raise ProtocolError("too_large", f"detector {name!r} {shape} exceeds {MAX_DETECTOR_PX} px")
+    data = entry.get(kind)
+    n = shape[0] * shape[1]
+    expected = (n + 7) // 8 if kind == "bits" else 4 * n
+    if not isinstance(data, bytes) or len(data) != expected:
+        got = len(data) if isinstance(data, bytes) else type(data).__name__
+        raise ProtocolError("bad_field", f"detector {name!r} of {shape} needs {kind!r}: {expected} bytes, got {got}")
+    if kind == "bits":
+        return np.unpackbits(np.frombuffer(data, np.uint8), count=n).reshape(shape).astype(bool)
+    return np.frombuffer(data, "<f4").reshape(shape).astype(np.float32)
+
+
+def _encode_detector_extras(start: SeriesStart, detector: dict[str, Any]) -> None:
+    if start.detector_crop is not None:
+        c = start.detector_crop
+        detector["crop"] = dict(zip(CROP_KEYS, (c.row0_px, c.col0_px, c.size_px, c.bin_factor), strict=True))
+    if start.pixel_mask is not None:
+        mask = np.asarray(start.pixel_mask, dtype=bool)
+        detector["pixel_mask"] = {"shape": list(mask.shape), "bits": np.packbits(mask, axis=None).tobytes()}
+    if start.flatfield is not None:
+        flat = np.ascontiguousarray(start.flatfield, dtype="<f4")
+        detector["flatfield"] = {"shape": list(flat.shape), "float32": flat.tobytes()}
 
 
 def _common_frame_fields(header: dict[str, Any]) -> tuple[str, int, tuple[int, int], str] | None:
@@ -313,6 +375,7 @@ def encode_series_start(start: SeriesStart) -> list[bytes]:
     }
     if start.positions_A is not None:
         header["positions_A"] = [list(p) for p in start.positions_A]
+    _encode_detector_extras(start, header["detector"])
     return [msgpack.packb(header, use_bin_type=True)]
 
 

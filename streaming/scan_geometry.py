@@ -26,6 +26,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from ptylive.streaming.detector_maps import DetectorSettings
 from ptylive.streaming.protocol import SeriesStart
 
 logger = logging.getLogger(__name__)
@@ -120,12 +121,14 @@ class SeriesTemplate:
     """Everything of a ``series_start`` but the detector's own facts (series id, frame shape and dtype) and, for a
     series whose geometry is decided when it begins (:mod:`ptylive.streaming.scan_plan`), its scan.
 
-    ``scan`` is the static geometry (``[scan]``), or None when none is configured.
+    ``scan`` is the static geometry (``[scan]``), or None when none is configured; ``detector`` crops, bins and
+    masks every series (``[detector]``, :mod:`ptylive.streaming.detector_maps`).
     """
 
     scan: ScanGeometry | None
     optics: Optics
     overrides: dict[str, Any] = field(default_factory=dict, hash=False)
+    detector: DetectorSettings = field(default_factory=DetectorSettings, hash=False, compare=False)
 
     def start(self, series_id: str, detector_shape: tuple[int, int], dtype: str,
               scan: ScanGeometry | None = None) -> SeriesStart:
@@ -138,7 +141,7 @@ class SeriesTemplate:
                            overrides=dict(self.overrides), **vars(self.optics))
 
 
-def template_from_settings(settings: Any) -> SeriesTemplate:
+def template_from_settings(settings: Any, detector: DetectorSettings | None = None) -> SeriesTemplate:
     """A template from an object with the ``[scan]`` config keys (``rows``, ``cols``, ``step_row_A``,
     ``step_col_A``, ``rotation_deg``, ``snake``, ``flyback_frames``, ``flyback_at`` and the four optics keys).
 
@@ -154,4 +157,4 @@ def template_from_settings(settings: Any) -> SeriesTemplate:
     if min(optics.energy_eV, optics.convergence_semiangle_mrad, optics.detector_pixel_mrad) <= 0:
         raise ValueError(f"[scan] energy_eV, convergence_semiangle_mrad and detector_pixel_mrad must be > 0 for a "
                          f"DECTRIS stream, got {optics}")
-    return SeriesTemplate(scan, optics)
+    return SeriesTemplate(scan, optics, detector=detector if detector is not None else DetectorSettings())

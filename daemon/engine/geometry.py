@@ -2,7 +2,10 @@
 
 The detector sends positions in ångström (``docs/protocol.md``); the engine works in object pixels.
 The object pixel is ``λ / (u·D·Δθ)`` for a ``D``-px detector of angular pixel ``Δθ`` and
-upsampling ``u`` (window ``N = u·D``). Positions are placed so that the smallest row and column
+upsampling ``u`` (window ``N = u·D``). A detector that is not square, or one cropped or binned, is
+reconstructed on the ``D × D`` frames its series' crop makes (:attr:`SeriesGeometry.detector`,
+:mod:`ptylive.streaming.detector_frames`): ``D`` the crop's side over the bin factor ``b``, ``Δθ`` the
+detector pixel's angle times ``b``. Positions are placed so that the smallest row and column
 sit at ``N//2 + 0.5`` pixels, which makes the first window start at pixel 0 with a half-pixel
 sub-pixel shift — the same grid ``ptylive simulate`` writes, so a streamed series and the
 offline reconstruction of its file share one grid::
@@ -27,8 +30,9 @@ import numpy.typing as npt
 
 from ptylive.daemon.engine.decomposition import RankDomain, decompose
 from ptylive.gpu.physics import wavelength_A
+from ptylive.streaming.detector_frames import DetectorPreprocessing
 from ptylive.streaming.ownership import SNAP_PX, OwnerTable, snap_px
-from ptylive.streaming.protocol import SeriesStart
+from ptylive.streaming.protocol import MAX_START_BYTES, SeriesStart, encode_series_start
 from ptylive.streaming.router import scan_positions_A
 from ptylive.streaming.scanfile import object_shape_for
 
@@ -62,6 +66,11 @@ class SeriesGeometry:
     owners : OwnerTable
         What the router and the workers' frame stores ask who owns a frame and where its window goes
         (:func:`~ptylive.streaming.ownership.owner_for`).
+    detector : DetectorPreprocessing
+        How the series' raw frames become ``detector_px``-square ones (crop, flatfield, mask, bin);
+        ``detector.identity`` for a square detector used as it is.
+    detector_pixel_mrad : float
+        The angle one of those pixels spans (the detector's times the bin factor).
     """
 
     series_id: str
@@ -74,6 +83,8 @@ class SeriesGeometry:
     domains: list[RankDomain]
     owner: npt.NDArray[np.int64]
     owners: OwnerTable
+    detector: DetectorPreprocessing
+    detector_pixel_mrad: float
 
     def to_px(self, positions_A: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """``(n, 2)`` positions in Å → object pixels (snapped to integers within 1e-9 px)."""
@@ -91,15 +102,17 @@ def series_geometry(start: SeriesStart, n_workers: int, upsampling: int) -> Seri
     Raises
     ------
     SeriesRefused
-        Non-square detector, non-finite positions, an object too large, or a grid that cannot be split.
+        A non-square detector without a crop, a crop or bin that does not fit the detector, a pixel mask or
+        flatfield of another shape (or too large to travel in the series_start), non-finite positions, an object
+        too large, or a grid that cannot be split.
     """
-    rows, cols = start.detector_shape
-    if rows != cols:
-        raise SeriesRefused(f"series {start.series_id!r}: detector {rows}×{cols} is not square")
+    detector = series_detector(start)
     if upsampling < 1:
         raise SeriesRefused(f"series {start.series_id!r}: upsampling must be >= 1, got {upsampling}")
-    window = rows * upsampling
-    pixel_A = wavelength_A(start.energy_eV) / (window * start.detector_pixel_mrad * 1e-3)
+    side = detector.output_px
+    pixel_mrad = detector.pixel_mrad(start.detector_pixel_mrad)
+    window = side * upsampling
+    pixel_A = wavelength_A(start.energy_eV) / (window * pixel_mrad * 1e-3)
     positions_A = scan_positions_A(start)
     if not np.isfinite(positions_A).all():
         raise SeriesRefused(f"series {start.series_id!r}: scan positions are not all finite")
@@ -121,5 +134,28 @@ def series_geometry(start: SeriesStart, n_workers: int, upsampling: int) -> Seri
     owners = OwnerTable(owner, extended, positions_px, pixel_A, offset, window)
     logger.info("series %r: %d positions, pixel %.4f Å, window %d px, object %s px, %d tiles",
                 start.series_id, len(positions_px), pixel_A, window, shape, n_workers)
-    return SeriesGeometry(start.series_id, pixel_A, window, rows, offset, positions_px, shape, domains, owner,
-                          owners)
+    return SeriesGeometry(start.series_id, pixel_A, window, side, offset, positions_px, shape, domains, owner,
+                          owners, detector, pixel_mrad)
+
+
+def series_detector(start: SeriesStart) -> DetectorPreprocessing:
+    """The series' crop, bin, pixel mask and flatfield, checked against its detector.
+
+    Raises
+    ------
+    SeriesRefused
+        What :meth:`DetectorPreprocessing.build` refuses, or maps that make the series_start larger than
+        ``MAX_START_BYTES`` (it goes to every worker in one message).
+    """
+    try:
+        detector = DetectorPreprocessing.build(start.detector_shape, start.detector_crop, start.pixel_mask,
+                                               start.flatfield)
+    except ValueError as exc:
+        raise SeriesRefused(f"series {start.series_id!r}: {exc}") from None
+    if start.pixel_mask is not None or start.flatfield is not None:
+        size = len(encode_series_start(start)[0])
+        if size > MAX_START_BYTES:
+            raise SeriesRefused(f"series {start.series_id!r}: its pixel mask and flatfield make a series_start of "
+                                f"{size / 2**20:.1f} MiB; at most {MAX_START_BYTES / 2**20:.0f} MiB go to the "
+                                f"workers: crop the detector, or cut the maps to the crop")
+    return detector

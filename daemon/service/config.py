@@ -15,6 +15,7 @@ import logging
 import math
 import operator
 import tomllib
+import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ def _option(default: Any, *, ge: float | None = None, gt: float | None = None, l
 _BOUNDS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le)}
 _TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a finite number", str: "a string", Path: "a path string"}
 _INVALID = object()
+_UNIONS = (typing.Union, types.UnionType)
 
 
 def _expected(hint: Any, metadata: Mapping[str, Any]) -> str:
@@ -52,6 +54,8 @@ def _expected(hint: Any, metadata: Mapping[str, Any]) -> str:
     args = typing.get_args(hint)
     if typing.get_origin(hint) is Literal:
         return "one of " + ", ".join(repr(choice) for choice in args)
+    if len(args) > 1 and type(None) not in args and typing.get_origin(hint) in _UNIONS:
+        return " or ".join(_expected(arg, metadata) for arg in args)
     if typing.get_origin(hint) is tuple:
         return f"a list, each {_expected(args[0], metadata)}"
     if type(None) in args:
@@ -67,6 +71,8 @@ def _checked(value: Any, hint: Any, metadata: Mapping[str, Any]) -> Any:
     args = typing.get_args(hint)
     if typing.get_origin(hint) is Literal:
         return value if isinstance(value, str) and value in args else _INVALID
+    if len(args) > 1 and type(None) not in args and typing.get_origin(hint) in _UNIONS:  # X | Y: the first
+        return next((v for v in (_checked(value, arg, metadata) for arg in args) if v is not _INVALID), _INVALID)
     if typing.get_origin(hint) is tuple:  # ``tuple[X, ...]``: a TOML array
         items = [_checked(item, args[0], metadata) for item in value] if isinstance(value, list | tuple) else None
         return _INVALID if items is None or any(item is _INVALID for item in items) else tuple(items)
@@ -161,6 +167,41 @@ class ScanConfig(_Section):
         if self.hook and (self.hook != self.hook.strip() or " " in self.hook or self.hook.count(":") > 1):
             raise ConfigError(f"invalid value {self.hook!r} for 'scan.hook'; expected \"package.module:function\" "
                               f"or the name of a \"ptylive.scan_hooks\" entry point")
+
+
+@dataclass(frozen=True)
+class DetectorConfig(_Section):
+    """``[detector]``: how the frames of DECTRIS series (formats ``dectris_v1``, ``dectris_v2``) become the square
+    frames the reconstruction fits (:mod:`ptylive.streaming.detector_maps`). The defaults change nothing: the
+    whole detector, which must be square, with the detector's own pixel mask.
+
+    ``crop_px`` (0: none) is the side of a square box around ``centre`` (``"auto"``: the bright-field disk's
+    centre in each series' first image, or ``[row, col]`` detector pixels), summed ``bin`` × ``bin`` (``bin``
+    divides ``crop_px``; the reconstruction's pixel angle is ``bin`` detector pixels). ``mask_file`` (non-zero =
+    bad) is or'ed with the detector's own mask; ``flatfield_file`` (multiplies the counts) replaces the detector's
+    flatfield. Either is a ``.npy`` file, or HDF5: a DECTRIS master file, or ``file.h5::/dataset``.
+    """
+
+    SECTION: ClassVar[str] = "detector"
+    crop_px: int = _option(0, ge=0, le=4096)
+    centre: Literal["auto"] | tuple[float, ...] = _option("auto", ge=0)
+    bin: int = _option(1, ge=1, le=64)
+    mask_file: str = ""
+    flatfield_file: str = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.centre, tuple) and len(self.centre) != 2:
+            raise ConfigError(f"invalid value {list(self.centre)!r} for 'detector.centre'; expected \"auto\" or "
+                              f"[row, col] (two numbers >= 0)")
+        if self.crop_px and self.crop_px % self.bin:
+            raise ConfigError(f"invalid value {self.bin!r} for 'detector.bin'; expected a divisor of "
+                              f"'detector.crop_px' = {self.crop_px}")
+
+    @property
+    def active(self) -> bool:
+        """True when anything differs from the defaults."""
+        return self != DetectorConfig()
 
 
 @dataclass(frozen=True)
@@ -310,11 +351,15 @@ class DaemonConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
     scan: ScanConfig = field(default_factory=ScanConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
 
     def __post_init__(self) -> None:
         if self.ingest.format == "ptylive" and self.scan.hook:
             raise ConfigError(f"'scan.hook' = {self.scan.hook!r} needs a DECTRIS 'ingest.format' (got 'ptylive', "
                               f"whose series_start carries its own scan)")
+        if self.ingest.format == "ptylive" and self.detector.active:
+            raise ConfigError("[detector] needs a DECTRIS 'ingest.format' (got 'ptylive', whose series_start carries "
+                              "its own detector crop, pixel mask and flatfield: docs/protocol.md)")
 
 
 #: Section name -> its dataclass, in file order.

@@ -175,6 +175,13 @@ class Rank0:
         self._reported_dead: set[str] = set()
         self.resumes: dict[str, ResumePlan] = {}  # recovered series being refined on (daemon.service.resume)
 
+    def _detector_settings(self) -> DetectorSettings | None:
+        """``[detector]`` with its files read (a ValueError naming one that cannot be stops the start); None for
+        ptylive stream v1, whose series_start carries its own."""
+        if self.config.ingest.format == "ptylive":
+            return None
+        return settings_from_config(self.config.detector)
+
     def endpoints(self) -> dict[str, Any]:
         """What operators and detectors connect to (actual ports): the ready file's contents."""
         return {"ingest": self.ingest.endpoint, "preview": self.collector.pub_endpoint, "http": self.http.url,

@@ -285,7 +285,8 @@ def test_a_dectris_v1_recording_reconstructs_like_ptylive_stream_v1(tmp_path: Pa
                  [good[6][0], json.dumps({**data, "size": 3}).encode(), blob, good[6][3]],  # payload_size
                  [good[7][0], json.dumps({**data, "size": 40}).encode(), blob[:40], good[7][3]]]  # corrupt_payload
     with RecordingWriter(recording) as writer:
-        for message in [v1.header_message(42, "all"), *good[:10], *malformed, *good[10:], v1.end_message(42)]:
+        header = v1.header_message(42, "all", {"x_pixels_in_detector": 32, "y_pixels_in_detector": 32})
+        for message in [header, *good[:10], *malformed, *good[10:], v1.end_message(42)]:
             writer.write(message)
 
     (tmp_path / "a").mkdir()

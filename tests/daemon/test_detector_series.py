@@ -1,0 +1,81 @@
+"""A series of a non-square detector, cropped and binned: its geometry, its admission (a map of the wrong shape is
+refused and counted, never a crash), and the frames a worker keeps (masked pixels out of the loss and out of the
+detector scale)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ptylive.daemon.engine.geometry import SeriesRefused, series_geometry
+from ptylive.daemon.service.config import ReconstructionConfig, loopback_config
+from ptylive.daemon.service.supervisor import Admission, frames_exceed_budget
+from ptylive.gpu.physics import wavelength_A
+from ptylive.streaming.detector_frames import DetectorCrop
+from ptylive.streaming.protocol import SeriesStart
+from ptylive.streaming.router import Router
+from ptylive.streaming.series import RegistryConfig, SeriesRegistry
+from ptylive.streaming.series_book import SeriesBook
+
+SHAPE = (514, 1030)
+START = SeriesStart(series_id="eiger", scan_shape=(6, 8), scan_step_A=(1.0, 1.0), detector_shape=SHAPE,
+                    dtype="uint16", energy_eV=300e3, convergence_semiangle_mrad=20.0, defocus_A=0.0,
+                    detector_pixel_mrad=0.5, detector_crop=DetectorCrop(200, 500, 64, 2))
+
+
+def test_a_cropped_and_binned_series_is_reconstructed_on_its_output_frames() -> None:
+    geometry = series_geometry(START, 2, 2)
+    assert geometry.detector_px == 32 and geometry.window_px == 64 and geometry.detector_pixel_mrad == 1.0
+    assert geometry.pixel_size_A == pytest.approx(wavelength_A(300e3) / (64 * 1.0e-3), rel=1e-12)
+    assert geometry.detector.output_px == 32 and not geometry.detector.identity
+    square = series_geometry(dataclasses.replace(START, detector_shape=(32, 32), detector_crop=None,
+                                                 detector_pixel_mrad=1.0), 2, 2)
+    assert square.detector.identity and square.pixel_size_A == geometry.pixel_size_A
+    np.testing.assert_array_equal(square.positions_px, geometry.positions_px)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"detector_crop": None}, "detector 514×1030 is not square: crop it"),
+    ({"detector_crop": DetectorCrop(0, 0, 600)}, "crop of 600 px is larger than the 514×1030 detector"),
+    ({"detector_crop": DetectorCrop(500, 0, 64)}, "leaves the 514×1030 detector"),
+    ({"detector_crop": DetectorCrop(0, 0, 66, 4)}, "bin 4 does not divide the crop of 66 px"),
+    ({"pixel_mask": np.zeros((512, 512), bool)}, "pixel mask is 512×512; expected the detector's 514×1030"),
+    ({"flatfield": np.ones((64, 65), np.float32)}, "flatfield is 64×65"),
+])
+def test_impossible_detector_settings_refuse_the_series(changes: dict, message: str) -> None:
+    with pytest.raises(SeriesRefused, match=message):
+        series_geometry(dataclasses.replace(START, **changes), 2, 1)
+
+
+def test_maps_too_large_for_the_series_start_refuse_it() -> None:
+    big = dataclasses.replace(START, detector_shape=(4096, 4096), detector_crop=None,
+                              flatfield=np.ones((4096, 4096), np.float32))
+    with pytest.raises(SeriesRefused, match=r"series_start of 64\.\d MiB; at most 32 MiB"):
+        series_geometry(big, 1, 1)
+
+
+def test_a_wrong_mask_is_refused_and_counted_by_the_ingest_book(tmp_path: Path) -> None:
+    """Admission (rank 0's) refuses; the registry counts it, and every frame of it is rejected as refused."""
+    admission = Admission(loopback_config(tmp_path, 2, ReconstructionConfig()))
+    registry = SeriesRegistry(RegistryConfig())
+    book = SeriesBook(admission.router, registry, 2, admit=admission)
+    assert book.start(START)  # the good one runs
+    wrong = dataclasses.replace(START, series_id="wrong", pixel_mask=np.zeros((512, 1028), bool))
+    assert not book.start(wrong)
+    snapshot, _ = book.snapshot()
+    refused = next(s for s in snapshot["finished"] if s["series_id"] == "wrong")
+    assert snapshot["starts"]["refused"] == 1
+    assert "pixel mask is 512×1028; expected the detector's 514×1030" in refused["refusal"]
+    assert isinstance(admission.router(START), Router) and admission.lookup("wrong") is None
+
+
+def test_the_memory_arithmetic_counts_the_cropped_frames() -> None:
+    """A 4096² detector cropped to 128 px: what the workers keep is 128² per frame, not 4096²."""
+    large = dataclasses.replace(START, scan_shape=(128, 128), detector_shape=(4096, 4096),
+                                detector_crop=DetectorCrop(1984, 1984, 128))
+    assert frames_exceed_budget(large, 2, "single", 2**30) is None
+    uncropped = dataclasses.replace(large, detector_crop=None)
+    assert "need at least" in (frames_exceed_budget(uncropped, 2, "single", 2**30) or "")
