@@ -37,6 +37,7 @@ from ptylive.streaming.protocol import (
     DTYPES,
     MAX_HEADER_BYTES,
     MAX_START_BYTES,
+    Frame,
     ProtocolError,
     SeriesEnd,
     decode,
@@ -99,7 +100,7 @@ class ImageSeries:
             first = None
             if detector.needs_first_image:  # the one image rank 0 decodes: the crop is centred on its disk
                 try:
-                    first = frame.pixels
+                    first = frame.pixels if isinstance(frame, Frame) else None
                 except CompressionError as exc:  # the next image starts the series
                     return [ProtocolError("corrupt_payload", f"image {image_number}: {exc}")]
             start = detector.series_start(self.template.start(self.series_id, shape, dtype, self.scan), first,

@@ -16,10 +16,10 @@ frequency of ptylive's far field (``docs/physics.md``): output pixel ``j`` sums 
 which leaves the disk's centre within half a source pixel of the output's zero frequency. The centre is
 given, or found (:func:`bright_field_centre_px`: the centre of mass of the thresholded mean frame).
 
-Masks: ``True`` is a bad pixel. A pixel whose flatfield is not finite or not positive is bad too. Bad
-pixels contribute 0 to their bin, and a binned pixel is masked when *any* of its source pixels is (a
-partial sum would be a biased count); :attr:`DetectorPreprocessing.output_mask` says which, and the
-losses leave those pixels out (:data:`ptylive.gpu.loss.MASKED_TARGET`). The angle of one output pixel is
+Masks: ``True`` is a bad pixel. A pixel whose flatfield is not finite or not positive is bad too. A
+binned pixel is masked when *any* of its source pixels is (a partial sum would be a biased count); masked
+output pixels hold 0, :attr:`DetectorPreprocessing.output_mask` says which, and the losses leave those
+pixels out (:data:`ptylive.gpu.loss.MASKED_TARGET`). The angle of one output pixel is
 ``b`` times the detector's (:meth:`DetectorPreprocessing.pixel_mrad`).
 
 Pure array functions: numpy or CuPy, ``xp`` from the inputs.
@@ -163,7 +163,7 @@ class DetectorPreprocessing:
     crop: DetectorCrop
     gain: npt.NDArray[np.float32] | None = None
     output_mask: npt.NDArray[np.bool_] | None = None
-    _device_gain: dict[str, Any] = field(default_factory=dict, repr=False)
+    _device_copies: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, detector_shape: tuple[int, int], crop: DetectorCrop | None = None, pixel_mask: Any = None,
@@ -212,7 +212,7 @@ class DetectorPreprocessing:
         output_mask = None
         if bad.any():
             d, b = crop.output_px, crop.bin_factor
-            output_mask = bad.reshape(d, b, d, b).any(axis=(1, 3))
+            output_mask = np.asarray(bad.reshape(d, b, d, b).any(axis=(1, 3)), dtype=bool)
         return cls((rows, cols), crop, gain, output_mask)
 
     @property
@@ -255,16 +255,25 @@ class DetectorPreprocessing:
         if crop.bin_factor > 1:
             d, b = crop.output_px, crop.bin_factor
             block = block.reshape(*block.shape[:-2], d, b, d, b).sum(axis=(-3, -1), dtype=dtype)
+            if self.output_mask is not None:  # a partly masked bin too: no partial sum reaches the scale's sum
+                block[..., self._mask_on(xp)] = 0
         return block
 
     def _gain_on(self, xp: Any) -> Any:
         """:attr:`gain` on ``xp``'s device, copied there once."""
+        return self._on(xp, "gain")
+
+    def _mask_on(self, xp: Any) -> Any:
+        return self._on(xp, "output_mask")
+
+    def _on(self, xp: Any, name: str) -> Any:
+        values = getattr(self, name)
         if xp is np:
-            return self.gain
-        name = xp.__name__
-        if name not in self._device_gain:
-            self._device_gain[name] = xp.asarray(self.gain)
-        return self._device_gain[name]
+            return values
+        key = f"{xp.__name__}.{name}"
+        if key not in self._device_copies:
+            self._device_copies[key] = xp.asarray(values)
+        return self._device_copies[key]
 
 
 def _in_box(values: Any, what: str, detector_shape: tuple[int, int], box: tuple[slice, slice],

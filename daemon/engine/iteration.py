@@ -93,20 +93,27 @@ def minibatches(state: TileState, options: EngineOptions) -> list[np.ndarray]:
     return [np.flatnonzero(labels == m) for m in range(options.updates_per_iteration)]
 
 
-def fit_scale(state: TileState, exchanger: SyncExchange, options: EngineOptions) -> None:
-    """Fit the detector scale over all ranks and turn intensities into loss targets."""
+def fit_scale(state: TileState, exchanger: SyncExchange, options: EngineOptions, mask: Any = None) -> None:
+    """Fit the detector scale over all ranks and turn intensities into loss targets.
+
+    ``mask`` ((D, D) bool, True = masked detector pixel) leaves those pixels out of both sums of the scale and out
+    of the loss (:data:`~ptylive.gpu.loss.MASKED_TARGET`).
+    """
     xp = get_array_module(state.volume)
+    keep = None if mask is None else ~xp.asarray(mask, dtype=bool)
     window = state.probe.shape[-1]
     model_total = 0.0
     size = batch_positions(state, options.batch_size)
     for b in (chunk for members in minibatches(state, options) for chunk in _chunks(members, size)):
         field_ = forward(state.probe, xp.asarray(state.shifts[b]), SliceWindows(state.volume, state.starts[b], window),
                          state.propagator, state.targets.shape[-1])
-        model_total += float(xp.sum(field_.real**2 + field_.imag**2))
-    totals = exchanger.allreduce_sum(np.array([float(xp.sum(state.targets)), model_total]))
+        power = field_.real**2 + field_.imag**2
+        model_total += float(xp.sum(power if keep is None else power * keep))
+    measured = xp.sum(state.targets) if keep is None else xp.sum(xp.sum(state.targets, axis=0) * keep)
+    totals = exchanger.allreduce_sum(np.array([float(measured), model_total]))
     state.scale = fit_intensity_scale(float(totals[0]), float(totals[1]))
     state.targets /= state.targets.dtype.type(state.scale)
-    state.targets = measured_target(options.loss, state.targets)
+    state.targets = measured_target(options.loss, state.targets, mask)
     logger.info("fitted detector scale alpha = %.6g counts per unit probe power", state.scale)
 
 

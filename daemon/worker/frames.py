@@ -6,6 +6,12 @@ intensities until the next iteration turns them into the loss's target with the 
 scale ``α``; when the (global, running) estimate of ``α`` moves, rows already converted are rescaled
 in place (``√(1/α)`` for the amplitude loss, ``1/α`` for Poisson), so the raw frames never exist twice.
 
+A frame of a cropped, binned or masked detector is made into its ``(D, D)`` frame here, as it arrives
+(:attr:`SeriesGeometry.detector <ptylive.daemon.engine.geometry.SeriesGeometry>`,
+:mod:`ptylive.streaming.detector_frames`): masked pixels hold 0 in the raw rows, so they add nothing to the
+intensity sum (the model's sum leaves them out too: :func:`ptylive.daemon.worker.refine.probe_power`), and become
+:data:`~ptylive.gpu.loss.MASKED_TARGET` in the targets, which every loss leaves out.
+
 A frame with a header position is placed by :func:`~ptylive.streaming.ownership.owner_for`, the rule the
 ingest routed it by, so a frame the ingest counted as received is a frame this store keeps.
 """
@@ -23,6 +29,7 @@ from ptylive.gpu.backend import get_array_module
 from ptylive.gpu.loss import measured_target
 from ptylive.gpu.patches import window_starts
 from ptylive.streaming.compression import CompressionError
+from ptylive.streaming.detector_frames import DetectorPreprocessing
 from ptylive.streaming.ownership import NotPlaceable, owner_for
 from ptylive.streaming.protocol import Frame
 
@@ -49,7 +56,11 @@ class FrameStore:
         own windows (:class:`~ptylive.daemon.engine.tile.TileState`) are copies, taken when a row is first
         iterated (:func:`ptylive.daemon.worker.refine.take_new_windows`).
     intensity_sum : float
-        Sum of the raw intensities of every received frame (for the global ``α``).
+        Sum of the raw intensities of every received frame (for the global ``α``), masked pixels left out.
+    detector : DetectorPreprocessing or None
+        Crop, flatfield, mask and bin of each raw frame; None: frames are stored as they come.
+    mask : (D, D) bool or None
+        Masked detector pixels (on the targets' device); None: none.
     rejected : dict
         Frames this worker could not use, by reason (``"not_in_group"``, ``"position_outside_tile"``; for
         compressed frames, decoded here rather than by the ingest, ``"corrupt_payload"`` and ``"non_finite"``).
@@ -67,6 +78,8 @@ class FrameStore:
     converted: np.ndarray
     scale: float = float("nan")
     intensity_sum: float = 0.0
+    detector: DetectorPreprocessing | None = None
+    mask: Any = None
     rejected: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
         ("not_in_group", "position_outside_tile", "corrupt_payload", "non_finite"), 0))
     _row_of: dict[int, int] = field(default_factory=dict)
@@ -82,6 +95,10 @@ class FrameStore:
         store = cls(geometry, worker, loss, index, xp.zeros((len(index), d, d), real_dtype), positions, starts,
                     shifts.astype(real_dtype), np.zeros(len(index), bool), np.zeros(len(index), bool))
         store._row_of = {int(g): r for r, g in enumerate(index)}
+        if not geometry.detector.identity:  # crop, bin, flatfield or mask: applied to each frame as it arrives
+            store.detector = geometry.detector
+            if geometry.detector.output_mask is not None:
+                store.mask = xp.asarray(geometry.detector.output_mask)
         return store
 
     @property
@@ -110,6 +127,8 @@ class FrameStore:
             return False
         if frame.position_A is not None and not self._place(row, frame.frame_index, frame.position_A):
             return False
+        if self.detector is not None:  # raw (H, W) -> (D, D) on the host: cropped, flatfielded, masked 0, binned
+            pixels = self.detector.apply(pixels, self.targets.dtype)
         xp = get_array_module(self.targets)
         self.targets[row] = xp.asarray(pixels, dtype=self.targets.dtype)
         self.intensity_sum += float(np.sum(pixels, dtype=np.float64))
@@ -148,7 +167,7 @@ class FrameStore:
         new = np.flatnonzero(self.received & ~self.converted)
         if new.size:
             block = self.targets[new] / self.targets.dtype.type(scale)
-            self.targets[new] = measured_target(self.loss, block)
+            self.targets[new] = measured_target(self.loss, block, self.mask)
             self.converted[new] = True
         self.scale = scale
 

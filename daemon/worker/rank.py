@@ -182,7 +182,8 @@ class Worker:
         resume = load_resume(s.checkpoint_folder, slot.start, geometry, s.worker, slot.store.global_index)
         final_iterations = (s.resume_iterations or r.final_iterations) if resume is not None else r.final_iterations
         run = StreamRun(state, slot.store, exchanger, options, s.n_workers, final_iterations, r.final_seconds,
-                        slot.flags, probe_power(state.probe, state.propagator, r.n_slices, geometry.detector_px))
+                        slot.flags, probe_power(state.probe, state.propagator, r.n_slices, geometry.detector_px,
+                                                slot.store.mask))
         if resume is not None:  # after probe_power: the detector scale keeps the first run's reference
             self._take_over(run, resume)
         factor = max(downsample_factor(d.tile.shape, s.preview_max_px) for d in geometry.domains)

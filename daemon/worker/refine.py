@@ -111,14 +111,18 @@ class StreamRun:
         return self.iterations * self.options.updates_per_iteration
 
 
-def probe_power(probe: Any, propagator: Any, n_slices: int, detector_px: int) -> float:
-    """``‖crop F P‖²``: the model's power per frame for a vacuum object (every position alike)."""
+def probe_power(probe: Any, propagator: Any, n_slices: int, detector_px: int, mask: Any = None) -> float:
+    """``‖crop F P‖²``: the model's power per frame for a vacuum object (every position alike), over the detector
+    pixels ``mask`` ((D, D) bool, True = masked) leaves in, as the measured sum counts them (``FrameStore``)."""
     xp = get_array_module(probe)
     window = probe.shape[-1]
     ones = xp.ones((n_slices, window, window), dtype=probe.dtype)
     patches = extract_patches(ones, np.zeros((1, 2), np.int64), window)
     field_ = forward(probe, xp.zeros((1, 2), dtype=probe.real.dtype), patches, propagator, detector_px)
-    return float(xp.sum(field_.real**2 + field_.imag**2))
+    power = field_.real**2 + field_.imag**2
+    if mask is not None:
+        power = power * ~xp.asarray(mask, dtype=bool)
+    return float(xp.sum(power))
 
 
 def _local_facts(run: StreamRun) -> tuple[np.ndarray, np.ndarray]:

@@ -10,12 +10,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ptylive.daemon.engine.decomposition import decompose
+from ptylive.daemon.engine.exchange.protocols import NullExchanger
 from ptylive.daemon.engine.geometry import SeriesRefused, series_geometry
+from ptylive.daemon.engine.iteration import fit_scale
+from ptylive.daemon.engine.options import EngineOptions
+from ptylive.daemon.engine.tile import TileOptics, set_up_tile
 from ptylive.daemon.service.config import ReconstructionConfig, loopback_config
 from ptylive.daemon.service.supervisor import Admission, frames_exceed_budget
+from ptylive.daemon.worker.frames import FrameStore
+from ptylive.daemon.worker.refine import probe_power
+from ptylive.gpu.loss import MASKED_TARGET
+from ptylive.gpu.patches import window_starts
 from ptylive.gpu.physics import wavelength_A
+from ptylive.gpu.simulate import SimulationSpec, simulate
 from ptylive.streaming.detector_frames import DetectorCrop
-from ptylive.streaming.protocol import SeriesStart
+from ptylive.streaming.protocol import SeriesStart, decode, encode_frame
 from ptylive.streaming.router import Router
 from ptylive.streaming.series import RegistryConfig, SeriesRegistry
 from ptylive.streaming.series_book import SeriesBook
@@ -79,3 +89,63 @@ def test_the_memory_arithmetic_counts_the_cropped_frames() -> None:
     assert frames_exceed_budget(large, 2, "single", 2**30) is None
     uncropped = dataclasses.replace(large, detector_crop=None)
     assert "need at least" in (frames_exceed_budget(uncropped, 2, "single", 2**30) or "")
+
+
+def masked_start() -> SeriesStart:
+    mask = np.zeros(SHAPE, bool)
+    mask[230:233, :] = True  # a gap row through the crop (rows 200–263)
+    mask[:, 530] = True
+    flat = np.full(SHAPE, 2.0, np.float32)
+    return dataclasses.replace(START, pixel_mask=mask, flatfield=flat)
+
+
+@pytest.mark.parametrize("loss", ["amplitude", "poisson"])
+def test_the_frame_store_keeps_cropped_frames_and_masks_them_out_of_loss_and_scale(loss: str) -> None:
+    geometry = series_geometry(masked_start(), 1, 1)
+    store = FrameStore.allocate(geometry, 0, loss, np, np.float32)
+    assert store.targets.shape[1:] == (32, 32) and store.mask is not None and store.mask.sum() > 0
+    rng = np.random.default_rng(3)
+    raw = rng.poisson(20, (3, *SHAPE)).astype(np.uint16)
+    for k in range(3):  # bslz4 frames, decoded on the worker as the DECTRIS adapters forward them
+        assert store.add(decode([bytes(p) for p in encode_frame("eiger", int(store.global_index[k]), raw[k],
+                                                                encoding="bslz4")]))
+    expected = geometry.detector.apply(raw)
+    np.testing.assert_array_equal(store.targets[:3], expected)
+    assert np.all(store.targets[:3][:, store.mask] == 0)
+    assert store.intensity_sum == pytest.approx(float(expected.sum()), rel=1e-9)
+    store.set_scale(4.0)
+    good = store.targets[:3][:, ~store.mask]
+    assert np.all(store.targets[:3][:, store.mask] == MASKED_TARGET) and np.all(good >= 0)
+    transform = np.sqrt if loss == "amplitude" else (lambda x: x)
+    np.testing.assert_allclose(good, transform(expected[:, ~store.mask] / 4.0), rtol=1e-6)
+    store.set_scale(2.0)  # rescaling keeps the mask
+    assert np.all(store.targets[:3][:, store.mask] < 0)
+
+
+def test_masked_pixels_leave_the_model_power_and_the_offline_scale() -> None:
+    """The detector scale α = ΣI / Σ|Ψ|² over the pixels both sums keep: data α·|Ψ|² with garbage in the masked
+    pixels gives α back exactly with the mask, and a wrong α without it."""
+    spec = SimulationSpec(detector_px=32, detector_pixel_mrad=3.0, n_slices=1, scan_shape=(4, 4), scan_step_px=3.0)
+    sim = simulate(spec)
+    shape = sim.object_truth.shape[1:]
+    domain = decompose(shape, sim.positions_px, 32, 1)[0]
+    starts, shifts = window_starts(sim.positions_px, 32)
+    optics = TileOptics(spec.energy_eV, spec.convergence_semiangle_mrad, spec.defocus_A, spec.pixel_size_A, 32, 1,
+                        spec.slice_thickness_A, sim.probe)
+    mask = np.zeros((32, 32), bool)
+    mask[16, :] = True  # through the bright-field disk
+    alpha = 750.0
+    data = alpha * sim.intensities.astype(np.float64)
+    data[:, mask] = 1e6  # what a hot or gap pixel might hold
+    results = {}
+    for name, m in (("masked", mask), ("plain", None)):
+        state = set_up_tile(domain, optics, starts, shifts, data.astype(np.float32), np, "single")
+        state.volume[...] = sim.object_truth  # the true object: the model is the data's
+        fit_scale(state, NullExchanger(), EngineOptions(), m)
+        results[name] = state
+    assert results["masked"].scale == pytest.approx(alpha, rel=1e-4)
+    assert results["plain"].scale > 2 * alpha
+    assert np.all(results["masked"].targets[:, mask] == MASKED_TARGET)
+    full = probe_power(sim.probe, results["masked"].propagator, 1, 32)
+    part = probe_power(sim.probe, results["masked"].propagator, 1, 32, mask)
+    assert 0 < part < full
