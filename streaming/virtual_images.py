@@ -3,7 +3,13 @@
 Pure array functions (numpy or CuPy through ``get_array_module``). Per frame: the bright-field sum
 inside the disk of radius α, annular sums over [inner, outer] mrad and the centre of mass in mrad
 relative to the zero-frequency pixel (D//2, D//2) (``docs/physics.md``). iDPC integrates a
-scan-shaped CoM field and is not per frame. Issue 14 item 3: only this module is built so far.
+scan-shaped CoM field and is not per frame.
+
+Every per-frame value is a weighted sum of the frame's pixels, so :func:`detector_weights` builds the weights
+once (one row per sum) and :func:`values_from_sums` turns the sums into values: :func:`frame_values` is the two
+in one, and a worker (:mod:`ptylive.daemon.worker.virtual`) keeps the weights of its series and pays one
+matrix-vector product per frame. :func:`kind_descriptions` says what each kind is (label, units, rings), for
+rank 0's ``/virtual.json`` and the final file's ``virtual/`` group.
 """
 
 from __future__ import annotations
@@ -60,6 +66,42 @@ def angles_mrad(detector_px: int, detector_pixel_mrad: float, xp: Any = np) -> t
     return axis[:, None] + 0 * axis[None, :], 0 * axis[:, None] + axis[None, :]
 
 
+#: The sums :func:`detector_weights` builds beyond the rings: the CoM numerators and the total intensity.
+SUM_NAMES = ("com_x", "com_y", "total")
+
+
+def detector_weights(detector: VirtualDetector, detector_px: int, xp: Any = np) -> tuple[tuple[str, ...], Any]:
+    """The weights of every per-frame sum, one row each: ``frames.reshape(N, D·D) @ weights.T`` gives them all.
+
+    Returns
+    -------
+    names : tuple of str
+        ``bf``, ``adf0``…, then :data:`SUM_NAMES` (``com_x``, ``com_y``: Σ I·kx, Σ I·ky in mrad; ``total``: Σ I).
+    weights : array, shape (len(names), D·D), float64
+        In ``xp`` (numpy or CuPy).
+    """
+    ky, kx = angles_mrad(detector_px, detector.detector_pixel_mrad, xp)
+    radius = xp.sqrt(ky * ky + kx * kx)
+    rows = [radius <= detector.convergence_semiangle_mrad]
+    rows += [(radius >= inner) & (radius < outer) for inner, outer in detector.annuli_mrad]
+    rows += [kx, ky, xp.ones_like(radius)]
+    names = ("bf", *(f"adf{j}" for j in range(len(detector.annuli_mrad))), *SUM_NAMES)
+    return names, xp.stack([row.astype(xp.float64).reshape(-1) for row in rows])
+
+
+def values_from_sums(names: tuple[str, ...], sums: Any) -> dict[str, Any]:
+    """:func:`frame_values`' dict from the ``(N, len(names))`` sums of :func:`detector_weights`: the CoM
+    numerators divided by the total (NaN for an empty frame); ``total`` itself is left out."""
+    xp = get_array_module(sums)
+    column = {name: sums[:, j] for j, name in enumerate(names)}
+    total = column["total"]
+    safe = xp.where(total != 0, total, xp.nan)
+    values = {name: column[name] for name in names if name not in SUM_NAMES}
+    values["com_x"] = column["com_x"] / safe
+    values["com_y"] = column["com_y"] / safe
+    return values
+
+
 def frame_values(frames: Any, detector: VirtualDetector) -> dict[str, Any]:
     """Per-frame virtual detector values.
 
@@ -77,19 +119,25 @@ def frame_values(frames: Any, detector: VirtualDetector) -> dict[str, Any]:
     xp = get_array_module(frames)
     if frames.ndim != 3 or frames.shape[1] != frames.shape[2]:
         raise ValueError(f"frames must be (N, D, D), got {frames.shape}")
-    data = frames.astype(xp.float64, copy=False)
-    ky, kx = angles_mrad(frames.shape[1], detector.detector_pixel_mrad, xp)
-    radius = xp.sqrt(ky * ky + kx * kx)
-    values: dict[str, Any] = {
-        "bf": (data * (radius <= detector.convergence_semiangle_mrad)).sum(axis=(1, 2))}
-    for index, (inner, outer) in enumerate(detector.annuli_mrad):
-        ring = (radius >= inner) & (radius < outer)
-        values[f"adf{index}"] = (data * ring).sum(axis=(1, 2))
-    total = data.sum(axis=(1, 2))
-    safe = xp.where(total != 0, total, xp.nan)
-    values["com_x"] = (data * kx).sum(axis=(1, 2)) / safe
-    values["com_y"] = (data * ky).sum(axis=(1, 2)) / safe
-    return values
+    names, weights = detector_weights(detector, frames.shape[1], xp)
+    data = frames.reshape(frames.shape[0], -1).astype(xp.float64, copy=False)
+    return values_from_sums(names, data @ weights.T)
+
+
+def kind_descriptions(detector: VirtualDetector) -> dict[str, dict[str, Any]]:
+    """What each virtual image is, in the order rank 0 lists them: ``label``, ``units`` (``counts``, ``mrad``, or
+    ``mrad·px`` for iDPC, which is relative), ``inner_mrad`` and ``outer_mrad`` (bf: 0 and α; adf*: the ring; else
+    None). The kinds are ``bf``, ``adf0``…, ``com_x``, ``com_y`` and ``idpc``."""
+    alpha = detector.convergence_semiangle_mrad
+    kinds: dict[str, dict[str, Any]] = {
+        "bf": {"label": f"BF 0–{alpha:g} mrad", "units": "counts", "inner_mrad": 0.0, "outer_mrad": alpha}}
+    for j, (inner, outer) in enumerate(detector.annuli_mrad):
+        kinds[f"adf{j}"] = {"label": f"ADF {inner:g}–{outer:g} mrad", "units": "counts",
+                            "inner_mrad": float(inner), "outer_mrad": float(outer)}
+    for kind, label, units in (("com_x", "CoM x", "mrad"), ("com_y", "CoM y", "mrad"),
+                               ("idpc", "iDPC", "mrad·px")):
+        kinds[kind] = {"label": label, "units": units, "inner_mrad": None, "outer_mrad": None}
+    return kinds
 
 
 def integrated_dpc(com_x: Any, com_y: Any, step_x: float = 1.0, step_y: float = 1.0) -> Any:

@@ -10,7 +10,7 @@ array part); the arrays follow as raw C-order parts. Each header is a ``TypedDic
                                                         .htype == "preview", .header: PreviewHeader,
                                                         .arrays: read-only views of the parts
 
-:data:`RankMessage` is the union of the six decoded message classes; comparing ``message.htype`` with
+:data:`RankMessage` is the union of the seven decoded message classes; comparing ``message.htype`` with
 a literal narrows it (and so ``message.header``) for a type checker. Nothing is validated beyond the
 framing: the headers are what the workers of the same installation send.
 """
@@ -28,7 +28,7 @@ import numpy.typing as npt
 logger = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # a final header carries loss histories
-HType = Literal["hello", "heartbeat", "preview", "final", "error", "bye"]
+HType = Literal["hello", "heartbeat", "preview", "virtual", "final", "error", "bye"]
 
 
 class HelloHeader(TypedDict):
@@ -85,6 +85,20 @@ class PreviewHeader(TileQuality):
     sent_s: float
 
 
+class VirtualHeader(TypedDict):
+    """Virtual detector values of the frames a worker stored since its last ``virtual`` message (at most twice the
+    preview rate, and once before its ``final``); arrays: the frame indices ``(N,) int64``, then one ``(N,)
+    float32`` per entry of ``kinds``, same order (:mod:`ptylive.daemon.worker.virtual`)."""
+
+    series_id: str
+    worker: int
+    kinds: list[str]
+    convergence_semiangle_mrad: float
+    detector_pixel_mrad: float
+    annuli_mrad: list[list[float]]
+    sent_s: float
+
+
 class FinalStats(TypedDict):
     """Per-worker statistics of a series (``ranks/<name>`` in the final file)."""
 
@@ -132,8 +146,9 @@ class ByeHeader(TypedDict):
     worker: int
 
 
-RankHeader = HelloHeader | HeartbeatHeader | PreviewHeader | FinalHeader | ErrorHeader | ByeHeader
-HeaderT = TypeVar("HeaderT", HelloHeader, HeartbeatHeader, PreviewHeader, FinalHeader, ErrorHeader, ByeHeader)
+RankHeader = HelloHeader | HeartbeatHeader | PreviewHeader | VirtualHeader | FinalHeader | ErrorHeader | ByeHeader
+HeaderT = TypeVar("HeaderT", HelloHeader, HeartbeatHeader, PreviewHeader, VirtualHeader, FinalHeader, ErrorHeader,
+                  ByeHeader)
 
 
 @dataclass(frozen=True)
@@ -160,6 +175,11 @@ class PreviewMessage(_Received[PreviewHeader]):
 
 
 @dataclass(frozen=True)
+class VirtualMessage(_Received[VirtualHeader]):
+    htype: Literal["virtual"] = "virtual"
+
+
+@dataclass(frozen=True)
 class FinalMessage(_Received[FinalHeader]):
     htype: Literal["final"] = "final"
 
@@ -174,13 +194,14 @@ class ByeMessage(_Received[ByeHeader]):
     htype: Literal["bye"] = "bye"
 
 
-RankMessage = HelloMessage | HeartbeatMessage | PreviewMessage | FinalMessage | ErrorMessage | ByeMessage
+RankMessage = (HelloMessage | HeartbeatMessage | PreviewMessage | VirtualMessage | FinalMessage | ErrorMessage
+               | ByeMessage)
 MESSAGE_TYPES: dict[str, type[RankMessage]] = {
-    "hello": HelloMessage, "heartbeat": HeartbeatMessage, "preview": PreviewMessage, "final": FinalMessage,
-    "error": ErrorMessage, "bye": ByeMessage}
+    "hello": HelloMessage, "heartbeat": HeartbeatMessage, "preview": PreviewMessage, "virtual": VirtualMessage,
+    "final": FinalMessage, "error": ErrorMessage, "bye": ByeMessage}
 HEADERS: dict[str, type] = {  # htype -> the TypedDict of its header
-    "hello": HelloHeader, "heartbeat": HeartbeatHeader, "preview": PreviewHeader, "final": FinalHeader,
-    "error": ErrorHeader, "bye": ByeHeader}
+    "hello": HelloHeader, "heartbeat": HeartbeatHeader, "preview": PreviewHeader, "virtual": VirtualHeader,
+    "final": FinalHeader, "error": ErrorHeader, "bye": ByeHeader}
 HTYPES: tuple[str, ...] = tuple(HEADERS)
 
 
@@ -194,6 +215,8 @@ def encode(htype: Literal["hello"], header: HelloHeader, *arrays: npt.NDArray[An
 def encode(htype: Literal["heartbeat"], header: HeartbeatHeader, *arrays: npt.NDArray[Any]) -> list[Any]: ...
 @overload
 def encode(htype: Literal["preview"], header: PreviewHeader, *arrays: npt.NDArray[Any]) -> list[Any]: ...
+@overload
+def encode(htype: Literal["virtual"], header: VirtualHeader, *arrays: npt.NDArray[Any]) -> list[Any]: ...
 @overload
 def encode(htype: Literal["final"], header: FinalHeader, *arrays: npt.NDArray[Any]) -> list[Any]: ...
 @overload

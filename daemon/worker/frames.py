@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ptylive.daemon.engine.geometry import SeriesGeometry
+from ptylive.daemon.worker.virtual import VirtualFrames
 from ptylive.gpu.backend import get_array_module
 from ptylive.gpu.loss import measured_target
 from ptylive.gpu.patches import window_starts
@@ -64,6 +65,8 @@ class FrameStore:
     rejected : dict
         Frames this worker could not use, by reason (``"not_in_group"``, ``"position_outside_tile"``; for
         compressed frames, decoded here rather than by the ingest, ``"corrupt_payload"`` and ``"non_finite"``).
+    virtual : VirtualFrames or None
+        Given each stored frame's intensities (:mod:`ptylive.daemon.worker.virtual`: BF, ADF, CoM for rank 0).
     """
 
     geometry: SeriesGeometry
@@ -83,6 +86,7 @@ class FrameStore:
     rejected: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
         ("not_in_group", "position_outside_tile", "corrupt_payload", "non_finite"), 0))
     _row_of: dict[int, int] = field(default_factory=dict)
+    virtual: VirtualFrames | None = None  # each frame's virtual detector values (set by the worker at series start)
 
     @classmethod
     def allocate(cls, geometry: SeriesGeometry, worker: int, loss: str, xp: Any, real_dtype: Any) -> FrameStore:
@@ -134,6 +138,8 @@ class FrameStore:
         self.intensity_sum += float(np.sum(pixels, dtype=np.float64))
         self.received[row] = True
         self.converted[row] = False
+        if self.virtual is not None:  # on the intensities the row now holds, before they become a loss target
+            self.virtual.add(row, self.targets[row])
         return True
 
     def _place(self, row: int, frame_index: int, position_A: tuple[float, float]) -> bool:

@@ -32,6 +32,7 @@ from ptylive.daemon.worker.frames import FrameStore
 from ptylive.daemon.worker.refine import N_SUM, SeriesFlags, StreamRun, probe_power, refine
 from ptylive.daemon.worker.resume import ResumePoint, load_resume
 from ptylive.daemon.worker.stats import WorkerStats
+from ptylive.daemon.worker.virtual import VirtualFrames, series_detector
 from ptylive.gpu.backend import PRECISIONS, backend_module, to_numpy
 from ptylive.streaming.inbox import SeriesControl, WorkerInbox
 from ptylive.streaming.protocol import Frame, Message, SeriesEnd, SeriesStart
@@ -81,6 +82,7 @@ class Worker:
         self._heartbeat_due = 0.0
         self._preview_due = 0.0
         self._checkpoint_due = 0.0
+        self._virtual_due = 0.0
         self._running: str | None = None
         self.stats = WorkerStats(settings.backend)
         self._run: tuple[StreamRun, Consensus] | None = None
@@ -134,6 +136,8 @@ class Worker:
                                                       "error": str(exc)}))
             return
         store = FrameStore.allocate(geometry, self.settings.worker, reconstruction.loss, self.xp, self.real_t)
+        store.virtual = VirtualFrames(series_detector(start, geometry), store.global_index,  # BF, ADF, CoM per frame
+                                      geometry.detector_px, self.xp)
         self.slots[start.series_id] = slot = SeriesSlot(start, reconstruction, store)
         if self.shutdown:
             slot.flags.stop_level = 3
@@ -150,6 +154,26 @@ class Worker:
                 "worker": self.settings.worker, "series_id": self._running, "messages_taken": self.messages_taken,
                 "unknown_frames": self.unknown_frames, **report}
             self._send(rank_messages.encode("heartbeat", heartbeat))
+        running = self.slots.get(self._running) if self._running is not None else None
+        if running is not None and now >= self._virtual_due:  # twice the preview rate, like the previews
+            self._virtual_due = now + 0.5 / self.settings.preview_rate_hz
+            self._send_virtual(running.store)
+
+    def _send_virtual(self, store: FrameStore) -> None:
+        """The virtual detector values of the frames ``store`` took since the last ``virtual`` message, if any."""
+        virtual = store.virtual
+        taken = virtual.take() if virtual is not None else None
+        if virtual is None or taken is None:
+            return
+        indices, values = taken
+        detector = virtual.detector
+        header: rank_messages.VirtualHeader = {
+            "series_id": store.geometry.series_id, "worker": self.settings.worker, "kinds": list(values),
+            "convergence_semiangle_mrad": detector.convergence_semiangle_mrad,
+            "detector_pixel_mrad": detector.detector_pixel_mrad,
+            "annuli_mrad": [[float(inner), float(outer)] for inner, outer in detector.annuli_mrad],
+            "sent_s": time.time()}
+        self._send(rank_messages.encode("virtual", header, indices, *values.values()))
 
     def run(self) -> None:
         """Serve series until a shutdown arrives and no series is left."""
@@ -257,6 +281,7 @@ class Worker:
         self._send(rank_messages.encode("preview", header, slices.sum(axis=0, dtype=np.float32), *per_slice))
 
     def _send_final(self, run: StreamRun, consensus: Consensus, slice_thickness_A: float) -> None:
+        self._send_virtual(run.store)  # every stored frame's virtual values reach rank 0 before the final
         header, arrays = self._final_parts(run, consensus, slice_thickness_A, self.settings.worker == 0)
         self._send(rank_messages.encode("final", header, *arrays))
 

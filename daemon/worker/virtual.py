@@ -1,0 +1,102 @@
+"""A worker's virtual detector values (BF, ADF rings, CoM): one row per frame, computed as it is stored, sent
+to rank 0 at a low rate.
+
+:meth:`VirtualFrames.add` is called by :meth:`~ptylive.daemon.worker.frames.FrameStore.add` with the intensities
+the store now holds for the frame (raw, before they become loss targets), in the store's array module: one
+``(K, D·D) @ (D·D,)`` product with the series' weights (:func:`~ptylive.streaming.virtual_images.detector_weights`,
+built once), written into a preallocated ``(P, K)`` row on the same device, so a GPU worker waits for nothing.
+:meth:`VirtualFrames.take` copies the rows added since the last call to the host, for the worker's ``virtual``
+message (:mod:`ptylive.daemon.service.messages`)::
+
+    FrameStore.add(frame) ── VirtualFrames.add(row, intensities) ── sums[row] = W @ I      (device, per frame)
+    Worker.drain() (≤ 2 × preview rate, and before the final) ── take() ── "virtual" ──► rank 0's VirtualMosaic
+
+The detector is :func:`~ptylive.streaming.virtual_images.default_detector` of the series: α the start's
+convergence semi-angle, one ADF ring from 1.5 α to the stored frames' inscribed edge, and the angle of one stored
+pixel from the reconstruction's own grid (:func:`stored_pixel_mrad`), so the rings follow whatever the frames
+went through before they were stored (``docs/physics.md``, "Virtual detector images").
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ptylive.daemon.engine.geometry import SeriesGeometry
+from ptylive.gpu.backend import to_numpy
+from ptylive.gpu.physics import wavelength_A
+from ptylive.streaming.protocol import SeriesStart
+from ptylive.streaming.virtual_images import (
+    SUM_NAMES,
+    VirtualDetector,
+    default_detector,
+    detector_weights,
+    values_from_sums,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def stored_pixel_mrad(start: SeriesStart, geometry: SeriesGeometry) -> float:
+    """The angle (mrad) one pixel of the stored frames spans: the reconstruction's object pixel is
+    ``λ / (N·Δθ)`` for its window of ``N`` px (:mod:`ptylive.daemon.engine.geometry`), so ``Δθ = λ / (N·pixel)``:
+    the start's ``detector_pixel_mrad`` for frames stored as the detector sent them, at any upsampling."""
+    return float(wavelength_A(start.energy_eV) / (geometry.window_px * geometry.pixel_size_A) * 1e3)
+
+
+def series_detector(start: SeriesStart, geometry: SeriesGeometry) -> VirtualDetector:
+    """The virtual detector of a series' stored ``geometry.detector_px``-square frames."""
+    return default_detector(start.convergence_semiangle_mrad, stored_pixel_mrad(start, geometry),
+                            geometry.detector_px)
+
+
+class VirtualFrames:
+    """Per-frame detector sums of one worker's frames of one series, and which rows rank 0 has not had yet.
+
+    Parameters
+    ----------
+    detector : VirtualDetector
+    global_index : (P,) int64
+        The frame index of each row (the store's ``global_index``).
+    detector_px : int
+        Side D of the frames :meth:`add` is given.
+    xp : module
+        numpy or CuPy: the store's.
+    """
+
+    def __init__(self, detector: VirtualDetector, global_index: npt.NDArray[np.int64], detector_px: int,
+                 xp: Any = np) -> None:
+        self.detector = detector
+        self.global_index = np.asarray(global_index, dtype=np.int64)
+        self.xp = xp
+        self.names, self._weights = detector_weights(detector, detector_px, xp)
+        self._sums = xp.zeros((len(self.global_index), len(self.names)), xp.float64)
+        self._pending: list[int] = []
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The per-frame kinds :meth:`take` returns, in order: ``bf``, ``adf0``…, ``com_x``, ``com_y``."""
+        return (*(name for name in self.names if name not in SUM_NAMES), "com_x", "com_y")
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def add(self, row: int, intensities: Any) -> None:
+        """Sum row ``row``'s frame ``intensities`` ``(D, D)`` (the store's array module) into its virtual values."""
+        self._sums[row] = self._weights @ intensities.reshape(-1).astype(self._weights.dtype)
+        self._pending.append(row)
+
+    def take(self) -> tuple[npt.NDArray[np.int64], dict[str, npt.NDArray[np.float32]]] | None:
+        """The frames added since the last call: ``(frame indices (N,), {kind: (N,) float32})``; None if none."""
+        if not self._pending:
+            return None
+        rows = np.asarray(self._pending, dtype=np.int64)
+        self._pending = []
+        sums = to_numpy(self._sums[self.xp.asarray(rows)])
+        values = values_from_sums(self.names, sums)
+        return self.global_index[rows], {kind: np.ascontiguousarray(values[kind], dtype=np.float32)
+                                         for kind in self.kinds}

@@ -1,0 +1,187 @@
+"""A worker's virtual detector values: computed per frame as the store takes it, sent as ``virtual`` messages that
+rank 0's views place where the frames lie in the scan."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+
+from ptylive.daemon.engine.geometry import series_geometry
+from ptylive.daemon.service import messages as rank_messages
+from ptylive.daemon.service.config import ReconstructionConfig
+from ptylive.daemon.worker.frames import FrameStore
+from ptylive.daemon.worker.rank import Worker, WorkerSettings
+from ptylive.daemon.worker.virtual import VirtualFrames, series_detector, stored_pixel_mrad
+from ptylive.streaming.detector_frames import DetectorCrop
+from ptylive.streaming.protocol import Frame, SeriesStart
+from ptylive.streaming.virtual_images import default_detector, frame_values
+
+D = 32
+START = SeriesStart(series_id="v-1", scan_shape=(6, 8), scan_step_A=(1.0, 1.0), detector_shape=(D, D),
+                    dtype="float32", energy_eV=300e3, convergence_semiangle_mrad=8.0, defocus_A=0.0,
+                    detector_pixel_mrad=1.0)
+
+
+def patterns(n: int, seed: int = 0) -> np.ndarray:
+    """Poisson counts of a bright disk shifted per frame, so BF, ADF and CoM all vary."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:D, 0:D] - D // 2
+    frames = []
+    for k in range(n):
+        dy, dx = rng.uniform(-2, 2, 2)
+        disk = np.where((y - dy) ** 2 + (x - dx) ** 2 <= 8 ** 2, 50.0, 0.5 + 0.1 * k)
+        frames.append(rng.poisson(disk).astype(np.float32))
+    return np.stack(frames)
+
+
+@pytest.mark.parametrize("upsampling", [1, 2])
+def test_the_rings_are_the_stored_frames_angles(upsampling: int) -> None:
+    geometry = series_geometry(START, 1, upsampling)
+    assert stored_pixel_mrad(START, geometry) == pytest.approx(START.detector_pixel_mrad, rel=1e-12)
+    detector = series_detector(START, geometry)
+    assert detector.convergence_semiangle_mrad == 8.0
+    np.testing.assert_allclose(detector.annuli_mrad, [[12.0, 16.0]], rtol=1e-12)  # 1.5 α to the edge, (D // 2)·Δθ
+
+
+def test_a_cropped_binned_detectors_rings_use_the_binned_pixel() -> None:
+    """A 514 × 1030 detector cropped to 64 px and binned 2 × 2: 32-px frames of pixels twice the detector's."""
+    start = dataclasses.replace(START, detector_shape=(514, 1030), detector_pixel_mrad=0.5,
+                                detector_crop=DetectorCrop(200, 500, 64, 2))
+    geometry = series_geometry(start, 1, 1)
+    assert geometry.detector_px == 32
+    assert stored_pixel_mrad(start, geometry) == pytest.approx(geometry.detector_pixel_mrad, rel=1e-12)
+    assert stored_pixel_mrad(start, geometry) == pytest.approx(1.0, rel=1e-12)
+    np.testing.assert_allclose(series_detector(start, geometry).annuli_mrad, [[12.0, 16.0]], rtol=1e-12)
+    store = FrameStore.allocate(geometry, 0, "amplitude", np, np.float32)
+    store.virtual = VirtualFrames(series_detector(start, geometry), store.global_index, geometry.detector_px)
+    raw = np.random.default_rng(6).poisson(3.0, (514, 1030)).astype(np.float32)
+    assert store.add(Frame(start.series_id, 3, raw))
+    taken = store.virtual.take()
+    assert taken is not None  # the values of the frame as stored: cropped and binned
+    stored = geometry.detector.apply(raw, np.float32)[None]
+    np.testing.assert_allclose(taken[1]["bf"], frame_values(stored, store.virtual.detector)["bf"], rtol=1e-6)
+
+
+def test_virtual_frames_give_frame_values_and_each_frame_once() -> None:
+    detector = default_detector(8.0, 1.0, D)
+    frames = patterns(5)
+    frames[3] = 0  # an empty frame: CoM NaN
+    virtual = VirtualFrames(detector, np.array([10, 11, 12, 13, 14]), D)
+    for row in (4, 1, 3):
+        virtual.add(row, frames[row])
+    assert virtual.pending == 3
+    taken = virtual.take()
+    assert taken is not None and virtual.take() is None  # sent once
+    indices, values = taken
+    assert indices.tolist() == [14, 11, 13] and list(values) == ["bf", "adf0", "com_x", "com_y"]
+    expected = frame_values(frames[[4, 1, 3]], detector)
+    for kind, got in values.items():
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, expected[kind], rtol=1e-6, equal_nan=True)
+    assert np.isnan(values["com_x"][2]) and values["bf"][2] == 0
+
+
+def test_the_frame_store_sums_what_it_stores_before_it_becomes_a_loss_target() -> None:
+    geometry = series_geometry(START, 1, 1)
+    store = FrameStore.allocate(geometry, 0, "amplitude", np, np.float32)
+    store.virtual = VirtualFrames(series_detector(START, geometry), store.global_index, D)
+    frames = patterns(3, seed=1)
+    for index in (0, 7, 7):  # the duplicate is refused by the store, and not summed twice
+        store.add(Frame(START.series_id, index, frames[min(index, 2)]))
+    store.set_scale(2.0)  # the rows become loss targets; the sums were taken before
+    taken = store.virtual.take()
+    assert taken is not None
+    indices, values = taken
+    assert indices.tolist() == [0, 7]
+    np.testing.assert_allclose(values["bf"], frame_values(frames[[0, 2]], store.virtual.detector)["bf"], rtol=1e-6)
+
+
+class Outbox:
+    """What a worker's PUSH to rank 0 would carry: every message, decoded."""
+
+    def __init__(self) -> None:
+        self.messages: list[rank_messages.RankMessage] = []
+
+    def send_multipart(self, parts: list[Any], copy: bool = True) -> None:
+        self.messages.append(rank_messages.decode([bytes(part) for part in parts]))
+
+    def of(self, htype: str) -> list[Any]:
+        return [m for m in self.messages if m.htype == htype]
+
+
+class Inbox:
+    def poll(self, timeout_ms: int = 0) -> list[Any]:
+        return []
+
+
+def test_a_worker_sends_the_virtual_values_of_the_frames_it_stored() -> None:
+    outbox = Outbox()
+    settings = WorkerSettings(0, 1, ReconstructionConfig(), preview_rate_hz=2.0)
+    worker = Worker(settings, Inbox(), outbox, None)  # type: ignore[arg-type]
+    worker.handle(START)
+    frames = patterns(START.n_positions, seed=2)
+    for index in (5, 6, 40):
+        worker.handle(Frame(START.series_id, index, frames[index]))
+    worker.drain()
+    assert outbox.of("virtual") == []  # only the running series' values are sent (a queued one's wait)
+    worker._running = START.series_id  # noqa: SLF001 - what run() sets while it refines the series
+    worker.drain()
+    worker.drain()  # not due again yet
+    sent = outbox.of("virtual")
+    assert len(sent) == 1
+    header, arrays = sent[0].header, sent[0].arrays
+    assert header["series_id"] == "v-1" and header["worker"] == 0 and header["kinds"] == ["bf", "adf0", "com_x",
+                                                                                            "com_y"]
+    assert header["convergence_semiangle_mrad"] == 8.0
+    assert header["annuli_mrad"] == [pytest.approx([12.0, 16.0], rel=1e-12)]
+    assert arrays[0].dtype == np.int64 and arrays[0].tolist() == [5, 6, 40]
+    assert all(a.dtype == np.float32 and a.shape == (3,) for a in arrays[1:])
+
+    expected = frame_values(frames[[5, 6, 40]], series_detector(START, series_geometry(START, 1, 1)))
+    for kind, got in zip(header["kinds"], arrays[1:], strict=True):
+        np.testing.assert_allclose(got, expected[kind], rtol=1e-6)
+
+    worker.handle(Frame(START.series_id, 47, frames[47]))
+    worker._send_virtual(worker.slots["v-1"].store)  # noqa: SLF001 - what _send_final does first
+    assert outbox.of("virtual")[-1].arrays[0].tolist() == [47]
+
+
+def test_per_frame_cost_of_128_px_frames() -> None:
+    """The worker's cost per stored frame (numpy, one core's BLAS): printed; bounded loosely against regressions."""
+    detector = default_detector(20.0, 0.5, 128)
+    virtual = VirtualFrames(detector, np.arange(2000), 128)
+    frames = np.random.default_rng(3).poisson(5.0, (16, 128, 128)).astype(np.float32)
+    for row in range(16):
+        virtual.add(row, frames[row])  # warm
+    began = time.perf_counter()
+    for row in range(2000):
+        virtual.add(row, frames[row % 16])
+    per_frame_us = (time.perf_counter() - began) / 2000 * 1e6
+    taken = virtual.take()
+    assert taken is not None and len(taken[0]) == 2016
+    print(f"virtual values: {per_frame_us:.1f} µs per 128×128 frame")
+    assert per_frame_us < 2000
+
+
+@pytest.mark.gpu
+def test_cupy_sums_stay_on_the_device_until_taken() -> None:
+    cupy = pytest.importorskip("cupy")
+    try:
+        cupy.cuda.runtime.getDeviceCount()
+    except cupy.cuda.runtime.CUDARuntimeError:
+        pytest.skip("no CUDA device")
+    detector = default_detector(8.0, 1.0, D)
+    frames = patterns(4, seed=4)
+    virtual = VirtualFrames(detector, np.arange(4), D, cupy)
+    for row in range(4):
+        virtual.add(row, cupy.asarray(frames[row]))
+    taken = virtual.take()
+    assert taken is not None
+    expected = frame_values(frames, detector)
+    for kind, got in taken[1].items():
+        assert isinstance(got, np.ndarray)
+        np.testing.assert_allclose(got, expected[kind], rtol=1e-6)
