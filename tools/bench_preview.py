@@ -62,7 +62,8 @@ def frame_to_preview_latency(rate_hz: float = 200.0, scan_shape: tuple[int, int]
                     header = msgpack.unpackb(parts[0])
                     if header["htype"] == "final":
                         break
-                    previews.append((arrived, header))
+                    if header["htype"] == "preview":  # not the virtual images
+                        previews.append((arrived, header))
                 detector.join(10)
             subscriber.close()
     sent = began + np.arange(len(owner)) / rate_hz  # the daemon's metric uses acceptance times instead

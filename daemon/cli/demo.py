@@ -111,6 +111,8 @@ def _follow(previews: zmq.Socket, series_id: str) -> dict[str, object]:
         if header["htype"] == "final":
             _say(f"final: {header['path']} ({header['status']})")
             return dict(header)
+        if header["htype"] != "preview":  # virtual images, and whatever else the PUB adds
+            continue
         now = time.monotonic()
         if first_s is None:
             first_s = now - began

@@ -88,3 +88,20 @@ def parse_preview_query(query: str) -> int | None:
     if which.isascii() and which.isdigit() and len(which) <= 6:
         return int(which)
     raise BadRequest(f"slice={which!r}; expected 'projected' or a slice index 0, 1, ...")
+
+
+def parse_virtual_query(query: str) -> str:
+    """The kind ``/virtual.png`` is asked for (``kind=bf``, ``adf0``…); other keys (``v=``) are ignored.
+
+    Raises
+    ------
+    BadRequest
+        If ``kind`` is missing or is not a short name of letters, digits and ``_``.
+    """
+    kinds = parse_qs(query).get("kind")
+    if not kinds:
+        raise BadRequest("virtual.png needs kind=<kind>: one of those /virtual.json lists (bf, adf0, com_x, ...)")
+    kind = kinds[-1]
+    if not (kind.isascii() and kind.replace("_", "").isalnum() and len(kind) <= 32):
+        raise BadRequest(f"kind={kind[:40]!r}; expected a virtual image's name such as bf, adf0 or com_x")
+    return kind

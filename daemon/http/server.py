@@ -13,6 +13,8 @@ GET         ``/status``            ``Providers.status()`` as JSON
 GET         ``/tiles``             ``Providers.tiles()`` as JSON
 GET         ``/preview.png``       ``Providers.preview_png()``; 404 while it is None;
                                    ``?slice=k``: ``Providers.slice_png(k)``
+GET         ``/virtual.json``      ``Providers.virtual_index()`` as JSON; 404 if unset
+GET         ``/virtual.png``       ``?kind=K``: ``Providers.virtual_png(K)``; 404 while it is None
 GET         ``/events``            server-sent events from ``Providers.events``
 GET         ``/files/<name>.h5``   a final file of ``Providers.output_folder``
 GET         ``/metrics``           ``Providers.metrics()`` body and type; 404 if unset
@@ -51,6 +53,7 @@ from ptylive.daemon.http.requests import (
     BadRequest,
     parse_control,
     parse_preview_query,
+    parse_virtual_query,
 )
 from ptylive.daemon.http.sse import EventHub, json_ready
 from ptylive.daemon.http.streams import OpenConnections, send_event_stream, send_file, served_file
@@ -94,6 +97,10 @@ class Providers:
     scan : (request, series_id) -> (accepted, message), optional
         Called for ``POST /control`` ``{"action": "scan", ...}`` once access was checked: the scan of the next
         series (or of ``series_id``). None answers 409 (this daemon takes no scan requests).
+    virtual_index : () -> dict, optional
+        JSON for ``/virtual.json`` (the latest series' virtual images: ``docs/daemon.md``); None answers 404.
+    virtual_png : (kind) -> bytes or None, optional
+        PNG of virtual image ``kind`` for ``/virtual.png?kind=``; None (or an answer of None) is 404.
     """
 
     status: Callable[[], dict[str, Any]]
@@ -106,6 +113,8 @@ class Providers:
     output_folder: Path | None = None
     on_refused: Callable[[str], None] | None = None
     scan: Callable[[ScanRequest, str | None], tuple[bool, str]] | None = None
+    virtual_index: Callable[[], dict[str, Any]] | None = None
+    virtual_png: Callable[[str], bytes | None] | None = None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -153,6 +162,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(HTTPStatus.OK, providers.tiles())
         elif path == "/preview.png":
             self._send_preview(parse_preview_query(urlsplit(self.path).query))
+        elif path == "/virtual.json" and providers.virtual_index is not None:
+            self._send_json(HTTPStatus.OK, providers.virtual_index())
+        elif path == "/virtual.png" and providers.virtual_png is not None:
+            self._send_virtual(providers.virtual_png, parse_virtual_query(urlsplit(self.path).query))
         elif path == "/events" and providers.events is not None:
             send_event_stream(self, providers.events, self.server.closing)
         elif path.startswith("/files/") and providers.output_folder is not None:
@@ -177,6 +190,14 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(HTTPStatus.OK, png, "image/png")
 
+    def _send_virtual(self, virtual_png: Callable[[str], bytes | None], kind: str) -> None:
+        png = virtual_png(kind)
+        if png is None:
+            self._send_json(HTTPStatus.NOT_FOUND, {"error": f"no virtual image {kind!r} (yet): /virtual.json lists "
+                                                            "those there are"})
+        else:
+            self._send(HTTPStatus.OK, png, "image/png")
+
     def _send_file(self, folder: Path, name: str) -> None:
         try:
             path = served_file(folder, name)
@@ -190,7 +211,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _post(self, path: str) -> None:
         if path != "/control":
             known = viewer_asset(path) is not None or path in ("/status", "/tiles", "/preview.png", "/metrics",
-                                                                "/events")
+                                                                "/events", "/virtual.json", "/virtual.png")
             status = HTTPStatus.METHOD_NOT_ALLOWED if known else HTTPStatus.NOT_FOUND
             self.close_connection = True  # the body is left unread
             self._send_json(status, {"error": f"POST not supported for {path!r}"})

@@ -3,13 +3,14 @@
 A PULL socket (bound) receives what every worker pushes (:mod:`ptylive.daemon.service.messages`)::
 
                        ┌─► Roster        hello, heartbeat, bye, error            (roster.py)
-    workers ─► PULL ───┼─► SeriesViews   preview, final → mosaics, tiles          (series_views.py)
+    workers ─► PULL ───┼─► SeriesViews   preview, virtual, final → mosaics, tiles (series_views.py)
           (this thread)│      └─ every final in ─► FinalWriter thread ─► file     (final_writer.py)
-                       └─► Publisher     previews ≤ rate_hz, series start / end  (publisher.py)
-                                         on the preview PUB and as SSE events
+                       └─► Publisher     previews and virtual images ≤ rate_hz,   (publisher.py)
+                                         series start / end, on the preview PUB and as SSE events
 
-The thread polls the PULL, publishes the latest series' mosaic when it changed and a preview is due,
-and publishes each final file the writer finished (so both sockets stay on this thread). HTTP threads
+The thread polls the PULL, publishes the latest series' mosaic when it changed and a preview is due (its
+virtual images likewise, on their own clock), and publishes each final file the writer finished (so both
+sockets stay on this thread). HTTP threads
 read the roster and the views directly; they never wait on this thread or on a file being written.
 
 What the collector needs of rank 0 comes in :class:`CollectorHooks`, fixed at construction.
@@ -134,6 +135,7 @@ class Collector:
                             break
                         self._handle(parts)
                 self._maybe_publish()
+                self._maybe_publish_virtual()
                 self._publish_finished()
         except BaseException as exc:  # kept for close(), never swallowed silently
             logger.exception("collector thread failed")
@@ -151,7 +153,7 @@ class Collector:
             logger.error("undecodable message from a worker: %s", exc)
             return
         self.roster.record(message)
-        if message.htype != "preview" and message.htype != "final":
+        if message.htype != "preview" and message.htype != "virtual" and message.htype != "final":
             return
         update = self.views.handle(message)
         if update.started is not None:
@@ -170,6 +172,13 @@ class Collector:
         self.publisher.preview(header, pending.image, pending.extra)
         self.hooks.on_preview(header, progress, pending.geometry)
 
+    def _maybe_publish_virtual(self) -> None:
+        if not self.publisher.virtual_due():
+            return
+        snapshot = self.views.take_virtual()
+        if snapshot is not None:
+            self.publisher.virtual(snapshot)
+
     def _publish_finished(self) -> None:
         for outcome in self.writer.take_done():
             self._announce(outcome)
@@ -182,6 +191,9 @@ class Collector:
         # the journal's line first: whoever acts on the event (a test, an operator's script) finds it logged
         logger.info("series %r ended: %s after %d iterations; %s", entry["series_id"], entry["status"],
                     entry["iterations"], where)
+        pending = self.views.take_virtual()  # the latest virtual images go out before the series' end
+        if pending is not None:
+            self.publisher.virtual(pending)
         self.publisher.series_ended(entry, coverage)
         self.hooks.on_finished(outcome)
 

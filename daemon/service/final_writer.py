@@ -38,11 +38,12 @@ from typing import Any
 from ptylive.daemon.engine.geometry import SeriesGeometry
 from ptylive.daemon.service.messages import FinalMessage
 from ptylive.daemon.service.results import write_final
+from ptylive.daemon.service.virtual_mosaic import VirtualSnapshot
 from ptylive.streaming.protocol import SeriesStart
 
 logger = logging.getLogger(__name__)
 
-WriteFinal = Callable[[Path, SeriesStart, SeriesGeometry, list[FinalMessage], dict[str, Any]], Path]
+WriteFinal = Callable[..., Path]  # (folder, start, geometry, finals, extra_attrs[, virtual=]) -> path: write_final's
 
 #: Waits before the 2nd, 3rd ... attempt in the results folder; after the last, the fallback folder.
 RETRY_DELAYS_S = (0.5, 2.0)
@@ -68,13 +69,15 @@ def default_fallback_folder(environ: Mapping[str, str] = os.environ) -> Path:
 
 @dataclass(frozen=True, eq=False)
 class FinalJob:
-    """One series' file to write: its start, geometry, every worker's ``final`` message, and attributes beyond
-    :func:`write_final`'s own (a recovered series': which workers' tiles were missing)."""
+    """One series' file to write: its start, geometry, every worker's ``final`` message, attributes beyond
+    :func:`write_final`'s own (a recovered series': which workers' tiles were missing), and the series' virtual
+    images when workers sent any (the file's ``virtual/`` group)."""
 
     start: SeriesStart
     geometry: SeriesGeometry
     finals: list[FinalMessage]
     extra_attrs: dict[str, Any] = field(default_factory=dict)
+    virtual: VirtualSnapshot | None = None
     keep_checkpoints: bool = False  # a recovered series refined on after this file: its checkpoints stay
 
 
@@ -112,8 +115,10 @@ class FinalWriter:
     folder : Path
         The results folder.
     write : callable
-        ``write(folder, start, geometry, finals, extra_attrs)`` → path; :func:`write_final` unless a test injects
-        another. It must leave no partial file when it raises (:func:`write_final` does not).
+        ``write(folder, start, geometry, finals, extra_attrs)`` → path, given ``virtual=`` (a
+        :class:`~ptylive.daemon.service.virtual_mosaic.VirtualSnapshot`) too for a job with virtual images;
+        :func:`write_final` unless a test injects another. It must leave no partial file when it raises
+        (:func:`write_final` does not).
     fallback_folder : Path, optional
         Where a file goes once every attempt in ``folder`` failed (created, mode 0700, when first needed);
         :func:`default_fallback_folder` if None. Must not be ``folder``.
@@ -206,7 +211,7 @@ class FinalWriter:
                 with self._lock:
                     self._counts["retries"] += 1
             try:
-                path = self._write(self.folder, job.start, job.geometry, job.finals, job.extra_attrs)
+                path = self._write_job(self.folder, job)
             except Exception as exc:  # noqa: BLE001 - one bad series must not stop the files of the next ones
                 attempts.failed, attempts.error = attempts.failed + 1, _describe(exc)
                 logger.warning("series %r: final file not written in %s (attempt %d of %d): %s", job.start.series_id,
@@ -221,13 +226,19 @@ class FinalWriter:
             return
         self._to_fallback(attempts)
 
+    def _write_job(self, folder: Path, job: FinalJob) -> Path:
+        """``write(folder, start, geometry, finals, extra_attrs)``, with ``virtual=`` only when the job has virtual
+        images (so a writer that takes none still serves the jobs without)."""
+        extra = {"virtual": job.virtual} if job.virtual is not None else {}
+        return self._write(folder, job.start, job.geometry, job.finals, job.extra_attrs, **extra)
+
     def _to_fallback(self, attempts: _Attempts) -> None:
         job, series_id = attempts.job, attempts.job.start.series_id
         logger.error("series %r: final file not written in %s after %d attempts (%s); writing it to the fallback "
                      "folder %s", series_id, self.folder, attempts.failed, attempts.error, self.fallback_folder)
         try:
             self.fallback_folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-            path = self._write(self.fallback_folder, job.start, job.geometry, job.finals, job.extra_attrs)
+            path = self._write_job(self.fallback_folder, job)
         except Exception as exc:  # noqa: BLE001 - as above
             logger.exception("series %r: final file not written: not in %s, nor in the fallback folder %s; "
                              "the reconstruction is lost", series_id, self.folder, self.fallback_folder)

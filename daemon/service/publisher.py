@@ -8,15 +8,23 @@ PUB messages (subscribers: ``ptylive demo``, dashboards, tests)::
                      "factor", "published_s"}
     part 1  (h, w) float32 mosaic of projected phase (NaN where no tile reported yet)
 
+    part 0  msgpack {"htype": "virtual", "series_id", "frames_filled", "frames_expected", "scan_shape",
+                     "kinds": ["bf", "adf0", ..., "com_x", "com_y", "idpc"], "images": [{"kind", "label",
+                     "units", "inner_mrad", "outer_mrad", "finite_min", "finite_max", ...}], "version",
+                     "dtype": "<f4", "published_s"}
+    part 1… (rows, cols) float32 virtual image of each of "kinds", in order (NaN where no frame arrived)
+
     part 0  msgpack {"htype": "final", "series_id", "path", "status", "fallback"}      (one part)
 
 Events on :attr:`Publisher.events` (:mod:`ptylive.daemon.http.sse`, the viewer's ``/events``):
 ``series_start`` (a worker's first message about a series), ``preview`` (the PUB header without ``htype``
-and ``dtype``, plus the mosaic ``version``, ``object_shape`` and ``n_slices``) and ``series_end`` (``path``,
-``file``, ``status``, ``iterations``, ``error``, ``fallback`` and the final ``coverage`` map).
+and ``dtype``, plus the mosaic ``version``, ``object_shape`` and ``n_slices``), ``virtual`` (the PUB virtual
+header without ``htype`` and ``dtype``: the images themselves are ``/virtual.png``) and ``series_end``
+(``path``, ``file``, ``status``, ``iterations``, ``error``, ``fallback`` and the final ``coverage`` map).
 
-Previews go out at most ``rate_hz`` times a second (:meth:`Publisher.due`). A ZMQ socket is not
-thread-safe: one thread at a time calls the publishing methods (the collector's, then its closer).
+Previews go out at most ``rate_hz`` times a second (:meth:`Publisher.due`), virtual images too, on a clock of
+their own (:meth:`Publisher.virtual_due`). A ZMQ socket is not thread-safe: one thread at a time calls the
+publishing methods (the collector's, then its closer).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ptylive.daemon.http.sse import EventHub
+from ptylive.daemon.service.virtual_mosaic import VirtualSnapshot
 
 logger = logging.getLogger(__name__)
 
@@ -62,11 +71,33 @@ class Publisher:
         self.events = events if events is not None else EventHub()
         self.min_interval_s = 1.0 / rate_hz
         self.published = 0
+        self.virtual_published = 0
         self._last_publish_s: float | None = None
+        self._last_virtual_s: float | None = None
 
     def due(self) -> bool:
         """Whether a preview may go out now (``1 / rate_hz`` since the last one)."""
         return self._last_publish_s is None or self._clock() - self._last_publish_s >= self.min_interval_s
+
+    def virtual_due(self) -> bool:
+        """Whether virtual images may go out now (``1 / rate_hz`` since the last ones)."""
+        return self._last_virtual_s is None or self._clock() - self._last_virtual_s >= self.min_interval_s
+
+    def virtual(self, snapshot: VirtualSnapshot) -> None:
+        """Publish a series' virtual images: the header and one float32 part per kind on the PUB, the header
+        (less ``htype``, ``dtype``) as a ``virtual`` event."""
+        self._last_virtual_s = self._clock()
+        images_info = snapshot.describe()
+        kinds = [entry["kind"] for entry in images_info]
+        rows, cols = snapshot.scan_shape  # the scan's positions (or one row of them): every frame has a cell
+        header = {"htype": "virtual", "series_id": snapshot.series_id, "frames_filled": snapshot.frames_filled,
+                  "frames_expected": rows * cols, "scan_shape": [rows, cols], "kinds": kinds,
+                  "images": images_info, "version": snapshot.version, "dtype": "<f4",
+                  "published_s": time.time()}
+        images = [np.ascontiguousarray(snapshot.images[kind], dtype=np.float32) for kind in kinds]
+        self._sender.send_multipart([msgpack.packb(header), *(image.data.cast("B") for image in images)], copy=False)
+        self.virtual_published += 1
+        self.events.publish("virtual", {k: v for k, v in header.items() if k not in ("htype", "dtype")})
 
     def series_started(self, payload: dict[str, Any]) -> None:
         self.events.publish("series_start", payload)

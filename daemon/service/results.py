@@ -12,6 +12,10 @@ same names as ``ptylive reconstruct`` writes, plus streaming facts)::
     positions_px    (n, 2) float64      nominal probe centres of every frame of the scan
     received        (n,) bool           frames that reached a worker
     ranks/<stat>    (R,)                per worker: compute_s, exchange_wait_s, bytes_sent, ...
+    virtual/<kind>  (rows, cols) float32  scan-shaped virtual images (bf, adf0…, com_x, com_y, idpc), NaN where no
+                                        frame arrived; attrs units, label, inner_mrad, outer_mrad (NaN: none)
+    virtual         group attrs         convergence_semiangle_mrad, detector_pixel_mrad, annuli_mrad (J, 2),
+                                        frames_filled, kinds (only when workers sent virtual values)
     attrs           series_id, status, iterations, detector_scale, pixel_size_A, n_slices, slice_thickness_A, ...
 
 The file appears atomically: it is written as ``NAME.partial`` and renamed.
@@ -22,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -32,6 +36,7 @@ import numpy.typing as npt
 
 from ptylive.daemon.engine.geometry import SeriesGeometry
 from ptylive.daemon.service.messages import FinalMessage
+from ptylive.daemon.service.virtual_mosaic import VirtualSnapshot
 from ptylive.streaming.protocol import SeriesStart
 
 logger = logging.getLogger(__name__)
@@ -43,7 +48,7 @@ RANK_STATS = ("compute_s", "exchange_wait_s", "consensus_wait_s", "bytes_sent", 
 
 
 def write_result(path: Path, datasets: Mapping[str, np.ndarray], rank_stats: Sequence[Mapping[str, float]],
-                 attrs: Mapping[str, Any]) -> None:
+                 attrs: Mapping[str, Any], extend: Callable[[h5py.File], None] | None = None) -> None:
     """Write a result file atomically (``NAME.partial``, then renamed to ``path``); a failed write leaves no file.
 
     Parameters
@@ -53,6 +58,8 @@ def write_result(path: Path, datasets: Mapping[str, np.ndarray], rank_stats: Seq
     rank_stats : one mapping per rank
         Values of :data:`RANK_STATS`; missing names are written as NaN.
     attrs : root attributes
+    extend : callable, optional
+        ``extend(f)`` adds more to the open file (groups with their own attributes) before it is renamed.
     """
     partial = path.with_name(path.name + ".partial")
     try:
@@ -63,6 +70,8 @@ def write_result(path: Path, datasets: Mapping[str, np.ndarray], rank_stats: Seq
             for name in RANK_STATS:
                 ranks.create_dataset(name, data=np.array([float(stats.get(name, np.nan)) for stats in rank_stats]))
             f.attrs.update(attrs)
+            if extend is not None:
+                extend(f)
         partial.replace(path)
     except BaseException:
         partial.unlink(missing_ok=True)  # a left-over .partial took the name and failed the next series too
@@ -115,9 +124,29 @@ def _positions(geometry: SeriesGeometry, finals: list[FinalMessage]) -> dict[str
     return {"positions_px": corrected, "positions_nominal_px": nominal}
 
 
+def write_virtual(f: h5py.File, snapshot: VirtualSnapshot) -> None:
+    """The ``virtual/`` group: one scan-shaped float32 dataset per kind, its ``units``, ``label``, ``inner_mrad``
+    and ``outer_mrad`` (NaN where a kind has no ring), and the detector's angles as the group's attributes."""
+    group = f.create_group("virtual")
+    described = {entry["kind"]: entry for entry in snapshot.describe()}
+    for kind, entry in described.items():
+        data = group.create_dataset(kind, data=snapshot.images[kind].astype(np.float32))
+        data.attrs.update({"units": entry["units"], "label": entry["label"],
+                           "inner_mrad": np.nan if entry["inner_mrad"] is None else entry["inner_mrad"],
+                           "outer_mrad": np.nan if entry["outer_mrad"] is None else entry["outer_mrad"]})
+    group.attrs.update({"frames_filled": snapshot.frames_filled, "kinds": list(described)})
+    if snapshot.detector is not None:
+        group.attrs.update({"convergence_semiangle_mrad": snapshot.detector.convergence_semiangle_mrad,
+                            "detector_pixel_mrad": snapshot.detector.detector_pixel_mrad,
+                            "annuli_mrad": np.array(snapshot.detector.annuli_mrad, dtype=np.float64).reshape(-1, 2)})
+
+
 def write_final(folder: Path, start: SeriesStart, geometry: SeriesGeometry, finals: list[FinalMessage],
-                extra_attrs: dict[str, Any]) -> Path:
-    """Stitch ``finals`` (one per worker, any order) and write the series' HDF5 file; returns its path."""
+                extra_attrs: dict[str, Any], virtual: VirtualSnapshot | None = None) -> Path:
+    """Stitch ``finals`` (one per worker, any order) and write the series' HDF5 file; returns its path.
+
+    ``virtual``: the series' virtual images (rank 0's mosaic when the last final came), written as ``virtual/``.
+    """
     finals = sorted(finals, key=lambda m: m.header["worker"])
     if [m.header["worker"] for m in finals] != list(range(len(geometry.domains))):
         raise ValueError(f"series {start.series_id!r}: final tiles of workers "
@@ -149,6 +178,7 @@ def write_final(folder: Path, start: SeriesStart, geometry: SeriesGeometry, fina
         "frames_expected": len(received), "frames_received": int(received.sum()), **extra_attrs}
     for reason in sorted({r for m in finals for r in m.header.get("rejected", {})}):  # dropped on workers
         attrs[f"worker_rejected_{reason}"] = sum(int(m.header.get("rejected", {}).get(reason, 0)) for m in finals)
-    write_result(path, datasets, [cast(Mapping[str, float], m.header["stats"]) for m in finals], attrs)
+    write_result(path, datasets, [cast(Mapping[str, float], m.header["stats"]) for m in finals], attrs,
+                 extend=None if virtual is None else lambda f: write_virtual(f, virtual))
     logger.info("series %r: wrote %s (%s)", start.series_id, path, attrs["status"])
     return path

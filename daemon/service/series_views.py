@@ -1,16 +1,19 @@
 """What rank 0 shows of each series' reconstruction: per-series mosaics, tiles, finals, and their HTTP readers.
 
-The collector thread feeds :class:`SeriesViews` the workers' ``preview`` and ``final`` messages; HTTP threads
-read :meth:`SeriesViews.tiles`, :meth:`preview_png`, :meth:`slice_png` and :meth:`status`. Every method takes
-the views' lock and readers get copies, so nothing a reader holds changes under it::
+The collector thread feeds :class:`SeriesViews` the workers' ``preview``, ``virtual`` and ``final`` messages; HTTP
+threads read :meth:`SeriesViews.tiles`, :meth:`preview_png`, :meth:`slice_png`, :meth:`virtual_index`,
+:meth:`virtual_png` and :meth:`status`. Every method takes the views' lock and readers get copies, so nothing a
+reader holds changes under it::
 
     collector thread ── handle(worker, message) ──► SeriesViews ◄── tiles(), preview_png(), ... ── HTTP threads
-                    ── take_preview() ──────────►  (lock)
+                    ── take_preview(), take_virtual() ► (lock)
                     ── finished(outcome) ───────►
 
 A series' view is made from its admitted start and geometry (the ``series`` hook, asked once per series)
 when a worker first mentions it; the view of the latest such series is the one published and served.
-When every worker's ``final`` is in, :meth:`SeriesViews.handle` hands back the job of writing the file.
+When every worker's ``final`` is in, :meth:`SeriesViews.handle` hands back the job of writing the file, with the
+series' virtual images as of then (:class:`~ptylive.daemon.service.virtual_mosaic.VirtualMosaic`, scan-shaped,
+frame ``k`` at ``(k // cols, k % cols)`` of the start's ``scan_shape``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -28,9 +31,11 @@ import numpy.typing as npt
 
 from ptylive.daemon.engine.geometry import SeriesGeometry
 from ptylive.daemon.service.final_writer import FinalJob, FinalOutcome
-from ptylive.daemon.service.messages import FinalMessage, PreviewMessage
+from ptylive.daemon.service.messages import FinalMessage, PreviewMessage, VirtualMessage
 from ptylive.daemon.service.preview import Mosaic, display_range, to_png
+from ptylive.daemon.service.virtual_mosaic import VirtualMosaic, VirtualSnapshot
 from ptylive.streaming.protocol import SeriesStart
+from ptylive.streaming.virtual_images import VirtualDetector
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +82,8 @@ class SeriesView:
     status: str | None = None
     coverage: dict[str, Any] | None = None  # which frames reached a worker, once every final is in
     loss_curves: dict[int, deque[tuple[int, float]]] = field(default_factory=dict)  # (iteration, loss/frame)
+    virtual: VirtualMosaic | None = None  # BF, ADF, CoM per scan position, from the workers' "virtual" messages
+    virtual_published: int = 0  # the mosaic's version last published
 
     def tile_list(self) -> list[dict[str, Any]]:
         return [{k: self.tiles[w].get(k) for k in TILE_KEYS} for w in sorted(self.tiles)]
@@ -170,28 +177,71 @@ class SeriesViews:
         self._latest: str | None = None
         self._finished: deque[dict[str, Any]] = deque(maxlen=max(history, 1))
         self._resuming: set[str] = set()  # recovered series refined on: their checkpoint version is not the end
+        self.virtual_frames_dropped = 0  # frames of "virtual" messages no mosaic took (unknown series, off the scan)
         self._lock = threading.Lock()
 
     # Collector thread ----------------------------------------------------------------------------------------
-    def handle(self, message: PreviewMessage | FinalMessage) -> ViewUpdate:
-        """Apply a worker's ``preview`` or ``final`` message."""
+    def handle(self, message: PreviewMessage | VirtualMessage | FinalMessage) -> ViewUpdate:
+        """Apply a worker's ``preview``, ``virtual`` or ``final`` message."""
         worker = int(message.header["worker"])
         view, started = self._view(str(message.header["series_id"]))
         if view is None:
+            if message.htype == "virtual":  # of an unknown or finished series
+                self._drop_virtual(message, "its series has no view")
             return ViewUpdate()
         job = None
         with self._lock:
-            if message.htype == "preview":
+            if message.htype == "virtual":
+                self._place_virtual(view, message)
+            elif message.htype == "preview":
                 self._place(view, worker, message)
             else:
                 view.finals[worker] = message
                 view.tiles[worker] = {k: v for k, v in message.header.items() if k not in FINAL_HEADER_SKIPPED}
                 view.tiles[worker]["iteration"] = message.header["iterations"]
-                if len(view.finals) == self.n_workers:
-                    job = FinalJob(view.start, view.geometry, list(view.finals.values()))
+                if len(view.finals) == self.n_workers:  # each worker sent its last "virtual" before its final
+                    virtual = view.virtual.snapshot() if view.virtual is not None else None
+                    job = FinalJob(view.start, view.geometry, list(view.finals.values()), virtual=virtual)
         if job is not None and self._final_attrs is not None:
-            job = FinalJob(job.start, job.geometry, job.finals, self._extra_attrs(job))
+            job = replace(job, extra_attrs=self._extra_attrs(job))
         return ViewUpdate(started, job)
+
+    def _place_virtual(self, view: SeriesView, message: VirtualMessage) -> None:
+        """Put a ``virtual`` message's values into the series' mosaic (under the lock); a malformed one is
+        logged and counted, never raised on the collector thread."""
+        header, arrays = message.header, message.arrays
+        kinds = [str(kind) for kind in header.get("kinds", [])]
+        if len(arrays) != len(kinds) + 1 or any(a.shape != arrays[0].shape or a.ndim != 1 for a in arrays):
+            logger.error("series %r: a virtual message of worker %s with %d arrays of shapes %s for kinds %s ignored",
+                         view.start.series_id, header.get("worker"), len(arrays), [a.shape for a in arrays], kinds)
+            self._drop_virtual(message, "malformed", count=len(arrays[0]) if arrays else 0, locked=True)
+            return
+        if view.virtual is None:
+            try:
+                detector: VirtualDetector | None = VirtualDetector(
+                    float(header["convergence_semiangle_mrad"]), float(header["detector_pixel_mrad"]),
+                    tuple((float(inner), float(outer)) for inner, outer in header["annuli_mrad"]))
+            except (KeyError, TypeError, ValueError) as exc:
+                logger.error("series %r: virtual detector of worker %s not understood: %s", view.start.series_id,
+                             header.get("worker"), exc)
+                detector = None
+            rows, cols = view.start.scan_shape
+            shape = (rows, cols) if rows * cols == view.start.n_positions else (1, view.start.n_positions)
+            view.virtual = VirtualMosaic(view.start.series_id, shape, detector)
+        outside = view.virtual.add(arrays[0], dict(zip(kinds, arrays[1:], strict=True)))
+        if outside:
+            self._drop_virtual(message, f"{outside} frame indices outside the scan", count=outside, locked=True)
+
+    def _drop_virtual(self, message: VirtualMessage, why: str, count: int | None = None, locked: bool = False) -> None:
+        """Count (and log at DEBUG) the frames of a ``virtual`` message that no mosaic takes."""
+        frames = count if count is not None else (len(message.arrays[0]) if message.arrays else 0)
+        if locked:
+            self.virtual_frames_dropped += frames
+        else:
+            with self._lock:
+                self.virtual_frames_dropped += frames
+        logger.debug("virtual values of %d frames of series %r from worker %s dropped: %s", frames,
+                     message.header.get("series_id"), message.header.get("worker"), why)
 
     def _extra_attrs(self, job: FinalJob) -> dict[str, Any]:
         """The hook's attributes; a count mismatch makes a ``complete`` reconstruction ``incomplete``."""
@@ -261,6 +311,19 @@ class SeriesViews:
         extra["phase_range_rad"] = display_range(pending.image)  # the colour bar's numbers (outside the lock)
         return pending
 
+    def take_virtual(self) -> VirtualSnapshot | None:
+        """The latest series' virtual images if they changed since the last call (which then counts them as
+        published)."""
+        with self._lock:
+            view = self._views.get(self._latest) if self._latest else None
+            if view is None or view.virtual is None or view.virtual.version == view.virtual_published:
+                return None
+            mosaic = view.virtual
+        snapshot = mosaic.snapshot()  # iDPC outside the views' lock
+        with self._lock:
+            view.virtual_published = max(view.virtual_published, snapshot.version)
+        return snapshot
+
     def finished(self, outcome: FinalOutcome) -> tuple[dict[str, Any], dict[str, Any]]:
         """Record a written (or failed) final file: ``(the /status 'finished' entry, the coverage map)``.
 
@@ -306,7 +369,8 @@ class SeriesViews:
             view = self._views.get(self._latest) if self._latest else None
             return {"series_id": view.start.series_id if view else None,
                     "iteration": view.iteration if view else None,
-                    "finished": [dict(entry) for entry in self._finished]}
+                    "finished": [dict(entry) for entry in self._finished],
+                    "virtual_frames_dropped": self.virtual_frames_dropped}
 
     def tiles(self) -> dict[str, Any]:
         """``/tiles``: the latest series' tiles, object shape, pixel size (Å), slices, (once finished) coverage,
@@ -340,3 +404,37 @@ class SeriesViews:
             view = self._views.get(self._latest) if self._latest else None
             image = view.slices[index].image if view is not None and 0 <= index < len(view.slices) else None
         return None if image is None else to_png(image)
+
+    def _latest_virtual(self) -> tuple[SeriesView | None, VirtualSnapshot | None]:
+        with self._lock:
+            view = self._views.get(self._latest) if self._latest else None
+            mosaic = view.virtual if view is not None else None
+        return view, (mosaic.snapshot() if mosaic is not None else None)
+
+    def virtual_snapshot(self) -> VirtualSnapshot | None:
+        """The latest series' virtual images now; None before its first frame's values."""
+        return self._latest_virtual()[1]
+
+    def virtual_index(self) -> dict[str, Any]:
+        """``/virtual.json``: the latest series' id, scan shape, frames filled and expected, and its images
+        (:meth:`VirtualSnapshot.describe`; an empty list before the first frame's values)."""
+        view, snapshot = self._latest_virtual()
+        if view is None:
+            return {"series_id": None, "scan_shape": None, "frames_filled": 0, "frames_expected": 0, "images": []}
+        rows, cols = view.start.scan_shape
+        shape = list(snapshot.scan_shape) if snapshot is not None else (
+            [rows, cols] if rows * cols == view.start.n_positions else [1, view.start.n_positions])
+        return {"series_id": view.start.series_id, "scan_shape": shape,
+                "frames_filled": snapshot.frames_filled if snapshot is not None else 0,
+                "frames_expected": view.start.n_positions,
+                "images": snapshot.describe() if snapshot is not None else []}
+
+    def virtual_png(self, kind: str) -> bytes | None:
+        """The latest series' virtual image ``kind`` as an 8-bit grey PNG, black to white its finite minimum to
+        maximum, NaN (no frame yet) black; None without such an image."""
+        _, snapshot = self._latest_virtual()
+        image = snapshot.images.get(kind) if snapshot is not None else None
+        if image is None:
+            return None
+        finite = image[np.isfinite(image)]
+        return to_png(image, (float(finite.min()), float(finite.max())) if finite.size else None)

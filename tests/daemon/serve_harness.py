@@ -68,6 +68,10 @@ class PreviewLog:
     def previews(self, series_id: str) -> list[tuple[float, dict[str, Any], np.ndarray | None]]:
         return [m for m in self.messages if m[1]["htype"] == "preview" and m[1]["series_id"] == series_id]
 
+    def virtuals(self, series_id: str) -> list[dict[str, Any]]:
+        """The series' ``virtual`` headers, each with its images as ``images_by_kind``."""
+        return [m[1] for m in self.messages if m[1]["htype"] == "virtual" and m[1]["series_id"] == series_id]
+
 
 class PreviewListener:
     """A SUB socket in a thread; ``wait_final(series_id)`` returns that series' ``final`` message."""
@@ -91,6 +95,9 @@ class PreviewListener:
             image = None
             if header["htype"] == "preview":
                 image = np.frombuffer(parts[1], dtype=header["dtype"]).reshape(header["shape"])
+            elif header["htype"] == "virtual":  # one image per kind: kept by kind, in the header
+                header["images_by_kind"] = {kind: np.frombuffer(part, dtype=header["dtype"]).reshape(
+                    header["scan_shape"]) for kind, part in zip(header["kinds"], parts[1:], strict=True)}
             else:
                 self.log.finals[header["series_id"]] = header
             self.log.messages.append((time.monotonic(), header, image))

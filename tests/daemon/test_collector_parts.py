@@ -115,7 +115,7 @@ def test_views_start_a_series_once_and_publish_each_new_mosaic_once(geometry: Se
     assert header["frames_received"] == 11 and header["coverage"] == 11 / 48 and header["shape"] == list(
         pending.image.shape)
     assert pending.header(frames_received=40)["frames_received"] == 40
-    assert views.status() == {"series_id": "p-1", "iteration": 3, "finished": []}
+    assert views.status() == {"series_id": "p-1", "iteration": 3, "finished": [], "virtual_frames_dropped": 0}
 
 
 def test_views_keep_each_tiles_loss_curve_and_the_colour_bars_range(geometry: SeriesGeometry) -> None:

@@ -1,9 +1,11 @@
 """The viewer page in headless Chromium while the real daemon (``ptylive serve``, 2 workers) reconstructs a
 streamed series that loses a burst of frames: the mosaic changes as frames arrive, the overlay shows the
-counts ``/tiles`` reports, the lost region is flagged, the final file is linked, nothing leaves loopback."""
+counts ``/tiles`` reports, the lost region is flagged, the final file is linked, nothing leaves loopback; and
+the virtual-image panel redraws the daemon's own BF image while a series' frames arrive."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import urllib.request
 import uuid
@@ -105,3 +107,47 @@ def test_viewer_follows_a_streamed_series_that_loses_frames(
     assert fetched <= previews + 4, f"{fetched} mosaic downloads for {previews} previews: polling?"
     assert path.stat().st_size > 10_000
     print(f"viewer test: {seconds:.1f} s in the browser, {previews} previews, {fetched} mosaic downloads")
+
+
+def test_the_virtual_image_changes_while_frames_arrive(
+        daemon: tuple[ServeProcess, PreviewListener], dosed_scan: Path, browser: Any) -> None:
+    """The real daemon's /virtual.json and /virtual.png (not a stub, as in test_viewer_panels): the panel's BF image
+    is redrawn as frames arrive, then every kind is offered and the chosen one follows."""
+    process, listener = daemon
+    series_id = f"virtual-{uuid.uuid4().hex[:8]}"
+    source = ScanSource.from_file(dosed_scan)  # ptylive simulate's 20 × 16 raster, row-major
+    source = dataclasses.replace(source, start=dataclasses.replace(source.start, scan_shape=(20, 16)))
+    log = PageLog()
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    view = log.attach(context.new_page())
+    view.goto(process.endpoints["http"])
+    view.wait_for_selector('#connection[data-state="live"]', timeout=TIMEOUT_MS)
+
+    with ThreadPoolExecutor(1) as pool:
+        sending = pool.submit(stream, process, source, series_id=series_id, rate_hz=RATE_HZ, dtype="uint16")
+        view.wait_for_selector(f'#virtual[data-src*="kind=bf&v={series_id}."]', timeout=TIMEOUT_MS)
+        seen: list[tuple[str, int]] = []
+        while not sending.done():
+            shown = pixel_checksum(view, "virtual")
+            if shown is not None and shown not in seen:
+                seen.append(shown)
+            time.sleep(0.1)
+        stats = sending.result()
+    assert stats.frames_sent == 320
+    partial = [src for src, _ in seen if not src.endswith(f"v={series_id}.320")]
+    assert len({checksum for _, checksum in seen}) >= 3, f"the virtual image did not change: {seen}"
+    assert len(set(partial)) >= 2, f"fewer than two partial virtual images shown while frames arrived: {seen}"
+
+    listener.wait_final(series_id)
+    view.wait_for_function("document.getElementById('virtual-text').textContent.includes('320 of 320 frames')",
+                           timeout=TIMEOUT_MS)
+    kinds = view.eval_on_selector_all("#virtual-kind option", "options => options.map(o => o.value)")
+    assert kinds == ["bf", "adf0", "com_x", "com_y", "idpc"]
+    assert "counts" in str(view.text_content("#virtual-colour .high"))
+    view.select_option("#virtual-kind", "com_x")
+    view.wait_for_selector(f'#virtual[data-src*="kind=com_x&v={series_id}.320"]', timeout=TIMEOUT_MS)
+    assert "mrad" in str(view.text_content("#virtual-colour .high"))
+    context.close()
+    assert log.errors == []
+    assert log.off_loopback() == [], "the page asked for something outside loopback"
+    print(f"virtual panel: {len(seen)} distinct images while {stats.frames_sent} frames arrived")

@@ -1,8 +1,9 @@
 """The viewer's colour bar, per-tile loss curves and virtual-image panel in headless Chromium.
 
-The virtual images come from a stub: ``GET /virtual.json`` and ``/virtual.png`` (docs/daemon.md, "Virtual
-images") are not served by the daemon yet, so a loopback proxy in front of the scripted daemon answers them
-(:func:`~tests.daemon.browser_harness.start_proxy`) and forwards everything else.
+The virtual images come from a stub of ``GET /virtual.json`` and ``/virtual.png`` (docs/daemon.md, "Virtual
+images"), so the test knows every value the panel must show: a loopback proxy in front of the scripted daemon
+answers them (:func:`~tests.daemon.browser_harness.start_proxy`) and forwards everything else. The real daemon's
+routes behind the same panel: ``tests/daemon/test_viewer_live.py``.
 """
 
 from __future__ import annotations

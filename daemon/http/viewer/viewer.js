@@ -229,8 +229,9 @@ function loadVirtual(chosen, index) {  // resolves once the image is swapped in 
       Object.assign(next, {id: "virtual", alt: (chosen.label || chosen.kind) + " of " + index.series_id});
       next.dataset.src = url;
       virtual.shown = url;
-      showVirtual(next, (chosen.label || chosen.kind) + ": " + index.frames_filled + " of " + index.frames_expected +
-        " frames" + (chosen.inner_mrad !== null && chosen.inner_mrad !== undefined
+      const label = chosen.label || chosen.kind;  // the daemon's labels name their ring already
+      showVirtual(next, label + ": " + index.frames_filled + " of " + index.frames_expected + " frames" +
+        (chosen.inner_mrad !== null && chosen.inner_mrad !== undefined && !label.includes("mrad")
           ? ", " + chosen.inner_mrad + "\u2013" + chosen.outer_mrad + " mrad" : ""));
       renderColourBar("virtual-colour", [chosen.finite_min, chosen.finite_max], chosen.units || "");
       resolve();
