@@ -15,6 +15,8 @@ GET         ``/preview.png``       ``Providers.preview_png()``; 404 while it is 
                                    ``?slice=k``: ``Providers.slice_png(k)``
 GET         ``/virtual.json``      ``Providers.virtual_index()`` as JSON; 404 if unset
 GET         ``/virtual.png``       ``?kind=K``: ``Providers.virtual_png(K)``; 404 while it is None
+GET         ``/diffraction.png``   ``Providers.diffraction_png()``; 404 while unset or None
+GET         ``/probe.png``         ``Providers.probe_png()``; 404 while unset or None
 GET         ``/events``            server-sent events from ``Providers.events``
 GET         ``/files/<name>.h5``   a final file of ``Providers.output_folder``
 GET         ``/metrics``           ``Providers.metrics()`` body and type; 404 if unset
@@ -101,6 +103,9 @@ class Providers:
         JSON for ``/virtual.json`` (the latest series' virtual images: ``docs/daemon.md``); None answers 404.
     virtual_png : (kind) -> bytes or None, optional
         PNG of virtual image ``kind`` for ``/virtual.png?kind=``; None (or an answer of None) is 404.
+    diffraction_png, probe_png : () -> bytes or None, optional
+        PNGs of the mean diffraction pattern (log scale) and of the probe's amplitude; None (or an answer of None)
+        is 404.
     """
 
     status: Callable[[], dict[str, Any]]
@@ -115,6 +120,8 @@ class Providers:
     scan: Callable[[ScanRequest, str | None], tuple[bool, str]] | None = None
     virtual_index: Callable[[], dict[str, Any]] | None = None
     virtual_png: Callable[[str], bytes | None] | None = None
+    diffraction_png: Callable[[], bytes | None] | None = None
+    probe_png: Callable[[], bytes | None] | None = None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -166,6 +173,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(HTTPStatus.OK, providers.virtual_index())
         elif path == "/virtual.png" and providers.virtual_png is not None:
             self._send_virtual(providers.virtual_png, parse_virtual_query(urlsplit(self.path).query))
+        elif path in ("/diffraction.png", "/probe.png"):
+            image = providers.diffraction_png if path == "/diffraction.png" else providers.probe_png
+            self._send_png(image() if image is not None else None, f"no {path[1:-4]} image (yet)")
         elif path == "/events" and providers.events is not None:
             send_event_stream(self, providers.events, self.server.closing)
         elif path.startswith("/files/") and providers.output_folder is not None:
@@ -191,10 +201,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(HTTPStatus.OK, png, "image/png")
 
     def _send_virtual(self, virtual_png: Callable[[str], bytes | None], kind: str) -> None:
-        png = virtual_png(kind)
+        self._send_png(virtual_png(kind), f"no virtual image {kind!r} (yet): /virtual.json lists those there are")
+
+    def _send_png(self, png: bytes | None, missing: str) -> None:
         if png is None:
-            self._send_json(HTTPStatus.NOT_FOUND, {"error": f"no virtual image {kind!r} (yet): /virtual.json lists "
-                                                            "those there are"})
+            self._send_json(HTTPStatus.NOT_FOUND, {"error": missing})
         else:
             self._send(HTTPStatus.OK, png, "image/png")
 
@@ -211,7 +222,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _post(self, path: str) -> None:
         if path != "/control":
             known = viewer_asset(path) is not None or path in ("/status", "/tiles", "/preview.png", "/metrics",
-                                                                "/events", "/virtual.json", "/virtual.png")
+                                                                "/events", "/virtual.json", "/virtual.png",
+                                                                "/diffraction.png", "/probe.png")
             status = HTTPStatus.METHOD_NOT_ALLOWED if known else HTTPStatus.NOT_FOUND
             self.close_connection = True  # the body is left unread
             self._send_json(status, {"error": f"POST not supported for {path!r}"})

@@ -6,10 +6,10 @@ path               file
 ``/``              ``viewer/index.html``: the page (layout only)
 ``/viewer.css``    ``viewer/viewer.css``: dark theme, narrow-screen layout
 ``/viewer.js``     ``viewer/viewer.js`` (module): the state; ``events`` (SSE), ``status``, ``tiles``,
-                   ``preview.png``, ``virtual.json``/``virtual.png``, ``POST control`` (the finalize/abort
-                   buttons), all as relative URLs
+                   ``preview.png``, ``virtual.json``/``virtual.png``, ``probe.png``, ``diffraction.png``,
+                   ``POST control`` (the finalize/abort buttons), all as relative URLs
 ``/draw.js``       ``viewer/draw.js`` (module): state to DOM: progress, tile overlay, attention, lists,
-                   scale and colour bars, loss curves, the virtual-image panel
+                   scale and colour bars, loss curves, the virtual-image and probe/diffraction panels
 =================  ==============================================================
 
 Nothing is loaded from anywhere but the daemon itself (no CDN, no fonts), so the page works on a

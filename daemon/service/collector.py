@@ -3,7 +3,7 @@
 A PULL socket (bound) receives what every worker pushes (:mod:`ptylive.daemon.service.messages`)::
 
                        ┌─► Roster        hello, heartbeat, bye, error            (roster.py)
-    workers ─► PULL ───┼─► SeriesViews   preview, virtual, final → mosaics, tiles (series_views.py)
+    workers ─► PULL ───┼─► SeriesViews   preview, virtual, pattern, final → mosaics (series_views.py)
           (this thread)│      └─ every final in ─► FinalWriter thread ─► file     (final_writer.py)
                        └─► Publisher     previews and virtual images ≤ rate_hz,   (publisher.py)
                                          series start / end, on the preview PUB and as SSE events
@@ -153,7 +153,8 @@ class Collector:
             logger.error("undecodable message from a worker: %s", exc)
             return
         self.roster.record(message)
-        if message.htype != "preview" and message.htype != "virtual" and message.htype != "final":
+        if (message.htype != "preview" and message.htype != "virtual" and message.htype != "pattern"
+                and message.htype != "final"):
             return
         update = self.views.handle(message)
         if update.started is not None:
@@ -178,6 +179,9 @@ class Collector:
         snapshot = self.views.take_virtual()
         if snapshot is not None:
             self.publisher.virtual(snapshot)
+        pattern = self.views.take_pattern()  # the mean diffraction pattern and probe: an event, on the same clock
+        if pattern is not None:
+            self.publisher.events.publish("diffraction", pattern)
 
     def _publish_finished(self) -> None:
         for outcome in self.writer.take_done():
@@ -194,6 +198,9 @@ class Collector:
         pending = self.views.take_virtual()  # the latest virtual images go out before the series' end
         if pending is not None:
             self.publisher.virtual(pending)
+        pattern = self.views.take_pattern()
+        if pattern is not None:
+            self.publisher.events.publish("diffraction", pattern)
         self.publisher.series_ended(entry, coverage)
         self.hooks.on_finished(outcome)
 

@@ -10,7 +10,7 @@ array part); the arrays follow as raw C-order parts. Each header is a ``TypedDic
                                                         .htype == "preview", .header: PreviewHeader,
                                                         .arrays: read-only views of the parts
 
-:data:`RankMessage` is the union of the seven decoded message classes; comparing ``message.htype`` with
+:data:`RankMessage` is the union of the eight decoded message classes; comparing ``message.htype`` with
 a literal narrows it (and so ``message.header``) for a type checker. Nothing is validated beyond the
 framing: the headers are what the workers of the same installation send.
 """
@@ -28,7 +28,7 @@ import numpy.typing as npt
 logger = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # a final header carries loss histories
-HType = Literal["hello", "heartbeat", "preview", "virtual", "final", "error", "bye"]
+HType = Literal["hello", "heartbeat", "preview", "virtual", "pattern", "final", "error", "bye"]
 
 
 class HelloHeader(TypedDict):
@@ -99,6 +99,19 @@ class VirtualHeader(TypedDict):
     sent_s: float
 
 
+class PatternHeader(TypedDict):
+    """A worker's running sum of the frames it stored of the running series (sent with its ``virtual`` messages,
+    when the sum or the probe changed); arrays: the sum ``(D, D) float64``, then (worker 0, while it refines the
+    series) the probe's amplitude ``(h, w) float32``, block-averaged by ``probe_factor`` (0: no probe array)."""
+
+    series_id: str
+    worker: int
+    frames_summed: int
+    probe_factor: int
+    iteration: int
+    sent_s: float
+
+
 class FinalStats(TypedDict):
     """Per-worker statistics of a series (``ranks/<name>`` in the final file)."""
 
@@ -146,9 +159,10 @@ class ByeHeader(TypedDict):
     worker: int
 
 
-RankHeader = HelloHeader | HeartbeatHeader | PreviewHeader | VirtualHeader | FinalHeader | ErrorHeader | ByeHeader
-HeaderT = TypeVar("HeaderT", HelloHeader, HeartbeatHeader, PreviewHeader, VirtualHeader, FinalHeader, ErrorHeader,
-                  ByeHeader)
+RankHeader = (HelloHeader | HeartbeatHeader | PreviewHeader | VirtualHeader | PatternHeader | FinalHeader | ErrorHeader
+              | ByeHeader)
+HeaderT = TypeVar("HeaderT", HelloHeader, HeartbeatHeader, PreviewHeader, VirtualHeader, PatternHeader, FinalHeader,
+                  ErrorHeader, ByeHeader)
 
 
 @dataclass(frozen=True)
@@ -180,6 +194,11 @@ class VirtualMessage(_Received[VirtualHeader]):
 
 
 @dataclass(frozen=True)
+class PatternMessage(_Received[PatternHeader]):
+    htype: Literal["pattern"] = "pattern"
+
+
+@dataclass(frozen=True)
 class FinalMessage(_Received[FinalHeader]):
     htype: Literal["final"] = "final"
 
@@ -194,14 +213,14 @@ class ByeMessage(_Received[ByeHeader]):
     htype: Literal["bye"] = "bye"
 
 
-RankMessage = (HelloMessage | HeartbeatMessage | PreviewMessage | VirtualMessage | FinalMessage | ErrorMessage
-               | ByeMessage)
+RankMessage = (HelloMessage | HeartbeatMessage | PreviewMessage | VirtualMessage | PatternMessage | FinalMessage
+               | ErrorMessage | ByeMessage)
 MESSAGE_TYPES: dict[str, type[RankMessage]] = {
     "hello": HelloMessage, "heartbeat": HeartbeatMessage, "preview": PreviewMessage, "virtual": VirtualMessage,
-    "final": FinalMessage, "error": ErrorMessage, "bye": ByeMessage}
+    "pattern": PatternMessage, "final": FinalMessage, "error": ErrorMessage, "bye": ByeMessage}
 HEADERS: dict[str, type] = {  # htype -> the TypedDict of its header
     "hello": HelloHeader, "heartbeat": HeartbeatHeader, "preview": PreviewHeader, "virtual": VirtualHeader,
-    "final": FinalHeader, "error": ErrorHeader, "bye": ByeHeader}
+    "pattern": PatternHeader, "final": FinalHeader, "error": ErrorHeader, "bye": ByeHeader}
 HTYPES: tuple[str, ...] = tuple(HEADERS)
 
 
@@ -217,6 +236,8 @@ def encode(htype: Literal["heartbeat"], header: HeartbeatHeader, *arrays: npt.ND
 def encode(htype: Literal["preview"], header: PreviewHeader, *arrays: npt.NDArray[Any]) -> list[Any]: ...
 @overload
 def encode(htype: Literal["virtual"], header: VirtualHeader, *arrays: npt.NDArray[Any]) -> list[Any]: ...
+@overload
+def encode(htype: Literal["pattern"], header: PatternHeader, *arrays: npt.NDArray[Any]) -> list[Any]: ...
 @overload
 def encode(htype: Literal["final"], header: FinalHeader, *arrays: npt.NDArray[Any]) -> list[Any]: ...
 @overload

@@ -1,9 +1,9 @@
 """What rank 0 shows of each series' reconstruction: per-series mosaics, tiles, finals, and their HTTP readers.
 
-The collector thread feeds :class:`SeriesViews` the workers' ``preview``, ``virtual`` and ``final`` messages; HTTP
-threads read :meth:`SeriesViews.tiles`, :meth:`preview_png`, :meth:`slice_png`, :meth:`virtual_index`,
-:meth:`virtual_png` and :meth:`status`. Every method takes the views' lock and readers get copies, so nothing a
-reader holds changes under it::
+The collector thread feeds :class:`SeriesViews` the workers' ``preview``, ``virtual``, ``pattern`` and ``final``
+messages; HTTP threads read :meth:`SeriesViews.tiles`, :meth:`preview_png`, :meth:`slice_png`, :meth:`virtual_index`,
+:meth:`virtual_png`, :meth:`diffraction_png`, :meth:`probe_png` and :meth:`status`. Every method takes the views'
+lock and readers get copies, so nothing a reader holds changes under it::
 
     collector thread ── handle(worker, message) ──► SeriesViews ◄── tiles(), preview_png(), ... ── HTTP threads
                     ── take_preview(), take_virtual() ► (lock)
@@ -31,7 +31,7 @@ import numpy.typing as npt
 
 from ptylive.daemon.engine.geometry import SeriesGeometry
 from ptylive.daemon.service.final_writer import FinalJob, FinalOutcome
-from ptylive.daemon.service.messages import FinalMessage, PreviewMessage, VirtualMessage
+from ptylive.daemon.service.messages import FinalMessage, PatternMessage, PreviewMessage, VirtualMessage
 from ptylive.daemon.service.preview import Mosaic, display_range, to_png
 from ptylive.daemon.service.virtual_mosaic import VirtualMosaic, VirtualSnapshot
 from ptylive.streaming.protocol import SeriesStart
@@ -84,6 +84,17 @@ class SeriesView:
     loss_curves: dict[int, deque[tuple[int, float]]] = field(default_factory=dict)  # (iteration, loss/frame)
     virtual: VirtualMosaic | None = None  # BF, ADF, CoM per scan position, from the workers' "virtual" messages
     virtual_published: int = 0  # the mosaic's version last published
+    patterns: dict[int, tuple[npt.NDArray[np.float64], int]] = field(default_factory=dict)  # worker: (Σ frames, n)
+    probe: npt.NDArray[np.float32] | None = None  # worker 0's latest probe amplitude (block-averaged)
+    pattern_version: int = 0  # "pattern" messages placed
+    pattern_published: int = 0
+
+    def mean_pattern(self) -> tuple[npt.NDArray[np.float64], int] | None:
+        """The mean of every frame the workers summed so far, ``(D, D)``, and how many; None before any."""
+        frames = sum(n for _, n in self.patterns.values())
+        if not frames:
+            return None
+        return np.sum([total for total, _ in self.patterns.values()], axis=0) / frames, frames
 
     def tile_list(self) -> list[dict[str, Any]]:
         return [{k: self.tiles[w].get(k) for k in TILE_KEYS} for w in sorted(self.tiles)]
@@ -181,8 +192,8 @@ class SeriesViews:
         self._lock = threading.Lock()
 
     # Collector thread ----------------------------------------------------------------------------------------
-    def handle(self, message: PreviewMessage | VirtualMessage | FinalMessage) -> ViewUpdate:
-        """Apply a worker's ``preview``, ``virtual`` or ``final`` message."""
+    def handle(self, message: PreviewMessage | VirtualMessage | PatternMessage | FinalMessage) -> ViewUpdate:
+        """Apply a worker's ``preview``, ``virtual``, ``pattern`` or ``final`` message."""
         worker = int(message.header["worker"])
         view, started = self._view(str(message.header["series_id"]))
         if view is None:
@@ -193,6 +204,8 @@ class SeriesViews:
         with self._lock:
             if message.htype == "virtual":
                 self._place_virtual(view, message)
+            elif message.htype == "pattern":
+                self._place_pattern(view, worker, message)
             elif message.htype == "preview":
                 self._place(view, worker, message)
             else:
@@ -231,6 +244,22 @@ class SeriesViews:
         outside = view.virtual.add(arrays[0], dict(zip(kinds, arrays[1:], strict=True)))
         if outside:
             self._drop_virtual(message, f"{outside} frame indices outside the scan", count=outside, locked=True)
+
+    @staticmethod
+    def _place_pattern(view: SeriesView, worker: int, message: PatternMessage) -> None:
+        """Keep a worker's latest frame sum (and worker 0's probe amplitude); a malformed message is logged."""
+        arrays, header = message.arrays, message.header
+        side = view.geometry.detector_px
+        with_probe = int(header.get("probe_factor", 0)) > 0
+        if (not arrays or arrays[0].shape != (side, side) or len(arrays) != 1 + with_probe
+                or (with_probe and arrays[1].ndim != 2)):
+            logger.error("series %r: a pattern message of worker %d with arrays %s ignored (frames are %d px)",
+                         view.start.series_id, worker, [a.shape for a in arrays], side)
+            return
+        view.patterns[worker] = (np.array(arrays[0], dtype=np.float64), int(header["frames_summed"]))
+        if with_probe:
+            view.probe = np.array(arrays[1], dtype=np.float32)
+        view.pattern_version += 1
 
     def _drop_virtual(self, message: VirtualMessage, why: str, count: int | None = None, locked: bool = False) -> None:
         """Count (and log at DEBUG) the frames of a ``virtual`` message that no mosaic takes."""
@@ -323,6 +352,20 @@ class SeriesViews:
         with self._lock:
             view.virtual_published = max(view.virtual_published, snapshot.version)
         return snapshot
+
+    def take_pattern(self) -> dict[str, Any] | None:
+        """The ``diffraction`` event of the latest series if its mean pattern or probe changed since the last call
+        (which then counts it as published): ``series_id``, ``frames_summed``, ``detector_px``, ``probe_shape``
+        (None before worker 0 sent one), ``version``."""
+        with self._lock:
+            view = self._views.get(self._latest) if self._latest else None
+            if view is None or view.pattern_version == view.pattern_published:
+                return None
+            view.pattern_published = view.pattern_version
+            return {"series_id": view.start.series_id, "frames_summed": sum(n for _, n in view.patterns.values()),
+                    "detector_px": view.geometry.detector_px,
+                    "probe_shape": None if view.probe is None else list(view.probe.shape),
+                    "version": view.pattern_version}
 
     def finished(self, outcome: FinalOutcome) -> tuple[dict[str, Any], dict[str, Any]]:
         """Record a written (or failed) final file: ``(the /status 'finished' entry, the coverage map)``.
@@ -438,3 +481,24 @@ class SeriesViews:
             return None
         finite = image[np.isfinite(image)]
         return to_png(image, (float(finite.min()), float(finite.max())) if finite.size else None)
+
+    def diffraction_png(self) -> bytes | None:
+        """The latest series' mean diffraction pattern as an 8-bit grey PNG on a log scale: ``log(1 + mean)``
+        (counts), black to white its minimum to maximum; None before any frame was summed."""
+        with self._lock:
+            view = self._views.get(self._latest) if self._latest else None
+            mean = view.mean_pattern() if view is not None else None
+        if mean is None:
+            return None
+        shown = np.log1p(np.clip(mean[0], 0.0, None))
+        return to_png(shown, (float(shown.min()), float(shown.max())))
+
+    def probe_png(self) -> bytes | None:
+        """Worker 0's latest probe amplitude of the latest series, 8-bit grey from its minimum to maximum; None
+        before one arrived."""
+        with self._lock:
+            view = self._views.get(self._latest) if self._latest else None
+            probe = view.probe if view is not None else None
+        if probe is None:
+            return None
+        return to_png(probe, (float(np.nanmin(probe)), float(np.nanmax(probe))))

@@ -170,7 +170,8 @@ class Rank0:
                                            slice_png=views.slice_png, output_folder=Path(c.output.folder),
                                            on_refused=self.metrics.count_refused,
                                            scan=self.scan_request if token is not None else None,
-                                           virtual_index=views.virtual_index, virtual_png=views.virtual_png),
+                                           virtual_index=views.virtual_index, virtual_png=views.virtual_png,
+                                           diffraction_png=views.diffraction_png, probe_png=views.probe_png),
                                  c.http.host, c.http.port, access, allowed_hosts=c.http.allowed_hosts)
         self.stop = threading.Event()
         self._reported_dead: set[str] = set()

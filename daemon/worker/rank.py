@@ -32,7 +32,7 @@ from ptylive.daemon.worker.frames import FrameStore
 from ptylive.daemon.worker.refine import N_SUM, SeriesFlags, StreamRun, probe_power, refine
 from ptylive.daemon.worker.resume import ResumePoint, load_resume
 from ptylive.daemon.worker.stats import WorkerStats
-from ptylive.daemon.worker.virtual import VirtualFrames, series_detector
+from ptylive.daemon.worker.virtual import VirtualFrames, probe_amplitude, series_detector
 from ptylive.gpu.backend import PRECISIONS, backend_module, to_numpy
 from ptylive.streaming.inbox import SeriesControl, WorkerInbox
 from ptylive.streaming.protocol import Frame, Message, SeriesEnd, SeriesStart
@@ -83,6 +83,7 @@ class Worker:
         self._preview_due = 0.0
         self._checkpoint_due = 0.0
         self._virtual_due = 0.0
+        self._pattern_sent: tuple[str, int, int] | None = None  # (series, frames summed, probe iteration) last sent
         self._running: str | None = None
         self.stats = WorkerStats(settings.backend)
         self._run: tuple[StreamRun, Consensus] | None = None
@@ -158,6 +159,7 @@ class Worker:
         if running is not None and now >= self._virtual_due:  # twice the preview rate, like the previews
             self._virtual_due = now + 0.5 / self.settings.preview_rate_hz
             self._send_virtual(running.store)
+            self._send_pattern(running.store, self._run[0] if self._run is not None else None)
 
     def _send_virtual(self, store: FrameStore) -> None:
         """The virtual detector values of the frames ``store`` took since the last ``virtual`` message, if any."""
@@ -174,6 +176,25 @@ class Worker:
             "annuli_mrad": [[float(inner), float(outer)] for inner, outer in detector.annuli_mrad],
             "sent_s": time.time()}
         self._send(rank_messages.encode("virtual", header, indices, *values.values()))
+
+    def _send_pattern(self, store: FrameStore, run: StreamRun | None) -> None:
+        """The running sum of ``store``'s frames and (worker 0, refining it in ``run``) the probe's amplitude, if
+        either changed since the last ``pattern`` message."""
+        if store.virtual is None:
+            return
+        run = run if run is not None and run.store is store else None
+        with_probe = self.settings.worker == 0 and run is not None
+        iteration = run.iterations if run is not None and with_probe else 0
+        key = (store.geometry.series_id, store.virtual.frames_summed, iteration)
+        if key == self._pattern_sent or (not key[1] and not with_probe):
+            return
+        self._pattern_sent = key
+        pattern, frames = store.virtual.pattern()
+        probe, factor = probe_amplitude(run.state.probe) if run is not None and with_probe else (None, 0)
+        header: rank_messages.PatternHeader = {
+            "series_id": key[0], "worker": self.settings.worker, "frames_summed": frames, "probe_factor": factor,
+            "iteration": iteration, "sent_s": time.time()}
+        self._send(rank_messages.encode("pattern", header, pattern, *(() if probe is None else (probe,))))
 
     def run(self) -> None:
         """Serve series until a shutdown arrives and no series is left."""
@@ -282,6 +303,7 @@ class Worker:
 
     def _send_final(self, run: StreamRun, consensus: Consensus, slice_thickness_A: float) -> None:
         self._send_virtual(run.store)  # every stored frame's virtual values reach rank 0 before the final
+        self._send_pattern(run.store, run)
         header, arrays = self._final_parts(run, consensus, slice_thickness_A, self.settings.worker == 0)
         self._send(rank_messages.encode("final", header, *arrays))
 

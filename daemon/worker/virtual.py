@@ -10,6 +10,11 @@ message (:mod:`ptylive.daemon.service.messages`)::
 
     FrameStore.add(frame) ── VirtualFrames.add(row, intensities) ── sums[row] = W @ I      (device, per frame)
     Worker.drain() (≤ 2 × preview rate, and before the final) ── take() ── "virtual" ──► rank 0's VirtualMosaic
+                                                              ── pattern() ── "pattern" ──► rank 0's mean pattern
+
+The store's running sum of the frames themselves (:meth:`VirtualFrames.pattern`, for rank 0's mean diffraction
+pattern) is kept beside the sums, on the same device; worker 0 adds its probe's amplitude to the ``pattern``
+message (:func:`probe_amplitude`).
 
 The detector is :func:`~ptylive.streaming.virtual_images.default_detector` of the series: α the start's
 convergence semi-angle, one ADF ring from 1.5 α to the stored frames' inscribed edge, and the angle of one stored
@@ -26,7 +31,8 @@ import numpy as np
 import numpy.typing as npt
 
 from ptylive.daemon.engine.geometry import SeriesGeometry
-from ptylive.gpu.backend import to_numpy
+from ptylive.daemon.service.preview import block_mean, downsample_factor
+from ptylive.gpu.backend import get_array_module, to_numpy
 from ptylive.gpu.physics import wavelength_A
 from ptylive.streaming.protocol import SeriesStart
 from ptylive.streaming.virtual_images import (
@@ -38,6 +44,8 @@ from ptylive.streaming.virtual_images import (
 )
 
 logger = logging.getLogger(__name__)
+
+PROBE_MAX_PX = 128  # the probe amplitude rank 0 shows is block-averaged to at most this side
 
 
 def stored_pixel_mrad(start: SeriesStart, geometry: SeriesGeometry) -> float:
@@ -75,6 +83,8 @@ class VirtualFrames:
         self.names, self._weights = detector_weights(detector, detector_px, xp)
         self._sums = xp.zeros((len(self.global_index), len(self.names)), xp.float64)
         self._pending: list[int] = []
+        self._pattern = xp.zeros((detector_px, detector_px), xp.float64)
+        self.frames_summed = 0
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -88,7 +98,13 @@ class VirtualFrames:
     def add(self, row: int, intensities: Any) -> None:
         """Sum row ``row``'s frame ``intensities`` ``(D, D)`` (the store's array module) into its virtual values."""
         self._sums[row] = self._weights @ intensities.reshape(-1).astype(self._weights.dtype)
+        self._pattern += intensities
+        self.frames_summed += 1
         self._pending.append(row)
+
+    def pattern(self) -> tuple[npt.NDArray[np.float64], int]:
+        """The sum of every frame :meth:`add` was given, ``(D, D)`` float64 on the host, and how many."""
+        return np.array(to_numpy(self._pattern), dtype=np.float64), self.frames_summed  # a copy: sent zero-copy
 
     def take(self) -> tuple[npt.NDArray[np.int64], dict[str, npt.NDArray[np.float32]]] | None:
         """The frames added since the last call: ``(frame indices (N,), {kind: (N,) float32})``; None if none."""
@@ -100,3 +116,13 @@ class VirtualFrames:
         values = values_from_sums(self.names, sums)
         return self.global_index[rows], {kind: np.ascontiguousarray(values[kind], dtype=np.float32)
                                          for kind in self.kinds}
+
+
+def probe_amplitude(probe: Any, max_px: int = PROBE_MAX_PX) -> tuple[npt.NDArray[np.float32], int]:
+    """The probe's amplitude ``√(Σ_k |P_k|²)`` (over its modes, ``(N, N)`` or ``(K, N, N)``), block-averaged to at
+    most ``max_px`` a side on its device: ``(image (h, w) float32 on the host, factor)``."""
+    xp = get_array_module(probe)
+    modes = probe.reshape(-1, *probe.shape[-2:])
+    amplitude = xp.sqrt((xp.abs(modes) ** 2).sum(axis=0))
+    factor = downsample_factor(amplitude.shape, max_px)
+    return np.ascontiguousarray(to_numpy(block_mean(amplitude, factor)), dtype=np.float32), factor

@@ -1,6 +1,7 @@
 """Live virtual images through ``ptylive serve`` (2 workers + rank 0, loopback): ``/virtual.json`` fills while
 frames arrive, the PUB carries them, and the final file's ``virtual/`` group holds the values the workers computed
-from the frames (checked against the scan file's own frames), NaN only where a frame never came."""
+from the frames (checked against the scan file's own frames), NaN only where a frame never came; ``/diffraction.png``
+is the mean of the frames that came (log scale) and ``/probe.png`` worker 0's probe."""
 
 from __future__ import annotations
 
@@ -85,3 +86,19 @@ def test_virtual_images_fill_while_frames_arrive_and_reach_the_final_file(
     expected = frame_values(source.read(sample), detector)
     np.testing.assert_allclose(bf[sample], expected["bf"], rtol=1e-5)
     np.testing.assert_allclose(com_x[sample], expected["com_x"], rtol=1e-4, atol=1e-6)
+
+    served = get_png(url + "diffraction.png")
+    mean = source.read(arrived).mean(axis=0)
+    shown = np.log1p(mean)
+    expected = np.rint((shown - shown.min()) / np.ptp(shown) * 255)
+    assert served.shape == start.detector_shape
+    assert np.abs(served.astype(int) - expected).max() <= 1  # the workers' sums, summed: every frame's mean
+    probe = get_png(url + "probe.png")
+    assert probe.shape == (48, 48) and probe.max() == 255  # ptylive simulate's 48-px window
+    assert probe[24, 24] > probe[0, 0]
+
+
+def get_png(url: str) -> np.ndarray:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        assert response.headers["Content-Type"] == "image/png"
+        return np.asarray(Image.open(io.BytesIO(response.read())))

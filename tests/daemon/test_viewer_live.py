@@ -109,10 +109,23 @@ def test_viewer_follows_a_streamed_series_that_loses_frames(
     print(f"viewer test: {seconds:.1f} s in the browser, {previews} previews, {fetched} mosaic downloads")
 
 
+def grey_at(view: Any, image_id: str, row: int, col: int) -> int | None:
+    """The red channel of pixel (row, col) of image ``image_id`` as drawn now (None before it shows)."""
+    return view.evaluate("""([imageId, row, col]) => {
+        const image = document.getElementById(imageId);
+        if (!image || !image.naturalWidth) { return null; }
+        const canvas = document.createElement("canvas");
+        canvas.width = image.naturalWidth; canvas.height = image.naturalHeight;
+        canvas.getContext("2d").drawImage(image, 0, 0);
+        return canvas.getContext("2d").getImageData(col, row, 1, 1).data[0];
+    }""", [image_id, row, col])
+
+
 def test_the_virtual_image_changes_while_frames_arrive(
         daemon: tuple[ServeProcess, PreviewListener], dosed_scan: Path, browser: Any) -> None:
     """The real daemon's /virtual.json and /virtual.png (not a stub, as in test_viewer_panels): the panel's BF image
-    is redrawn as frames arrive, then every kind is offered and the chosen one follows."""
+    is redrawn as frames arrive, then every kind is offered and the chosen one follows. The mean diffraction pattern
+    is redrawn as frames arrive too, and the probe panel shows worker 0's probe."""
     process, listener = daemon
     series_id = f"virtual-{uuid.uuid4().hex[:8]}"
     source = ScanSource.from_file(dosed_scan)  # ptylive simulate's 20 × 16 raster, row-major
@@ -127,10 +140,14 @@ def test_the_virtual_image_changes_while_frames_arrive(
         sending = pool.submit(stream, process, source, series_id=series_id, rate_hz=RATE_HZ, dtype="uint16")
         view.wait_for_selector(f'#virtual[data-src*="kind=bf&v={series_id}."]', timeout=TIMEOUT_MS)
         seen: list[tuple[str, int]] = []
+        patterns: list[str] = []
         while not sending.done():
             shown = pixel_checksum(view, "virtual")
             if shown is not None and shown not in seen:
                 seen.append(shown)
+            pattern_src = view.get_attribute("#diffraction", "data-src")
+            if pattern_src and pattern_src not in patterns:
+                patterns.append(pattern_src)
             time.sleep(0.1)
         stats = sending.result()
     assert stats.frames_sent == 320
@@ -147,7 +164,19 @@ def test_the_virtual_image_changes_while_frames_arrive(
     view.select_option("#virtual-kind", "com_x")
     view.wait_for_selector(f'#virtual[data-src*="kind=com_x&v={series_id}.320"]', timeout=TIMEOUT_MS)
     assert "mrad" in str(view.text_content("#virtual-colour .high"))
+
+    following = [src for src in patterns if f"v={series_id}." in src]
+    assert len(following) >= 2, f"the mean pattern was not redrawn while frames arrived: {patterns}"
+    view.wait_for_function("document.getElementById('pattern-text').textContent.startsWith('mean of 320 frames')",
+                           timeout=TIMEOUT_MS)
+    view.wait_for_selector("#probe-frame:not([hidden])", timeout=TIMEOUT_MS)
+    assert view.evaluate("[document.getElementById('probe').naturalWidth, "
+                         "document.getElementById('diffraction').naturalWidth]") == [48, 48]
+    centre, corner = grey_at(view, "diffraction", 24, 24), grey_at(view, "diffraction", 0, 0)
+    assert centre is not None and corner is not None and centre > corner + 100  # the bright-field disk
+    assert (grey_at(view, "probe", 24, 24) or 0) > (grey_at(view, "probe", 0, 0) or 0)
     context.close()
     assert log.errors == []
     assert log.off_loopback() == [], "the page asked for something outside loopback"
-    print(f"virtual panel: {len(seen)} distinct images while {stats.frames_sent} frames arrived")
+    print(f"virtual panel: {len(seen)} distinct images, mean pattern {len(following)} while {stats.frames_sent} frames "
+          "arrived")

@@ -286,3 +286,56 @@ def test_the_collector_takes_virtual_messages_and_publishes_them_before_the_fina
     assert running.thread_state() == (True, None) and running.views.status()["virtual_frames_dropped"] == 1
     with h5py.File(tmp_path / "vv-1.h5", "r") as f:
         assert np.isfinite(f["virtual/bf"][...]).all()
+
+
+def pattern_message(worker: int, total: np.ndarray, frames: int, probe: np.ndarray | None = None,
+                    series_id: str = "vv-1") -> rank_messages.RankMessage:
+    header: rank_messages.PatternHeader = {
+        "series_id": series_id, "worker": worker, "frames_summed": frames, "probe_factor": 0 if probe is None else 2,
+        "iteration": 0 if probe is None else 5, "sent_s": time.time()}
+    arrays = (total,) if probe is None else (total, probe)
+    return rank_messages.decode([bytes(p) for p in rank_messages.encode("pattern", header, *arrays)])
+
+
+def test_the_mean_pattern_sums_every_workers_frames_and_the_probe_is_worker_0s(geometry: SeriesGeometry,
+                                                                                 tmp_path: Path) -> None:
+    views = SeriesViews(lookup(geometry), 2)
+    assert views.diffraction_png() is None and views.probe_png() is None and views.take_pattern() is None
+    y, x = np.mgrid[0:32, 0:32] - 16
+    disk = np.where(x * x + y * y <= 36, 1000.0, 1.0)  # a bright-field disk over a faint dark field
+    views.handle(pattern_message(0, 3 * disk, 3))
+    views.handle(pattern_message(1, 2 * disk, 1))  # this worker's frames are twice as bright
+    views.handle(pattern_message(1, 6 * disk, 3))  # its running sum replaces the one before
+    views.handle(pattern_message(1, np.ones((8, 8)), 1))  # not the series' D x D: ignored
+    view = views._views["vv-1"]  # noqa: SLF001
+    mean = view.mean_pattern()
+    assert mean is not None and mean[1] == 6
+    np.testing.assert_allclose(mean[0], 1.5 * disk)
+    event = views.take_pattern()
+    assert event == {"series_id": "vv-1", "frames_summed": 6, "detector_px": 32, "probe_shape": None, "version": 3}
+    assert views.take_pattern() is None  # once per change
+    shown = grey(views.diffraction_png())
+    assert shown.shape == (32, 32) and shown[16, 16] == 255 and shown[0, 0] == 0  # log(1 + mean): min black
+    expected = np.log1p(1.5 * disk)
+    assert shown[16, 22] == 255 and shown[16, 23] == 0  # the disk's edge at 6 px, nothing between on this scale
+    assert np.array_equal(shown, np.rint((expected - expected.min()) / np.ptp(expected) * 255))
+
+    probe = np.outer(np.hanning(16), np.hanning(16)).astype(np.float32)
+    views.handle(pattern_message(0, 4 * disk, 4, probe))
+    image = grey(views.probe_png())
+    assert image.shape == (16, 16) and image.max() == 255 and image[0, 0] == 0
+    assert views.take_pattern()["probe_shape"] == [16, 16]  # type: ignore[index]
+    views.handle(pattern_message(0, 5 * disk, 5))  # later sums without a probe keep the last one
+    assert views.probe_png() is not None
+    providers = Providers(status=dict, tiles=dict, preview_png=lambda: None, diffraction_png=views.diffraction_png,
+                          probe_png=views.probe_png)
+    with StatusServer(providers) as server:
+        for path in ("diffraction.png", "probe.png"):
+            status, kind, body = get(server.url + path + "?v=vv-1.4")
+            assert status == 200 and kind == "image/png" and body[:8] == b"\x89PNG\r\n\x1a\n"
+    empty = SeriesViews(lookup(geometry), 2)
+    with StatusServer(Providers(status=dict, tiles=dict, preview_png=lambda: None,
+                                diffraction_png=empty.diffraction_png, probe_png=empty.probe_png)) as server:
+        for path in ("diffraction.png", "probe.png"):
+            status, kind, body = get(server.url + path)
+            assert status == 404 and "image (yet)" in json.loads(body)["error"]

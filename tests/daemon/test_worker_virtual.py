@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,7 @@ from ptylive.daemon.service import messages as rank_messages
 from ptylive.daemon.service.config import ReconstructionConfig
 from ptylive.daemon.worker.frames import FrameStore
 from ptylive.daemon.worker.rank import Worker, WorkerSettings
-from ptylive.daemon.worker.virtual import VirtualFrames, series_detector, stored_pixel_mrad
+from ptylive.daemon.worker.virtual import VirtualFrames, probe_amplitude, series_detector, stored_pixel_mrad
 from ptylive.streaming.detector_frames import DetectorCrop
 from ptylive.streaming.protocol import Frame, SeriesStart
 from ptylive.streaming.virtual_images import default_detector, frame_values
@@ -185,3 +186,46 @@ def test_cupy_sums_stay_on_the_device_until_taken() -> None:
     for kind, got in taken[1].items():
         assert isinstance(got, np.ndarray)
         np.testing.assert_allclose(got, expected[kind], rtol=1e-6)
+
+
+def test_the_frames_running_sum_and_the_probe_amplitude() -> None:
+    frames = patterns(4, seed=7)
+    virtual = VirtualFrames(default_detector(8.0, 1.0, D), np.arange(4), D)
+    assert virtual.pattern()[1] == 0
+    for row in range(3):
+        virtual.add(row, frames[row])
+    total, n = virtual.pattern()
+    assert n == 3 and total.dtype == np.float64
+    np.testing.assert_allclose(total, frames[:3].sum(axis=0, dtype=np.float64))
+    virtual.add(3, frames[3])
+    assert virtual.pattern()[1] == 4 and n == 3 and total[0, 0] == frames[:3, 0, 0].sum()  # a copy, not the sum
+
+    modes = np.stack([np.full((300, 300), 3.0 + 0j), np.full((300, 300), 4.0j)])  # √(3² + 4²) = 5 everywhere
+    amplitude, factor = probe_amplitude(modes)
+    assert factor == 3 and amplitude.shape == (100, 100) and amplitude.dtype == np.float32
+    np.testing.assert_allclose(amplitude, 5.0, rtol=1e-6)
+    single, factor = probe_amplitude(np.full((64, 64), 2j, np.complex64))
+    assert factor == 1 and single.shape == (64, 64) and np.allclose(single, 2.0)
+
+
+def test_a_worker_sends_its_frame_sum_and_worker_0_its_probe() -> None:
+    outbox = Outbox()
+    worker = Worker(WorkerSettings(0, 1, ReconstructionConfig()), Inbox(), outbox, None)  # type: ignore[arg-type]
+    worker.handle(START)
+    frames = patterns(START.n_positions, seed=8)
+    for index in (1, 2):
+        worker.handle(Frame(START.series_id, index, frames[index]))
+    store = worker.slots[START.series_id].store
+    worker._send_pattern(store, None)  # noqa: SLF001 - what drain() sends with the virtual values
+    worker._send_pattern(store, None)  # noqa: SLF001 - nothing new: nothing sent
+    sent = outbox.of("pattern")
+    assert len(sent) == 1 and len(sent[0].arrays) == 1
+    assert sent[0].header["frames_summed"] == 2 and sent[0].header["probe_factor"] == 0
+    np.testing.assert_allclose(sent[0].arrays[0], frames[[1, 2]].sum(axis=0))
+
+    probe = np.full((D, D), 0.5 + 0.5j, np.complex64)
+    run = SimpleNamespace(store=store, iterations=3, state=SimpleNamespace(probe=probe))
+    worker._send_pattern(store, run)  # type: ignore[arg-type]  # noqa: SLF001 - while worker 0 refines
+    with_probe = outbox.of("pattern")[-1]
+    assert with_probe.header["probe_factor"] == 1 and with_probe.header["iteration"] == 3
+    np.testing.assert_allclose(with_probe.arrays[1], np.sqrt(0.5), rtol=1e-6)

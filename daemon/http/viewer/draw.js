@@ -145,6 +145,13 @@ export function showVirtual(image, text) {  // image null: nothing to show (text
   $("virtual-text").textContent = text;
 }
 
+export function showPattern(which, image) {  // which: "probe" or "diffraction"; image null: none yet
+  if (image) { $(which).replaceWith(image); }
+  $(which + "-frame").hidden = !image;
+}
+
+export function setPatternText(text) { $("pattern-text").textContent = text; }
+
 export function setSlices(count) {
   const select = $("slice");
   if (select.options.length === count + 1 || (count <= 1 && select.options.length === 1)) { return; }

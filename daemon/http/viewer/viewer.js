@@ -6,8 +6,10 @@
 // after a "resync", so a restarted daemon or dropped events cost nothing. Only the daemon is asked.
 // Each preview event also adds a point to every tile's loss curve (seeded from /tiles' loss_curves) and
 // re-reads virtual.json and the chosen virtual.png (one request in flight; none once the daemon said 404).
+// Each "diffraction" event reloads probe.png and diffraction.png (the mean pattern) once.
 import {$, clearCoverage, drawCoverage, drawLossCurves, render, renderColourBar, renderProgress, renderScaleBar,
-        setConnection, setSlices, setVirtualKinds, showMosaic, showNoPreview, showVirtual} from "./draw.js";
+        setConnection, setPatternText, setSlices, setVirtualKinds, showMosaic, showNoPreview, showPattern,
+        showVirtual} from "./draw.js";
 
 const RECONNECT_MS = 2000;     // when the browser gave up on the stream (an HTTP error, not a network one)
 const STATUS_EVERY_MS = 2000;  // /status (coverage map, ingest counters) at most this often while previews arrive
@@ -22,6 +24,7 @@ const state = {
   phaseRange: null, sliceRanges: [], lossCurves: {},
 };
 const virtual = {served: true, loading: false, again: false, kind: null, shown: null};
+const pattern = {loading: false, next: null, shown: {probe: null, diffraction: null}};
 const TOKEN_KEY = "ptylive.control-token";  // sessionStorage only: gone with the tab, never in the page
 const LOSS_POINTS = 2000;      // per tile, as rank 0 keeps
 const preview = {loading: false, pending: null};
@@ -50,6 +53,7 @@ function connect() {
   source.addEventListener("series_end", (event) => onSeriesEnd(JSON.parse(event.data)));
   source.addEventListener("resync", () => refreshAll());
   source.addEventListener("virtual", () => refreshVirtual());  // if the daemon announces new virtual images
+  source.addEventListener("diffraction", (event) => loadPattern(JSON.parse(event.data)));
 }
 
 function newSeries(seriesId) {
@@ -59,6 +63,10 @@ function newSeries(seriesId) {
                         coverageShown: false, phaseRange: null, sliceRanges: [], lossCurves: {}});
   Object.assign(virtual, {served: true, shown: null});
   showVirtual(null, "no virtual images yet");
+  pattern.shown = {probe: null, diffraction: null};
+  showPattern("probe", null);
+  showPattern("diffraction", null);
+  setPatternText("no frames yet");
   drawLossCurves(state.lossCurves);
   renderMosaicColourBar();
   setSlices(1);
@@ -109,6 +117,7 @@ async function refreshAll() {  // in order: /status says which series /tiles mus
   requestPreview();
   virtual.served = true;  // a restarted (or upgraded) daemon may serve them now
   refreshVirtual();
+  loadPattern({series_id: state.seriesId, version: "connect-" + Date.now()});  // what the daemon has now, if any
 }
 
 async function refreshStatus() {
@@ -237,6 +246,42 @@ function loadVirtual(chosen, index) {  // resolves once the image is swapped in 
       resolve();
     };
     next.onerror = () => resolve();  // 404 before the first frame of this kind: keep what is shown
+    next.src = url;
+  });
+}
+
+// ---- probe and mean diffraction pattern (probe.png, diffraction.png) --------------------------------
+async function loadPattern(data) {  // data: the "diffraction" event (or what is known on connect)
+  if (pattern.loading) { pattern.next = data; return; }  // events meanwhile collapse into the latest
+  pattern.loading = true;
+  try {
+    const version = encodeURIComponent((data.series_id || "none") + "." + data.version);
+    const [probe, diffraction] = await Promise.all(["probe", "diffraction"].map(
+      (which) => loadPatternImage(which, which + ".png?v=" + version)));
+    if (data.frames_summed !== undefined && data.series_id === state.seriesId) {
+      setPatternText("mean of " + data.frames_summed + " frames (" + data.detector_px + " \u00d7 " + data.detector_px +
+                     " px)" + (data.probe_shape ? "; probe of worker 0" : "; no probe yet"));
+    } else if (diffraction || probe) {
+      setPatternText("as the daemon holds it now");
+    }
+  } finally {
+    pattern.loading = false;
+    if (pattern.next) { const next = pattern.next; pattern.next = null; loadPattern(next); }
+  }
+}
+
+function loadPatternImage(which, url) {  // resolves true once shown, false if the daemon has none (404)
+  if (pattern.shown[which] === url) { return Promise.resolve(true); }
+  return new Promise((resolve) => {
+    const next = new Image();
+    next.onload = () => {
+      Object.assign(next, {id: which, alt: $(which).alt});
+      next.dataset.src = url;
+      pattern.shown[which] = url;
+      showPattern(which, next);
+      resolve(true);
+    };
+    next.onerror = () => resolve(false);  // none yet (404): keep what is shown
     next.src = url;
   });
 }
