@@ -13,10 +13,10 @@ import pytest
 
 from ptylive.streaming import dectris_v1 as v1
 from ptylive.streaming import dectris_v2 as v2
-from ptylive.streaming.detector_frames import DetectorCrop, crop_around
-from ptylive.streaming.detector_maps import DetectorSettings, read_detector_map
 from ptylive.streaming.dectris_v1 import DectrisV1Decoder
 from ptylive.streaming.dectris_v2 import DectrisV2Decoder
+from ptylive.streaming.detector_frames import DetectorCrop, crop_around
+from ptylive.streaming.detector_maps import DetectorSettings, read_detector_map
 from ptylive.streaming.protocol import ProtocolError, SeriesStart, decode, encode_series_start
 from ptylive.streaming.scan_geometry import Optics, ScanGeometry, SeriesTemplate
 
