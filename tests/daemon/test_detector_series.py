@@ -5,6 +5,7 @@ detector scale)."""
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,14 @@ from ptylive.daemon.engine.geometry import SeriesRefused, series_geometry
 from ptylive.daemon.engine.iteration import fit_scale
 from ptylive.daemon.engine.options import EngineOptions
 from ptylive.daemon.engine.tile import TileOptics, set_up_tile
-from ptylive.daemon.service.config import ReconstructionConfig, loopback_config
+from ptylive.daemon.service.config import (
+    ConfigError,
+    DetectorConfig,
+    ReconstructionConfig,
+    config_from_mapping,
+    config_to_toml,
+    loopback_config,
+)
 from ptylive.daemon.service.supervisor import Admission, frames_exceed_budget
 from ptylive.daemon.worker.frames import FrameStore
 from ptylive.daemon.worker.refine import probe_power
@@ -25,6 +33,7 @@ from ptylive.gpu.patches import window_starts
 from ptylive.gpu.physics import wavelength_A
 from ptylive.gpu.simulate import SimulationSpec, simulate
 from ptylive.streaming.detector_frames import DetectorCrop
+from ptylive.streaming.detector_maps import settings_from_config
 from ptylive.streaming.protocol import SeriesStart, decode, encode_frame
 from ptylive.streaming.router import Router
 from ptylive.streaming.series import RegistryConfig, SeriesRegistry
@@ -149,3 +158,26 @@ def test_masked_pixels_leave_the_model_power_and_the_offline_scale() -> None:
     full = probe_power(sim.probe, results["masked"].propagator, 1, 32)
     part = probe_power(sim.probe, results["masked"].propagator, 1, 32, mask)
     assert 0 < part < full
+
+
+def test_detector_config_is_validated_and_read(tmp_path: Path) -> None:
+    """[detector]: centre "auto" or [row, col], a bin that divides the crop, DECTRIS formats only; the files read into
+    the settings every DECTRIS series is settled by (streaming/detector_maps.py)."""
+    dectris = {"ingest": {"format": "dectris_v2"}}
+    config = config_from_mapping({**dectris, "detector": {"crop_px": 64, "centre": [100, 200.5], "bin": 2}})
+    assert config.detector.centre == (100.0, 200.5) and config.detector.active
+    assert config_from_mapping(tomllib.loads(config_to_toml(config))) == config
+    assert not DetectorConfig().active and config_from_mapping({}).detector == DetectorConfig()
+    for table, message in (({"centre": "middle"}, r"'detector.centre'; expected one of 'auto' or a list"),
+                           ({"centre": [1.0]}, r"'detector.centre'; expected \"auto\" or \[row, col\]"),
+                           ({"crop_px": 100, "bin": 3}, r"'detector.bin'; expected a divisor of 'detector.crop_px'"),
+                           ({"bin": 0}, r"'detector.bin'; expected an integer >= 1")):
+        with pytest.raises(ConfigError, match=message):
+            config_from_mapping({**dectris, "detector": table})
+    with pytest.raises(ConfigError, match=r"\[detector\] needs a DECTRIS 'ingest.format'"):
+        config_from_mapping({"detector": {"crop_px": 64}})
+    np.save(tmp_path / "mask.npy", np.eye(4, dtype=np.uint8))
+    settings = settings_from_config(DetectorConfig(crop_px=4, mask_file=str(tmp_path / "mask.npy")))
+    assert settings.needs_first_image and settings.pixel_mask is not None and settings.pixel_mask.dtype == bool
+    with pytest.raises(ValueError, match="flatfield file .*absent.h5"):
+        settings_from_config(DetectorConfig(flatfield_file=str(tmp_path / "absent.h5")))
