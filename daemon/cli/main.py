@@ -72,8 +72,9 @@ def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
                    help="floating point of the arrays (default: %(default)s)")
     p.add_argument("--backend", choices=("numpy", "cupy"), default="numpy",
                    help="numpy (CPU) or cupy (CUDA GPU) (default: %(default)s)")
-    p.add_argument("--loss", choices=("amplitude", "poisson"), default="amplitude",
-                   help="data term (default: %(default)s; docs/physics.md)")
+    p.add_argument("--loss", choices=("auto", "amplitude", "poisson"), default="auto",
+                   help="data term (default: %(default)s: Poisson for counted data of a weak scatterer, under 1 %% "
+                        "of the counts beyond the bright-field disk, amplitude otherwise; docs/physics.md, Losses)")
     p.add_argument("--batch-size", type=int, default=32,
                    help="most positions propagated at once per rank (default: %(default)s; fewer where their "
                         "stored waves would outgrow half the rank's tile, docs/decomposition.md)")

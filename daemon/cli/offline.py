@@ -40,6 +40,7 @@ from ptylive.daemon.engine.exchange.factory import async_exchanger, sync_exchang
 from ptylive.daemon.engine.exchange.gather import gather_rows, gather_to_root
 from ptylive.daemon.engine.exchange.protocols import SyncExchange
 from ptylive.daemon.engine.iteration import EngineReport, fit_scale, run_async, run_sync
+from ptylive.daemon.engine.loss_choice import choose_loss, dark_field_fraction
 from ptylive.daemon.engine.memory_plan import rank_memory
 from ptylive.daemon.engine.options import EngineOptions
 from ptylive.daemon.engine.positions import PositionCorrection, counting_noise
@@ -182,9 +183,12 @@ def validate(scan_path: Path, out_path: Path, n_ranks: int, n_slices: int | None
         options = dataclasses.replace(options, refine_probe=False)
     if not out_path.parent.exists():
         raise ValueError(f"output folder {out_path.parent} does not exist")
+    counted = counted and bool(pattern_sum.sum() > 0)
+    fraction = dark_field_fraction(pattern_sum, meta.detector_pixel_mrad, meta.convergence_semiangle_mrad)
+    options = dataclasses.replace(options, loss=choose_loss(options.loss, fraction, counted))
     return ReconstructionJob(scan_path, out_path, n_ranks, slices, thickness, upsampling, precision,
                              backend, options, meta, shape, pixel, edge_fraction(pattern_sum), quiet,
-                             counted=counted and bool(pattern_sum.sum() > 0))
+                             counted=counted)
 
 
 def _initial_state(job: ReconstructionJob, domain: RankDomain, all_positions: np.ndarray, xp: Any) -> TileState:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ptylive.daemon.engine.loss_choice import AUTO
 from ptylive.gpu.loss import LOSSES
 
 MODES = ("sync", "async")
@@ -27,6 +28,8 @@ class EngineOptions:
     batch_size: int = 32
     step_size: float | None = None  # None: see ``step``
     illumination_floor: float = 0.05
+    # "auto" is chosen from the data before the first fit (daemon.engine.loss_choice): offline by
+    # daemon.cli.offline.validate, streaming by the workers once enough frames are in (daemon.worker.refine)
     loss: str = "amplitude"
     refine_probe: bool = True
     probe_step_size: float = 0.5
@@ -46,8 +49,8 @@ class EngineOptions:
             raise ValueError(f"iterations must be >= 1, got {self.iterations}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.loss not in (*LOSSES, AUTO):
+            raise ValueError(f"loss must be one of {(*LOSSES, AUTO)}, got {self.loss!r}")
         if self.batch_size < 1 or not self.step > 0 or not self.illumination_floor > 0:
             raise ValueError("batch_size, step_size and illumination_floor must be positive")
         if self.updates_per_iteration < 1:

@@ -239,7 +239,7 @@ class ReconstructionConfig(_Section):
     n_slices: int = _option(1, ge=1)
     slice_thickness_A: float = _option(0.0, ge=0)
     upsampling: int = _option(1, ge=1)
-    loss: Literal["amplitude", "poisson"] = "amplitude"
+    loss: Literal["auto", "amplitude", "poisson"] = "auto"  # auto: from the data (daemon.engine.loss_choice)
     batch_size: int = _option(32, ge=1)
     step_size: float | None = _option(None, gt=0)
     updates_per_iteration: int = _option(DEFAULT_UPDATES_PER_ITERATION, ge=1)

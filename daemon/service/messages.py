@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Generic, Literal, TypedDict, TypeVar, cast, overload
+from typing import Any, Generic, Literal, NotRequired, TypedDict, TypeVar, cast, overload
 
 import msgpack
 import numpy as np
@@ -143,6 +143,7 @@ class FinalHeader(TileQuality):
     rejected: dict[str, int]
     received: list[int]
     stats: FinalStats
+    loss_function: NotRequired[str]  # the loss fitted (as "auto" chose it: daemon.engine.loss_choice)
 
 
 class ErrorHeader(TypedDict):

@@ -176,6 +176,8 @@ def write_final(folder: Path, start: SeriesStart, geometry: SeriesGeometry, fina
         "convergence_semiangle_mrad": start.convergence_semiangle_mrad, "defocus_A": start.defocus_A,
         "detector_pixel_mrad": start.detector_pixel_mrad, "window_px": geometry.window_px,
         "frames_expected": len(received), "frames_received": int(received.sum()), **extra_attrs}
+    if "loss_function" in finals[0].header:
+        attrs["loss_function"] = str(finals[0].header["loss_function"])
     for reason in sorted({r for m in finals for r in m.header.get("rejected", {})}):  # dropped on workers
         attrs[f"worker_rejected_{reason}"] = sum(int(m.header.get("rejected", {}).get(reason, 0)) for m in finals)
     write_result(path, datasets, [cast(Mapping[str, float], m.header["stats"]) for m in finals], attrs,

@@ -87,6 +87,10 @@ class FrameStore:
         ("not_in_group", "position_outside_tile", "corrupt_payload", "non_finite"), 0))
     _row_of: dict[int, int] = field(default_factory=dict)
     virtual: VirtualFrames | None = None  # each frame's virtual detector values (set by the worker at series start)
+    # loss = "auto" (daemon.engine.loss_choice): (D, D) bool numpy mask beyond the bright-field disk, and the
+    # received frames' counts there (set by the worker at series start; None: the loss is given)
+    dark_field: np.ndarray | None = None
+    dark_field_sum: float = 0.0
 
     @classmethod
     def allocate(cls, geometry: SeriesGeometry, worker: int, loss: str, xp: Any, real_dtype: Any) -> FrameStore:
@@ -136,6 +140,8 @@ class FrameStore:
         xp = get_array_module(self.targets)
         self.targets[row] = xp.asarray(pixels, dtype=self.targets.dtype)
         self.intensity_sum += float(np.sum(pixels, dtype=np.float64))
+        if self.dark_field is not None:  # loss = "auto" chooses from how strongly the specimen scatters
+            self.dark_field_sum += float(np.sum(pixels[self.dark_field], dtype=np.float64))
         self.received[row] = True
         self.converted[row] = False
         if self.virtual is not None:  # on the intensities the row now holds, before they become a loss target

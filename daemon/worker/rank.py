@@ -22,6 +22,7 @@ import zmq
 from ptylive.daemon.engine.exchange.consensus import Consensus
 from ptylive.daemon.engine.exchange.factory import async_exchanger
 from ptylive.daemon.engine.geometry import series_geometry
+from ptylive.daemon.engine.loss_choice import AUTO, dark_field_mask
 from ptylive.daemon.engine.positions import PositionCorrection
 from ptylive.daemon.engine.tile import TileOptics, set_up_tile, tile_view
 from ptylive.daemon.service import messages as rank_messages
@@ -139,6 +140,9 @@ class Worker:
         store = FrameStore.allocate(geometry, self.settings.worker, reconstruction.loss, self.xp, self.real_t)
         store.virtual = VirtualFrames(series_detector(start, geometry), store.global_index,  # BF, ADF, CoM per frame
                                       geometry.detector_px, self.xp)
+        if reconstruction.loss == AUTO:  # chosen once enough frames are in (daemon.worker.refine)
+            store.dark_field = dark_field_mask(geometry.detector_px, geometry.detector_pixel_mrad,
+                                               start.convergence_semiangle_mrad)
         self.slots[start.series_id] = slot = SeriesSlot(start, reconstruction, store)
         if self.shutdown:
             slot.flags.stop_level = 3
@@ -229,6 +233,7 @@ class Worker:
         run = StreamRun(state, slot.store, exchanger, options, s.n_workers, final_iterations, r.final_seconds,
                         slot.flags, probe_power(state.probe, state.propagator, r.n_slices, geometry.detector_px,
                                                 slot.store.mask))
+        run.counted = np.dtype(slot.start.dtype).kind in "ui"  # loss = "auto": Poisson only for counts
         if resume is not None:  # after probe_power: the detector scale keeps the first run's reference
             self._take_over(run, resume)
         factor = max(downsample_factor(d.tile.shape, s.preview_max_px) for d in geometry.domains)
@@ -342,6 +347,7 @@ class Worker:
                   "tile": [t.row0, t.row1, t.col0, t.col1], "iterations": run.iterations,
                   "loss_history": run.loss_history, "frames_history": run.frames_history, "scale": run.store.scale,
                   "slice_thickness_A": slice_thickness_A, "rejected": run.store.rejected,
+                  "loss_function": run.options.loss,
                   "received": run.store.global_index[run.store.received].tolist(),
                   "stats": {"compute_s": sum(run.iteration_s) - stats.wait_s, "exchange_wait_s": stats.wait_s,
                             "consensus_wait_s": consensus.wait_s, "bytes_sent": stats.bytes_sent,

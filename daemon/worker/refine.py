@@ -42,6 +42,7 @@ from ptylive.daemon.engine.iteration import (
     finish_positions,
     minibatch_of,
 )
+from ptylive.daemon.engine.loss_choice import AUTO, choose_loss
 from ptylive.daemon.engine.options import EngineOptions
 from ptylive.daemon.engine.step import StepControl
 from ptylive.daemon.engine.sweep import GradientWorkspace
@@ -55,7 +56,12 @@ from ptylive.gpu.update import constrain
 logger = logging.getLogger(__name__)
 
 STOP_LEVELS = {0: None, 1: "superseded", 2: "aborted", 3: "interrupted"}
-N_SUM = 3  # Σ intensities, frames received, workers that saw the end
+N_SUM = 4  # Σ intensities, frames received, workers that saw the end, Σ dark-field counts (loss = "auto")
+#: With loss = "auto", the loss is chosen (daemon.engine.loss_choice) once this share of the series' frames is in
+#: (at least CHOOSE_MIN_FRAMES of them, or all at the end): a few first frames, perhaps off the specimen, would
+#: not say how it scatters. Until then the workers store frames and do not iterate.
+CHOOSE_SHARE = 0.1
+CHOOSE_MIN_FRAMES = 32
 IDLE_S = 0.02
 
 
@@ -96,6 +102,7 @@ class StreamRun:
     placed: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # rows whose window the tile took
     # a resumed series (daemon.worker.resume): per row, the corrected position its checkpoint held (NaN: none)
     resumed_px: np.ndarray | None = None
+    counted: bool = True  # integer detector counts (loss = "auto" takes Poisson only for those)
     # the run's gradient arrays, kept between updates so each sweeps only what it touched (engine.sweep)
     workspace: GradientWorkspace | None = None
 
@@ -127,7 +134,8 @@ def probe_power(probe: Any, propagator: Any, n_slices: int, detector_px: int, ma
 
 def _local_facts(run: StreamRun) -> tuple[np.ndarray, np.ndarray]:
     elapsed = 0.0 if run.final_started is None else time.monotonic() - run.final_started
-    sums = np.array([run.store.intensity_sum, run.store.n_received, float(run.flags.ended)])
+    sums = np.array([run.store.intensity_sum, run.store.n_received, float(run.flags.ended),
+                     run.store.dark_field_sum])
     maxes = np.concatenate([[float(run.flags.stop_level), elapsed], run.illumination_max])
     return sums, maxes
 
@@ -147,6 +155,19 @@ def _decide(run: StreamRun, sums: np.ndarray, maxes: np.ndarray) -> str | None:
         if run.final_started is None:
             run.final_started = time.monotonic()
     return None
+
+
+def _can_choose(run: StreamRun, sums: np.ndarray) -> bool:
+    """Whether enough of the series' frames are in to choose the loss from (the same answer on every worker)."""
+    total = len(run.store.geometry.positions_px)
+    return bool(sums[1] >= min(total, max(CHOOSE_MIN_FRAMES, CHOOSE_SHARE * total)) or sums[2] >= run.n_workers)
+
+
+def choose_run_loss(run: StreamRun, loss: str) -> None:
+    """Fit with ``loss`` from now on (before the first iteration: no target is converted yet)."""
+    run.options = replace(run.options, loss=loss)
+    run.store.loss = loss
+    run.step_control = StepControl.from_options(run.options)
 
 
 def take_new_windows(run: StreamRun, usable: np.ndarray) -> None:
@@ -267,6 +288,11 @@ def refine(run: StreamRun, consensus: Consensus, drain: Callable[[], None],
         if sums[1] == 0 or not sums[0] > 0:  # no frame, or no count yet: no detector scale to fit
             idle(IDLE_S)
             continue
+        if run.options.loss == AUTO:
+            if not _can_choose(run, sums):
+                idle(IDLE_S)
+                continue
+            choose_run_loss(run, choose_loss(AUTO, sums[3] / sums[0], run.counted))
         started = time.perf_counter()
         run.store.set_scale(sums[0] / (sums[1] * run.probe_power))
         run.floors = run.options.illumination_floor * maxes[2:]

@@ -268,7 +268,7 @@ def test_apply_overrides() -> None:
     ({"batchsize": 8}, r"unknown key 'reconstruction.batchsize' in series overrides; known keys: batch_size"),
     ({"endpoint": "x"}, r"unknown key 'reconstruction.endpoint'"),
     ({"batch_size": 0}, r"invalid value 0 for 'reconstruction.batch_size'; expected an integer >= 1"),
-    ({"loss": "l1"}, r"'reconstruction.loss'; expected one of 'amplitude', 'poisson'"),
+    ({"loss": "l1"}, r"'reconstruction.loss'; expected one of 'auto', 'amplitude', 'poisson'"),
     ({"max_amplitude": float("nan")}, r"'reconstruction.max_amplitude'"),
     ({"upsampling": True}, r"'reconstruction.upsampling'"),
     ({"n_slices": 2}, r"'reconstruction.slice_thickness_A'; expected > 0 when n_slices = 2"),

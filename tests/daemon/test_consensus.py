@@ -14,12 +14,14 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
 
 from ptylive.daemon.engine.exchange.consensus import Consensus
-from ptylive.daemon.worker.refine import N_SUM, STOP_LEVELS, SeriesFlags, _decide, _local_facts
+from ptylive.daemon.worker.refine import N_SUM, STOP_LEVELS, SeriesFlags, _can_choose, _decide, _local_facts
 from tests.daemon import fake_mpi
 from tests.daemon.fake_mpi import FakeComm, FakeWorld, run_ranks
 
@@ -35,6 +37,7 @@ def no_real_mpi(monkeypatch: pytest.MonkeyPatch) -> None:
 class StoreCounts:
     intensity_sum: float = 0.0
     n_received: int = 0
+    dark_field_sum: float = 0.0
 
 
 @dataclass
@@ -153,10 +156,10 @@ def test_a_communicator_of_one_rank_is_treated_as_none() -> None:
 # The stop decision, from each worker's local facts ---------------------------------------------------
 
 def test_local_facts_layout() -> None:
-    run = Run(store=StoreCounts(12.5, 4), flags=SeriesFlags(ended=True, stop_level=2),
+    run = Run(store=StoreCounts(12.5, 4, 0.5), flags=SeriesFlags(ended=True, stop_level=2),
               illumination_max=np.array([3.0, 8.0]))
     sums, maxes = local_facts(run)
-    np.testing.assert_array_equal(sums, [12.5, 4.0, 1.0])  # Σ intensities, frames, ended
+    np.testing.assert_array_equal(sums, [12.5, 4.0, 1.0, 0.5])  # Σ intensities, frames, ended, dark field
     np.testing.assert_array_equal(maxes, [2.0, 0.0, 3.0, 8.0])  # stop level, final-phase seconds, illumination
     assert len(sums) == N_SUM
 
@@ -172,7 +175,7 @@ def test_nobody_stops_until_every_worker_saw_the_end() -> None:
     runs = [Run(store=StoreCounts(9.0, 3), flags=SeriesFlags(ended=True)), Run(store=StoreCounts(1.0, 1))]
     for sums, _, decision in agree(runs):
         assert decision is None
-        np.testing.assert_array_equal(sums, [10.0, 4.0, 1.0])
+        np.testing.assert_array_equal(sums, [10.0, 4.0, 1.0, 0.0])
     assert all(run.final_started is None for run in runs)  # the final phase has not begun
 
 
@@ -234,3 +237,19 @@ def test_a_series_ended_by_the_idle_timeout_finishes_its_final_iterations_as_inc
     for run in runs:
         run.final_done = 3
     assert [decision for *_, decision in agree(runs)] == ["incomplete", "incomplete"]
+
+
+def test_the_loss_is_chosen_once_a_tenth_of_the_frames_or_the_end_is_in() -> None:
+    """``loss = "auto"`` (daemon.worker.refine._can_choose): 10 % of the series' frames (at least 32, at most all
+    of them), or every worker saw the end; the sums are the consensus totals, the same on every worker."""
+    def run(n_positions: int) -> Any:
+        return SimpleNamespace(n_workers=2, store=SimpleNamespace(
+            geometry=SimpleNamespace(positions_px=np.zeros((n_positions, 2)))))
+
+    def sums(received: int, ended: int = 0) -> np.ndarray:
+        return np.array([1.0, received, ended, 0.0])
+
+    assert not _can_choose(run(1000), sums(99)) and _can_choose(run(1000), sums(100))
+    assert not _can_choose(run(100), sums(31)) and _can_choose(run(100), sums(32))  # at least 32 ...
+    assert not _can_choose(run(20), sums(19)) and _can_choose(run(20), sums(20))  # ... but not more than all
+    assert not _can_choose(run(1000), sums(5, ended=1)) and _can_choose(run(1000), sums(5, ended=2))
