@@ -177,7 +177,8 @@ def test_a_header_position_reaches_the_running_tile_and_its_correction(geometry:
     nominal = store.positions_px.copy()
     state = SimpleNamespace(starts=store.starts.copy(), shifts=store.shifts.astype(np.float32),
                             positions=PositionCorrection.start(nominal, 0))
-    run = cast(StreamRun, SimpleNamespace(state=state, store=store, placed=np.zeros(len(nominal), bool)))
+    run = cast(StreamRun, SimpleNamespace(state=state, store=store, placed=np.zeros(len(nominal), bool),
+                                          resumed_px=None))
     assert store.add(Frame(START.series_id, index, pixels(), position_A))
     row = int(np.flatnonzero(store.global_index == index)[0])
     header_px = np.asarray(position_A) / geometry.pixel_size_A + geometry.offset_px
