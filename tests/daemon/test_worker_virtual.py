@@ -152,7 +152,9 @@ def test_a_worker_sends_the_virtual_values_of_the_frames_it_stored() -> None:
 
 
 def test_per_frame_cost_of_128_px_frames() -> None:
-    """The worker's cost per stored frame (numpy, one core's BLAS): printed; bounded loosely against regressions."""
+    """The worker's cost per stored frame (numpy, the product and the frame sum): printed; bounded loosely against
+    regressions. ``ptylive serve`` runs its ranks with one BLAS thread (``OPENBLAS_NUM_THREADS=1``): run it so to
+    see the daemon's figure (docs/daemon.md, "Virtual images")."""
     detector = default_detector(20.0, 0.5, 128)
     virtual = VirtualFrames(detector, np.arange(2000), 128)
     frames = np.random.default_rng(3).poisson(5.0, (16, 128, 128)).astype(np.float32)
