@@ -89,6 +89,7 @@ class ReconstructionJob:
     edge_fraction: float
     quiet: bool = False
     counted: bool = False  # every intensity an integer: detector counts (Poisson noise of known size)
+    dark_field_fraction: float = 0.0  # of the mean pattern's counts, beyond the disk (loss = "auto" chose by it)
 
     @property
     def window_px(self) -> int:
@@ -188,7 +189,7 @@ def validate(scan_path: Path, out_path: Path, n_ranks: int, n_slices: int | None
     options = dataclasses.replace(options, loss=choose_loss(options.loss, fraction, counted))
     return ReconstructionJob(scan_path, out_path, n_ranks, slices, thickness, upsampling, precision,
                              backend, options, meta, shape, pixel, edge_fraction(pattern_sum), quiet,
-                             counted=counted)
+                             counted=counted, dark_field_fraction=fraction)
 
 
 def _initial_state(job: ReconstructionJob, domain: RankDomain, all_positions: np.ndarray, xp: Any) -> TileState:
@@ -283,7 +284,9 @@ def run_rank(job: ReconstructionJob, comm: Any | None, signals: StopSignals | No
     if progress is not None:
         print(f"{job.n_slices} slices x {job.slice_thickness_A:.4g} A = {job.n_slices * job.slice_thickness_A:.4g} A "
               f"thick; window {job.window_px} px (upsampling {job.upsampling}) of {job.pixel_size_A:.4g} A; "
-              f"{job.n_ranks} rank(s), {job.options.mode}", file=sys.stderr, flush=True)
+              f"{job.n_ranks} rank(s), {job.options.mode}; {job.options.loss} loss ({job.dark_field_fraction:.2%} of "
+              f"the counts beyond the bright-field disk{'' if job.counted else ', not counts'})", file=sys.stderr,
+              flush=True)
         if job.upsampling == 1 and job.edge_fraction > EDGE_HINT:
             print(f"note: {job.edge_fraction:.2%} of the intensity falls on the detector's outer ring: scattering "
                   "beyond the detector aliases on a grid at its Nyquist pixel; --upsampling 2 may fit better",

@@ -60,3 +60,12 @@ def test_offline_chooses_from_the_whole_file(tmp_path: Path, case: str, expected
     given = validate(case_path(case), tmp_path / "out.h5", 1, None, None, None, "single", "numpy",
                      EngineOptions(loss="amplitude"), quiet=True)
     assert given.options.loss == "amplitude"
+
+
+def test_reconstruct_says_which_loss_it_fits_and_why(tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    result = run_cli("reconstruct", str(case_path("graphene_lowdose_d1e4")), "--iterations", "1",
+                     "--out", str(tmp_path / "out.h5"))
+    assert result.returncode == 0, result.stderr
+    assert "poisson loss (0.10% of the counts beyond the bright-field disk)" in result.stderr, result.stderr
