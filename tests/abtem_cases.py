@@ -54,6 +54,7 @@ CASE_NAMES = {
     "srtio3_thick_d1e4": "SrTiO3 [001] 62.5 A, 32 slices, 4 frozen phonons, 1e4 e/A^2, +80 A defocus",
     "srtio3_thick_d1e5": "same, 1e5 e/A^2",
     "srtio3_thick_d1e6": "same, 1e6 e/A^2",
+    "srtio3_static": "SrTiO3 [001] 62.5 A, 32 slices, static (no phonons), 1e5 e/A^2, +80 A defocus",
     "srtio3_perturbed": "SrTiO3 [001] 31.2 A, 16 slices, 1e6 e/A^2, -60 A defocus, "
                         "true positions: 1 deg rotation, 1.5 % scale, 0.35 A rms errors",
     "graphene_lowdose_d1e4": "graphene (one Si, one vacancy), 80 kV, 1e4 e/A^2, -150 A defocus",

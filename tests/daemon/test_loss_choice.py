@@ -50,6 +50,7 @@ def test_the_rule(requested: str, fraction: float, counted: bool, expected: str)
 @pytest.mark.parametrize("case, expected", [("graphene_lowdose_d1e4", "poisson"),
                                             ("graphene_lowdose_d1e5", "poisson"),
                                             ("srtio3_thick_d1e4", "amplitude"),
+                                            ("srtio3_static", "amplitude"),
                                             ("srtio3_perturbed", "amplitude"),
                                             ("pbtio3_deep", "amplitude")])
 def test_offline_chooses_from_the_whole_file(tmp_path: Path, case: str, expected: str) -> None:

@@ -115,6 +115,14 @@ CASES = {
         defocus_A=-150.0, repeats_xy=(26, 15), repeats_z=1, scan_shape=(24, 24), step_A=0.60,
         doses=(1e4, 1e5), phonon_configs=4, phonon_sigma_A=0.08, seed=20240603, group_slices=1,
         notes="monolayer graphene with one Si substitution and one vacancy, 80 kV, overfocus"),
+    # The thick crystal without thermal vibration (issue 11: "static and with frozen phonons"): one
+    # configuration, every atom at its lattice site, so nothing in the data is incoherent.
+    "srtio3_static": Case(
+        name="srtio3_static", specimen="srtio3", energy_eV=300e3, convergence_semiangle_mrad=20.0,
+        defocus_A=+80.0, repeats_xy=(9, 9), repeats_z=16, scan_shape=(20, 20), step_A=0.40,
+        doses=(1e5,), phonon_configs=1, phonon_sigma_A=0.0, seed=20240605,
+        notes="SrTiO3 [001], 16 unit cells (62.5 A) in 32 slices of a/2, static (no frozen phonons); "
+              "underfocus"),
     # Close to issue 11's held-back description (about 80 A in 40 slices, 300 kV, 25 mrad, a 128-px
     # detector cropped from a finer grid, Poisson noise); reconstructed with half the slices in its test.
     "pbtio3_deep": Case(
@@ -304,8 +312,9 @@ def simulate_case(case: Case, chunk: int = 50) -> dict:
     groups = max(1, geom.n_slices // case.group_slices)
     intensities = np.zeros((n_pos, n, n), np.float64)
     truth_groups = np.zeros((groups, grid, grid), np.float64)
-    phonons = abtem.FrozenPhonons(atoms, num_configs=case.phonon_configs, sigmas=case.phonon_sigma_A,
-                                  seed=case.seed)
+    # a static case (sigma 0) is its one configuration, the lattice itself
+    phonons = [atoms] if case.phonon_sigma_A == 0 else abtem.FrozenPhonons(
+        atoms, num_configs=case.phonon_configs, sigmas=case.phonon_sigma_A, seed=case.seed)
     for config, displaced in enumerate(phonons):
         potential = abtem.Potential(displaced, gpts=(geom.sim_gpts, geom.sim_gpts),
                                     slice_thickness=geom.slice_thickness_A, projection="infinite")
