@@ -228,7 +228,12 @@ class Worker:
         if options.correct_positions:
             state.positions = PositionCorrection.start(slot.store.positions_px, options.positions_from_iteration)
         exchanger = async_exchanger(self.comm, domain, r.n_slices, s.precision, options)
-        resume = load_resume(s.checkpoint_folder, slot.start, geometry, s.worker, slot.store.global_index)
+        try:
+            resume = load_resume(s.checkpoint_folder, slot.start, geometry, s.worker, slot.store.global_index)
+        except Exception:  # noqa: BLE001 - a bad snapshot must not kill the worker: every restart would retry it
+            logger.exception("worker %d: the resume snapshots of series %r cannot be used; starting it from vacuum",
+                             s.worker, slot.start.series_id)
+            resume = None
         final_iterations = (s.resume_iterations or r.final_iterations) if resume is not None else r.final_iterations
         run = StreamRun(state, slot.store, exchanger, options, s.n_workers, final_iterations, r.final_seconds,
                         slot.flags, probe_power(state.probe, state.propagator, r.n_slices, geometry.detector_px,

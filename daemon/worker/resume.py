@@ -52,10 +52,26 @@ class ResumePoint:
     positions_px: npt.NDArray[np.float64]
 
 
-def _snapshots(folder: Path, start: SeriesStart, n_workers: int) -> dict[int, Checkpoint]:
-    """Every readable snapshot of the series whose start is ``start`` (a stale one of another start: skipped)."""
+def _inconsistency(checkpoint: Checkpoint, geometry: SeriesGeometry, worker: int) -> str | None:
+    """Why a snapshot that reads cannot be taken over (a damaged or foreign file), or None."""
+    final, tile = checkpoint.final, geometry.domains[worker].tile
+    volume, probe, corrected = final.arrays[0], final.arrays[1], final.arrays[2]
+    if volume.ndim != 3 or volume.shape[1:] != tile.shape:
+        return f"its tile is {volume.shape}, worker {worker}'s is {tile.shape}"
+    if len(final.header["received"]) != len(corrected) or corrected.shape[1:] != (2,):
+        return f"{len(final.header['received'])} frames received but {corrected.shape} positions"
+    if probe.shape[-1] != geometry.window_px or probe.ndim not in (2, 3):
+        return f"its probe is {probe.shape}, the window {geometry.window_px} px"
+    if len(final.header["loss_history"]) < int(final.header["iterations"]):
+        return "its loss history is shorter than its iterations"
+    return None
+
+
+def _snapshots(folder: Path, start: SeriesStart, geometry: SeriesGeometry) -> dict[int, Checkpoint]:
+    """Every usable snapshot of the series whose start is ``start``: a stale one of another start, one that does not
+    read and one that does not fit its worker's tile are skipped (logged), never raised into the worker."""
     found = {}
-    for worker in range(n_workers):
+    for worker in range(len(geometry.domains)):
         path = resume_path(folder, start.series_id, worker)
         if not path.exists():
             continue
@@ -64,8 +80,13 @@ def _snapshots(folder: Path, start: SeriesStart, n_workers: int) -> dict[int, Ch
         except ValueError as exc:
             logger.error("resume snapshot skipped: %s", exc)
             continue
-        if checkpoint.start == start and checkpoint.n_workers == n_workers:
-            found[worker] = checkpoint
+        if checkpoint.start != start or checkpoint.n_workers != len(geometry.domains):
+            continue
+        reason = _inconsistency(checkpoint, geometry, worker)
+        if reason is not None:
+            logger.error("resume snapshot %s skipped: %s", path, reason)
+            continue
+        found[worker] = checkpoint
     return found
 
 
@@ -80,7 +101,7 @@ def load_resume(folder: Path | None, start: SeriesStart, geometry: SeriesGeometr
     """
     if folder is None:
         return None
-    snapshots = _snapshots(folder, start, len(geometry.domains))
+    snapshots = _snapshots(folder, start, geometry)
     if not snapshots:
         return None
     domain = geometry.domains[worker]

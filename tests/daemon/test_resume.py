@@ -22,6 +22,7 @@ from ptylive.daemon.service.checkpoints import (
 )
 from ptylive.daemon.service.config import DaemonConfig, IngestConfig, ReconstructionConfig, ServiceConfig
 from ptylive.daemon.service.final_writer import FinalJob, FinalOutcome
+from ptylive.daemon.service.messages import FinalMessage
 from ptylive.daemon.service.resume import plan_resumes, resume_feed
 from ptylive.daemon.worker.resume import load_resume
 from ptylive.streaming import protocol
@@ -169,3 +170,20 @@ def test_no_snapshot_or_another_starts_snapshot_means_a_fresh_start(tmp_path: Pa
     other = dataclasses.replace(START, defocus_A=5.0)
     write_checkpoint(resume_path(tmp_path, START.series_id, 0), checkpoint(geometry, 0, 1j))
     assert load_resume(tmp_path, other, geometry, 1, index) is None
+
+
+def test_a_damaged_snapshot_is_skipped_not_raised_into_the_worker(tmp_path: Path, geometry: SeriesGeometry,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A snapshot that reads but does not fit (positions not matching its received frames, a tile of another
+    shape) is skipped with an error: the worker starts from vacuum, and a restart does not die on it again."""
+    broken = checkpoint(geometry, 0, 1j)
+    arrays = (broken.final.arrays[0], broken.final.arrays[1], broken.final.arrays[2][:-1], broken.final.arrays[3])
+    write_checkpoint(resume_path(tmp_path, START.series_id, 0),
+                     dataclasses.replace(broken, final=FinalMessage(broken.final.header, arrays)))
+    other = checkpoint(geometry, 1, 2j)
+    arrays = (other.final.arrays[0][:, :-1], *other.final.arrays[1:])
+    write_checkpoint(resume_path(tmp_path, START.series_id, 1),
+                     dataclasses.replace(other, final=FinalMessage(other.final.header, arrays)))
+    index = np.asarray(geometry.domains[0].positions, dtype=np.int64)
+    assert load_resume(tmp_path, START, geometry, 0, index) is None
+    assert "frames received but" in caplog.text and "its tile is" in caplog.text
