@@ -319,7 +319,12 @@ class Rank0:
         re-stream through the ingest those that can be refined on from the last run's recording (resume)."""
         recovered = self.checkpoints.recover(Path(self.config.output.folder), self.collector.writer.fallback_folder)
         recorder = self.ingest.recorder
-        plans = plan_resumes(recovered, None if recorder is None else recorder.previous, self.config)
+        try:
+            plans = plan_resumes(recovered, None if recorder is None else recorder.previous, self.config)
+        except Exception:  # noqa: BLE001 - a resume is extra: the checkpoint versions are written regardless
+            logger.exception("resuming from the recording failed; the recovered series are written from their "
+                             "checkpoints only")
+            plans = {}
         for job in recovered:
             series_id = job.start.series_id
             if series_id in plans:
