@@ -11,8 +11,10 @@ cache is used. ``norm="ortho"`` throughout, so ``ifft2`` is the adjoint of
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -31,7 +33,22 @@ except ImportError:  # pragma: no cover - hard dependency, kept for clarity
 MAX_PLANS = 64
 _PLANS: OrderedDict[tuple[tuple[int, ...], str], tuple[Any, Any, Any]] = OrderedDict()
 _PLAN_LOCK = threading.Lock()
-PLANNER_FLAGS = ("FFTW_MEASURE",)
+PLANNERS = ("FFTW_ESTIMATE", "FFTW_MEASURE", "FFTW_PATIENT")
+#: Environment variable choosing the FFTW planner. FFTW_MEASURE (the default) times candidate algorithms, so two
+#: processes on a loaded machine may pick different ones, whose results differ in the last bits (and 30 iterations
+#: later by 1e-4); FFTW_ESTIMATE picks without timing: the same plan, bit for bit, in every process.
+PLANNER_ENV = "PTYLIVE_FFTW_PLANNER"
+
+
+def planner_flags(environ: Mapping[str, str] = os.environ) -> tuple[str]:
+    """The planner flag of :data:`PLANNER_ENV` (FFTW_MEASURE when unset); ValueError for an unknown one."""
+    planner = environ.get(PLANNER_ENV, "FFTW_MEASURE")
+    if planner not in PLANNERS:
+        raise ValueError(f"{PLANNER_ENV}={planner!r}: expected one of {PLANNERS}")
+    return (planner,)
+
+
+PLANNER_FLAGS = planner_flags()
 
 
 def _plans(shape: tuple[int, ...], dtype: np.dtype) -> tuple[Any, Any, Any]:

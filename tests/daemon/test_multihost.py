@@ -33,6 +33,7 @@ import pytest
 
 from ptylive.daemon.service.config import DaemonConfig, config_to_toml
 from ptylive.daemon.service.process import ServeProcess
+from ptylive.gpu.fft import PLANNER_ENV
 from tests.conftest import read_result
 from tests.daemon.serve_harness import daemon_config, read_final, wait_for
 
@@ -184,7 +185,10 @@ def worker_pids(spaces: Namespaces) -> list[int]:
 
 
 def test_a_series_streamed_to_rank_0_in_one_namespace_reconstructs_on_a_worker_in_another_exactly_as_on_one_host(
-        namespaces: Namespaces, small_scan: Path, tmp_path: Path) -> None:
+        namespaces: Namespaces, small_scan: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Bit for bit across processes needs the same FFT plans in both: FFTW_MEASURE times its candidates, and on
+    # a loaded machine the two runs once chose differently (1.8e-4 apart after the iterations).
+    monkeypatch.setenv(PLANNER_ENV, "FFTW_ESTIMATE")
     reference = one_host_serve(tmp_path / "one-host", small_scan)
 
     folder = tmp_path / "two-hosts"
@@ -195,6 +199,7 @@ def test_a_series_streamed_to_rank_0_in_one_namespace_reconstructs_on_a_worker_i
         assert namespaces.holds(0, int(endpoints["pid"]))  # type: ignore[call-overload]
         [worker] = worker_pids(namespaces)
         assert namespaces.holds(1, worker)
+        assert f"{PLANNER_ENV}=FFTW_ESTIMATE".encode() in Path(f"/proc/{worker}/environ").read_bytes().split(b"\0")
         assert (folder / "launches").read_text() == f"{namespaces.addresses[1]} {namespaces.names[1]}\n"
         connected = subprocess.run([*namespaces.inside(1), "ss", "-Htn", "state", "established"],
                                    capture_output=True, text=True, timeout=10).stdout

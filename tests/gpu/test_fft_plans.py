@@ -23,3 +23,10 @@ def test_the_plan_cache_keeps_at_most_max_plans_shapes_least_recently_used_out(m
     x[...] = rng.standard_normal(x.shape)
     np.testing.assert_allclose(fft.ifft2(fft.fft2(x.copy())), x, rtol=1e-5, atol=1e-6)
     assert len(fft._PLANS) == 3
+
+
+def test_the_planner_comes_from_the_environment_and_an_unknown_one_is_refused() -> None:
+    assert fft.planner_flags({}) == ("FFTW_MEASURE",)
+    assert fft.planner_flags({fft.PLANNER_ENV: "FFTW_ESTIMATE"}) == ("FFTW_ESTIMATE",)
+    with pytest.raises(ValueError, match="FFTW_FAST"):
+        fft.planner_flags({fft.PLANNER_ENV: "FFTW_FAST"})
