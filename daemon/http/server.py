@@ -58,7 +58,7 @@ from ptylive.daemon.http.requests import (
     parse_virtual_query,
 )
 from ptylive.daemon.http.sse import EventHub, json_ready
-from ptylive.daemon.http.streams import OpenConnections, send_event_stream, send_file, served_file
+from ptylive.daemon.http.streams import OpenConnections, listed_files, send_event_stream, send_file, served_file
 from ptylive.daemon.http.viewer import viewer_asset
 from ptylive.streaming.scan_plan import ScanRequest
 
@@ -178,6 +178,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_png(image() if image is not None else None, f"no {path[1:-4]} image (yet)")
         elif path == "/events" and providers.events is not None:
             send_event_stream(self, providers.events, self.server.closing)
+        elif path == "/files/" and providers.output_folder is not None:
+            self._send_json(HTTPStatus.OK, listed_files(providers.output_folder))
         elif path.startswith("/files/") and providers.output_folder is not None:
             self._send_file(providers.output_folder, unquote(path[len("/files/"):]))
         elif path == "/metrics" and providers.metrics is not None:

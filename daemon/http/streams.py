@@ -14,10 +14,12 @@ import re
 import select
 import shutil
 import socket
+import stat
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+from typing import Any
 
 from ptylive.daemon.http.sse import EventHub, TooManySubscribers, stream_events
 
@@ -113,6 +115,35 @@ def send_file(handler: BaseHTTPRequestHandler, path: Path, content_type: str) ->
 
 
 SERVED_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*\.h5")  # what service.results.output_path makes, nothing else
+
+
+#: Most files ``GET /files/`` lists (the newest): a results folder of weeks of series stays one bounded reply.
+MAX_LISTED_FILES = 1000
+
+
+def listed_files(folder: Path, limit: int = MAX_LISTED_FILES) -> dict[str, Any]:
+    """``GET /files/``: the final files ``GET /files/<name>`` serves, newest first, at most ``limit``.
+
+    Each entry has ``name``, ``bytes`` and ``modified_s`` (POSIX time); ``total`` counts every such file and
+    ``truncated`` says whether some were left out. Names that :func:`served_file` would refuse (``.partial``
+    files, anything not ``<stem>.h5``) are not listed; neither are symbolic links.
+    """
+    entries: list[dict[str, Any]] = []
+    try:
+        candidates = list(folder.iterdir())
+    except OSError as exc:
+        return {"files": [], "total": 0, "truncated": False, "error": type(exc).__name__}
+    for path in candidates:
+        if not SERVED_NAME.fullmatch(path.name):
+            continue
+        try:
+            info = path.lstat()
+        except OSError:
+            continue
+        if stat.S_ISREG(info.st_mode):
+            entries.append({"name": path.name, "bytes": info.st_size, "modified_s": info.st_mtime})
+    entries.sort(key=lambda entry: (-float(entry["modified_s"]), str(entry["name"])))
+    return {"files": entries[:limit], "total": len(entries), "truncated": len(entries) > limit}
 
 
 def served_file(folder: Path, name: str) -> Path:

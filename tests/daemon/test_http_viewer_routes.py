@@ -4,6 +4,7 @@ and ``/files/<name>.h5``, and how closing the server ends long-lived connections
 from __future__ import annotations
 
 import http.client
+import os
 import socket
 import time
 import urllib.request
@@ -137,12 +138,40 @@ def test_final_files_are_served_as_attachments(files: tuple[StatusServer, Path])
 
 
 @pytest.mark.parametrize("name", ["scan-2.h5.partial", ".hidden.h5", "..%2Fsecret.h5", "%2E%2E%2Fsecret.h5",
-                                  "sub/scan-1.h5", "link.h5", "scan-1.h5%00.h5", "%2Fetc%2Fpasswd", "", "scan-1"])
+                                  "sub/scan-1.h5", "link.h5", "scan-1.h5%00.h5", "%2Fetc%2Fpasswd", "scan-1"])
 def test_nothing_but_a_final_file_of_the_output_folder_is_served(files: tuple[StatusServer, Path], name: str) -> None:
     server, _ = files
     reply = request(server.url + "files/" + name)
     assert reply.status in (400, 404)
     assert b"CONTENT" not in reply.body
+
+
+def test_the_results_listing_names_only_what_files_serves_newest_first(files: tuple[StatusServer, Path]) -> None:
+    """``GET /files/``: the final files (name, bytes, modified_s), newest first; never a .partial, a hidden file,
+    a symbolic link or anything outside the folder."""
+    server, folder = files
+    (folder / "scan-3.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
+    os.utime(folder / "scan-1.h5", (1_000_000, 1_000_000))
+    reply = request(server.url + "files/")
+    assert reply.status == 200 and reply.cache_control == "no-store"
+    listing = reply.json()
+    assert [entry["name"] for entry in listing["files"]] == ["scan-3.h5", "scan-1.h5"]
+    assert listing["files"][1] == {"name": "scan-1.h5", "bytes": (folder / "scan-1.h5").stat().st_size,
+                                   "modified_s": 1_000_000.0}
+    assert listing["total"] == 2 and listing["truncated"] is False
+    assert b"CONTENT" not in reply.body and b"secret" not in reply.body and b"partial" not in reply.body
+
+
+def test_the_results_listing_is_bounded(tmp_path: Path) -> None:
+    from ptylive.daemon.http.streams import listed_files
+
+    for i in range(5):
+        (tmp_path / f"s-{i}.h5").write_bytes(b"x")
+        os.utime(tmp_path / f"s-{i}.h5", (1000 + i, 1000 + i))
+    listing = listed_files(tmp_path, limit=3)
+    assert [entry["name"] for entry in listing["files"]] == ["s-4.h5", "s-3.h5", "s-2.h5"]
+    assert listing["total"] == 5 and listing["truncated"] is True
+    assert listed_files(tmp_path / "missing")["error"] == "FileNotFoundError"
 
 
 def test_traversal_in_the_raw_path_is_refused(files: tuple[StatusServer, Path]) -> None:
