@@ -22,7 +22,8 @@ TIMING_COLUMNS = (("compute_s", "compute s", "{:.3f}"), ("exchange_wait_s", "exc
 COMMANDS = ("inspect", "export", "plot")
 
 #: Attributes of a series recovered from checkpoints (:mod:`ptylive.daemon.service.checkpoints`), shown as they are.
-RECOVERY_ATTRS = ("missing_workers", "recovered_workers", "checkpoint_iterations")
+RECOVERY_ATTRS = ("missing_workers", "recovered_workers", "checkpoint_iterations", "resumed_from_iteration",
+                  "resumed_from_recording")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -102,6 +103,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"coverage     frames {_fraction(coverage['frames'])}, scanned area {_fraction(coverage['scanned_area'])}"
         " of the object",
     ]
+    if s["virtual_kinds"]:
+        lines.append(f"virtual      {', '.join(s['virtual_kinds'])} (group virtual/)")
     lines += [f"{name:<12} {value}" for name, value in s["attributes"].items() if name in RECOVERY_ATTRS
               or name.startswith("worker_rejected_")]
     if s["per_rank"]:

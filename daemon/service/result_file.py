@@ -117,7 +117,8 @@ def read_summary(path: Path) -> dict[str, Any]:
         ``frames_expected``, ``iterations``, ``loss_function``, ``loss_first``, ``loss_last``, ``n_slices``,
         ``slice_thickness_A``, ``pixel_size_A``, ``object_shape_px`` [S, H, W], ``probe_shape_px``,
         ``probe_modes``, ``coverage`` {``frames``, ``scanned_area``} (fractions), ``per_rank`` (list of
-        :func:`rank_table` rows) and ``attributes`` (every root attribute).
+        :func:`rank_table` rows), ``virtual_kinds`` (the ``virtual/`` group's images, sorted; empty without one)
+        and ``attributes`` (every root attribute).
     """
     with open_result(path) as f:
         attrs = {name: plain(value) for name, value in f.attrs.items()}
@@ -137,7 +138,9 @@ def read_summary(path: Path) -> dict[str, Any]:
             "n_slices": f["object"].shape[0], "slice_thickness_A": attrs.get("slice_thickness_A"),
             "pixel_size_A": attrs.get("pixel_size_A"), "object_shape_px": list(f["object"].shape),
             "probe_shape_px": probe_shape[-2:], "probe_modes": probe_shape[0] if len(probe_shape) == 3 else 1,
-            "coverage": _coverage(f, received, expected), "per_rank": rank_table(f), "attributes": attrs,
+            "coverage": _coverage(f, received, expected), "per_rank": rank_table(f),
+            "virtual_kinds": sorted(f["virtual"]) if isinstance(f.get("virtual"), h5py.Group) else [],
+            "attributes": attrs,
         }
 
 

@@ -8,6 +8,7 @@ received only some of its frames.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,7 @@ def test_inspect_streamed_series(streamed: Path, capsys: pytest.CaptureFixture[s
     assert [r["compute_s"] for r in summary["per_rank"]] == [1.5, 2.0]
     assert [r["exchange_wait_s"] for r in summary["per_rank"]] == [0.25, 0.5]
     assert [r["peak_memory_bytes"] for r in summary["per_rank"]] == [None, None]  # NaN in the file: not measured
+    assert summary["virtual_kinds"] == []
     assert cli_main(["inspect", str(streamed)]) == 0
     text = capsys.readouterr().out
     assert "series id    stream-7" in text and "async, 2 workers" in text and "12 of 16 received" in text
@@ -279,3 +281,21 @@ def test_cli_error_has_no_traceback(tmp_path: Path) -> None:
     done = run_cli("inspect", str(tmp_path / "absent.h5"))
     assert done.returncode == 2
     assert done.stderr.strip() == f"error: {tmp_path / 'absent.h5'}: no such file (expected a ptylive result, HDF5)"
+
+
+def test_inspect_names_the_virtual_images_and_the_resume(streamed: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A streamed file's ``virtual/`` group (issue 14 item 3) and a resumed series' attributes are listed."""
+    copy = tmp_path / "resumed.h5"
+    shutil.copyfile(streamed, copy)
+    with h5py.File(copy, "a") as f:
+        group = f.create_group("virtual")
+        for kind in ("com_x", "bf"):
+            group[kind] = np.zeros((4, 4), np.float32)
+        f.attrs["resumed_from_iteration"] = 12
+    summary = inspect_json(copy, capsys)
+    assert summary["virtual_kinds"] == ["bf", "com_x"]
+    assert cli_main(["inspect", str(copy)]) == 0
+    text = capsys.readouterr().out
+    assert "virtual      bf, com_x (group virtual/)" in text and "resumed_from_iteration 12" in text
+
