@@ -200,8 +200,7 @@ def _initial_state(job: ReconstructionJob, domain: RankDomain, all_positions: np
         probe = None  # on the file's grid, not this upsampling's (validate warned)
     optics = TileOptics(meta.energy_eV, meta.convergence_semiangle_mrad, meta.defocus_A, job.pixel_size_A,
                         job.window_px, job.n_slices, job.slice_thickness_A, probe)
-    starts, shifts = window_starts(all_positions[domain.positions], job.window_px)
-    starts = starts - np.array([domain.extended.row0, domain.extended.col0])
+    starts, shifts = domain.extended.windows(all_positions[domain.positions], job.window_px)
     frames = xp.asarray(read_frames(job.scan_path, domain.positions, dtype=real_t))
     state = set_up_tile(domain, optics, starts, shifts, frames, xp, job.precision, job.options.probe_modes)
     if job.options.correct_positions:

@@ -67,6 +67,12 @@ class Box:
         return (slice(self.row0 - origin.row0, self.row1 - origin.row0),
                 slice(self.col0 - origin.col0, self.col1 - origin.col0))
 
+    def windows(self, positions_px: np.ndarray, window_px: int) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`~ptylive.gpu.patches.window_starts` of ``positions_px`` (P, 2), the starts relative to this box
+        (a tile's own array): ``(P, 2)`` int64 starts and ``(P, 2)`` sub-pixel shifts."""
+        starts, shifts = window_starts(positions_px, window_px)
+        return starts - np.array([self.row0, self.col0], dtype=np.int64), shifts
+
 
 @dataclass(frozen=True)
 class RankDomain:

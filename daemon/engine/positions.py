@@ -49,7 +49,6 @@ import numpy.typing as npt
 
 from ptylive.daemon.engine.decomposition import Box
 from ptylive.gpu.multislice import CURVATURE_PER_LOSS
-from ptylive.gpu.patches import window_starts
 from ptylive.gpu.positions import (
     CURVATURE_FLOOR,
     MAX_MOVE_PX,
@@ -303,8 +302,7 @@ def refine_positions(
     blended = blend_positions(n, corrected, weights, affine, nominal_mean)
     blended[step.nonfinite] = p[step.nonfinite]  # a non-finite gradient is never applied
     blended, clipped = clip_to_tile(blended, extended, window_px)
-    starts, shifts = window_starts(blended, window_px)
-    starts -= np.array([extended.row0, extended.col0], dtype=np.int64)
+    starts, shifts = extended.windows(blended, window_px)
     rest = totals[N_AFFINE_SUMS + 3:]
     kept = step.nonfinite[:, None]  # a non-finite gradient leaves gain and memory as they were
     spread = state.spread_px2

@@ -28,7 +28,6 @@ from ptylive.daemon.engine.geometry import SeriesGeometry
 from ptylive.daemon.worker.virtual import VirtualFrames
 from ptylive.gpu.backend import get_array_module
 from ptylive.gpu.loss import measured_target
-from ptylive.gpu.patches import window_starts
 from ptylive.streaming.compression import CompressionError
 from ptylive.streaming.detector_frames import DetectorPreprocessing
 from ptylive.streaming.ownership import NotPlaceable, owner_for
@@ -98,8 +97,7 @@ class FrameStore:
         index = np.asarray(domain.positions, dtype=np.int64)
         d = geometry.detector_px
         positions = np.array(geometry.positions_px[index], dtype=np.float64)
-        starts, shifts = window_starts(positions, geometry.window_px)
-        starts -= np.array([domain.extended.row0, domain.extended.col0])
+        starts, shifts = domain.extended.windows(positions, geometry.window_px)
         store = cls(geometry, worker, loss, index, xp.zeros((len(index), d, d), real_dtype), positions, starts,
                     shifts.astype(real_dtype), np.zeros(len(index), bool), np.zeros(len(index), bool))
         store._row_of = {int(g): r for r, g in enumerate(index)}

@@ -50,7 +50,7 @@ from ptylive.daemon.engine.tile import TileState
 from ptylive.daemon.worker.frames import FrameStore
 from ptylive.gpu.backend import get_array_module, to_numpy
 from ptylive.gpu.multislice import forward
-from ptylive.gpu.patches import extract_patches, window_starts
+from ptylive.gpu.patches import extract_patches
 from ptylive.gpu.update import constrain
 
 logger = logging.getLogger(__name__)
@@ -188,10 +188,8 @@ def take_new_windows(run: StreamRun, usable: np.ndarray) -> None:
     if run.resumed_px is not None:  # rows a checkpoint held go on from where their correction had moved them
         moved = new & np.isfinite(run.resumed_px[:, 0])
         if moved.any():
-            starts, shifts = window_starts(run.resumed_px[moved], store.geometry.window_px)
-            extended = state.domain.extended
-            state.starts[moved] = starts - np.array([extended.row0, extended.col0])
-            state.shifts[moved] = shifts
+            state.starts[moved], state.shifts[moved] = state.domain.extended.windows(run.resumed_px[moved],
+                                                                                    store.geometry.window_px)
             if state.positions is not None:
                 state.positions.state.positions_px[moved] = run.resumed_px[moved]
     run.placed |= new
