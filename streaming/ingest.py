@@ -198,8 +198,9 @@ class Ingest:
 
     def run(self, stop: threading.Event) -> None:
         """Receive and forward until ``stop`` is set; malformed input is counted, never raised."""
+        native = type(self.decoder) is PtyliveDecoder
         for n, parts in enumerate(self._preload, 1):
-            self._take(parts, stop)
+            self._take(parts, stop, native)
             if stop.is_set():
                 return
             if n % PRELOAD_COMMANDS_EVERY == 0:  # finalize/abort requests are answered meanwhile
@@ -234,10 +235,8 @@ class Ingest:
             if stop.is_set():
                 return
 
-    def _take(self, parts: list[Any], stop: threading.Event, native: bool | None = None) -> None:
-        """One message: recorded, decoded, dispatched."""
-        if native is None:
-            native = type(self.decoder) is PtyliveDecoder
+    def _take(self, parts: list[Any], stop: threading.Event, native: bool) -> None:
+        """One message: recorded, decoded, dispatched (``native``: the decoder is ptylive stream v1's)."""
         self.messages_received += 1
         if self.recorder is not None:  # everything, malformed traffic included
             self.recorder.write(parts)

@@ -334,8 +334,8 @@ class Rank0:
                     logger.error("series %r is written from its checkpoints only: they could not be snapshotted "
                                  "in %s (%s)", series_id, self.checkpoints.folder, exc)
                     del plans[series_id]
-            if series_id in plans:
-                self.collector.views.expect_again(series_id)
+                else:
+                    self.collector.views.expect_again(series_id)
             self.collector.writer.submit(dataclasses.replace(job, keep_checkpoints=series_id in plans))
         self.resumes.update(plans)
         if plans:
