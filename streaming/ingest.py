@@ -441,13 +441,13 @@ class Ingest:
 
     def snapshot(self) -> dict[str, Any]:
         """JSON-serialisable counters: the registry, the current series' router, and each worker."""
-        registry, router = self.book.snapshot()
+        registry, router, routing_errors = self.book.snapshot()
         # no worker endpoints: /status publishes this, and whoever reaches them can take frames
         workers = [{"worker": w, "forwarded": self.forwarded[w], "blocked_s": self.blocked_s[w],
                     "bytes_forwarded": self.bytes_forwarded[w],
                     "control_forwarded": self.control_forwarded[w]} for w in range(len(self._pushes))]
         return {"endpoint": self._endpoint, "messages_received": self.messages_received, "registry": registry,
-                "router": router, "workers": workers, "routing_errors": self.routing_errors,
+                "router": router, "workers": workers, "routing_errors": routing_errors,
                 "unsent_on_stop": self.unsent_on_stop, "decoder": self.decoder.snapshot(),
                 "buffered": None if self.in_flight is None else self.in_flight.snapshot(),
                 "recording": None if self.recorder is None else self.recorder.snapshot()}

@@ -190,14 +190,16 @@ class SeriesBook:
                 logger.warning("frame %d of series %r not routed: %s", frame.frame_index, frame.series_id, exc)
                 return None
 
-    def snapshot(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """The registry's counters and the current series' router counters (None without one)."""
+    def snapshot(self) -> tuple[dict[str, Any], dict[str, Any] | None, int]:
+        """The registry's counters, the current series' router counters (None without one) and the routing
+        errors, read together under the lock (so the three agree)."""
         with self._lock:
             registry = self.registry.snapshot()
             current = self.registry.current
             entry = self._routers.get(current.series_id) if current is not None else None
             router = None if entry is None else {"series_id": entry[0].series_id, **entry[1].snapshot()}
-        return registry, router
+            routing_errors = self.routing_errors
+        return registry, router, routing_errors
 
     def find(self, series_id: str, arrays: bool = False) -> SeriesProgress | None:
         """Progress of the newest series named ``series_id`` (current, queued or finished), or None.

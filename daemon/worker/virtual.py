@@ -18,8 +18,9 @@ message (:func:`probe_amplitude`).
 
 The detector is :func:`~ptylive.streaming.virtual_images.default_detector` of the series: α the start's
 convergence semi-angle, one ADF ring from 1.5 α to the stored frames' inscribed edge, and the angle of one stored
-pixel from the reconstruction's own grid (:func:`stored_pixel_mrad`), so the rings follow whatever the frames
-went through before they were stored (``docs/physics.md``, "Virtual detector images").
+pixel the geometry's ``detector_pixel_mrad`` (the detector's times its bin factor: frames are stored at the
+detector's resolution whatever the upsampling), so the rings follow whatever the frames went through before they
+were stored (``docs/physics.md``, "Virtual detector images").
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import numpy.typing as npt
 from ptylive.daemon.engine.geometry import SeriesGeometry
 from ptylive.daemon.service.preview import block_mean, downsample_factor
 from ptylive.gpu.backend import get_array_module, to_numpy
-from ptylive.gpu.physics import wavelength_A
 from ptylive.streaming.protocol import SeriesStart
 from ptylive.streaming.virtual_images import (
     SUM_NAMES,
@@ -48,17 +48,9 @@ logger = logging.getLogger(__name__)
 PROBE_MAX_PX = 128  # the probe amplitude rank 0 shows is block-averaged to at most this side
 
 
-def stored_pixel_mrad(start: SeriesStart, geometry: SeriesGeometry) -> float:
-    """The angle (mrad) one pixel of the stored frames spans: the reconstruction's object pixel is
-    ``λ / (N·Δθ)`` for its window of ``N`` px (:mod:`ptylive.daemon.engine.geometry`), so ``Δθ = λ / (N·pixel)``:
-    the start's ``detector_pixel_mrad`` for frames stored as the detector sent them, at any upsampling."""
-    return float(wavelength_A(start.energy_eV) / (geometry.window_px * geometry.pixel_size_A) * 1e3)
-
-
 def series_detector(start: SeriesStart, geometry: SeriesGeometry) -> VirtualDetector:
     """The virtual detector of a series' stored ``geometry.detector_px``-square frames."""
-    return default_detector(start.convergence_semiangle_mrad, stored_pixel_mrad(start, geometry),
-                            geometry.detector_px)
+    return default_detector(start.convergence_semiangle_mrad, geometry.detector_pixel_mrad, geometry.detector_px)
 
 
 class VirtualFrames:

@@ -84,7 +84,7 @@ def test_a_wrong_mask_is_refused_and_counted_by_the_ingest_book(tmp_path: Path) 
     assert book.start(START)  # the good one runs
     wrong = dataclasses.replace(START, series_id="wrong", pixel_mask=np.zeros((512, 1028), bool))
     assert not book.start(wrong)
-    snapshot, _ = book.snapshot()
+    snapshot, _, _ = book.snapshot()
     refused = next(s for s in snapshot["finished"] if s["series_id"] == "wrong")
     assert snapshot["starts"]["refused"] == 1
     assert "pixel mask is 512×1028; expected the detector's 514×1030" in refused["refusal"]

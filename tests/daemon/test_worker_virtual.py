@@ -16,7 +16,7 @@ from ptylive.daemon.service import messages as rank_messages
 from ptylive.daemon.service.config import ReconstructionConfig
 from ptylive.daemon.worker.frames import FrameStore
 from ptylive.daemon.worker.rank import Worker, WorkerSettings
-from ptylive.daemon.worker.virtual import VirtualFrames, probe_amplitude, series_detector, stored_pixel_mrad
+from ptylive.daemon.worker.virtual import VirtualFrames, probe_amplitude, series_detector
 from ptylive.streaming.detector_frames import DetectorCrop
 from ptylive.streaming.protocol import Frame, SeriesStart
 from ptylive.streaming.virtual_images import default_detector, frame_values
@@ -42,7 +42,7 @@ def patterns(n: int, seed: int = 0) -> np.ndarray:
 @pytest.mark.parametrize("upsampling", [1, 2])
 def test_the_rings_are_the_stored_frames_angles(upsampling: int) -> None:
     geometry = series_geometry(START, 1, upsampling)
-    assert stored_pixel_mrad(START, geometry) == pytest.approx(START.detector_pixel_mrad, rel=1e-12)
+    assert geometry.detector_pixel_mrad == pytest.approx(START.detector_pixel_mrad, rel=1e-12)
     detector = series_detector(START, geometry)
     assert detector.convergence_semiangle_mrad == 8.0
     np.testing.assert_allclose(detector.annuli_mrad, [[12.0, 16.0]], rtol=1e-12)  # 1.5 α to the edge, (D // 2)·Δθ
@@ -54,8 +54,7 @@ def test_a_cropped_binned_detectors_rings_use_the_binned_pixel() -> None:
                                 detector_crop=DetectorCrop(200, 500, 64, 2))
     geometry = series_geometry(start, 1, 1)
     assert geometry.detector_px == 32
-    assert stored_pixel_mrad(start, geometry) == pytest.approx(geometry.detector_pixel_mrad, rel=1e-12)
-    assert stored_pixel_mrad(start, geometry) == pytest.approx(1.0, rel=1e-12)
+    assert geometry.detector_pixel_mrad == pytest.approx(1.0, rel=1e-12)  # 0.5 mrad binned 2 x 2
     np.testing.assert_allclose(series_detector(start, geometry).annuli_mrad, [[12.0, 16.0]], rtol=1e-12)
     store = FrameStore.allocate(geometry, 0, "amplitude", np, np.float32)
     store.virtual = VirtualFrames(series_detector(start, geometry), store.global_index, geometry.detector_px)

@@ -50,7 +50,7 @@ def test_the_queue_bound_holds_while_the_current_series_never_ends() -> None:
     for k in range(30):
         forwarded = series_book.start(start(f"later-{k}"))
         assert forwarded == (k < 4) and len(series_book.registry.queued) <= 4
-    registry, _ = series_book.snapshot()
+    registry, _, _ = series_book.snapshot()
     assert registry["starts"] == {"current": 1, "queued": 4, "duplicate_id": 0, "queue_full": 26, "refused": 0}
     assert [s["series_id"] for s in registry["queued"]] == [f"later-{k}" for k in range(4)]
     assert asked == ["stuck", *(f"later-{k}" for k in range(4))]
