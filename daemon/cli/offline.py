@@ -38,6 +38,7 @@ from ptylive.daemon.cli.offline_stop import (
 from ptylive.daemon.engine.decomposition import RankDomain, decompose, stitch
 from ptylive.daemon.engine.exchange.factory import async_exchanger, sync_exchanger
 from ptylive.daemon.engine.exchange.gather import gather_rows, gather_to_root
+from ptylive.daemon.engine.exchange.sync import common_round_slices
 from ptylive.daemon.engine.exchange.protocols import SyncExchange
 from ptylive.daemon.engine.iteration import EngineReport, fit_scale, run_async, run_sync
 from ptylive.daemon.engine.loss_choice import choose_loss, dark_field_fraction
@@ -290,13 +291,14 @@ def run_rank(job: ReconstructionJob, comm: Any | None, signals: StopSignals | No
             print(f"note: {job.edge_fraction:.2%} of the intensity falls on the detector's outer ring: scattering "
                   "beyond the detector aliases on a grid at its Nyquist pixel; --upsampling 2 may fit better",
                   file=sys.stderr, flush=True)
-    report, exchanger, stopped = _iterate(job, state, domain, comm, progress, signals)
+    report, exchanger, stopped = _iterate(job, state, domains, rank, comm, progress, signals)
+    rounds = common_round_slices(domains, job.n_slices, np.dtype(PRECISIONS[job.precision][0]).itemsize)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     predicted = rank_memory(domain, job.n_slices, job.window_px, job.metadata.detector_px,
                             job.options.batch_size, job.precision, job.options.mode,
                             job.options.updates_per_iteration, job.options.probe_modes,
-                            total_positions=len(positions)).total
+                            total_positions=len(positions), round_slices=rounds).total
     measured = {"compute_s": report.compute_s, "exchange_wait_s": exchanger.stats.wait_s, "consensus_wait_s": 0.0,
                 "bytes_sent": exchanger.stats.bytes_sent, "staleness_mean": _mean(exchanger.stats.staleness),
                 "staleness_max": max(exchanger.stats.staleness, default=0),
@@ -316,14 +318,14 @@ def run_rank(job: ReconstructionJob, comm: Any | None, signals: StopSignals | No
                stopped)
 
 
-def _iterate(job: ReconstructionJob, state: TileState, domain: RankDomain, comm: Any | None,
+def _iterate(job: ReconstructionJob, state: TileState, domains: list[RankDomain], rank: int, comm: Any | None,
              progress: Callable[[int, float, float], None] | None,
              signals: StopSignals | None) -> tuple[EngineReport, SyncExchange, str | None]:
     """Run the engine on this rank; returns its report, exchanger and the stop signal's name (None: ran to the end)."""
     signals = signals if signals is not None else StopSignals()
     done = Progress()
     if job.options.mode == "sync" or job.n_ranks == 1:  # one rank: async has nobody to wait for
-        agreed = AgreedStop(sync_exchanger(comm, domain, job.n_slices, job.precision), signals)
+        agreed = AgreedStop(sync_exchanger(comm, domains, rank, job.n_slices, job.precision), signals)
         fit_scale(state, agreed, job.options)
         _shot_noise_prior(state, job)
         try:
@@ -331,7 +333,7 @@ def _iterate(job: ReconstructionJob, state: TileState, domain: RankDomain, comm:
                             between_batches=agreed.between_batches), agreed.exchanger, None
         except StopRequested as stop:
             return reduced_report(done, agreed, "sync"), agreed.exchanger, str(stop)
-    asynchronous = async_exchanger(comm, domain, job.n_slices, job.precision, job.options)
+    asynchronous = async_exchanger(comm, domains, rank, job.n_slices, job.precision, job.options)
     fit_scale(state, asynchronous, job.options)
     _shot_noise_prior(state, job)
     per_iteration = job.options.updates_per_iteration  # progress's step: the iteration's last update

@@ -9,7 +9,7 @@ The model counts the arrays the engine allocates (see :mod:`.iteration`, :mod:`.
 * illumination: one real copy (async: own and total);
 * optimiser state: none (preconditioned gradient descent keeps no moments);
 * exchange buffers: sized by the overlaps' area. Sync: send and receive of one round of slices
-  (:func:`~.exchange.sync.slices_per_round`, about 256 KiB per region however deep the object). Async adds the
+  (:func:`~.exchange.sync.common_round_slices`, at most 256 KiB per region however deep the object). Async adds the
   method's three buffers (accumulated updates over the whole depth; send and receive of one round),
   each neighbour's latest illumination per mini-batch (and, with several mini-batches, that of the
   blocking first iteration) over the whole depth, and the staged own illumination once over the tile;
@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from ptylive.daemon.engine.decomposition import RankDomain, decompose
-from ptylive.daemon.engine.exchange.sync import slices_per_round
+from ptylive.daemon.engine.exchange.sync import common_round_slices
 from ptylive.daemon.engine.options import DEFAULT_UPDATES_PER_ITERATION, EngineOptions
 from ptylive.daemon.engine.tile import batch_limit
 from ptylive.gpu.backend import PRECISIONS
@@ -62,7 +62,7 @@ class RankMemory:
 def rank_memory(domain: RankDomain, n_slices: int, window_px: int, detector_px: int,
                 batch_size: int, precision: str, mode: str,
                 updates_per_iteration: int = DEFAULT_UPDATES_PER_ITERATION, probe_modes: int = 1,
-                total_positions: int | None = None) -> RankMemory:
+                total_positions: int | None = None, *, round_slices: int) -> RankMemory:
     """Predict one rank's peak array memory in bytes.
 
     Batches are chunks of at most :func:`~.tile.batch_limit` (``batch_size`` the cap) of the rank's
@@ -70,12 +70,14 @@ def rank_memory(domain: RankDomain, n_slices: int, window_px: int, detector_px: 
     line-search subset chunked apart. Sync runs choose that subset by the size of the whole mini-batch
     (``total_positions`` of the scan give it), async runs by the rank's own members (also the fallback
     when ``total_positions`` is None). A rank with no positions holds its tile and buffers only.
+    ``round_slices``: the exchange's slices per round, :func:`~.exchange.sync.common_round_slices` of the
+    whole decomposition (:func:`plan_memory` computes it).
     """
     real_t, complex_t = (np.dtype(t) for t in PRECISIONS[precision])
     r, c = real_t.itemsize, complex_t.itemsize
     voxels = n_slices * domain.extended.size
     overlap = n_slices * sum(box.size for _, box in domain.neighbours)
-    rounds = [2 * 3 * slices_per_round(box.size, n_slices, r) * box.size * r for _, box in domain.neighbours]
+    rounds = [2 * 3 * round_slices * box.size * r for _, box in domain.neighbours]
     buffers = sum(rounds)  # sync: send + receive of one round per region
     if mode == "async":  # the same again for the async send/receive; accumulated, staged, per-mini-batch, exact
         exact = overlap * r if updates_per_iteration > 1 else 0  # with one mini-batch it lands in place
@@ -120,8 +122,9 @@ def plan_memory(object_shape: tuple[int, int], positions_px: np.ndarray, n_ranks
                 probe_modes: int = 1) -> list[RankMemory]:
     """Predicted memory of every rank of a decomposition."""
     domains = decompose(object_shape, positions_px, window_px, n_ranks)
+    rounds = common_round_slices(domains, n_slices, np.dtype(PRECISIONS[precision][0]).itemsize)
     return [rank_memory(d, n_slices, window_px, detector_px, batch_size, precision, mode, updates_per_iteration,
-                        probe_modes, total_positions=len(positions_px)) for d in domains]
+                        probe_modes, total_positions=len(positions_px), round_slices=rounds) for d in domains]
 
 
 def synthetic_positions(object_shape: tuple[int, int], n_positions: int, window_px: int) -> np.ndarray:

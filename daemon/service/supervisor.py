@@ -40,6 +40,7 @@ from ptylive.daemon.service.notify import Watchdog, notify, watchdog_period_s
 from ptylive.daemon.service.resume import ResumePlan, plan_resumes, resume_feed
 from ptylive.daemon.service.roster import DeathWatch
 from ptylive.daemon.service.series_views import coverage_rows
+from ptylive.daemon.engine.exchange.sync import common_round_slices
 from ptylive.gpu.backend import PRECISIONS
 from ptylive.streaming.decoders import make_decoder
 from ptylive.streaming.detector_maps import DetectorSettings, settings_from_config
@@ -99,8 +100,10 @@ class Admission:
             geometry = series_geometry(start, c.workers.ranks, r.upsampling)
         except ValueError as exc:
             return str(exc)
+        rounds = common_round_slices(geometry.domains, r.n_slices,
+                                     np.dtype(PRECISIONS[c.workers.precision][0]).itemsize)
         plans = [rank_memory(d, r.n_slices, geometry.window_px, geometry.detector_px, r.batch_size,
-                             c.workers.precision, "async", r.updates_per_iteration, r.probe_modes)
+                             c.workers.precision, "async", r.updates_per_iteration, r.probe_modes, round_slices=rounds)
                  for d in geometry.domains]
         largest = max(plans, key=lambda m: m.total)
         if largest.total > c.workers.memory_budget_bytes:

@@ -227,7 +227,7 @@ class Worker:
                             s.precision, options.probe_modes)
         if options.correct_positions:
             state.positions = PositionCorrection.start(slot.store.positions_px, options.positions_from_iteration)
-        exchanger = async_exchanger(self.comm, domain, r.n_slices, s.precision, options)
+        exchanger = async_exchanger(self.comm, geometry.domains, s.worker, r.n_slices, s.precision, options)
         try:
             resume = load_resume(s.checkpoint_folder, slot.start, geometry, s.worker, slot.store.global_index)
         except Exception:  # noqa: BLE001 - a bad snapshot must not kill the worker: every restart would retry it

@@ -11,8 +11,8 @@ Per neighbour ``n`` and its exchange region ``R_n`` a rank keeps:
   completes, the neighbour's updates are added to the tile and its
   illumination is kept per mini-batch for the preconditioner.
 
-Send and receive buffers hold one *round* of slices (:func:`~.sync.slices_per_round`, the same on both
-sides of a region), not the whole depth: a flush of the accumulation is a sequence of messages, one per
+Send and receive buffers hold one *round* of slices (:func:`~.sync.common_round_slices`, the same for
+every region), not the whole depth: a flush of the accumulation is a sequence of messages, one per
 round, each sent when the previous one has left; each message carries its first slice, and the receiver
 adds each as it lands (updates add, so nothing depends on the rounds arriving together). Updates pushed
 during a flush accumulate over every slice and go in the next flush.
@@ -40,7 +40,7 @@ import numpy as np
 
 from ptylive.daemon.engine.decomposition import RankDomain
 from ptylive.daemon.engine.exchange.protocols import ExchangeStats
-from ptylive.daemon.engine.exchange.sync import EXCHANGE_ROUND_BYTES, SyncExchanger, add_pairs, pack, unpack
+from ptylive.daemon.engine.exchange.sync import SyncExchanger, add_pairs, pack, unpack
 from ptylive.gpu.backend import get_array_module, to_numpy
 from ptylive.gpu.update import constrain
 
@@ -60,8 +60,8 @@ class AsyncExchanger(SyncExchanger):
 
     def __init__(self, comm: Any, domain: RankDomain, n_slices: int, real_dtype: Any,
                  complex_dtype: Any, max_staleness: int = 4, n_minibatches: int = 1,
-                 max_amplitude: float | None = 1.0, round_bytes: int = EXCHANGE_ROUND_BYTES) -> None:
-        super().__init__(comm, domain, n_slices, real_dtype, round_bytes)
+                 max_amplitude: float | None = 1.0, *, round_slices: int) -> None:
+        super().__init__(comm, domain, n_slices, real_dtype, round_slices)
         self.max_amplitude = max_amplitude
         if max_staleness < 1:
             raise ValueError(f"max_staleness must be >= 1, got {max_staleness}")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 from ptylive.daemon.engine.decomposition import RankDomain
 from ptylive.daemon.engine.exchange.asynchronous import AsyncExchanger
 from ptylive.daemon.engine.exchange.protocols import AsyncExchange, NullExchanger, SyncExchange
-from ptylive.daemon.engine.exchange.sync import SyncExchanger
+from ptylive.daemon.engine.exchange.sync import SyncExchanger, common_round_slices
 from ptylive.daemon.engine.options import EngineOptions
 from ptylive.gpu.backend import PRECISIONS
 
@@ -16,18 +19,24 @@ def _single(comm: Any | None) -> bool:
     return comm is None or comm.Get_size() == 1
 
 
-def sync_exchanger(comm: Any | None, domain: RankDomain, n_slices: int, precision: str) -> SyncExchange:
-    """Blocking exchange over ``comm`` (the ranks sharing the object); :class:`NullExchanger` for one rank."""
+def sync_exchanger(comm: Any | None, domains: Sequence[RankDomain], rank: int, n_slices: int,
+                   precision: str) -> SyncExchange:
+    """Blocking exchange of ``domains[rank]`` over ``comm`` (the ranks sharing the object, ``domains`` every
+    one's: their rounds are agreed from all of them, :func:`~.sync.common_round_slices`); :class:`NullExchanger`
+    for one rank."""
     if _single(comm):
         return NullExchanger()
-    return SyncExchanger(comm, domain, n_slices, PRECISIONS[precision][0])
+    real_t = PRECISIONS[precision][0]
+    rounds = common_round_slices(domains, n_slices, np.dtype(real_t).itemsize)
+    return SyncExchanger(comm, domains[rank], n_slices, real_t, rounds)
 
 
-def async_exchanger(comm: Any | None, domain: RankDomain, n_slices: int, precision: str,
+def async_exchanger(comm: Any | None, domains: Sequence[RankDomain], rank: int, n_slices: int, precision: str,
                     options: EngineOptions) -> AsyncExchange:
-    """Three-buffer exchange over ``comm``; :class:`NullExchanger` for one rank."""
+    """Three-buffer exchange of ``domains[rank]`` over ``comm``; :class:`NullExchanger` for one rank."""
     if _single(comm):
         return NullExchanger()
     real_t, complex_t = PRECISIONS[precision]
-    return AsyncExchanger(comm, domain, n_slices, real_t, complex_t, options.max_staleness,
-                          options.updates_per_iteration, options.max_amplitude)
+    rounds = common_round_slices(domains, n_slices, np.dtype(real_t).itemsize)
+    return AsyncExchanger(comm, domains[rank], n_slices, real_t, complex_t, options.max_staleness,
+                          options.updates_per_iteration, options.max_amplitude, round_slices=rounds)
