@@ -38,8 +38,8 @@ from ptylive.daemon.cli.offline_stop import (
 from ptylive.daemon.engine.decomposition import RankDomain, decompose, stitch
 from ptylive.daemon.engine.exchange.factory import async_exchanger, sync_exchanger
 from ptylive.daemon.engine.exchange.gather import gather_rows, gather_to_root
-from ptylive.daemon.engine.exchange.sync import common_round_slices
 from ptylive.daemon.engine.exchange.protocols import SyncExchange
+from ptylive.daemon.engine.exchange.sync import common_round_slices
 from ptylive.daemon.engine.iteration import EngineReport, fit_scale, run_async, run_sync
 from ptylive.daemon.engine.loss_choice import choose_loss, dark_field_fraction
 from ptylive.daemon.engine.memory_plan import rank_memory

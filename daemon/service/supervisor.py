@@ -26,6 +26,7 @@ import numpy as np
 import zmq
 from prometheus_client import CollectorRegistry
 
+from ptylive.daemon.engine.exchange.sync import common_round_slices
 from ptylive.daemon.engine.geometry import SeriesGeometry, series_geometry
 from ptylive.daemon.engine.memory_plan import rank_memory
 from ptylive.daemon.http.access import ControlAccess
@@ -40,7 +41,6 @@ from ptylive.daemon.service.notify import Watchdog, notify, watchdog_period_s
 from ptylive.daemon.service.resume import ResumePlan, plan_resumes, resume_feed
 from ptylive.daemon.service.roster import DeathWatch
 from ptylive.daemon.service.series_views import coverage_rows
-from ptylive.daemon.engine.exchange.sync import common_round_slices
 from ptylive.gpu.backend import PRECISIONS
 from ptylive.streaming.decoders import make_decoder
 from ptylive.streaming.detector_maps import DetectorSettings, settings_from_config
