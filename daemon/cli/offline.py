@@ -292,7 +292,7 @@ def run_rank(job: ReconstructionJob, comm: Any | None, signals: StopSignals | No
                   "beyond the detector aliases on a grid at its Nyquist pixel; --upsampling 2 may fit better",
                   file=sys.stderr, flush=True)
     report, exchanger, stopped = _iterate(job, state, domains, rank, comm, progress, signals)
-    rounds = common_round_slices(domains, job.n_slices, np.dtype(PRECISIONS[job.precision][0]).itemsize)
+    rounds = common_round_slices(domains, job.n_slices, job.precision)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     predicted = rank_memory(domain, job.n_slices, job.window_px, job.metadata.detector_px,

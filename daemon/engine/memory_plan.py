@@ -122,7 +122,7 @@ def plan_memory(object_shape: tuple[int, int], positions_px: np.ndarray, n_ranks
                 probe_modes: int = 1) -> list[RankMemory]:
     """Predicted memory of every rank of a decomposition."""
     domains = decompose(object_shape, positions_px, window_px, n_ranks)
-    rounds = common_round_slices(domains, n_slices, np.dtype(PRECISIONS[precision][0]).itemsize)
+    rounds = common_round_slices(domains, n_slices, precision)
     return [rank_memory(d, n_slices, window_px, detector_px, batch_size, precision, mode, updates_per_iteration,
                         probe_modes, total_positions=len(positions_px), round_slices=rounds) for d in domains]
 

@@ -100,8 +100,7 @@ class Admission:
             geometry = series_geometry(start, c.workers.ranks, r.upsampling)
         except ValueError as exc:
             return str(exc)
-        rounds = common_round_slices(geometry.domains, r.n_slices,
-                                     np.dtype(PRECISIONS[c.workers.precision][0]).itemsize)
+        rounds = common_round_slices(geometry.domains, r.n_slices, c.workers.precision)
         plans = [rank_memory(d, r.n_slices, geometry.window_px, geometry.detector_px, r.batch_size,
                              c.workers.precision, "async", r.updates_per_iteration, r.probe_modes, round_slices=rounds)
                  for d in geometry.domains]

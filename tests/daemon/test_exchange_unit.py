@@ -128,10 +128,10 @@ def test_sync_exchange_in_rounds_of_slices_gives_the_same_totals_with_round_size
     def rank(comm: FakeComm, round_bytes: int) -> tuple[np.ndarray, np.ndarray, Any, int]:
         r = comm.Get_rank()
         exchanger = SyncExchanger(comm, DOMAINS[r], n_slices, np.float64,
-                                  common_round_slices(DOMAINS, n_slices, 8, round_bytes))
-        assert all(b.size == 3 * exchanger.round_slices[0] * REGION.size for b in exchanger.send + exchanger.recv)
+                                  common_round_slices(DOMAINS, n_slices, "double", round_bytes))
+        assert all(b.size == 3 * exchanger.round_slices * REGION.size for b in exchanger.send + exchanger.recv)
         gradient, illumination = exchanger.reduce_gradients(gradients[r].copy(), illuminations[r].copy())
-        return gradient, illumination, exchanger.stats, exchanger.round_slices[0]
+        return gradient, illumination, exchanger.stats, exchanger.round_slices
 
     one_round = run_ranks(FakeWorld(2), lambda comm: rank(comm, 2**30))
     per_slice = 3 * 8 * REGION.size
@@ -160,7 +160,7 @@ def test_a_two_by_two_split_in_rounds_adds_every_ranks_contribution_once() -> No
     smallest_region = 3 * 8 * areas[0]
     round_bytes = 2 * smallest_region  # 2 slices of the smallest region, fewer of the larger ones
     assert len({max(1, round_bytes // (3 * 8 * a)) for a in areas}) > 1  # counts per region would differ
-    rounds = common_round_slices(domains, n_slices, 8, round_bytes)
+    rounds = common_round_slices(domains, n_slices, "double", round_bytes)
     assert 1 <= rounds < n_slices
     rng = np.random.default_rng(21)
     gradients = [integers(rng, (n_slices, *d.extended.shape), complex_=True) for d in domains]
@@ -282,9 +282,9 @@ def test_async_exchange_in_rounds_of_slices_ends_with_the_same_sums() -> None:
     world = FakeWorld(2)
     exchangers = [AsyncExchanger(world.comm(r), DOMAINS[r], n_slices, np.float64, np.complex128, max_staleness=1,
                                  n_minibatches=2, max_amplitude=None,
-                                 round_slices=common_round_slices(DOMAINS, n_slices, 8, 2 * per_slice))
+                                 round_slices=common_round_slices(DOMAINS, n_slices, "double", 2 * per_slice))
                    for r in (0, 1)]
-    assert [e.round_slices for e in exchangers] == [[2], [2]]
+    assert [e.round_slices for e in exchangers] == [2, 2]
     assert all(e.async_send[0].size == 4 + 2 * per_slice // 8 for e in exchangers)  # one round, not the depth
     steps = 6
     shapes = [(n_slices, *EXTENDED[r].shape) for r in (0, 1)]

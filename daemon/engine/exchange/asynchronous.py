@@ -79,8 +79,8 @@ class AsyncExchanger(SyncExchanger):
         # its mini-batch; with one mini-batch it can only be mini-batch 0, so it lands there directly.
         self.exact_illumination = ([slot[0] for slot in self.neighbour_illumination] if n_minibatches == 1
                                    else [np.zeros(s, real_dtype) for s in shapes])
-        self.async_send = [np.empty(HEADER + 3 * k * int(np.prod(s[1:])), real_dtype)
-                           for k, s in zip(self.round_slices, shapes, strict=True)]
+        self.async_send = [np.empty(HEADER + 3 * round_slices * int(np.prod(s[1:])), real_dtype)
+                           for s in shapes]
         self.async_recv = [np.empty_like(b) for b in self.async_send]
         self.send_requests: list[Any] = [None] * len(shapes)
         self.recv_requests: list[Any] = [self._post_recv(i) for i in range(len(shapes))]
@@ -103,7 +103,7 @@ class AsyncExchanger(SyncExchanger):
         first = 0 if cursor is None else cursor
         if first == 0:
             self.pending[i] = False  # this flush takes everything accumulated so far (and what comes meanwhile)
-        depth = slice(first, min(first + self.round_slices[i], self.n_slices))
+        depth = slice(first, min(first + self.round_slices, self.n_slices))
         ending = depth.stop >= self.n_slices
         size = HEADER + 3 * (depth.stop - depth.start) * int(np.prod(self.regions[i][2][1:]))
         send = self.async_send[i][:size]
@@ -145,7 +145,7 @@ class AsyncExchanger(SyncExchanger):
     def _apply(self, i: int, volume: Any, step: int) -> None:
         _, region, shape = self.regions[i]
         sent_step, last, minibatch, first = (int(v) for v in self.async_recv[i][:HEADER])
-        depth = slice(first, min(first + self.round_slices[i], self.n_slices))
+        depth = slice(first, min(first + self.round_slices, self.n_slices))
         update, illumination = unpack(self.async_recv[i], (depth.stop - depth.start, *shape[1:]), n_head=HEADER)
         target = volume[(depth, *region)]
         add_pairs(target, update)

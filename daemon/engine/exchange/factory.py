@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
 from ptylive.daemon.engine.decomposition import RankDomain
 from ptylive.daemon.engine.exchange.asynchronous import AsyncExchanger
 from ptylive.daemon.engine.exchange.protocols import AsyncExchange, NullExchanger, SyncExchange
@@ -26,9 +24,8 @@ def sync_exchanger(comm: Any | None, domains: Sequence[RankDomain], rank: int, n
     for one rank."""
     if _single(comm):
         return NullExchanger()
-    real_t = PRECISIONS[precision][0]
-    rounds = common_round_slices(domains, n_slices, np.dtype(real_t).itemsize)
-    return SyncExchanger(comm, domains[rank], n_slices, real_t, rounds)
+    rounds = common_round_slices(domains, n_slices, precision)
+    return SyncExchanger(comm, domains[rank], n_slices, PRECISIONS[precision][0], rounds)
 
 
 def async_exchanger(comm: Any | None, domains: Sequence[RankDomain], rank: int, n_slices: int, precision: str,
@@ -37,6 +34,6 @@ def async_exchanger(comm: Any | None, domains: Sequence[RankDomain], rank: int, 
     if _single(comm):
         return NullExchanger()
     real_t, complex_t = PRECISIONS[precision]
-    rounds = common_round_slices(domains, n_slices, np.dtype(real_t).itemsize)
+    rounds = common_round_slices(domains, n_slices, precision)
     return AsyncExchanger(comm, domains[rank], n_slices, real_t, complex_t, options.max_staleness,
                           options.updates_per_iteration, options.max_amplitude, round_slices=rounds)

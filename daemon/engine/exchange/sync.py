@@ -23,7 +23,7 @@ import numpy as np
 
 from ptylive.daemon.engine.decomposition import RankDomain
 from ptylive.daemon.engine.exchange.protocols import ExchangeStats
-from ptylive.gpu.backend import get_array_module, to_numpy
+from ptylive.gpu.backend import PRECISIONS, get_array_module, to_numpy
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def slices_per_round(region_area: int, n_slices: int, real_itemsize: int,
     return int(min(max(round_bytes // max(per_slice, 1), 1), max(n_slices, 1)))
 
 
-def common_round_slices(domains: Sequence[RankDomain], n_slices: int, real_itemsize: int,
+def common_round_slices(domains: Sequence[RankDomain], n_slices: int, precision: str,
                         round_bytes: int = EXCHANGE_ROUND_BYTES) -> int:
     """Slices per round of every exchange region of a job: those of its largest region.
 
@@ -80,6 +80,7 @@ def common_round_slices(domains: Sequence[RankDomain], n_slices: int, real_items
     this from the whole decomposition (offline and streaming both have it), so it needs no message,
     and every region's round stays within ``round_bytes`` (or one slice).
     """
+    real_itemsize = np.dtype(PRECISIONS[precision][0]).itemsize
     areas = [box.size for domain in domains for _, box in domain.neighbours]
     return min((slices_per_round(area, n_slices, real_itemsize, round_bytes) for area in areas),
                default=max(n_slices, 1))
@@ -105,9 +106,8 @@ class SyncExchanger:
                         for n, box in domain.neighbours]
         if not 1 <= round_slices <= max(n_slices, 1):
             raise ValueError(f"round_slices must be within 1..{max(n_slices, 1)}, got {round_slices}")
-        self.round_slices = [round_slices] * len(self.regions)
-        self.send = [np.empty(3 * k * int(np.prod(shape[1:])), real_dtype)
-                     for k, (_, _, shape) in zip(self.round_slices, self.regions, strict=True)]
+        self.round_slices = round_slices
+        self.send = [np.empty(3 * round_slices * int(np.prod(shape[1:])), real_dtype) for _, _, shape in self.regions]
         self.recv = [np.empty_like(b) for b in self.send]
 
     def allreduce_sum(self, values: np.ndarray) -> np.ndarray:
@@ -143,14 +143,12 @@ class SyncExchanger:
         from mpi4py import MPI
 
         xp = get_array_module(gradient)
-        n_rounds = max((-(-self.n_slices // k) for k in self.round_slices), default=0)
+        n_rounds = -(-self.n_slices // self.round_slices) if self.regions else 0
         for round_ in range(n_rounds):
             requests, landed = [], []
             for i, (n, region, shape) in enumerate(self.regions):
-                first = round_ * self.round_slices[i]
-                if first >= self.n_slices:
-                    continue
-                depth = slice(first, min(first + self.round_slices[i], self.n_slices))
+                first = round_ * self.round_slices
+                depth = slice(first, min(first + self.round_slices, self.n_slices))
                 size = 3 * (depth.stop - depth.start) * int(np.prod(shape[1:]))
                 send, recv = self.send[i][:size], self.recv[i][:size]
                 pack(gradient[(depth, *region)], illumination[(depth, *region)], send)
