@@ -81,7 +81,8 @@ def _validate(args: argparse.Namespace) -> Any:
                                     correct_positions=args.correct_positions,
                                     probe_modes=args.probe_modes, max_staleness=args.max_staleness,
                                     updates_per_iteration=args.updates_per_iteration,
-                                    depth_regularisation=args.depth_regularisation)
+                                    depth_regularisation=args.depth_regularisation,
+                                    missing_cone=args.missing_cone)
     return validate(args.scan, args.out, args.ranks, args.slices, args.slice_thickness_A, args.upsampling,
                     args.precision, args.backend, settings.engine_options(args.mode, args.iterations), args.quiet,
                     probe_refinement_chosen=args.refine_probe is not None)

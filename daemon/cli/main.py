@@ -100,6 +100,10 @@ def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
                    help="weight of a penalty on slice-to-slice differences, dimensionless (relative to the "
                         "illumination; MU = 0.1 removes about a tenth of the difference per update); default: 0, "
                         "off (docs/physics.md, Depth regularisation)")
+    p.add_argument("--missing-cone", type=float, default=1.0, metavar="S",
+                   help="strength of the missing-cone filter, dimensionless: depth structure outside the probe's "
+                        "transfer cone (k_r < S |k_z| / alpha) is removed once per iteration; default: %(default)s "
+                        "(the cone's own edge); 0: off; no effect on one slice (docs/physics.md, Missing cone)")
     p.add_argument("-o", "--out", type=Path, required=True, help="result file (HDF5) to write")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr (default: progress shown)")
 

@@ -203,7 +203,8 @@ def _initial_state(job: ReconstructionJob, domain: RankDomain, all_positions: np
                         job.window_px, job.n_slices, job.slice_thickness_A, probe)
     starts, shifts = domain.extended.windows(all_positions[domain.positions], job.window_px)
     frames = xp.asarray(read_frames(job.scan_path, domain.positions, dtype=real_t))
-    state = set_up_tile(domain, optics, starts, shifts, frames, xp, job.precision, job.options.probe_modes)
+    state = set_up_tile(domain, optics, starts, shifts, frames, xp, job.precision, job.options.probe_modes,
+                        job.options.missing_cone)
     if job.options.correct_positions:
         state.positions = PositionCorrection.start(all_positions[domain.positions],
                                                    job.options.positions_from_iteration)
@@ -379,6 +380,7 @@ def _write(job: ReconstructionJob, volume: np.ndarray, probe: np.ndarray, nomina
     per_rank = [dict(zip(RANK_STATS, row, strict=True)) for row in stats]
     attrs["positions_corrected"] = job.options.correct_positions
     attrs["depth_regularisation"] = job.options.depth_regularisation
+    attrs["missing_cone"] = job.options.missing_cone
     if stopped is not None:
         attrs["stop_signal"] = stopped
     write_result(job.out_path, {"object": volume, "probe": probe, "loss": np.asarray(report.loss_history),

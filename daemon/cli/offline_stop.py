@@ -126,6 +126,10 @@ class AgreedStop:
         self.vote()  # unless this rank voted in this mini-batch already: then it raised
         return self.exchanger.reduce_gradients(gradient, illumination)
 
+    def reduce_correction(self, correction: Any) -> Any:
+        """No vote: every rank reaches it at each iteration's end, after the iteration's last exchange."""
+        return self.exchanger.reduce_correction(correction)
+
 
 
 class IterationVote:

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from ptylive.daemon.engine.cone import remove_missing_cone
 from ptylive.daemon.engine.decomposition import Box
 from ptylive.daemon.engine.exchange.protocols import AsyncExchange, SyncExchange
 from ptylive.daemon.engine.options import EngineOptions
@@ -359,6 +360,8 @@ def run_sync(state: TileState, exchanger: SyncExchange, options: EngineOptions,
                            * total)
             loss += found.loss
             workspace.end(sweep)
+        remove_missing_cone(state.volume, state.domain, state.cone, workspace, exchanger.reduce_correction,
+                            options.max_amplitude)
         report.loss_history.append(float(exchanger.allreduce_sum(np.array([loss]))[0]))
         control.end_iteration(report.loss_history[-1] / n_positions)
         finish_positions(state, correcting, exchanger, options, report.loss_history[-1] / n_positions)
@@ -509,6 +512,8 @@ def run_async(state: TileState, exchanger: AsyncExchange, options: EngineOptions
             elif probe_gradient is not None:
                 probe_gradient_sum += probe_gradient
             loss += part
+        remove_missing_cone(state.volume, state.domain, state.cone, workspace, exchanger.push_correction,
+                            options.max_amplitude)
         if probe_gradient_sum is not None:  # one non-blocking all-reduce per iteration, applied one late
             apply_probe_total(state, exchanger.finish_probe_reduction(), options, n_positions)
             exchanger.start_probe_reduction(to_numpy(probe_gradient_sum))

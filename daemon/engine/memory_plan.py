@@ -16,7 +16,9 @@ The model counts the arrays the engine allocates (see :mod:`.iteration`, :mod:`.
 * frames: the rank's measured patterns, real;
 * batch workspace: the stored waves of a batch, ``K·S·B·N²`` complex, with ``B`` from
   :func:`~.tile.batch_limit` (the workspace shrinks with the tile), a few (B, N, N) and (B, D, D)
-  arrays, and one scratch array per planned FFT shape (kept by :mod:`ptylive.gpu.fft`'s plan cache).
+  arrays, and one scratch array per planned FFT shape (kept by :mod:`ptylive.gpu.fft`'s plan cache);
+  or, where larger, the missing-cone filter's scratch at an iteration's end (:func:`cone_scratch`: it writes into
+  the gradient array, between updates, so the two never coexist).
 """
 
 from __future__ import annotations
@@ -108,12 +110,25 @@ def rank_memory(domain: RankDomain, n_slices: int, window_px: int, detector_px: 
     # complex; one slice of illumination and the mode scratch, real; the far field of the unfused losses.
     workspace = waves + (2 + probe_modes) * batch * window * c + 2 * batch * window * r \
         + batch * detector_px**2 * c + fft_scratch
+    workspace = max(workspace, cone_scratch(n_slices, domain.extended.shape, c))
     return RankMemory(
         rank=domain.rank, extended_shape=domain.extended.shape, n_positions=len(domain.positions),
         object=voxels * c, gradient=voxels * c, illumination=illumination_copies * voxels * r, optimiser_state=0,
         exchange_buffers=buffers, frames=len(domain.positions) * detector_px**2 * r,
         batch_workspace=workspace,
     )
+
+
+def cone_scratch(n_slices: int, extended_shape: tuple[int, int], complex_itemsize: int) -> int:
+    """Bytes the missing-cone correction (:func:`~ptylive.gpu.missing_cone.cone_correction`) allocates besides the
+    gradient array it writes into: two column blocks of the transform along z and about five padded planes of the
+    lateral low-pass (the kernel's few pixels of padding not counted); 0 for one slice."""
+    if n_slices < 2:
+        return 0
+    from ptylive.gpu.missing_cone import COLUMN_CHUNK
+
+    height, width = extended_shape
+    return (2 * n_slices * height * min(COLUMN_CHUNK, width) + 5 * height * width) * complex_itemsize
 
 
 def plan_memory(object_shape: tuple[int, int], positions_px: np.ndarray, n_ranks: int, n_slices: int,

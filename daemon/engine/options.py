@@ -43,6 +43,9 @@ class EngineOptions:
     # μ of the slice-to-slice penalty (ptylive.gpu.depth), dimensionless (relative to the illumination
     # preconditioner); 0: off. Off by default: see docs/physics.md, "Depth regularisation".
     depth_regularisation: float = 0.0
+    # Strength s of the missing-cone filter (ptylive.gpu.missing_cone: the cone's edge k_r = s |k_z| / alpha at
+    # half weight), applied once per iteration; 0: off. On by default: docs/physics.md, "Missing cone".
+    missing_cone: float = 1.0
 
     def __post_init__(self) -> None:
         if self.iterations < 1:
@@ -59,6 +62,8 @@ class EngineOptions:
             raise ValueError(f"probe_modes must be >= 1, got {self.probe_modes}")
         if not 0 <= self.depth_regularisation < float("inf"):
             raise ValueError(f"depth_regularisation must be finite and >= 0, got {self.depth_regularisation}")
+        if not 0 <= self.missing_cone < float("inf"):
+            raise ValueError(f"missing_cone must be finite and >= 0, got {self.missing_cone}")
 
     @property
     def step(self) -> float:

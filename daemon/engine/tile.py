@@ -9,9 +9,11 @@ from typing import Any
 
 import numpy as np
 
+from ptylive.daemon.engine.cone import short_halo_px
 from ptylive.daemon.engine.decomposition import RankDomain
 from ptylive.daemon.engine.positions import PositionCorrection
 from ptylive.gpu.backend import PRECISIONS
+from ptylive.gpu.missing_cone import ConeFilter, cone_filter
 from ptylive.gpu.physics import wavelength_A
 from ptylive.gpu.probe import ProbeOptics, make_probe
 from ptylive.gpu.probe_modes import initial_modes, mode_powers
@@ -39,6 +41,9 @@ class TileState:
         Raw intensities until the detector scale is fitted, then the loss's target.
     positions : PositionCorrection or None
         Position correction of this rank's windows (None: positions fixed).
+    cone : ConeFilter or None
+        The missing-cone filter applied once per iteration (:mod:`ptylive.daemon.engine.cone`); None: off,
+        or one slice.
     """
 
     domain: RankDomain
@@ -50,6 +55,7 @@ class TileState:
     targets: Any
     scale: float = float("nan")
     positions: PositionCorrection | None = None
+    cone: ConeFilter | None = None
 
 
 @dataclass(frozen=True)
@@ -71,7 +77,7 @@ class TileOptics:
 
 
 def set_up_tile(domain: RankDomain, optics: TileOptics, starts: np.ndarray, shifts: np.ndarray, targets: Any,
-                xp: ModuleType, precision: str, probe_modes: int = 1) -> TileState:
+                xp: ModuleType, precision: str, probe_modes: int = 1, missing_cone: float = 0.0) -> TileState:
     """A fresh tile: vacuum object (``O = 1``) over the extended tile, the probe and the propagator.
 
     Parameters
@@ -85,6 +91,8 @@ def set_up_tile(domain: RankDomain, optics: TileOptics, starts: np.ndarray, shif
         K: 1 keeps one (N, N) probe; K > 1 makes ``state.probe`` (K, N, N) incoherent modes, the optics'
         (or file's) probe with 95 % of the power and K − 1 Hermite-like modes
         (:func:`ptylive.gpu.probe_modes.initial_modes`).
+    missing_cone : float
+        Strength of the missing-cone filter (:func:`tile_cone`); 0: off.
     """
     real_t, complex_t = PRECISIONS[precision]
     probe = optics.probe
@@ -98,7 +106,26 @@ def set_up_tile(domain: RankDomain, optics: TileOptics, starts: np.ndarray, shif
                                     optics.slice_thickness_A, dtype=complex_t)
     volume = xp.ones((optics.n_slices, *domain.extended.shape), dtype=complex_t)
     return TileState(domain, volume, xp.asarray(np.asarray(probe).astype(complex_t)), propagator, starts,
-                     np.asarray(shifts).astype(real_t), targets)
+                     np.asarray(shifts).astype(real_t), targets, cone=tile_cone(domain, optics, missing_cone))
+
+
+def tile_cone(domain: RankDomain, optics: TileOptics, strength: float) -> ConeFilter | None:
+    """The missing-cone filter of this tile's grid (:func:`~ptylive.gpu.missing_cone.cone_filter`), or None when
+    ``strength`` is 0 or the object has one slice (nothing along z to filter).
+
+    Warns when a halo is narrower than the filter's radius (the correction near that edge then uses padding,
+    so the result depends a little on the number of ranks).
+    """
+    if strength == 0 or optics.n_slices < 2:
+        return None
+    cone = cone_filter(optics.n_slices, optics.slice_thickness_A, optics.pixel_size_A,
+                       optics.convergence_semiangle_mrad, strength)
+    short = short_halo_px(domain, cone.radius_px)
+    if short:
+        logger.warning("rank %d: a halo of %d px is narrower than the missing-cone filter's radius of %d px; the "
+                       "correction near that edge differs a little from one rank's", domain.rank, short,
+                       cone.radius_px)
+    return cone
 
 
 #: A batch's stored waves may take this share of the object tile's bytes ...

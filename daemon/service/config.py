@@ -252,6 +252,7 @@ class ReconstructionConfig(_Section):
     correct_positions: bool = True  # offline and streaming: docs/physics.md, Position correction
     probe_modes: int = _option(1, ge=1)
     depth_regularisation: float = _option(0.0, ge=0)
+    missing_cone: float = _option(1.0, ge=0)  # strength of the missing-cone filter; 0: off (docs/physics.md)
 
     def engine_options(self, mode: Literal["sync", "async"], iterations: int) -> EngineOptions:
         """The engine's iteration settings from this section: the one translation, offline and streaming."""
@@ -260,7 +261,7 @@ class ReconstructionConfig(_Section):
                              refine_probe=self.refine_probe, correct_positions=self.correct_positions,
                              probe_modes=self.probe_modes, max_staleness=self.max_staleness,
                              max_amplitude=self.max_amplitude, updates_per_iteration=self.updates_per_iteration,
-                             depth_regularisation=self.depth_regularisation)
+                             depth_regularisation=self.depth_regularisation, missing_cone=self.missing_cone)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -224,7 +224,7 @@ class Worker:
                             geometry.pixel_size_A, geometry.window_px, r.n_slices, r.slice_thickness_A)
         options = r.engine_options("async", max(1, r.final_iterations))
         state = set_up_tile(domain, optics, slot.store.starts.copy(), slot.store.shifts, slot.store.targets, xp,
-                            s.precision, options.probe_modes)
+                            s.precision, options.probe_modes, options.missing_cone)
         if options.correct_positions:
             state.positions = PositionCorrection.start(slot.store.positions_px, options.positions_from_iteration)
         exchanger = async_exchanger(self.comm, geometry.domains, s.worker, r.n_slices, s.precision, options)

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from ptylive.daemon.engine.cone import remove_missing_cone
 from ptylive.daemon.engine.exchange.consensus import Consensus
 from ptylive.daemon.engine.exchange.protocols import AsyncExchange
 from ptylive.daemon.engine.iteration import (
@@ -247,6 +248,9 @@ def _iterate(run: StreamRun, drain: Callable[[], None], n_frames: float) -> floa
             probe_sum = probe_gradient if probe_sum is None else probe_sum + probe_gradient
         drain()
         loss += part
+    else:  # a stopped iteration leaves the tile as its last update did
+        remove_missing_cone(state.volume, state.domain, state.cone, run.workspace, exchanger.push_correction,
+                            options.max_amplitude)
     if probe_sum is not None:
         apply_probe_total(state, exchanger.finish_probe_reduction(), options, run.probe_frames)
         exchanger.start_probe_reduction(to_numpy(probe_sum))

@@ -142,6 +142,23 @@ class AsyncExchanger(SyncExchanger):
             self.pending[i] = True
         self._flush()
 
+    def push_correction(self, correction: Any) -> None:
+        """Accumulate a change made outside an update over each region, as :meth:`push` does an update.
+
+        The missing-cone correction (:mod:`ptylive.daemon.engine.cone`): this rank's own tile, zero elsewhere,
+        so each copy of a voxel receives its owner's correction once. The staged illumination and mini-batch
+        stay the last update's (the neighbour keeps what it already holds).
+
+        Parameters
+        ----------
+        correction : (S, He, We) complex
+            What this rank just added to its extended tile.
+        """
+        for i, (_, region, _) in enumerate(self.regions):
+            self.accumulated[i] += to_numpy(correction[(slice(None), *region)])
+            self.pending[i] = True
+        self._flush()
+
     def _apply(self, i: int, volume: Any, step: int) -> None:
         _, region, shape = self.regions[i]
         sent_step, last, minibatch, first = (int(v) for v in self.async_recv[i][:HEADER])

@@ -51,6 +51,10 @@ class SyncExchange(Protocol):
         """Totals over every rank of ``gradient`` (S, He, We) complex and ``illumination`` (S, He, We) real."""
         ...
 
+    def reduce_correction(self, correction: Any) -> Any:
+        """In place: each voxel's ``correction`` (S, He, We) complex summed over every rank that holds it."""
+        ...
+
 
 class AsyncExchange(SyncExchange, Protocol):
     """The three-buffer exchange (``async`` mode); its first iteration uses the blocking calls."""
@@ -65,6 +69,10 @@ class AsyncExchange(SyncExchange, Protocol):
 
     def push(self, update: Any, illumination: Any, step: int, minibatch: int) -> None:
         """Accumulate this rank's ``update`` over each overlap and send where the link is free."""
+        ...
+
+    def push_correction(self, correction: Any) -> None:
+        """Accumulate a change made outside an update (own tile only) and send where the link is free."""
         ...
 
     def progress(self, volume: Any, step: int) -> None:
@@ -106,6 +114,12 @@ class NullExchanger:
 
     def reduce_gradients(self, gradient: Any, illumination: Any) -> tuple[Any, Any]:
         return gradient, illumination
+
+    def reduce_correction(self, correction: Any) -> Any:
+        return correction
+
+    def push_correction(self, correction: Any) -> None:
+        """Nobody to send to."""
 
     def remember_neighbour_illumination(self, minibatch: int, step: int) -> None:
         """No neighbours."""

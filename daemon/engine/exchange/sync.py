@@ -30,15 +30,16 @@ logger = logging.getLogger(__name__)
 TAG_SYNC = 7
 
 
-def pack(complex_block: Any, real_block: Any, out: np.ndarray, header: tuple[float, ...] = ()) -> None:
-    """Pack ``header``, a complex block and a real block of one shape into ``out`` (real, 1-D)."""
+def pack(complex_block: Any, real_block: Any | None, out: np.ndarray, header: tuple[float, ...] = ()) -> None:
+    """Pack ``header``, a complex block and a real block of one shape (None: none) into ``out`` (real, 1-D)."""
     n_head = len(header)
     out[:n_head] = header
     n = complex_block.size
     pairs = out[n_head:n_head + 2 * n].reshape(complex_block.shape + (2,))
     pairs[..., 0] = to_numpy(complex_block.real)
     pairs[..., 1] = to_numpy(complex_block.imag)
-    out[n_head + 2 * n:] = to_numpy(real_block).ravel()
+    if real_block is not None:
+        out[n_head + 2 * n:] = to_numpy(real_block).ravel()
 
 
 def unpack(buffer: np.ndarray, shape: tuple[int, ...], n_head: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -140,18 +141,34 @@ class SyncExchanger:
         (no tile-sized copies). Copies of a voxel agree bit for bit where at
         most two ranks hold it (addition commutes) and to rounding elsewhere.
         """
+        self._reduce(gradient, illumination)
+        return gradient, illumination
+
+    def reduce_correction(self, correction: Any) -> Any:
+        """Sum ``correction`` (S, He, We) complex over every copy of each voxel, in place; returns it.
+
+        The missing-cone correction (:mod:`ptylive.daemon.engine.cone`): each rank writes it over its own tile
+        and zero elsewhere, so the sum gives every copy its owner's value (adding zeros is exact).
+        """
+        self._reduce(correction, None)
+        return correction
+
+    def _reduce(self, gradient: Any, illumination: Any | None) -> None:
+        """Add every neighbour's ``gradient`` (and ``illumination``, unless None) over each region, in place."""
         from mpi4py import MPI
 
         xp = get_array_module(gradient)
+        per_voxel = 2 if illumination is None else 3
         n_rounds = -(-self.n_slices // self.round_slices) if self.regions else 0
         for round_ in range(n_rounds):
             requests, landed = [], []
             for i, (n, region, shape) in enumerate(self.regions):
                 first = round_ * self.round_slices
                 depth = slice(first, min(first + self.round_slices, self.n_slices))
-                size = 3 * (depth.stop - depth.start) * int(np.prod(shape[1:]))
+                size = per_voxel * (depth.stop - depth.start) * int(np.prod(shape[1:]))
                 send, recv = self.send[i][:size], self.recv[i][:size]
-                pack(gradient[(depth, *region)], illumination[(depth, *region)], send)
+                pack(gradient[(depth, *region)], None if illumination is None else illumination[(depth, *region)],
+                     send)
                 requests.append(self.comm.Irecv(recv, source=n, tag=TAG_SYNC))
                 requests.append(self.comm.Isend(send, dest=n, tag=TAG_SYNC))
                 landed.append((i, region, depth, (depth.stop - depth.start, *shape[1:]), recv))
@@ -161,11 +178,13 @@ class SyncExchanger:
             MPI.Request.Waitall(requests)
             self.stats.wait_s += time.perf_counter() - start
             for i, region, depth, shape, recv in landed:  # ascending neighbour order, as before
+                if illumination is None:  # the correction alone: (real, imag) pairs
+                    add_pairs(gradient[(depth, *region)], recv.reshape(shape + (2,)))
+                    continue
                 pairs, received_illumination = unpack(recv, shape)
                 add_pairs(gradient[(depth, *region)], pairs)
                 illumination[(depth, *region)] += xp.asarray(received_illumination)
                 self.received_illumination(i, depth, received_illumination)
-        return gradient, illumination
 
     def received_illumination(self, region: int, depth: slice, illumination: np.ndarray) -> None:
         """Called with each neighbour's illumination of a round (slices ``depth``); the async exchanger keeps it."""
