@@ -10,7 +10,8 @@ slices the phase gathered in the middle slices with absorption there, and the co
 
 * the cone's edge ``k_r = s · |k_z| / α`` takes half weight (``s`` the ``strength``, 1 by default: β = 1/α in
   physical units, no tuning per data set);
-* per depth frequency ``k_z ≠ 0`` of ``O − 1`` (FFT along the slices), the component is replaced by itself minus
+* per depth frequency ``k_z ≠ 0`` of ``ln O`` (:func:`log_transmission`; FFT along the slices), the component is
+  replaced by itself minus
   its lateral low-pass ``G_σ * ·``, a Gaussian of ``σ = √(ln 2 / 2π²) / k_c`` whose transfer is ½ at
   ``k_c = s |k_z| / α``; the depth mean (``k_z = 0``) is kept;
 * ``G_σ`` is truncated at :data:`TRUNCATION_SIGMAS` σ (the kernel's radius ``R``), so the correction at a voxel
@@ -20,8 +21,8 @@ slices the phase gathered in the middle slices with absorption there, and the co
   cases), and the other copies receive it in the halo exchange. The tile is padded by its edge values,
   which at the object's own edge is what one rank does too.
 
-The correction is linear in ``O − 1`` and applied in full once per iteration (as fold_slice does); the
-amplitude constraint follows it.
+The change of ``ln O`` is linear in ``ln O`` and keeps its depth mean (the projected phase and ``Π|O_s|``); it
+is applied in full once per iteration (as fold_slice does), and the amplitude constraint follows it.
 """
 
 from __future__ import annotations

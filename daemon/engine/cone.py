@@ -30,10 +30,9 @@ logger = logging.getLogger(__name__)
 
 def cone_crop(domain: RankDomain, radius_px: int) -> tuple[slice, slice]:
     """The rank's tile grown by ``radius_px`` on every side, clipped to its extended tile (relative to it)."""
-    rows, cols = domain.tile.relative_to(domain.extended)
-    height, width = domain.extended.shape
-    return (slice(max(rows.start - radius_px, 0), min(rows.stop + radius_px, height)),
-            slice(max(cols.start - radius_px, 0), min(cols.stop + radius_px, width)))
+    crop = domain.tile.grown(radius_px).intersect(domain.extended)
+    assert crop is not None  # the tile lies inside its extended tile
+    return crop.relative_to(domain.extended)
 
 
 def short_halo_px(domain: RankDomain, radius_px: int) -> int:

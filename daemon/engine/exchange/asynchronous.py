@@ -136,11 +136,8 @@ class AsyncExchanger(SyncExchanger):
         """
         if self.regions:
             self.staged_illumination[...] = to_numpy(illumination)
-        for i, (_, region, _) in enumerate(self.regions):
-            self.accumulated[i] += to_numpy(update[(slice(None), *region)])
-            self.staged[i] = (step, minibatch)
-            self.pending[i] = True
-        self._flush()
+        self.staged = [(step, minibatch)] * len(self.regions)
+        self._accumulate(update)
 
     def push_correction(self, correction: Any) -> None:
         """Accumulate a change made outside an update over each region, as :meth:`push` does an update.
@@ -154,8 +151,12 @@ class AsyncExchanger(SyncExchanger):
         correction : (S, He, We) complex
             What this rank just added to its extended tile.
         """
+        self._accumulate(correction)
+
+    def _accumulate(self, change: Any) -> None:
+        """Add ``change`` (S, He, We) over each region to what is to be sent; send where the link is free."""
         for i, (_, region, _) in enumerate(self.regions):
-            self.accumulated[i] += to_numpy(correction[(slice(None), *region)])
+            self.accumulated[i] += to_numpy(change[(slice(None), *region)])
             self.pending[i] = True
         self._flush()
 
