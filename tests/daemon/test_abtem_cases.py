@@ -5,8 +5,8 @@ binned detector, Poisson noise, and no probe in the file (it is built from the o
 refined). Every setting is the default (position correction included: it is on by default, so the exact
 positions of the thick case are corrected too and must stay good). Thresholds are issue 11's:
 projected-phase correlation with the truth after sub-pixel registration >= 0.85 on the thick crystal
-and >= 0.9 on the perturbed scan, whose rms position error the correction must cut at least 3x, and
-the final loss of 4 ranks async within 5 % of 1 rank sync after the same iterations.
+(phonon and static) and >= 0.9 on the perturbed scan, whose rms position error the correction must cut
+at least 3x, and the final loss of 4 ranks async within 5 % of 1 rank sync after the same iterations.
 """
 
 from __future__ import annotations
@@ -28,16 +28,16 @@ RUNS = [(1, "sync"), (4, "async")]
 
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """``scored(case, ranks, mode, *extra)``: the case reconstructed at the defaults, but for the ``extra``
-    options (once per module), and scored."""
+    """``scored(case, ranks, mode, *extra, iterations=ITERATIONS)``: the case reconstructed at the defaults, but
+    for the ``extra`` options (once per module), and scored."""
     done: dict[tuple[str, ...], dict[str, Any]] = {}
 
-    def run(case: str, ranks: int, mode: str, *extra: str) -> dict[str, Any]:
-        key = (case, ranks, mode, *extra)
+    def run(case: str, ranks: int, mode: str, *extra: str, iterations: str = ITERATIONS) -> dict[str, Any]:
+        key = (case, ranks, mode, iterations, *extra)
         if key not in done:
             out = tmp_path_factory.mktemp("abtem") / f"{case}-{ranks}-{mode}.h5"
             result = run_cli("reconstruct", str(case_path(case)), "--ranks", str(ranks), "--mode", mode,
-                             "--iterations", ITERATIONS, "--out", str(out), "--quiet", *extra)
+                             "--iterations", iterations, "--out", str(out), "--quiet", *extra)
             assert result.returncode == 0, result.stderr
             with h5py.File(out, "r") as f:
                 chosen = str(f.attrs["loss_function"])
@@ -53,6 +53,20 @@ def test_thick_srtio3_with_frozen_phonons_at_1e5(scored: Any, ranks: int, mode: 
     made the async engine diverge (NaN from the second iteration)."""
     score = scored("srtio3_thick_d1e5", ranks, mode)
     assert score["finite"] and score["loss_function"] == "amplitude"  # loss = "auto" on a strong scatterer
+    assert score["correlation"] >= 0.85, score
+    first, last = score["loss_first_last"]
+    assert np.isfinite([first, last]).all() and last < first
+
+
+@pytest.mark.parametrize("ranks, mode", RUNS)
+def test_static_thick_srtio3_keeps_its_depth(scored: Any, ranks: int, mode: str) -> None:
+    """The thick crystal with every atom at its lattice site (one configuration), 1e5 e/Å²: without the
+    missing-cone filter the phase gathered in the middle slices and the correlation stayed at 0.41 whatever the
+    iterations (0.28 after 100). With it (on by default) 30 iterations reached 0.957 (1 rank sync); the
+    threshold is issue 11's for a thick crystal, at 30 iterations because the filter's fit is still improving at
+    20 (0.87 / 0.86 there: too close to 0.85 to tell a regression from the approach)."""
+    score = scored("srtio3_static", ranks, mode, iterations="30")
+    assert score["finite"] and score["loss_function"] == "amplitude"
     assert score["correlation"] >= 0.85, score
     first, last = score["loss_first_last"]
     assert np.isfinite([first, last]).all() and last < first
