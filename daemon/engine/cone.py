@@ -1,7 +1,9 @@
 """The missing-cone correction of a rank's tile, once per iteration (the filter: :mod:`ptylive.gpu.missing_cone`).
 
-Each rank corrects the voxels it owns (its tile) from its extended tile cropped to the tile plus the
-filter's radius ``R``, writes the correction into the run's zeroed gradient array (no tile-sized
+The filter works inside the scan's field of view (:attr:`RankDomain.field`: the bounding box of every
+window, the same on every rank; nothing outside it is ever updated, so ``ln O`` is 0 there), padded by edge
+values at the field's edges, which one rank and many do alike. Each rank corrects the voxels it owns (its
+tile, within the field) from its extended tile cropped to those voxels plus the filter's radius ``R``, writes the correction into the run's zeroed gradient array (no tile-sized
 allocation) with zero everywhere else, and shares it like a gradient:
 
 * ``sync`` (and async mode's exact first iteration): :meth:`SyncExchange.reduce_correction` sums it over
@@ -11,7 +13,7 @@ allocation) with zero everywhere else, and shares it like a gradient:
 * ``async`` (offline and streaming): :meth:`AsyncExchange.push_correction` accumulates it like an update,
   and the neighbours add it when it lands.
 
-Then ``O += correction`` and the amplitude constraint, over the whole extended tile.
+Then ``O += correction`` and the amplitude constraint, over the field of view within the extended tile.
 """
 
 from __future__ import annotations
@@ -20,30 +22,49 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from ptylive.daemon.engine.decomposition import RankDomain
-from ptylive.daemon.engine.sweep import WHOLE, GradientWorkspace
+from ptylive.daemon.engine.decomposition import Box, RankDomain
+from ptylive.daemon.engine.sweep import GradientWorkspace
 from ptylive.gpu.missing_cone import ConeFilter, cone_correction
 from ptylive.gpu.update import constrain
 
 logger = logging.getLogger(__name__)
 
 
-def cone_crop(domain: RankDomain, radius_px: int) -> tuple[slice, slice]:
-    """The rank's tile grown by ``radius_px`` on every side, clipped to its extended tile (relative to it)."""
-    crop = domain.tile.grown(radius_px).intersect(domain.extended)
-    assert crop is not None  # the tile lies inside its extended tile
-    return crop.relative_to(domain.extended)
+def field_in_tile(domain: RankDomain) -> Box | None:
+    """The part of the extended tile inside the scan's field of view (None: none of it)."""
+    return domain.extended if domain.field is None else domain.extended.intersect(domain.field)
+
+
+def cone_regions(domain: RankDomain, radius_px: int) -> tuple[Box, Box, Box] | None:
+    """``(field, own, crop)`` of the filter on this rank, in object pixels; None where it corrects nothing.
+
+    ``field`` is the part of the extended tile inside the scan's field of view (:attr:`RankDomain.field`),
+    the one place the object changes; ``own`` the voxels this rank corrects (its tile there); ``crop`` what
+    their correction needs (``own`` grown by ``radius_px``, within ``field``). Outside the field of view
+    ``ln O`` stays 0 and the filter is not run, so its cost follows the scan, not the object's area.
+    """
+    field = field_in_tile(domain)
+    own = None if field is None else domain.tile.intersect(field)
+    if field is None or own is None:
+        return None
+    crop = own.grown(radius_px).intersect(field)
+    assert crop is not None  # own lies inside field
+    return field, own, crop
 
 
 def short_halo_px(domain: RankDomain, radius_px: int) -> int:
     """The narrowest halo of ``domain`` thinner than ``radius_px`` (0 where none is).
 
-    A side whose extended edge is its tile's has no windows beyond: the object's edge, where one rank
-    pads by the edge values too. A halo between 0 and ``R`` wide leaves the correction near that tile
-    edge computed from padding instead of the neighbour's voxels.
+    Measured between the voxels the rank corrects and the edge of its extended tile within the field of
+    view (:func:`cone_regions`). A side where the two coincide has no windows beyond: the field's edge,
+    where one rank pads by the edge values too. A halo between 0 and ``R`` wide leaves the correction near
+    that tile edge computed from padding instead of the neighbour's voxels.
     """
-    tile, ext = domain.tile, domain.extended
-    widths = (tile.row0 - ext.row0, ext.row1 - tile.row1, tile.col0 - ext.col0, ext.col1 - tile.col1)
+    regions = cone_regions(domain, radius_px)
+    if regions is None:
+        return 0
+    field, own, _ = regions
+    widths = (own.row0 - field.row0, field.row1 - own.row1, own.col0 - field.col0, field.col1 - own.col1)
     short = [w for w in widths if 0 < w < radius_px]
     return min(short, default=0)
 
@@ -58,19 +79,25 @@ def remove_missing_cone(volume: Any, domain: RankDomain, cone: ConeFilter | None
     """
     if cone is None:
         return
-    rows, cols = cone_crop(domain, cone.radius_px)
-    own_rows, own_cols = domain.tile.relative_to(domain.extended)
+    regions = cone_regions(domain, cone.radius_px)
     correction, _ = workspace.begin()
-    crop = correction[:, rows, cols]
-    cone_correction(volume[:, rows, cols], cone, out=crop)
-    # keep the owner's voxels only: the margin was there for the kernels' reach
-    inner_rows = slice(own_rows.start - rows.start, own_rows.stop - rows.start)
-    inner_cols = slice(own_cols.start - cols.start, own_cols.stop - cols.start)
-    crop[:, :inner_rows.start] = 0
-    crop[:, inner_rows.stop:] = 0
-    crop[:, :, :inner_cols.start] = 0
-    crop[:, :, inner_cols.stop:] = 0
-    share(correction)
-    volume += correction
-    constrain(volume, max_amplitude)
-    workspace.end(WHOLE)
+    if regions is not None:
+        _, own, crop_box = regions
+        rows, cols = crop_box.relative_to(domain.extended)
+        crop = correction[:, rows, cols]
+        cone_correction(volume[:, rows, cols], cone, out=crop)
+        # keep the owner's voxels only: the margin was there for the kernels' reach
+        own_rows, own_cols = own.relative_to(crop_box)
+        crop[:, :own_rows.start] = 0
+        crop[:, own_rows.stop:] = 0
+        crop[:, :, :own_cols.start] = 0
+        crop[:, :, own_cols.stop:] = 0
+    share(correction)  # collective in sync mode: a rank with nothing to correct shares zeros
+    # every copy's correction (own or a neighbour's) lies in the field of view: add and constrain there only
+    field = field_in_tile(domain)
+    swept = [] if field is None else [field.relative_to(domain.extended)]
+    for rows, cols in swept:
+        target = volume[:, rows, cols]
+        target += correction[:, rows, cols]
+        constrain(target, max_amplitude)
+    workspace.end(swept)

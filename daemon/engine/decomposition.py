@@ -89,6 +89,10 @@ class RankDomain:
         Indices (into the scan) of the rank's probe group, ascending.
     neighbours : tuple of (int, Box)
         ``(other rank, exchange region)`` in ascending rank order.
+    field : Box or None
+        The scan's field of view, the same on every rank: the bounding box of every window of the whole scan
+        (grown by the decomposition's margin, within the object). Nothing outside it is ever updated, so the
+        missing-cone filter works inside it only (:mod:`ptylive.daemon.engine.cone`). None: the whole object.
     """
 
     rank: int
@@ -96,6 +100,7 @@ class RankDomain:
     extended: Box
     positions: np.ndarray
     neighbours: tuple[tuple[int, Box], ...]
+    field: Box | None = None
 
 
 def rank_grid(shape: tuple[int, int], n_ranks: int) -> tuple[int, int]:
@@ -176,13 +181,17 @@ def decompose(
         tiles.append(tile)
         extended.append(box.grown(margin_px).intersect(whole) or tile)
         groups.append(group)
+    field = None
+    if len(starts):
+        field = Box(int(starts[:, 0].min()), int(starts[:, 0].max()) + window_px, int(starts[:, 1].min()),
+                    int(starts[:, 1].max()) + window_px).grown(margin_px).intersect(whole)
     domains = []
     for rank in range(n_ranks):
         neighbours = tuple(
             (other, region) for other in range(n_ranks) if other != rank
             for region in [extended[rank].intersect(extended[other])] if region is not None
         )
-        domains.append(RankDomain(rank, tiles[rank], extended[rank], groups[rank], neighbours))
+        domains.append(RankDomain(rank, tiles[rank], extended[rank], groups[rank], neighbours, field))
     return domains
 
 

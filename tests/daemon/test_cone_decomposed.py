@@ -13,7 +13,7 @@ import logging
 import numpy as np
 import pytest
 
-from ptylive.daemon.engine.cone import cone_crop, remove_missing_cone, short_halo_px
+from ptylive.daemon.engine.cone import cone_regions, remove_missing_cone, short_halo_px
 from ptylive.daemon.engine.decomposition import Box, RankDomain, decompose
 from ptylive.daemon.engine.exchange.asynchronous import AsyncExchanger
 from ptylive.daemon.engine.exchange.sync import SyncExchanger
@@ -58,10 +58,11 @@ def test_the_split_has_halos_wide_enough_and_the_filter_changes_the_object() -> 
     assert CONE.radius_px == 6
     for d in domains:
         assert short_halo_px(d, CONE.radius_px) == 0
-        rows, cols = cone_crop(d, 2)  # the tile and 2 px more, within the extended tile
-        own_rows, own_cols = d.tile.relative_to(d.extended)
-        assert rows.start == max(own_rows.start - 2, 0) and rows.stop == min(own_rows.stop + 2, d.extended.shape[0])
-        assert cols.start == max(own_cols.start - 2, 0) and cols.stop == min(own_cols.stop + 2, d.extended.shape[1])
+        regions = cone_regions(d, 2)
+        assert regions is not None
+        field, own, crop = regions  # the tile (all of it scanned here) and 2 px more, within the extended tile
+        assert field == d.extended and own == d.tile
+        assert crop == d.tile.grown(2).intersect(d.extended)
     assert min(short_halo_px(d, 100) for d in domains) == CONE.radius_px  # as narrow as it may be
     truth = phase_object(1)
     assert np.abs(cone_correction(truth, CONE)).max() > 0.1
@@ -130,3 +131,37 @@ def test_no_filter_for_one_slice_or_when_off_and_a_warning_for_a_short_halo(capl
     with caplog.at_level(logging.WARNING, logger="ptylive.daemon.engine.tile"):
         assert tile_cone(narrow, optics(N_SLICES), 1.0) == CONE
     assert "halo of 3 px is narrower than the missing-cone filter's radius of 6 px" in caplog.text
+
+
+@pytest.mark.parametrize("n_ranks, pad", [(4, 10), (6, 52)])
+def test_the_filter_works_inside_the_field_of_view_only(n_ranks: int, pad: int) -> None:
+    """The scan padded by vacuum (``O = 1``) on every side: the filter runs on the windows' bounding box only
+    (its cost follows the scan, not the object's area), padded by edge values there, and every copy on every
+    rank ends with that correction; the vacuum stays exactly 1. At 6 ranks with 52 px of vacuum four tiles
+    hold no scanned voxel at all and still take part in the collective sum."""
+    rows, cols = np.meshgrid(np.arange(8.0, 32.5, 2.0), np.arange(8.0, 44.5, 2.0), indexing="ij")
+    positions = np.stack([rows.ravel(), cols.ravel()], axis=1) + pad
+    shape = (SHAPE[0] + 2 * pad, SHAPE[1] + 2 * pad)
+    domains = decompose(shape, positions, WINDOW, n_ranks)
+    field = Box(pad, pad + SHAPE[0], pad, pad + SHAPE[1])
+    assert all(d.field == field for d in domains)
+    assert all(short_halo_px(d, CONE.radius_px) == 0 for d in domains)
+    if n_ranks == 6:
+        assert sum(cone_regions(d, CONE.radius_px) is None for d in domains) == 4  # tiles of vacuum only
+    truth = np.ones((N_SLICES, *shape), complex)
+    truth[:, pad:pad + SHAPE[0], pad:pad + SHAPE[1]] = phase_object(5)
+    whole = truth.copy()
+    whole[:, pad:pad + SHAPE[0], pad:pad + SHAPE[1]] += cone_correction(phase_object(5), CONE)
+
+    def rank(comm: FakeComm) -> np.ndarray:
+        r = comm.Get_rank()
+        exchanger = SyncExchanger(comm, domains[r], N_SLICES, np.float64, 2)
+        volume = extended(truth, domains[r])
+        remove_missing_cone(volume, domains[r], CONE, GradientWorkspace(volume), exchanger.reduce_correction, None)
+        return volume
+
+    for d, volume in zip(domains, run_ranks(FakeWorld(n_ranks), rank), strict=True):
+        np.testing.assert_allclose(volume, extended(whole, d), rtol=0, atol=1e-13)
+    vacuum = np.ones(shape, bool)
+    vacuum[pad:pad + SHAPE[0], pad:pad + SHAPE[1]] = False
+    assert np.abs(cone_correction(truth, CONE)[:, vacuum]).max() > 1e-3  # the whole object's filter would reach it
