@@ -3,8 +3,9 @@
 The filter works inside the scan's field of view (:attr:`RankDomain.field`: the bounding box of every
 window, the same on every rank; nothing outside it is ever updated, so ``ln O`` is 0 there), padded by edge
 values at the field's edges, which one rank and many do alike. Each rank corrects the voxels it owns (its
-tile, within the field) from its extended tile cropped to those voxels plus the filter's radius ``R``, writes the correction into the run's zeroed gradient array (no tile-sized
-allocation) with zero everywhere else, and shares it like a gradient:
+tile, within the field) from its extended tile cropped to those voxels plus the filter's radius ``R``,
+writes the correction into the run's zeroed gradient array (no tile-sized allocation) with zero everywhere
+else, and shares it like a gradient:
 
 * ``sync`` (and async mode's exact first iteration): :meth:`SyncExchange.reduce_correction` sums it over
   the overlaps, so every copy of a voxel receives its owner's value; every copy then holds the same

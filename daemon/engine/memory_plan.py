@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from ptylive.daemon.engine.cone import field_in_tile
 from ptylive.daemon.engine.decomposition import RankDomain, decompose
 from ptylive.daemon.engine.exchange.sync import common_round_slices
 from ptylive.daemon.engine.options import DEFAULT_UPDATES_PER_ITERATION, EngineOptions
@@ -110,7 +111,8 @@ def rank_memory(domain: RankDomain, n_slices: int, window_px: int, detector_px: 
     # complex; one slice of illumination and the mode scratch, real; the far field of the unfused losses.
     workspace = waves + (2 + probe_modes) * batch * window * c + 2 * batch * window * r \
         + batch * detector_px**2 * c + fft_scratch
-    workspace = max(workspace, cone_scratch(n_slices, domain.extended.shape, c))
+    field = field_in_tile(domain)  # the filter works within the field of view only (a bound on its crop)
+    workspace = max(workspace, cone_scratch(n_slices, field.shape, c) if field is not None else 0)
     return RankMemory(
         rank=domain.rank, extended_shape=domain.extended.shape, n_positions=len(domain.positions),
         object=voxels * c, gradient=voxels * c, illumination=illumination_copies * voxels * r, optimiser_state=0,
