@@ -54,10 +54,42 @@ class VirtualDetector:
 def default_detector(convergence_semiangle_mrad: float, detector_pixel_mrad: float,
                      detector_px: int) -> VirtualDetector:
     """One ADF ring from 1.5 α to the detector's edge (its inscribed circle)."""
-    edge_mrad = (detector_px // 2) * detector_pixel_mrad
+    edge = edge_mrad(detector_pixel_mrad, detector_px)
     inner = 1.5 * convergence_semiangle_mrad
-    annuli = ((inner, edge_mrad),) if edge_mrad > inner else ()
+    annuli = ((inner, edge),) if edge > inner else ()
     return VirtualDetector(convergence_semiangle_mrad, detector_pixel_mrad, annuli)
+
+
+def edge_mrad(detector_pixel_mrad: float, detector_px: int) -> float:
+    """The radius of the frames' inscribed circle, ``(D // 2)·Δθ`` mrad: the largest whole ring a D-square frame
+    holds."""
+    return (detector_px // 2) * detector_pixel_mrad
+
+
+def configured_detector(convergence_semiangle_mrad: float, detector_pixel_mrad: float, detector_px: int,
+                        annuli_mrad: tuple[tuple[float, float], ...]) -> tuple[VirtualDetector, tuple[str, ...]]:
+    """A detector with the given ADF rings, fitted to D-square frames: a ring reaching past the inscribed edge
+    (:func:`edge_mrad`) is cut at it, so that every ring is a whole annulus (past the edge only the frame's corners
+    would be summed); a ring wholly past it is left out (the later rings move up one ``adf`` index).
+
+    Returns
+    -------
+    detector : VirtualDetector
+    notes : tuple of str
+        One sentence per ring cut or left out (empty when every ring fits).
+    """
+    edge = edge_mrad(detector_pixel_mrad, detector_px)
+    kept: list[tuple[float, float]] = []
+    notes: list[str] = []
+    for inner, outer in annuli_mrad:
+        if inner >= edge:
+            notes.append(f"ADF ring {inner:g}–{outer:g} mrad left out: it lies past the frames' edge at {edge:g} mrad")
+        elif outer > edge:
+            notes.append(f"ADF ring {inner:g}–{outer:g} mrad cut to {inner:g}–{edge:g} mrad, the frames' edge")
+            kept.append((inner, edge))
+        else:
+            kept.append((inner, outer))
+    return VirtualDetector(convergence_semiangle_mrad, detector_pixel_mrad, tuple(kept)), tuple(notes)
 
 
 def angles_mrad(detector_px: int, detector_pixel_mrad: float, xp: Any = np) -> tuple[Any, Any]:

@@ -82,7 +82,8 @@ def _run_worker(config: DaemonConfig, worker: int, endpoints: dict[str, Any], wo
     settings = WorkerSettings(worker, config.workers.ranks, config.reconstruction, config.workers.backend,
                               config.workers.precision, config.ingest.on_new_start, config.preview.rate_hz,
                               config.preview.max_px, state_folder(config.service.state_folder, config.output.folder),
-                              config.service.checkpoint_interval_s, config.service.resume_iterations)
+                              config.service.checkpoint_interval_s, config.service.resume_iterations,
+                              adf_annuli_mrad=config.virtual.annuli_mrad)
     node = Worker(settings, inbox, outbox, workers_comm if config.workers.ranks > 1 else None)
 
     def stop(*_: Any) -> None:

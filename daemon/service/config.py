@@ -38,9 +38,11 @@ class ConfigError(ValueError):
 
 
 def _option(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
-            whole_float: bool = False) -> Any:
-    """A field with bounds (``ge``/``gt``/``le``); ``whole_float`` lets an int field take ``8e9``."""
-    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "whole_float": whole_float})
+            whole_float: bool = False, expected: str = "") -> Any:
+    """A field with bounds (``ge``/``gt``/``le``); ``whole_float`` lets an int field take ``8e9``; ``expected``:
+    what its errors say it accepts, in place of the words made from its type."""
+    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "whole_float": whole_float,
+                                            "expected": expected})
 
 
 _BOUNDS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le)}
@@ -51,6 +53,8 @@ _UNIONS = (typing.Union, types.UnionType)
 
 def _expected(hint: Any, metadata: Mapping[str, Any]) -> str:
     """What a field accepts, in words: ``an integer >= 1``, ``one of 'queue', 'finish_now'``."""
+    if metadata.get("expected"):
+        return str(metadata["expected"])
     args = typing.get_args(hint)
     if typing.get_origin(hint) is Literal:
         return "one of " + ", ".join(repr(choice) for choice in args)
@@ -204,6 +208,38 @@ class DetectorConfig(_Section):
         return self != DetectorConfig()
 
 
+ANNULI_EXPECTED = "a list of [inner, outer] rings in mrad, finite, 0 <= inner < outer (or absent)"
+
+
+@dataclass(frozen=True)
+class VirtualConfig(_Section):
+    """``[virtual]``: the live virtual detector images every worker computes per frame (``docs/daemon.md``,
+    "Virtual images"; :func:`ptylive.daemon.worker.virtual.series_detector`).
+
+    ``adf_annuli_mrad``: the ADF rings ``[[inner, outer], ...]`` in mrad (``adf0``, ``adf1``, … in this order),
+    each ``0 <= inner < outer``; absent (the default): one ring from 1.5 α to the frames' inscribed edge, α the
+    series' convergence semi-angle; ``[]``: no ADF image. A ring reaching past a series' inscribed edge is cut at
+    the edge, one wholly past it is left out (both logged by the workers at WARNING).
+    """
+
+    SECTION: ClassVar[str] = "virtual"
+    adf_annuli_mrad: tuple[tuple[float, ...], ...] | None = _option(None, ge=0, expected=ANNULI_EXPECTED)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for ring in self.adf_annuli_mrad or ():
+            if len(ring) != 2 or not ring[0] < ring[1]:
+                raise ConfigError(f"invalid value {list(ring)!r} in 'virtual.adf_annuli_mrad'; expected "
+                                  f"[inner, outer] in mrad, 0 <= inner < outer")
+
+    @property
+    def annuli_mrad(self) -> tuple[tuple[float, float], ...] | None:
+        """The rings as (inner, outer) pairs; None: the default ring."""
+        if self.adf_annuli_mrad is None:
+            return None
+        return tuple((inner, outer) for inner, outer in self.adf_annuli_mrad)
+
+
 @dataclass(frozen=True)
 class WorkersConfig(_Section):
     """``[workers]``: worker ranks (the daemon runs ``ranks + 1`` MPI processes) and their arrays."""
@@ -353,6 +389,7 @@ class DaemonConfig:
     service: ServiceConfig = field(default_factory=ServiceConfig)
     scan: ScanConfig = field(default_factory=ScanConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
+    virtual: VirtualConfig = field(default_factory=VirtualConfig)
 
     def __post_init__(self) -> None:
         if self.ingest.format == "ptylive" and self.scan.hook:

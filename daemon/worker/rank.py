@@ -58,6 +58,7 @@ class WorkerSettings:
     checkpoint_folder: Path | None = None  # None: no checkpoints
     checkpoint_interval_s: float = 0.0  # 0: no checkpoints
     resume_iterations: int = 0  # a resumed series' iterations once every frame is back (0: final_iterations)
+    adf_annuli_mrad: tuple[tuple[float, float], ...] | None = None  # [virtual]'s ADF rings; None: the default ring
 
 
 @dataclass
@@ -138,8 +139,8 @@ class Worker:
                                                       "error": str(exc)}))
             return
         store = FrameStore.allocate(geometry, self.settings.worker, reconstruction.loss, self.xp, self.real_t)
-        store.virtual = VirtualFrames(series_detector(start, geometry), store.global_index,  # BF, ADF, CoM per frame
-                                      geometry.detector_px, self.xp)
+        detector = series_detector(start, geometry, self.settings.adf_annuli_mrad)
+        store.virtual = VirtualFrames(detector, store.global_index, geometry.detector_px, self.xp)  # BF, ADF, CoM
         if reconstruction.loss == AUTO:  # chosen once enough frames are in (daemon.worker.refine)
             store.dark_field = dark_field_mask(geometry.detector_px, geometry.detector_pixel_mrad,
                                                start.convergence_semiangle_mrad)

@@ -16,11 +16,11 @@ The store's running sum of the frames themselves (:meth:`VirtualFrames.pattern`,
 pattern) is kept beside the sums, on the same device; worker 0 adds its probe's amplitude to the ``pattern``
 message (:func:`probe_amplitude`).
 
-The detector is :func:`~ptylive.streaming.virtual_images.default_detector` of the series: α the start's
-convergence semi-angle, one ADF ring from 1.5 α to the stored frames' inscribed edge, and the angle of one stored
-pixel the geometry's ``detector_pixel_mrad`` (the detector's times its bin factor: frames are stored at the
-detector's resolution whatever the upsampling), so the rings follow whatever the frames went through before they
-were stored (``docs/physics.md``, "Virtual detector images").
+The detector (:func:`series_detector`) has α the start's convergence semi-angle, the ADF rings of ``[virtual]
+adf_annuli_mrad`` (cut at the stored frames' inscribed edge) or by default one ring from 1.5 α to that edge, and
+the angle of one stored pixel the geometry's ``detector_pixel_mrad`` (the detector's times its bin factor: frames
+are stored at the detector's resolution whatever the upsampling), so the rings follow whatever the frames went
+through before they were stored (``docs/physics.md``, "Virtual detector images").
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from ptylive.streaming.protocol import SeriesStart
 from ptylive.streaming.virtual_images import (
     SUM_NAMES,
     VirtualDetector,
+    configured_detector,
     default_detector,
     detector_weights,
     values_from_sums,
@@ -48,9 +49,22 @@ logger = logging.getLogger(__name__)
 PROBE_MAX_PX = 128  # the probe amplitude rank 0 shows is block-averaged to at most this side
 
 
-def series_detector(start: SeriesStart, geometry: SeriesGeometry) -> VirtualDetector:
-    """The virtual detector of a series' stored ``geometry.detector_px``-square frames."""
-    return default_detector(start.convergence_semiangle_mrad, geometry.detector_pixel_mrad, geometry.detector_px)
+def series_detector(start: SeriesStart, geometry: SeriesGeometry,
+                    annuli_mrad: tuple[tuple[float, float], ...] | None = None) -> VirtualDetector:
+    """The virtual detector of a series' stored ``geometry.detector_px``-square frames.
+
+    ``annuli_mrad``: the ADF rings (``[virtual] adf_annuli_mrad``), cut at the frames' inscribed edge or left out
+    past it, each logged at WARNING (:func:`~ptylive.streaming.virtual_images.configured_detector`); None: the
+    default ring from 1.5 α to the edge.
+    """
+    alpha, pixel, side = start.convergence_semiangle_mrad, geometry.detector_pixel_mrad, geometry.detector_px
+    if annuli_mrad is None:
+        return default_detector(alpha, pixel, side)
+    detector, notes = configured_detector(alpha, pixel, side, annuli_mrad)
+    for note in notes:
+        logger.warning("series %r: %s ([virtual] adf_annuli_mrad; %d px frames of %g mrad)", start.series_id, note,
+                       side, pixel)
+    return detector
 
 
 class VirtualFrames:

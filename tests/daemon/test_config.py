@@ -190,6 +190,39 @@ def test_choices(section: str, key: str, value: Any) -> None:
         config_from_mapping({section: {key: value}})
 
 
+@pytest.mark.parametrize("text, shown", [
+    ("[[20, 10]]", "[20.0, 10.0]"), ("[[10, 10]]", "[10.0, 10.0]"), ("[[5, 10, 20]]", "[5.0, 10.0, 20.0]"),
+    ("[[5]]", "[5.0]"), ("[[5, 10], []]", "[]"),
+])
+def test_adf_rings_need_inner_below_outer(tmp_path: Path, text: str, shown: str) -> None:
+    path = write(tmp_path, f"[virtual]\nadf_annuli_mrad = {text}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (f"invalid value {shown} in 'virtual.adf_annuli_mrad'; expected [inner, outer] in "
+                               f"mrad, 0 <= inner < outer (in {path})")
+
+
+@pytest.mark.parametrize("text", ["[[-1, 10]]", "[[5, nan]]", "[[5, inf]]", "[[true, 10]]", "[['5', 10]]", "[5, 10]",
+                                  "'40-80'", "40"])
+def test_adf_rings_are_finite_non_negative_pairs(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, f"[virtual]\nadf_annuli_mrad = {text}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    value = tomllib.loads(f"v = {text}")["v"]
+    assert str(info.value) == (f"invalid value {value!r} for 'virtual.adf_annuli_mrad'; expected a list of "
+                               f"[inner, outer] rings in mrad, finite, 0 <= inner < outer (or absent) (in {path})")
+
+
+def test_adf_rings_default_to_absent_and_read_back_as_given(tmp_path: Path) -> None:
+    assert DaemonConfig().virtual.annuli_mrad is None  # the default ring, 1.5 α to the frames' edge
+    rings = load_config(write(tmp_path, "[virtual]\nadf_annuli_mrad = [[0, 12.5], [40, 160]]\n")).virtual
+    assert rings.annuli_mrad == ((0.0, 12.5), (40.0, 160.0))
+    assert load_config(write(tmp_path, "[virtual]\nadf_annuli_mrad = []\n")).virtual.annuli_mrad == ()
+    for virtual in ({}, {"adf_annuli_mrad": []}, {"adf_annuli_mrad": [[0, 12.5], [40, 160]]}):
+        config = config_from_mapping({"virtual": virtual})
+        assert config_from_mapping(tomllib.loads(config_to_toml(config))) == config
+
+
 def test_several_slices_need_a_thickness() -> None:
     with pytest.raises(ConfigError, match=r"'reconstruction.slice_thickness_A'; expected > 0 when n_slices = 3"):
         config_from_mapping({"reconstruction": {"n_slices": 3}})

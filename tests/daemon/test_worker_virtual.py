@@ -4,6 +4,7 @@ rank 0's views place where the frames lie in the scan."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 
 from ptylive.daemon.engine.geometry import series_geometry
 from ptylive.daemon.service import messages as rank_messages
-from ptylive.daemon.service.config import ReconstructionConfig
+from ptylive.daemon.service.config import ReconstructionConfig, config_from_mapping
 from ptylive.daemon.worker.frames import FrameStore
 from ptylive.daemon.worker.rank import Worker, WorkerSettings
 from ptylive.daemon.worker.virtual import VirtualFrames, probe_amplitude, series_detector
@@ -230,3 +231,40 @@ def test_a_worker_sends_its_frame_sum_and_worker_0_its_probe() -> None:
     with_probe = outbox.of("pattern")[-1]
     assert with_probe.header["probe_factor"] == 1 and with_probe.header["iteration"] == 3
     np.testing.assert_allclose(with_probe.arrays[1], np.sqrt(0.5), rtol=1e-6)
+
+
+def test_configured_rings_give_one_adf_image_each_cut_at_the_frames_edge(caplog: pytest.LogCaptureFixture) -> None:
+    """``[virtual] adf_annuli_mrad`` reaches the worker: 32 px frames of 1 mrad have their inscribed edge at 16 mrad,
+    so [12, 20] is cut to [12, 16] and [17, 30] (wholly past it) is left out, each said at WARNING. Each ADF value is
+    the frame's counts at angles inner <= θ < outer, summed here straight from the pixel angles."""
+    config = config_from_mapping({"virtual": {"adf_annuli_mrad": [[9, 12], [12, 20], [17, 30]]}})
+    settings = WorkerSettings(0, 1, ReconstructionConfig(), adf_annuli_mrad=config.virtual.annuli_mrad)
+    outbox = Outbox()
+    worker = Worker(settings, Inbox(), outbox, None)  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING, logger="ptylive.daemon.worker.virtual"):
+        worker.handle(START)
+    assert [r.getMessage() for r in caplog.records] == [
+        "series 'v-1': ADF ring 12–20 mrad cut to 12–16 mrad, the frames' edge ([virtual] adf_annuli_mrad; "
+        "32 px frames of 1 mrad)",
+        "series 'v-1': ADF ring 17–30 mrad left out: it lies past the frames' edge at 16 mrad ([virtual] "
+        "adf_annuli_mrad; 32 px frames of 1 mrad)"]
+    frames = patterns(START.n_positions, seed=9)
+    for index in (3, 4):
+        worker.handle(Frame(START.series_id, index, frames[index]))
+    worker._send_virtual(worker.slots[START.series_id].store)  # noqa: SLF001 - what drain() sends
+    (sent,) = outbox.of("virtual")
+    assert sent.header["kinds"] == ["bf", "adf0", "adf1", "com_x", "com_y"]
+    assert sent.header["annuli_mrad"] == [[9.0, 12.0], [12.0, 16.0]]
+    y, x = np.mgrid[0:D, 0:D] - D // 2
+    theta_mrad = np.hypot(y, x) * START.detector_pixel_mrad
+    for kind, (inner, outer) in (("adf0", (9, 12)), ("adf1", (12, 16))):
+        ring = (theta_mrad >= inner) & (theta_mrad < outer)
+        got = sent.arrays[1 + sent.header["kinds"].index(kind)]
+        np.testing.assert_allclose(got, frames[[3, 4]][:, ring].sum(axis=1), rtol=1e-6)  # float32 sums of counts
+
+
+def test_no_configured_rings_means_no_adf_image_and_the_default_stays_one_ring() -> None:
+    geometry = series_geometry(START, 1, 1)
+    assert series_detector(START, geometry, ()).annuli_mrad == ()
+    assert series_detector(START, geometry, None) == series_detector(START, geometry)
+    np.testing.assert_allclose(series_detector(START, geometry).annuli_mrad, [[12.0, 16.0]], rtol=1e-12)
