@@ -7,10 +7,14 @@ received only some of its frames.
 
 from __future__ import annotations
 
+import ast
+import inspect
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import h5py
@@ -20,7 +24,12 @@ from PIL import Image
 
 from ptylive.daemon.cli.main import main as cli_main
 from ptylive.daemon.engine.geometry import series_geometry
+from ptylive.daemon.service.checkpoints import RECOVERED
 from ptylive.daemon.service.results import write_final
+from ptylive.daemon.service.resume import ResumePlan
+from ptylive.daemon.service.supervisor import Rank0
+from ptylive.daemon.worker import refine
+from ptylive.streaming.scan_plan import ScanPlan, ScanRequest, simplon_v1_count
 from tests.conftest import run_cli
 from tests.daemon.test_final_writes import START, final_job
 
@@ -299,3 +308,59 @@ def test_inspect_names_the_virtual_images_and_the_resume(streamed: Path, tmp_pat
     text = capsys.readouterr().out
     assert "virtual      bf, com_x (group virtual/)" in text and "resumed_from_iteration 12" in text
 
+
+
+RESULTS_DOC = Path(__file__).resolve().parents[2] / "docs" / "results.md"
+
+
+def documented_attributes() -> dict[str, str]:
+    """docs/results.md's "Attributes" table: each backquoted name of a row's first column -> the row's meaning."""
+    section = RESULTS_DOC.read_text().split("## Attributes", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1:3] for line in section.splitlines() if line.startswith("| `")]
+    return {name: meaning for names, meaning in rows for name in re.findall(r"`([^`]+)`", names)}
+
+
+def undocumented(names: set[str], documented: set[str]) -> set[str]:
+    """``names`` no documented name matches (``worker_rejected_<reason>`` stands for every reason)."""
+    patterns = [re.compile(re.sub(r"<[^>]+>", "[A-Za-z0-9_]+", re.escape(name)) + r"\Z") for name in documented]
+    return {name for name in names if not any(p.match(name) for p in patterns)}
+
+
+def test_every_attribute_a_result_file_carries_is_documented(result: Path, tmp_path: Path) -> None:
+    """The offline file, and a DECTRIS series' file with its root attributes made as rank 0 makes them
+    (:meth:`Rank0._final_attrs`: the scan decision of a count mismatch, a resume) and a rejected frame."""
+    plan = ScanPlan(ScanRequest((8, 10)))
+    plan.resolve("dectris-3", simplon_v1_count({"nimages": 1, "ntrigger": 100, "trigger_mode": "exts"}))
+    resume = ResumePlan("dectris-3", Path("dectris-3.zmq"), 1, True, 12, 16)
+    rank0 = SimpleNamespace(scan_plan=plan, resumes={"dectris-3": resume})
+    extra = Rank0._final_attrs(rank0, "dectris-3")  # type: ignore[arg-type]  # noqa: SLF001 - rank 0's own
+    assert {"scan_source", "detector_images", "detector_images_source", "count_mismatch"} <= set(extra)
+    geometry = series_geometry(START, 2, 1)
+    job = final_job(geometry, "dectris-3")
+    job.finals[0].header["rejected"] = {"index_out_of_range": 2}
+    job.finals[0].header["loss_function"] = job.finals[1].header["loss_function"] = "poisson"
+    streamed = write_final(tmp_path, job.start, geometry, job.finals, extra)
+    documented = set(documented_attributes())
+    for path in (result, streamed):
+        with h5py.File(path, "r") as f:
+            names = set(f.attrs)
+        assert names and not undocumented(names, documented), (path.name, sorted(undocumented(names, documented)))
+
+
+def statuses_a_worker_decides() -> set[str]:
+    """Every status string :func:`ptylive.daemon.worker.refine._decide` returns, read from its source."""
+    tree = ast.parse(inspect.getsource(refine))
+    (decide,) = [node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef) and node.name == "_decide"]
+    found = set()
+    for node in ast.walk(decide):
+        if isinstance(node, ast.Return) and node.value is not None:
+            found |= {c.value for c in ast.walk(node.value) if isinstance(c, ast.Constant) and isinstance(c.value, str)}
+    return found
+
+
+def test_every_status_a_file_can_carry_is_documented() -> None:
+    decided = statuses_a_worker_decides()
+    assert {"complete", "incomplete", "empty", "dark"} <= decided  # the walk finds them
+    written = decided | {s for s in refine.STOP_LEVELS.values() if s is not None} | {RECOVERED}
+    documented = set(re.findall(r"`([a-z]+)`", documented_attributes()["status"]))
+    assert written <= documented, sorted(written - documented)
