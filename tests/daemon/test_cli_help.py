@@ -7,11 +7,14 @@ included, so a new option without help fails here.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 from collections.abc import Iterator
 
 import pytest
 
+import ptylive
 from ptylive.daemon.cli.main import build_parser
+from tests.conftest import run_cli
 
 FLAGS = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._HelpAction, argparse._VersionAction,
          argparse._CountAction)
@@ -78,3 +81,11 @@ def test_help_renders_with_defaults_filled_in(path: tuple[str, ...]) -> None:
         parser = sub.choices[name]
     text = parser.format_help()  # a stray % in a help string raises here
     assert "%(default)s" not in text and "usage: ptylive" in text
+
+
+def test_version_prints_the_installed_distributions_version() -> None:
+    """``ptylive --version``: one line on stdout, the version the package metadata (pyproject.toml) carries."""
+    done = run_cli("--version", timeout=60)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert done.stdout == f"ptylive {importlib.metadata.version('ptylive')}\n"
+    assert importlib.metadata.version("ptylive") == ptylive.__version__

@@ -7,9 +7,11 @@ writes with ``systemd-analyze verify`` (skipped like :mod:`tests.daemon.test_sys
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import venv
 import zipfile
 from pathlib import Path
@@ -112,3 +114,38 @@ def test_a_wheel_installed_in_a_fresh_venv_ships_the_files_and_writes_a_unit_tha
     verified = subprocess.run([systemd_analyze(), "verify", str(prefix / UNIT)], capture_output=True, text=True,
                               timeout=60)
     assert verified.returncode == 0 and verified.stderr == "" and verified.stdout == "", verified.stderr
+
+
+@pytest.mark.slow
+def test_the_sdist_carries_the_service_files_and_the_license_and_its_wheel_the_service_files(tmp_path: Path) -> None:
+    """A pip user installing from the sdist gets what ``ptylive service install`` writes: the sdist holds
+    ``systemd/`` (unit, example config, Prometheus job, Grafana dashboard and provisioning) and LICENSE, and the
+    wheel pip builds from it holds them as package data.
+
+    Built from a copy of the checkout's files (tracked, and untracked ones git does not ignore): setuptools adds
+    every file an existing ``*.egg-info/SOURCES.txt`` lists, so a build in the checkout, whose editable install
+    left one, would hold a file that the package data no longer names.
+    """
+    source = tmp_path / "source"
+    listed = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            capture_output=True, check=True, timeout=60).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        if (ROOT / name).is_file():  # a file deleted but not yet committed is listed too
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
+    built = subprocess.run([sys.executable, "-m", "build", "--sdist", "--outdir", str(tmp_path / "dist"),
+                            str(source)], capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr
+    (sdist,) = (tmp_path / "dist").glob("ptylive-*.tar.gz")
+    top = sdist.name.removesuffix(".tar.gz")
+    with tarfile.open(sdist) as archive:
+        names = set(archive.getnames())
+        metadata = archive.extractfile(f"{top}/PKG-INFO").read().decode()  # type: ignore[union-attr]
+    assert {f"{top}/systemd/{source}" for source, _ in FILES} <= names
+    assert any(source.startswith("grafana/") for source, _ in FILES)  # the dashboard and provisioning among them
+    assert f"{top}/LICENSE" in names and "\nLicense-File: LICENSE\n" in metadata
+    wheel_built = subprocess.run([sys.executable, "-m", "pip", "wheel", str(sdist), "--no-deps", "-q", "-w",
+                                  str(tmp_path / "wheels")], capture_output=True, text=True, timeout=600)
+    assert wheel_built.returncode == 0, wheel_built.stderr
+    (wheel,) = (tmp_path / "wheels").glob("ptylive-*.whl")
+    assert {f"ptylive/systemd/{source}" for source, _ in FILES} <= set(zipfile.ZipFile(wheel).namelist())
