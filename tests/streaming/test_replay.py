@@ -18,8 +18,17 @@ import zmq
 
 from ptylive.daemon.cli.main import main as cli_main
 from ptylive.streaming import dectris_v1 as v1
-from ptylive.streaming.protocol import Frame, SeriesEnd, SeriesStart, decode
-from ptylive.streaming.recording import RecordingWriter, read_parts, sidecar
+from ptylive.streaming import dectris_v2 as v2
+from ptylive.streaming.protocol import (
+    Frame,
+    SeriesEnd,
+    SeriesStart,
+    decode,
+    encode_frame,
+    encode_series_end,
+    encode_series_start,
+)
+from ptylive.streaming.recording import RecordingWriter, detect_format, read_parts, sidecar
 from ptylive.streaming.scanfile import read_frames, read_metadata
 
 
@@ -140,9 +149,37 @@ class Status(BaseHTTPRequestHandler):
         pass
 
 
-def test_a_refused_series_exits_with_status_3(tmp_path: Path, receiver: Receiver,
+def dectris_v2_recording(path: Path, pixels: np.ndarray, series_id: int = 9) -> None:
+    """A SIMPLON stream v2 series (one channel, bslz4) as the detector sends it: start, images, end."""
+    with RecordingWriter(path) as writer:
+        writer.write([v2.start_message(series_id, ["threshold_1"], pixels.shape[1:], len(pixels))])
+        for k, frame in enumerate(pixels):
+            writer.write([v2.image_message(series_id, k, {"threshold_1": frame})])
+        writer.write([v2.end_message(series_id)])
+
+
+def ptylive_recording(path: Path, pixels: np.ndarray, series_id: str = "9") -> None:
+    """A ptylive stream v1 series (``series_start``, frames, ``series_end``) as ``[ingest] record_to`` keeps it."""
+    start = SeriesStart(series_id=series_id, scan_shape=(1, len(pixels)), scan_step_A=(1.0, 1.0),
+                        detector_shape=pixels.shape[1:], dtype="uint16", energy_eV=300e3,
+                        convergence_semiangle_mrad=20.0, defocus_A=0.0, detector_pixel_mrad=1.0)
+    with RecordingWriter(path) as writer:
+        writer.write(encode_series_start(start))
+        for k, frame in enumerate(pixels):
+            writer.write(encode_frame(series_id, k, frame))
+        writer.write(encode_series_end(series_id, len(pixels)))
+
+
+RECORDINGS = {"dectris_v1": dectris_recording, "dectris_v2": dectris_v2_recording, "ptylive": ptylive_recording}
+
+
+@pytest.mark.parametrize("format", list(RECORDINGS))
+def test_a_refused_series_exits_with_status_3(tmp_path: Path, receiver: Receiver, format: str,
                                               capsys: pytest.CaptureFixture[str]) -> None:
-    dectris_recording(tmp_path / "d.zmq", np.zeros((2, 4, 4), np.uint16))
+    """Each format's series id is read from its own start message (SIMPLON v1 header, v2 CBOR start, msgpack
+    series_start) and looked up in the daemon's registry."""
+    RECORDINGS[format](tmp_path / "d.zmq", np.zeros((2, 4, 4), np.uint16))
+    assert detect_format(next(read_parts(tmp_path / "d.zmq"))) == format
     server = ThreadingHTTPServer(("127.0.0.1", 0), Status)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -6,7 +6,9 @@ decoders and the series book into the registry."""
 from __future__ import annotations
 
 import logging
+import sys
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +23,7 @@ from ptylive.streaming.protocol import Frame, SeriesStart, decode
 from ptylive.streaming.router import Router
 from ptylive.streaming.scan_geometry import Optics, ScanGeometry, SeriesTemplate
 from ptylive.streaming.scan_plan import (
+    HOOK_GROUP,
     DetectorCount,
     ScanHookEnv,
     ScanPlan,
@@ -259,6 +262,29 @@ def test_hooks_load_by_import_path_and_are_checked() -> None:
                           ("no-such-entry-point", "no entry point 'no-such-entry-point' in group")]:
         with pytest.raises(ValueError, match=message):
             load_scan_hook(spec)
+
+
+def test_a_hook_loads_by_its_entry_point_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``[scan] hook = "lab-square"``: the name an acquisition package registers under ``ptylive.scan_hooks``
+    (here a distribution installed as a ``.dist-info`` folder on ``sys.path``, its module beside it)."""
+    module = "ptylive_test_lab_acquisition"
+    (tmp_path / f"{module}.py").write_text("def square_hook(env):\n    return (env.n_images // 8, 8)\n")
+    info = tmp_path / "ptylive_test_lab_acquisition-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ptylive-test-lab-acquisition\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[{HOOK_GROUP}]\nlab-square = {module}:square_hook\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    settings = ScanConfig(hook="lab-square")
+    try:
+        hook = load_scan_hook(settings.hook)
+    finally:
+        sys.modules.pop(module, None)  # the entry point imported it from tmp_path
+    assert hook.__module__ == module and hook.__name__ == "square_hook"
+    decision = plan_from_settings(settings, hook).resolve("1", count(320))
+    assert decision.geometry == ScanGeometry(40, 8) and decision.source == "hook"
+    with pytest.raises(ValueError, match=r"no entry point 'lab-round' in group 'ptylive.scan_hooks' \(installed: "
+                                         r"\[.*'lab-square'.*\]\)"):
+        load_scan_hook("lab-round")
 
 
 # ------------------------------------------------------------------------- through the decoders and the book
