@@ -110,6 +110,10 @@ class Ingest:
     scan_plan : ScanPlan, optional
         The plan the DECTRIS decoder decides each series' scan with (:mod:`~ptylive.streaming.scan_plan`; default:
         the decoder's ``plan``): its decisions' refusals and count mismatches go into the registry (``/status``).
+    used : callable, optional
+        ``used(series_id)`` → whether the daemon still holds a finished series of that id beyond the registry's
+        history (rank 0's view or file); its start is then a ``duplicate_id`` (:class:`SeriesBook`). Called on
+        the ingest thread.
 
     Attributes
     ----------
@@ -127,7 +131,7 @@ class Ingest:
                  registry: SeriesRegistry | None = None, context: zmq.Context | None = None,
                  admit: Callable[[SeriesStart], str | None] | None = None, decoder: StreamDecoder | None = None,
                  recorder: Recorder | None = None, taken: Callable[[int], int | None] | None = None,
-                 scan_plan: ScanPlan | None = None) -> None:
+                 scan_plan: ScanPlan | None = None, used: Callable[[str], bool] | None = None) -> None:
         if config.max_buffered_bytes and taken is None:
             raise ValueError("max_buffered_bytes needs the taken hook: without the workers' reports nothing is "
                              "ever known to be taken")
@@ -138,7 +142,7 @@ class Ingest:
         n = len(config.worker_endpoints)
         scan_plan = scan_plan if scan_plan is not None else getattr(self.decoder, "plan", None)  # a DECTRIS one's
         self.book = SeriesBook(router_factory, registry if registry is not None else SeriesRegistry(), n, admit,
-                               scan_of=None if scan_plan is None else scan_plan.decision)
+                               scan_of=None if scan_plan is None else scan_plan.decision, used=used)
         self.forwarded, self.control_forwarded, self.blocked_s = [0] * n, [0] * n, [0.0] * n
         self.bytes_forwarded = [0] * n
         self._batches: list[list[list[Any]]] = [[] for _ in range(n)]  # per worker: frames waiting for one send

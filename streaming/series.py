@@ -166,7 +166,8 @@ class SeriesRegistry:
         self.starts = dict.fromkeys(START_OUTCOMES, 0)
 
     def is_live(self, series_id: str) -> bool:
-        """Whether ``series_id`` is the current or a queued series (a start with its id is a duplicate)."""
+        """Whether ``series_id`` is the current or a queued series (a start with its id is a duplicate, as one with
+        the id of a finished series is: :meth:`dropped_start`)."""
         return self._live(series_id) is not None
 
     def _live(self, series_id: str) -> SeriesState | None:
@@ -194,28 +195,44 @@ class SeriesRegistry:
                    state.series_id, cause, state.received, state.n_expected, state.missing, n_frames,
                    "; the detector's image count and the scan disagreed" if state.count_mismatch else "")
 
-    def dropped_start(self, series_id: str) -> str | None:
+    def ran(self, series_id: str) -> bool:
+        """Whether a series named ``series_id`` ran and is still in the history of finished series (not refused)."""
+        return any(s.series_id == series_id and not s.refusal for s in self.finished)
+
+    def dropped_start(self, series_id: str, used: bool = False) -> str | None:
         """``"duplicate_id"`` or ``"queue_full"`` when a start of ``series_id`` would be dropped now, else None.
 
-        Asked before admission, so a start that cannot run costs no admission work (and leaves no trace in it).
+        A duplicate id is one of a live series, of a finished one still in the history (:meth:`ran`), or one the
+        caller says is ``used`` (rank 0 still holds a series of that id: its view or its written file). Rank 0
+        keys a series' views, tiles and file by its id, so a second series under an id still known there would
+        take the first one's place (a finished id's view once made the collector drop every message of the new
+        series, or its thread died on a tile outside the old object). Asked before admission, so a start that
+        cannot run costs no admission work (and leaves no trace in it).
         """
-        if self._live(series_id) is not None:
+        if self._live(series_id) is not None or used or self.ran(series_id):
             return "duplicate_id"
         waits = self.current is not None and self.config.on_new_start == "queue"
         return "queue_full" if waits and len(self.queued) >= self.config.max_queued else None
 
-    def start(self, msg: SeriesStart) -> tuple[str, SeriesState | None]:
+    def start(self, msg: SeriesStart, used: bool = False) -> tuple[str, SeriesState | None]:
         """Register a start: ``(outcome in START_OUTCOMES, new state or None if dropped)``.
 
         Under ``"finish_now"`` a superseded series is ``self.finished[-1]``. At most ``max_queued`` series ever
         wait, whatever the current one does (one that never ends holds the queue until ``idle_timeout_s``).
+        ``used``: rank 0 still holds a series of this id (:meth:`dropped_start`). A duplicate of a live id is
+        only counted (its frames are the live series'); a duplicate of a finished id is also recorded as a
+        refusal that names the reason (``/status``), so that its frames are rejected as ``"refused_series"``.
         """
-        outcome = self.dropped_start(msg.series_id)
+        outcome = self.dropped_start(msg.series_id, used)
         if outcome is None:
             if self.current is not None and self.config.on_new_start == "finish_now":
                 self._finish(self.current, "superseded", None)
             outcome = "current" if self.current is None or self.config.on_new_start == "finish_now" else "queued"
         self.starts[outcome] += 1
+        if outcome == "duplicate_id" and self._live(msg.series_id) is None:
+            self._refuse(msg, f"duplicate_id: series id {msg.series_id!r} was already used by a series that "
+                              "finished (its file is written or being written); a new series needs a new id")
+            return outcome, None
         if outcome in ("duplicate_id", "queue_full"):
             logger.warning("series start %r dropped: %s", msg.series_id, outcome)
             return outcome, None
@@ -231,6 +248,9 @@ class SeriesRegistry:
     def refuse(self, msg: SeriesStart, reason: str) -> SeriesState:
         """Record a start the daemon will not reconstruct; its frames are rejected as ``"refused_series"``."""
         self.starts["refused"] += 1
+        return self._refuse(msg, reason)
+
+    def _refuse(self, msg: SeriesStart, reason: str) -> SeriesState:
         state = SeriesState(msg, self.clock(), refusal=reason)
         state.ended, state.ended_s, state.end_cause = True, state.started_s, "refused"
         self.finished.append(state)

@@ -79,6 +79,10 @@ class SeriesBook:
         ``scan_of(series_id)`` → the :class:`~ptylive.streaming.scan_plan.ScanDecision` the decoder made for a
         DECTRIS series as it began (None: the series carries its own scan). A decision's refusal refuses the
         series before admission; its source, count and ``count_mismatch`` go into the series' record.
+    used : callable or None
+        ``used(series_id)`` → whether the daemon still holds a series of that id beyond the registry (rank 0's
+        view of it, or its file among the finished ones: a series recovered at start); a start of such an id is
+        a ``duplicate_id``. Called outside the book's lock.
 
     Attributes
     ----------
@@ -88,9 +92,10 @@ class SeriesBook:
 
     def __init__(self, router_factory: Callable[[SeriesStart], Router], registry: SeriesRegistry, n_workers: int,
                  admit: Callable[[SeriesStart], str | None] | None = None,
-                 scan_of: Callable[[str], ScanDecision | None] | None = None) -> None:
+                 scan_of: Callable[[str], ScanDecision | None] | None = None,
+                 used: Callable[[str], bool] | None = None) -> None:
         self.router_factory, self.registry, self.n_workers, self.admit = router_factory, registry, n_workers, admit
-        self.scan_of = scan_of
+        self.scan_of, self.used = scan_of, used
         self.routing_errors = 0
         self._routers: dict[str, tuple[SeriesStart, Router]] = {}
         self._lock = threading.Lock()
@@ -102,14 +107,17 @@ class SeriesBook:
     def start(self, start: SeriesStart) -> bool:
         """Admit (or refuse) and register a start; True when it must be forwarded to the workers.
 
-        A start whose id is live (current or queued) is counted as ``duplicate_id``, and one that finds the queue
-        full as ``queue_full``; both are dropped before the admission hook sees them: the hook records each
-        admitted series' geometry by id (a second geometry under a live id once took the collector's thread
-        down: a tile outside the object), in a bounded record that starts beyond the queue would flush.
+        A start whose id is live (current or queued), or of a series that finished and is still known (the
+        registry's history, or ``used``), is counted as ``duplicate_id`` (a finished id's also recorded as a
+        refusal, with its reason), and one that finds the queue full as ``queue_full``; both are dropped before
+        the admission hook sees them: the hook records each admitted series' geometry by id (a second geometry
+        under a live id once took the collector's thread down: a tile outside the object), in a bounded record
+        that starts beyond the queue would flush.
         """
+        used = self.used is not None and self.used(start.series_id)
         with self._lock:
-            if self.registry.dropped_start(start.series_id) is not None:
-                self.registry.start(start)  # counted as duplicate_id or queue_full, never registered
+            if self.registry.dropped_start(start.series_id, used) is not None:
+                self.registry.start(start, used)  # counted as duplicate_id or queue_full, never registered
                 return False
         decision = self.scan_of(start.series_id) if self.scan_of is not None else None
         refusal = decision.refusal if decision is not None and decision.refusal else self._admit(start)

@@ -97,6 +97,9 @@ class Collector:
     writer : FinalWriter
     bad_messages : int
         Worker messages that did not decode (logged).
+    failed_messages : int
+        Decoded worker messages whose handling raised (logged with the traceback; the thread goes on). The
+        thread ends only on a failure outside one message's handling (its sockets): ``thread_state`` says so.
     """
 
     def __init__(self, context: zmq.Context, pull_endpoint: str, pub_endpoint: str, hooks: CollectorHooks,
@@ -114,7 +117,7 @@ class Collector:
         self.publisher = Publisher(self._pub, rate_hz)
         self.writer = writer if writer is not None else FinalWriter(output_folder)
         self.events = self.publisher.events  # the viewer's server-sent events
-        self.bad_messages = 0
+        self.bad_messages = self.failed_messages = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -152,6 +155,15 @@ class Collector:
             self.bad_messages += 1
             logger.error("undecodable message from a worker: %s", exc)
             return
+        try:
+            self._apply(message)
+        except Exception:  # one message's fault (a tile outside its object, ...): counted, logged, never fatal
+            self.failed_messages += 1
+            logger.exception("a %s message of worker %s about series %r could not be handled (%d so far); the "
+                             "collector goes on", message.htype, message.header.get("worker"),
+                             message.header.get("series_id"), self.failed_messages)
+
+    def _apply(self, message: rank_messages.RankMessage) -> None:
         self.roster.record(message)
         if (message.htype != "preview" and message.htype != "virtual" and message.htype != "pattern"
                 and message.htype != "final"):
@@ -206,9 +218,11 @@ class Collector:
 
     def status(self) -> dict[str, Any]:
         """The collector's part of ``/status``: roster, latest series, finished files, counters (``final_writes``:
-        final files by outcome, and retries)."""
+        final files by outcome, and retries; ``worker_messages_failed``: worker messages that did not decode, and
+        those whose handling raised)."""
         return {**self.roster.snapshot(), **self.views.status(), "previews_published": self.publisher.published,
-                "finals_pending": self.writer.pending, "final_writes": self.writer.counts()}
+                "finals_pending": self.writer.pending, "final_writes": self.writer.counts(),
+                "worker_messages_failed": {"undecodable": self.bad_messages, "unhandled": self.failed_messages}}
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Stop the thread, write and announce the final files still queued, close the sockets."""

@@ -54,6 +54,11 @@ class SnapshotCollector(Collector):
         yield from self._workers(status)
         yield from self._final_writes(status.get("final_writes", {}))
         yield self._threads(status.get("threads", {}))
+        failed = _counter("ptylive_worker_messages_failed", "Worker messages rank 0's collector dropped, by reason: "
+                          "undecodable, unhandled (handling raised; logged with the traceback).", ["reason"])
+        for reason, count in status.get("worker_messages_failed", {}).items():
+            failed.add_metric([reason], count)
+        yield failed
 
     @staticmethod
     def _threads(threads: dict[str, str]) -> Metric:

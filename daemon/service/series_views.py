@@ -399,6 +399,16 @@ class SeriesViews:
             self._release_finished()
         return entry, coverage
 
+    def holds(self, series_id: str) -> bool:
+        """Whether a series named ``series_id`` is known here: its view, or its file among the finished entries
+        (a recovered series being refined on, :meth:`expect_again`, is not: its run goes on). A new series under
+        such an id would take the old one's place (its messages dropped as late ones, or its tiles placed in the
+        old mosaic), so the ingest refuses its start as a ``duplicate_id`` (ingest thread)."""
+        with self._lock:
+            if series_id in self._resuming:
+                return False
+            return series_id in self._views or any(entry["series_id"] == series_id for entry in self._finished)
+
     def expect_again(self, series_id: str) -> None:
         """A recovered series is resumed (:mod:`ptylive.daemon.service.resume`): its workers' messages after its
         checkpoint version's file are its run's, not late ones (rank 0's main thread, before the ingest starts)."""

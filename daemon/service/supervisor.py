@@ -153,7 +153,7 @@ class Rank0:
                              decoder=make_decoder(c.ingest.format, c.scan, c.ingest.channel, self.scan_plan,
                                                   detector=self._detector_settings()),
                              recorder=Recorder.open(c.ingest.record_to), taken=self._messages_taken,
-                             scan_plan=self.scan_plan)
+                             scan_plan=self.scan_plan, used=self._series_held)
         self.metrics = DaemonMetrics(metrics_registry or CollectorRegistry(), self.metrics_snapshot)
         self.latency = PreviewLatency()
         self.checkpoints = CheckpointFolder(state_folder(c.service.state_folder, Path(c.output.folder)),
@@ -198,6 +198,11 @@ class Rank0:
     def _messages_taken(self, worker: int) -> int | None:
         """What ``worker`` has taken from the ingest, as of its last heartbeat (the ingest's byte bound)."""
         return self.collector.roster.messages_taken(worker)
+
+    def _series_held(self, series_id: str) -> bool:
+        """Whether the collector still holds a series of this id (a new start of it is a duplicate); the ingest
+        thread asks, which starts after the collector is built."""
+        return self.collector.views.holds(series_id)
 
     def _progress(self, series_id: str) -> SeriesProgress | None:
         """The ingest's progress of a series, with its acceptance times (for the latency), under the book's lock."""

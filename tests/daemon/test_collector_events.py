@@ -102,6 +102,28 @@ def test_previews_become_events_and_slice_mosaics(collector: tuple[Collector, zm
     assert tiles["coverage"] is None  # only once the series is finished
 
 
+@pytest.mark.chaos
+def test_a_message_whose_handling_raises_is_counted_and_the_collector_goes_on(
+        collector: tuple[Collector, zmq.Socket], geometry: SeriesGeometry, caplog: pytest.LogCaptureFixture) -> None:
+    """A preview whose tile lies outside its series' object (a reused series id with another raster did that)
+    raises in the views; it is counted and logged with its series, and the thread serves the next message. It
+    once ended the collector thread: no preview and no file for any later series."""
+    running, push = collector
+    header = {"series_id": START.series_id, "worker": 0, "iteration": 1, "factor": 2, "tile": [0, 61, 30, 61],
+              "frames_used": 5, "frames_received": 5, "frames_expected": 48, "loss": 2.0, "loss_per_frame": 0.4,
+              "convergence_rate": 0.0, "wait_fraction": 0.1, "staleness_max": 1}
+    with caplog.at_level(logging.ERROR, logger="ptylive.daemon.service.collector"), \
+            running.events.subscribe() as subscription:
+        push.send_multipart(rank_messages.encode("preview", header, np.zeros((31, 16), np.float32)), copy=False)
+        send_preview(push, geometry, worker=0, iteration=2)
+        preview = json.loads(next_event(subscription, "preview").data)
+    assert preview["iteration"] == 2 and running.thread_state() == (True, None)
+    assert running.failed_messages == 1 and running.bad_messages == 0
+    assert running.status()["worker_messages_failed"] == {"undecodable": 0, "unhandled": 1}
+    assert "a preview message of worker 0 about series 'c-1' could not be handled" in caplog.text
+    assert "outside the object" in caplog.text  # the traceback names the fault
+
+
 def test_closing_the_collector_ends_event_streams(collector: tuple[Collector, zmq.Socket]) -> None:
     running, _ = collector
     subscription = running.events.subscribe()

@@ -308,3 +308,33 @@ def test_the_roster_ignores_messages_from_workers_that_do_not_exist() -> None:
                                          "totals": {}, "iteration_s": []}))
     roster.record(received("hello", {"worker": 1, "pid": 11}))
     assert roster.foreign == 1 and set(roster.heartbeat_ages()) == {1} and roster.said_hello() == {1: 11}
+
+
+@pytest.mark.chaos
+def test_views_hold_a_series_id_from_its_first_message_until_the_history_forgets_its_file(
+        geometry: SeriesGeometry) -> None:
+    """What the ingest asks before it admits a start (``holds``: a start of such an id is a duplicate): a series
+    with a view or a written file is held; a recovered series being refined on is not (its run goes on)."""
+    starts = {f"s-{k}": dataclasses.replace(START, series_id=f"s-{k}") for k in range(3)}
+    views = SeriesViews(lambda series_id: (starts[series_id], geometry) if series_id in starts else None,
+                        n_workers=2, history=1)
+
+    def final_of(series_id: str, worker: int) -> rank_messages.FinalMessage:
+        message = final(geometry, worker, [])
+        return dataclasses.replace(message, header={**message.header, "series_id": series_id})
+
+    assert not views.holds("s-0")
+    views.handle(final_of("s-0", 0))
+    assert views.holds("s-0")  # a view, no file yet
+    job = views.handle(final_of("s-0", 1)).final_job
+    assert job is not None
+    views.finished(FinalOutcome(job, Path("/results/s-0.h5")))
+    views.handle(final_of("s-1", 0))  # the next series: s-0's view is released, its file is remembered
+    assert "s-0" not in views._views and views.holds("s-0")
+    views.expect_again("s-0")
+    assert not views.holds("s-0")  # resumed from the recording: its messages are the new run's
+    job = views.handle(final_of("s-1", 1)).final_job
+    assert job is not None
+    views.finished(FinalOutcome(job, Path("/results/s-1.h5")))
+    views.handle(final_of("s-2", 0))
+    assert views.holds("s-1") and not views.holds("stranger")

@@ -39,7 +39,8 @@ def snapshot() -> dict[str, Any]:
     return {"ingest": {"registry": registry, "workers": workers, "messages_received": 320, "buffered": buffered},
             "worker_reports": reports, "workers_fresh": 2, "coverage_ratio": 0.9375,
             "threads": {"ingest": "running", "collector": "dead: ValueError: tile outside the object",
-                        "http": "running"}}
+                        "http": "running"},
+            "worker_messages_failed": {"undecodable": 4, "unhandled": 1}}
 
 
 def exposition(metrics: DaemonMetrics) -> dict[str, Any]:
@@ -66,6 +67,8 @@ def test_snapshot_values_reach_the_exposition_with_rank_labels() -> None:
     assert value("ptylive_series_coverage_ratio") == 0.9375
     assert value("ptylive_thread_up", {"kind": "ingest"}) == 1
     assert value("ptylive_thread_up", {"kind": "collector"}) == 0
+    assert value("ptylive_worker_messages_failed_total", {"reason": "undecodable"}) == 4
+    assert value("ptylive_worker_messages_failed_total", {"reason": "unhandled"}) == 1
     assert value("ptylive_iteration_duration_seconds_count", {"rank": "2"}) == 2
     assert value("ptylive_iteration_duration_seconds_sum", {"rank": "2"}) == pytest.approx(0.3)
     assert value("ptylive_build_info", {"version": __import__("ptylive").__version__,

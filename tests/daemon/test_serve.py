@@ -213,3 +213,35 @@ def test_a_second_start_with_a_live_id_is_counted_and_the_series_completes(
     assert status["ingest"]["registry"]["starts"]["duplicate_id"] == before + 1
     stream(process, source, series_id="after-duplicate", dtype="uint16")  # the collector still serves
     assert listener.wait_final("after-duplicate")["status"] == "complete"
+
+
+@pytest.mark.chaos
+def test_a_start_reusing_a_finished_id_is_refused_and_later_series_are_still_written(
+        daemon: tuple[ServeProcess, PreviewListener], dosed_scan: Path) -> None:
+    """A series is written; then a ``series_start`` with its id and a 10×10 raster comes, with frames and an end.
+    It is counted duplicate_id and recorded as refused, saying why, its frames rejected as ``refused_series``;
+    the first file stays the only one of that id, and the next series is written. (It was admitted: the
+    collector's thread died on a tile outside the first series' object, and no later series got a file.)"""
+    process, listener = daemon
+    source = ScanSource.from_file(dosed_scan)
+    stream(process, source, series_id="used-once", dtype="uint16")
+    first = listener.wait_final("used-once")
+    before = get_json(process.endpoints["http"] + "status")["ingest"]["registry"]["starts"]["duplicate_id"]
+    again = dataclasses.replace(source.start, series_id="used-once", dtype="uint16", scan_shape=(10, 10),
+                                positions_A=None)
+    frames = np.clip(np.rint(source.read(np.arange(20))), 0, 65535).astype(np.uint16)
+    with zmq.Context() as context, context.socket(zmq.PUSH) as push:
+        push.connect(process.endpoints["ingest"])
+        push.send_multipart(protocol.encode_series_start(again))
+        for k, pixels in enumerate(frames):
+            push.send_multipart(protocol.encode_frame(again.series_id, k, pixels))
+        push.send_multipart(protocol.encode_series_end(again.series_id, len(frames)))
+    stream(process, source, series_id="after-reuse", dtype="uint16")
+    assert listener.wait_final("after-reuse")["status"] == "complete"
+    status = get_json(process.endpoints["http"] + "status")
+    assert status["ingest"]["registry"]["starts"]["duplicate_id"] == before + 1
+    record = registry_series(status, "used-once")
+    assert record["refusal"].startswith("duplicate_id") and record["scan_shape"] == [10, 10]
+    assert record["rejected"]["refused_series"] == len(frames)
+    assert listener.log.finals["used-once"] == first  # no second final under the id
+    assert [e["path"] for e in status["finished"] if e["series_id"] == "used-once"] == [first["path"]]

@@ -133,6 +133,7 @@ def test_book_reads_are_copies_taken_under_its_lock(table: OwnerTable) -> None:
     assert final is not None and final.received == 6000 and final.coverage is None  # no arrays unless asked
 
 
+@pytest.mark.chaos
 def test_a_duplicate_start_is_counted_and_never_reaches_admission(table: OwnerTable) -> None:
     """Same id, another geometry: counted as duplicate_id, the admission hook is not called, the first stays."""
     admitted: list[SeriesStart] = []

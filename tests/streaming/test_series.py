@@ -224,14 +224,6 @@ def test_end_now_finalizes_a_live_series_with_its_cause() -> None:
     assert_counters_add_up(reg)
 
 
-def test_a_finished_id_may_start_again() -> None:
-    reg = registry()
-    reg.start(make_start("a"))
-    reg.end(SeriesEnd("a", 0))
-    assert reg.start(make_start("a"))[0] == "current"
-    assert reg.accept_frame(make_frame("a")).accepted
-
-
 def test_bad_config_is_rejected_with_the_value() -> None:
     with pytest.raises(ValueError, match="'later'"):
         RegistryConfig(on_new_start="later")  # type: ignore[arg-type]
@@ -331,4 +323,24 @@ def test_counters_add_up_under_any_stream(stream: list, policy: str) -> None:
     assert sum(outcomes.values()) == n_frames == reg.frames_offered
     assert (outcomes["accepted"], outcomes["duplicate"]) == (reg.accepted, reg.duplicates)
     assert reg.accepted == sum(len(indices) for indices in seen.values())
+    assert_counters_add_up(reg)
+
+
+@pytest.mark.chaos
+def test_a_finished_id_is_a_duplicate_and_a_refused_id_may_be_sent_again() -> None:
+    """A series that ran keeps its id while it is in the history (rank 0 keys views and files by it); a refused
+    series never ran, so its id may be sent again (say, once the operator made it fit the budget)."""
+    reg = registry()
+    reg.start(make_start("ran"))
+    reg.end(SeriesEnd("ran", 0))
+    assert reg.ran("ran") and reg.dropped_start("ran") == "duplicate_id"
+    assert reg.start(make_start("ran")) == ("duplicate_id", None)
+    assert reg.accept_frame(make_frame("ran")).reason == "refused_series"
+    reg.refuse(make_start("too-big"), "needs 9 GiB")
+    assert not reg.ran("too-big") and reg.dropped_start("too-big") is None
+    outcome, state = reg.start(make_start("too-big"))
+    assert outcome == "current" and state is not None and reg.accept_frame(make_frame("too-big")).accepted
+    assert reg.dropped_start("elsewhere") is None and reg.dropped_start("elsewhere", used=True) == "duplicate_id"
+    assert reg.snapshot()["starts"] == {"current": 2, "queued": 0, "duplicate_id": 1, "queue_full": 0,
+                                        "refused": 1}
     assert_counters_add_up(reg)

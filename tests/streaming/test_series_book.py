@@ -105,3 +105,42 @@ def test_a_refused_start_keeps_no_per_frame_arrays() -> None:
     assert state.coverage.size == 0 and state.snapshot()["missing"] == 4096 * 4096
     with pytest.raises(ValueError, match="refused"):
         state.coverage_image()
+
+
+def test_a_start_reusing_a_finished_series_id_is_refused_as_a_duplicate() -> None:
+    """Rank 0 keys a series' views and file by its id: a second series under a finished id once made the
+    collector drop all its messages (no file) or, with another raster, end its thread. The reused start is
+    counted ``duplicate_id``, never reaches admission, and is recorded as a refusal that says why; its frames are
+    rejected as ``refused_series`` and its end is an unknown one. A new id runs as usual."""
+    series_book, asked = book()
+    assert series_book.start(start("a"))
+    assert series_book.route(Frame("a", 0, np.zeros((8, 8), np.float32))) is not None
+    assert series_book.end(SeriesEnd("a", 1))
+    assert series_book.start(start("b-between")) and series_book.end(SeriesEnd("b-between", 0))
+    assert not series_book.start(start("a", scan_shape=(10, 10)))
+    assert asked == ["a", "b-between"]
+    registry, _, _ = series_book.snapshot()
+    assert registry["starts"]["duplicate_id"] == 1 and registry["starts"]["refused"] == 0
+    reused = series_book.registry.find("a")
+    assert reused is not None and reused.refusal is not None and reused.refusal.startswith("duplicate_id")
+    assert "already used" in reused.refusal and reused.start.scan_shape == (10, 10)
+    assert series_book.route(Frame("a", 1, np.zeros((8, 8), np.float32))) is None
+    assert reused.rejected["refused_series"] == 1
+    assert not series_book.end(SeriesEnd("a", 1)) and series_book.registry.ends_unknown == 1
+    first = [s for s in series_book.registry.finished if s.series_id == "a" and not s.refusal]
+    assert len(first) == 1 and first[0].received == 1  # the first series' record is untouched
+    assert series_book.start(start("c")) and asked == ["a", "b-between", "c"]
+
+
+def test_an_id_the_daemon_still_holds_is_a_duplicate_after_the_registry_forgot_it() -> None:
+    """The registry keeps ``history`` finished series, refused ones included, so refused starts can push a finished
+    series out while rank 0 still holds its file (or a recovered series it never saw): the ``used`` hook
+    answers for those. Once nobody holds the id, a start of it is a new series again."""
+    held = {"a"}
+    series_book, asked = book(history=1)
+    series_book.used = lambda series_id: series_id in held
+    series_book.registry.refuse(start("refused"), "too large")  # the history now holds only the refusal
+    assert not series_book.start(start("a"))
+    assert series_book.registry.starts["duplicate_id"] == 1 and asked == []
+    held.clear()
+    assert series_book.start(start("a")) and asked == ["a"]
