@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
 import pytest
 
 from ptylive.daemon.cli.launcher import find_mpiexec, mpiexec_command
@@ -59,6 +60,44 @@ def test_a_launcher_killed_with_sigkill_takes_mpiexec_and_its_ranks_along(small_
             assert time.monotonic() < deadline, f"still running 30 s after the launcher died: {left}"
             time.sleep(0.2)
     finally:  # whatever happened, nothing of this test may keep running (orphans are no longer below the launcher)
+        if launcher.poll() is None:
+            launcher.kill()
+        for pid in below | descendants(launcher.pid):
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.chaos
+def test_sighup_to_the_launcher_stops_every_rank_as_sigterm_and_the_result_is_written(small_scan: Path,
+                                                                                     tmp_path: Path) -> None:
+    """docs/daemon.md: SIGHUP (a closed terminal, ``systemctl kill -s HUP``) means SIGTERM. The launcher forwards
+    it to mpiexec as SIGTERM, every rank stops and the result so far is written (``stop_signal`` SIGTERM: what
+    the ranks received), exit 0, nothing left running. Without the forwarding, SIGHUP's default action ends the
+    launcher at once (exit -1, a failed unit) and its ranks are left to stop on their own, unwaited for (measured:
+    the parent-death signal still had them write the file)."""
+    out = tmp_path / "r.h5"
+    command = [sys.executable, "-m", "ptylive.daemon.cli.main", "reconstruct", str(small_scan), "--ranks", "2",
+               "--iterations", "100000", "--out", str(out)]
+    launcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    below: set[int] = set()
+    try:
+        assert launcher.stderr is not None
+        lines = []
+        while not (line := launcher.stderr.readline()).startswith("iteration"):  # the ranks' handlers are in
+            assert line, f"the run ended before its first iteration: {''.join(lines)}"
+            lines.append(line)
+        below = descendants(launcher.pid)
+        began = time.monotonic()
+        os.kill(launcher.pid, signal.SIGHUP)
+        code = launcher.wait(60)
+        elapsed = time.monotonic() - began
+        rest = launcher.stderr.read()
+        assert code == 0, (code, rest)
+        with h5py.File(out) as f:
+            assert f.attrs["status"] == "interrupted" and f.attrs["stop_signal"] == "SIGTERM", dict(f.attrs)
+        assert "interrupted (SIGTERM)" in rest and elapsed < 30, (elapsed, rest)
+        assert not {pid for pid in below if alive(pid)}, "ranks left running after the launcher exited"
+    finally:
         if launcher.poll() is None:
             launcher.kill()
         for pid in below | descendants(launcher.pid):
