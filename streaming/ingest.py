@@ -53,6 +53,19 @@ BATCH_FRAMES, BATCH_BYTES = 64, 1 << 20  # a batch is sent once it holds this ma
 _NOBLOCK, _MORE_NOBLOCK = int(zmq.NOBLOCK), int(zmq.NOBLOCK | zmq.SNDMORE)  # enum arithmetic costs µs per frame
 
 
+#: Hosts of a ``tcp://HOST:PORT`` endpoint that bind every interface.
+ALL_INTERFACE_HOSTS = ("*", "0.0.0.0", "::", "")
+
+
+def binds_every_interface(endpoint: str) -> bool:
+    """Whether binding ``endpoint`` listens on every interface: ``tcp://*:PORT``, ``tcp://0.0.0.0:PORT`` or
+    ``tcp://[::]:PORT`` (an interface name or an address binds one; ``ipc://`` and ``inproc://`` none)."""
+    if not endpoint.startswith("tcp://"):
+        return False
+    host = endpoint[len("tcp://"):].rsplit(":", 1)[0].split(";")[-1]  # ZeroMQ's "source;host" form: the host
+    return host.strip("[]") in ALL_INTERFACE_HOSTS
+
+
 @dataclass(frozen=True)
 class IngestSockets:
     """Sockets of the ingest: ``endpoint``, the detector side (PULL), bound when ``bind`` else connected;
@@ -171,6 +184,10 @@ class Ingest:
             self.close()
             raise
         self._endpoint = self._pull.getsockopt_string(zmq.LAST_ENDPOINT) if config.bind else config.endpoint
+        if config.bind and binds_every_interface(self._endpoint):
+            logger.warning("detector ingest bound to every interface (%s): whoever reaches this machine can stream "
+                           "series into the daemon; bind one address (ingest.endpoint) or firewall the port",
+                           self._endpoint)
         self._worker_endpoints = tuple(p.getsockopt_string(zmq.LAST_ENDPOINT) for p in self._pushes)
 
     @property

@@ -34,6 +34,7 @@ from ptylive.daemon.service.final_writer import FinalOutcome, FinalWriter
 from ptylive.daemon.service.publisher import Publisher
 from ptylive.daemon.service.roster import HeartbeatHook, Roster
 from ptylive.daemon.service.series_views import SeriesLookup, SeriesViews
+from ptylive.streaming.ingest import binds_every_interface
 from ptylive.streaming.series_book import SeriesProgress
 
 logger = logging.getLogger(__name__)
@@ -112,6 +113,10 @@ class Collector:
         self._pub.bind(pub_endpoint)
         self.pull_endpoint = self._pull.getsockopt_string(zmq.LAST_ENDPOINT)
         self.pub_endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
+        if binds_every_interface(self.pub_endpoint):
+            logger.warning("preview PUB bound to every interface (%s): whoever reaches this machine reads every "
+                           "preview and each final file's path; bind one address (preview.endpoint) or firewall "
+                           "the port", self.pub_endpoint)
         self.roster = Roster(hooks.on_heartbeat, n_workers=n_workers)
         self.views = SeriesViews(hooks.series, n_workers, history, final_attrs=hooks.final_attrs)
         self.publisher = Publisher(self._pub, rate_hz)

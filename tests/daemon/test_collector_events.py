@@ -124,6 +124,29 @@ def test_a_message_whose_handling_raises_is_counted_and_the_collector_goes_on(
     assert "outside the object" in caplog.text  # the traceback names the fault
 
 
+@pytest.mark.chaos
+@pytest.mark.parametrize("pub_endpoint", ["tcp://*:0", "tcp://0.0.0.0:0", "tcp://127.0.0.1:0"])
+def test_a_preview_pub_bound_to_every_interface_logs_one_warning(pub_endpoint: str, geometry: SeriesGeometry,
+                                                                 tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """Whoever reaches the PUB port reads every preview: said where it is bound, with the endpoint and the setting
+    (the internal PULL is never a wildcard: docs/operations.md)."""
+    context = zmq.Context()
+    hooks = CollectorHooks(series=lambda series_id: None, progress=lambda series_id: None)
+    with caplog.at_level(logging.WARNING, logger="ptylive.daemon.service.collector"):
+        running = Collector(context, "tcp://127.0.0.1:0", pub_endpoint, hooks, tmp_path, n_workers=2)
+    try:
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        if pub_endpoint.startswith("tcp://127."):
+            assert not warnings, warnings
+        else:
+            assert len(warnings) == 1, warnings
+            assert f"every interface ({running.pub_endpoint})" in warnings[0] and "preview.endpoint" in warnings[0]
+    finally:
+        running.close()
+        context.term()
+
+
 def test_closing_the_collector_ends_event_streams(collector: tuple[Collector, zmq.Socket]) -> None:
     running, _ = collector
     subscription = running.events.subscribe()

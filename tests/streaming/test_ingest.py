@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -17,7 +18,7 @@ import zmq
 from ptylive.gpu.simulate import SimulationSpec
 from ptylive.streaming.fake_detector import CORRUPT_REASONS, FakeDetector, FakeDetectorOptions, ScanSource
 from ptylive.streaming.inbox import WorkerInbox
-from ptylive.streaming.ingest import Ingest, IngestSockets
+from ptylive.streaming.ingest import Ingest, IngestSockets, binds_every_interface
 from ptylive.streaming.protocol import (
     Frame,
     Message,
@@ -407,3 +408,31 @@ def test_the_inbox_counts_a_broken_batch_and_keeps_the_good_frames_of_a_batch() 
         push.close(linger=0)
         context.term()
     assert [m.frame_index for m in messages if isinstance(m, Frame)] == [0, 2] and inbox.protocol_errors == 2
+
+
+@pytest.mark.chaos
+@pytest.mark.parametrize("endpoint", ["tcp://0.0.0.0:0", "tcp://*:0"])
+def test_an_ingest_bound_to_every_interface_logs_one_warning(endpoint: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Anyone who reaches the port can stream series into the daemon: say so where it is bound, naming the
+    endpoint and the setting; loopback and a connecting ingest say nothing."""
+    with zmq.Context() as context:
+        for sockets in (IngestSockets(endpoint, (LOOPBACK,)), IngestSockets(LOOPBACK, (LOOPBACK,)),
+                        IngestSockets("tcp://127.0.0.1:1", (LOOPBACK,), bind=False)):
+            with caplog.at_level(logging.WARNING, logger="ptylive.streaming.ingest"):
+                caplog.clear()
+                ingest = Ingest(sockets, lambda start: Router(lambda p: np.zeros(len(p), dtype=int), 1),
+                                context=context)
+                ingest.close()
+            warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+            if sockets.endpoint == endpoint:
+                assert len(warnings) == 1, warnings
+                assert "every interface (tcp://0.0.0.0:" in warnings[0] and "ingest.endpoint" in warnings[0]
+            else:
+                assert not warnings, warnings
+
+
+def test_which_endpoints_bind_every_interface() -> None:
+    assert all(map(binds_every_interface, ["tcp://*:5555", "tcp://0.0.0.0:0", "tcp://[::]:5555", "tcp://:5555",
+                                           "tcp://192.168.1.2;*:5555"]))
+    assert not any(map(binds_every_interface, ["tcp://127.0.0.1:5555", "tcp://eth0:5555", "tcp://[::1]:5555",
+                                               "ipc:///run/ptylive/ingest", "inproc://x"]))
