@@ -184,6 +184,7 @@ def test_a_series_that_ended_without_frames_anywhere_is_empty() -> None:
     assert [decision for *_, decision in agree(runs)] == ["empty", "empty"]
 
 
+@pytest.mark.chaos
 def test_a_series_whose_frames_hold_no_count_ends_dark_without_a_detector_scale() -> None:
     """A closed shutter: frames arrive, all zero. The detector scale ΣI / Σ|Ψ|² would be 0 (set_scale refuses it,
     and a worker that raised took the whole MPI job down); the workers agree on "dark" instead."""

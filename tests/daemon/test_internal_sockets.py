@@ -33,6 +33,7 @@ def runtime_folder() -> Iterator[Path]:
     folder.rmdir()
 
 
+@pytest.mark.chaos
 def test_ipc_endpoints_are_in_a_private_folder_removed_by_close(runtime_folder: Path) -> None:
     sockets = InternalSockets("ipc", 2, environ={"RUNTIME_DIRECTORY": f"{runtime_folder}:/elsewhere"})
     assert sockets.folder is not None and sockets.folder.parent == runtime_folder
