@@ -248,8 +248,17 @@ def affine_normal_equations(
     return np.concatenate([(wx.T @ x).ravel(), (wx.T @ u).ravel()])
 
 
-def solve_affine(sums: npt.ArrayLike) -> Affine:
+#: The global transforms of the scan that :func:`solve_affine` can fit (see :class:`PositionOptions`'s ``affine``).
+AFFINE_MODELS = ("full", "rotation")
+
+
+def solve_affine(sums: npt.ArrayLike, model: str = "full") -> Affine:
     """The affine of the summed normal equations of :func:`affine_normal_equations`.
+
+    ``model`` ``"full"`` fits every ``B`` (rotation, scale, shear); ``"rotation"`` only a small rotation
+    ``B = ω [[0, −1], [1, 0]]`` (and ``t``), by least squares over the same sums. Scale and shear of the scan
+    are nearly degenerate with the probe's defocus and astigmatism: with the probe refined they absorbed a
+    wrong probe (:mod:`ptylive.daemon.engine.positions`, docs/physics.md "Position correction").
 
     The minimum-norm solution (least squares through an SVD) is taken, so a scan that fixes only part
     of ``B`` (no positions, one point, one line) gets a finite answer; no positions give ``B = 0, t = 0``.
@@ -257,6 +266,7 @@ def solve_affine(sums: npt.ArrayLike) -> Affine:
     Parameters
     ----------
     sums : (15,) real
+    model : {"full", "rotation"}
 
     Returns
     -------
@@ -265,9 +275,18 @@ def solve_affine(sums: npt.ArrayLike) -> Affine:
     values = np.asarray(sums, dtype=np.float64)
     if values.shape != (N_AFFINE_SUMS,) or not np.isfinite(values).all():
         raise ValueError(f"need {N_AFFINE_SUMS} finite normal-equation sums, got shape {values.shape}")
+    if model not in AFFINE_MODELS:
+        raise ValueError(f"affine model must be one of {AFFINE_MODELS}, got {model!r}")
     normal, right = values[:9].reshape(3, 3), values[9:].reshape(3, 2)
     if not np.abs(normal).max() > 0:
         return Affine(np.zeros((2, 2)), np.zeros(2))
+    if model == "rotation":
+        # u_r = −ω n_c + t_r, u_c = ω n_r + t_c: normal equations in (ω, t_r, t_c) from the same sums
+        (s_rr, _, s_r1), (_, s_cc, s_c1), (_, _, s_11) = normal
+        matrix = np.array([[s_rr + s_cc, -s_c1, s_r1], [-s_c1, s_11, 0.0], [s_r1, 0.0, s_11]])
+        rhs = np.array([right[0, 1] - right[1, 0], right[2, 0], right[2, 1]])
+        omega, t_r, t_c = np.linalg.lstsq(matrix, rhs, rcond=1e-12)[0]
+        return Affine(np.array([[0.0, -omega], [omega, 0.0]]), np.array([t_r, t_c]))
     solution = np.linalg.lstsq(normal, right, rcond=1e-12)[0].astype(np.float64)  # (3, 2): rows Bᵀ, then t
     return Affine(np.ascontiguousarray(solution[:2].T), solution[2].copy())
 

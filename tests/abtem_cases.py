@@ -57,6 +57,8 @@ CASE_NAMES = {
     "srtio3_static": "SrTiO3 [001] 62.5 A, 32 slices, static (no phonons), 1e5 e/A^2, +80 A defocus",
     "srtio3_perturbed": "SrTiO3 [001] 31.2 A, 16 slices, 1e6 e/A^2, -60 A defocus, "
                         "true positions: 1 deg rotation, 1.5 % scale, 0.35 A rms errors",
+    "srtio3_aberrated": "SrTiO3 [001] 31.2 A, 16 slices, 4 frozen phonons, 1e5 e/A^2, an unknown probe: "
+                        "+60 A defocus in the file, the true probe +90 A with C12 = 30 A and C30 = 5 um",
     "graphene_lowdose_d1e4": "graphene (one Si, one vacancy), 80 kV, 1e4 e/A^2, -150 A defocus",
     "graphene_lowdose_d1e5": "same, 1e5 e/A^2",
     "pbtio3_deep": "cubic perovskite with Pb on the A site, 78 A, 40 slices, 2 frozen phonons, 300 kV, "

@@ -85,8 +85,8 @@ def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
                         "attributes, which is rarely the microscope's; off when the file holds a probe for the "
                         "window, which is then trusted)")
     p.add_argument("--correct-positions", action=argparse.BooleanOptionalAction, default=True,
-                   help="refine every probe position and a global affine of the scan from iteration 3, held to "
-                        "the affine by a shot-noise prior (result: positions_px corrected, positions_nominal_px as "
+                   help="refine every probe position and a global rotation of the scan from iteration 3, held "
+                        "to it by a shot-noise prior (result: positions_px corrected, positions_nominal_px as "
                         "read); default: on (perturbed SrTiO3 0.85 -> 0.97; on exact positions it costs at most "
                         "0.008, docs/physics.md); --no-correct-positions trusts the file's positions")
     p.add_argument("--probe-modes", type=int, default=1, metavar="K",

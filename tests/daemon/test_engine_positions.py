@@ -142,7 +142,7 @@ def test_windows_stay_inside_the_extended_tile_and_starts_round_trip() -> None:
     nominal = np.array([[20.0, 30.0], [30.0, 40.0], [51.7, 55.2], [40.0, 46.0]])
     gradient = np.array([[1.0, 1.0], [0.0, 0.0], [-1.0, -1.0], [0.0, 0.0]])  # push 0 and 2 outwards
     curvature = np.full((4, 2), 1e-3)
-    options = PositionOptions(max_move_px=5.0, fit_affine=False)
+    options = PositionOptions(max_move_px=5.0, affine="none")
     update = refine_positions(PositionState.start(nominal), nominal, gradient, curvature, extended, WINDOW,
                               NullExchanger(), options)
     assert update.clipped == 2 and update.limited == 2

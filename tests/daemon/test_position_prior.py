@@ -71,7 +71,7 @@ def fixed_noise_run(true_px: np.ndarray, nominal_px: np.ndarray, noise_px: np.nd
     for _ in range(calls):
         gradient = h * (state.positions_px - true_px - noise_px)
         update = refine_positions(state, nominal_px, gradient, curvature, box, 16, NullExchanger(),
-                                  PositionOptions(fit_affine=False), noise_px2_loss=k)
+                                  PositionOptions(affine="none"), noise_px2_loss=k)
         state = update.state
     return state.positions_px
 
@@ -101,7 +101,7 @@ def spreads_after(targets_px: list[np.ndarray], nominal_px: np.ndarray, h: float
     for target in targets_px:
         update = refine_positions(state, nominal_px, h * (state.positions_px - target), curvature,
                                   Box(-1000, 1000, -1000, 1000), 16, NullExchanger(),
-                                  PositionOptions(fit_affine=False), noise_px2_loss=k)
+                                  PositionOptions(affine="none"), noise_px2_loss=k)
         state = update.state
         spreads.append(state.spread_px2)
     return spreads

@@ -240,6 +240,34 @@ def test_rank_split_normal_equations_give_the_same_affine_as_one_rank() -> None:
         np.testing.assert_allclose(split.offset_px, whole.offset_px, rtol=0, atol=1e-11)
 
 
+def test_the_rotation_model_fits_a_rotation_and_ignores_scale_and_shear() -> None:
+    """``model="rotation"``: ``B = ω J`` by least squares from the same sums (exact for a small rotation;
+    ``ω = 0`` on a square raster for any symmetric ``B``: scale and shear, which the probe's defocus and
+    astigmatism mimic. On an oblong raster least squares lets a shear leak into ω by the aspect.)"""
+    nominal = nominal_grid(12, 11)
+    turn = np.array([[0.0, -1.0], [1.0, 0.0]])
+    offset = np.array([0.7, -1.3])
+    rotated = nominal + nominal @ (0.015 * turn).T + offset
+    affine = solve_affine(affine_normal_equations(nominal, rotated), "rotation")
+    np.testing.assert_allclose(affine.displacement, 0.015 * turn, atol=1e-13)
+    np.testing.assert_allclose(affine.offset_px, offset, atol=1e-11)
+    square = nominal_grid(10, 10)
+    sheared = square + square @ np.array([[0.02, 0.037], [0.037, -0.03]]).T + offset
+    assert np.abs(solve_affine(affine_normal_equations(square, sheared), "rotation").displacement).max() < 1e-13
+    full = solve_affine(affine_normal_equations(square, sheared))
+    np.testing.assert_allclose(full.displacement, [[0.02, 0.037], [0.037, -0.03]], atol=1e-12)
+    # the rotation of a rank split is the one rank's (the same summed normal equations)
+    rng = np.random.default_rng(3)
+    noisy = rotated + rng.normal(0, 0.3, nominal.shape)
+    whole = solve_affine(affine_normal_equations(nominal, noisy), "rotation")
+    owner = rng.integers(0, 3, len(nominal))
+    split = solve_affine(sum(affine_normal_equations(nominal[owner == r], noisy[owner == r]) for r in range(3)),
+                         "rotation")
+    np.testing.assert_allclose(split.displacement, whole.displacement, rtol=0, atol=1e-13)
+    with pytest.raises(ValueError, match="affine model"):
+        solve_affine(affine_normal_equations(nominal, noisy), "similarity")
+
+
 def test_degenerate_scans_give_finite_affines_that_move_nobody_off_the_line() -> None:
     assert solve_affine(affine_normal_equations(np.zeros((0, 2)), np.zeros((0, 2)))).displacement.tolist() == \
         [[0.0, 0.0], [0.0, 0.0]]

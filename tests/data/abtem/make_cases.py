@@ -85,6 +85,10 @@ class Case:
     rotation_deg: float = 0.0  # global rotation of the true scan about its centre
     scale: float = 1.0  # global scale of the true scan about its centre
     group_slices: int = 4  # slices per depth group of phase_truth_per_slice
+    # The true probe's aberrations beyond what the file says (an "unknown probe"): a defocus error (the true
+    # defocus is defocus_A + this; the file holds defocus_A) and abTEM polar coefficients (e.g. C12, phi12, C30)
+    defocus_error_A: float = 0.0
+    probe_aberrations: tuple[tuple[str, float], ...] = ()
     committed: bool = True  # written by default and kept in tests/data/abtem/
     notes: str = ""
 
@@ -131,6 +135,16 @@ CASES = {
         doses=(1e5,), phonon_configs=2, phonon_sigma_A=0.09, seed=20240604, detector_px=128,
         notes="cubic perovskite with Pb on the A site (PbTiO3 approximant, a = 3.905 A, no tetragonal "
               "distortion), 20 unit cells (78.1 A) in 40 slices of a/2; 128-px detector; underfocus"),
+    # An unknown probe (issue 11: "unknown probe"): the true probe has 30 A more defocus than the file says,
+    # two-fold astigmatism and some spherical aberration (about 2 rad and 0.6 rad at the aperture's edge);
+    # the reconstruction builds its probe from the file's optics and must refine it.
+    "srtio3_aberrated": Case(
+        name="srtio3_aberrated", specimen="srtio3", energy_eV=300e3, convergence_semiangle_mrad=20.0,
+        defocus_A=+60.0, repeats_xy=(9, 9), repeats_z=8, scan_shape=(20, 20), step_A=0.40,
+        doses=(1e5,), phonon_configs=4, phonon_sigma_A=0.09, seed=20240606,
+        defocus_error_A=30.0, probe_aberrations=(("C12", 30.0), ("phi12", 0.6), ("C30", 5e4)),
+        notes="SrTiO3 [001], 8 unit cells (31.2 A) in 16 slices; underfocus; the true probe has 30 A more "
+              "defocus than the file's, C12 = 30 A at 0.6 rad and C30 = 5 um, none of it in the file"),
 }
 
 
@@ -283,9 +297,11 @@ def detector_frames(exit_waves: np.ndarray, n: int, binning: int, norm: float) -
 
 
 def make_probe(case: Case, geom: Geometry, **kwargs) -> abtem.Probe:
+    """The true probe: the file's optics plus the case's defocus error and aberrations (not in the file)."""
+    extra = {"aberrations": dict(case.probe_aberrations)} if case.probe_aberrations else {}
     return abtem.Probe(energy=case.energy_eV, semiangle_cutoff=case.convergence_semiangle_mrad,
-                       defocus=case.defocus_A, gpts=(geom.sim_gpts, geom.sim_gpts),
-                       extent=(geom.cell_A, geom.cell_A), **kwargs)
+                       defocus=case.defocus_A + case.defocus_error_A, gpts=(geom.sim_gpts, geom.sim_gpts),
+                       extent=(geom.cell_A, geom.cell_A), **extra, **kwargs)
 
 
 def vacuum_norm(probe: abtem.Probe) -> float:
@@ -370,6 +386,8 @@ def write_case(result: dict, out_dir: Path) -> list[Path]:
                 "position_error_rms_A": case.position_error_rms_A,
                 "scan_rotation_deg": case.rotation_deg,
                 "scan_scale": case.scale,
+                "true_defocus_error_A": case.defocus_error_A,
+                "true_probe_aberrations": ", ".join(f"{k} = {v:g}" for k, v in case.probe_aberrations) or "none",
                 "simulation_cell_A": geom.cell_A,
                 "simulation_gpts": geom.sim_gpts,
                 "simulation_sampling_A": geom.cell_A / geom.sim_gpts,
