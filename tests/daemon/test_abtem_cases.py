@@ -77,12 +77,13 @@ def test_an_unknown_probe_is_refined_without_distorting_the_scan(scored: Any, ra
     """31 Å of SrTiO3 whose true probe has 30 Å more defocus than the file says, C12 = 30 Å and C30 = 5 µm (none
     of it in the file), exact positions. The probe is refined from the optics' one. When the global position
     fit took scale and shear too, it absorbed the probe's error instead (the exact positions sheared 3.7 %,
-    0.16 Å rms; correlation 0.870 / 0.840); the rotation-only fit measured 0.963 / 0.955-0.963 and 0.06 Å
-    (30 iterations). Thresholds: issue 11's 0.9 (as for the perturbed scan), and the exact positions kept
-    within half a pixel (0.18 Å pixels)."""
+    0.16 Å rms; correlation 0.870 / 0.840); the rotation-only fit measured 0.963 (1 rank sync, deterministic)
+    and 0.928-0.963 over seven 4-rank async runs (their timing differs), 0.06-0.08 Å (30 iterations).
+    Thresholds: issue 11's 0.9 (as for the perturbed scan) in sync, its 0.85 for thick crystals in async
+    (the spread of the runs), and in both the exact positions kept within half a pixel (0.18 Å pixels)."""
     score = scored("srtio3_aberrated", ranks, mode, iterations="30")
     assert score["finite"]
-    assert score["correlation"] >= 0.9, score
+    assert score["correlation"] >= (0.9 if mode == "sync" else 0.85), score
     assert score["position_rms_after_A"] <= 0.5 * 0.18305, score
     first, last = score["loss_first_last"]
     assert last < first
