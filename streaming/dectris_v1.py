@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,6 +170,10 @@ class DectrisV1Decoder:
         self.plan = plan if plan is not None else ScanPlan.fixed(template.scan)
         self.series: ImageSeries | None = None
         self.counts: Counter[str] = Counter()
+        #: The id a new series runs under, from the detector's number (the ingest's ``SeriesBook.fresh_id``:
+        #: a number a finished series had gets a suffix); images and the end carry the detector's number.
+        self.fresh_id: Callable[[str], str] = str
+        self._detector_id: str | None = None
         self._pending: _Pending | None = None
         self._skipping = False  # after an error: until the next start part
         self._appendix_allowed = False
@@ -249,15 +254,16 @@ class DectrisV1Decoder:
         if header["htype"] == "dheader-1.0":
             config = pending.parts[1] if len(pending.parts) > 1 else None  # header_detail none: no config
             maps = _header_maps(pending.parts[2:], config)
-            self.series = ImageSeries.begin(self.template, self.plan, series_id, self.counts, simplon_v1_count(config),
-                                            maps)
+            self._detector_id = series_id
+            self.series = ImageSeries.begin(self.template, self.plan, self.fresh_id(series_id), self.counts,
+                                            simplon_v1_count(config), maps)
             logger.info("DECTRIS series %s (header_detail %s)", series_id, header.get("header_detail", "basic"))
             return []
         if header["htype"] == "dseries_end-1.0":
-            if self.series is None or self.series.series_id != series_id:
+            if self.series is None or self._detector_id != series_id:
                 self.counts["unknown_series_end"] += 1
                 return []
-            series, self.series = self.series, None
+            series, self.series, self._detector_id = self.series, None, None
             return series.end()
         return self._image(series_id, header, pending.parts[1], pending.parts[2])
 
@@ -278,9 +284,11 @@ class DectrisV1Decoder:
         size = data.get("size")
         if size is not None and size != memoryview(blob).nbytes:
             raise ProtocolError("payload_size", f"dimage_d size {size!r}, blob of {memoryview(blob).nbytes} bytes")
-        if self.series is None or self.series.series_id != series_id:
+        if self.series is None or self._detector_id != series_id:
             # no header seen: the series starts here, without the detector's count
-            self.series = ImageSeries.begin(self.template, self.plan, series_id, self.counts, DetectorCount())
+            self._detector_id = series_id
+            self.series = ImageSeries.begin(self.template, self.plan, self.fresh_id(series_id), self.counts,
+                                            DetectorCount())
         return self.series.image(image, blob, (shape[1], shape[0]), str(dtype), V1_ENCODINGS[encoding])
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import cbor2
@@ -101,6 +101,10 @@ class DectrisV2Decoder:
         self.series: ImageSeries | None = None
         self.channels: list[str] = []
         self.counts: Counter[str] = Counter()
+        #: The id a new series runs under, from the detector's number (the ingest's ``SeriesBook.fresh_id``:
+        #: a number a finished series had gets a suffix); images and the end carry the detector's number.
+        self.fresh_id: Callable[[str], str] = str
+        self._detector_id: str | None = None
 
     def snapshot(self) -> dict[str, Any]:
         return {"format": "dectris_v2", "series_id": self.series.series_id if self.series else None,
@@ -137,14 +141,16 @@ class DectrisV2Decoder:
         if kind == "start":
             channels = message.get("channels", [])
             self.channels = [str(c) for c in channels] if isinstance(channels, Sequence) else []
-            self.series = ImageSeries.begin(self.template, self.plan, str(series_id), self.counts,
-                                            simplon_v2_count(message), self._start_maps(message))
+            maps = self._start_maps(message)
+            self._detector_id = str(series_id)
+            self.series = ImageSeries.begin(self.template, self.plan, self.fresh_id(str(series_id)), self.counts,
+                                            simplon_v2_count(message), maps)
             return []
         if kind == "end":
-            if self.series is None or self.series.series_id != str(series_id):
+            if self.series is None or self._detector_id != str(series_id):
                 self.counts["unknown_series_end"] += 1
                 return []
-            series, self.series = self.series, None
+            series, self.series, self._detector_id = self.series, None, None
             return series.end()
         return self._image(str(series_id), message)
 
@@ -188,9 +194,11 @@ class DectrisV2Decoder:
         if name not in data:
             raise ProtocolError("missing_field", f"image {image} lacks channel {name!r} (has {sorted(data)})")
         shape, dtype, payload, encoding = _channel_array(data[name], name)
-        if self.series is None or self.series.series_id != series_id:
+        if self.series is None or self._detector_id != series_id:
             # no start seen: the series starts here, without the detector's count
-            self.series = ImageSeries.begin(self.template, self.plan, series_id, self.counts, DetectorCount())
+            self._detector_id = series_id
+            self.series = ImageSeries.begin(self.template, self.plan, self.fresh_id(series_id), self.counts,
+                                            DetectorCount())
         return self.series.image(image, payload, shape, dtype.name, encoding)
 
 

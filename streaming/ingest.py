@@ -156,6 +156,8 @@ class Ingest:
         scan_plan = scan_plan if scan_plan is not None else getattr(self.decoder, "plan", None)  # a DECTRIS one's
         self.book = SeriesBook(router_factory, registry if registry is not None else SeriesRegistry(), n, admit,
                                scan_of=None if scan_plan is None else scan_plan.decision, used=used)
+        if hasattr(self.decoder, "fresh_id"):  # a detector's numbered series: a reused number gets a fresh id
+            self.decoder.fresh_id = self.book.fresh_id
         self.forwarded, self.control_forwarded, self.blocked_s = [0] * n, [0] * n, [0.0] * n
         self.bytes_forwarded = [0] * n
         self._batches: list[list[list[Any]]] = [[] for _ in range(n)]  # per worker: frames waiting for one send

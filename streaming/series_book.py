@@ -136,6 +136,31 @@ class SeriesBook:
             self._prune_routers()
         return state is not None
 
+    def fresh_id(self, series_id: str) -> str:
+        """The id a detector's new series runs under: ``series_id``, or ``<series_id>.<k>`` (the smallest ``k``
+        free) when a finished series still known here had it (the registry's history, or ``used``).
+
+        DECTRIS detectors number their series and start again at 1 when their controller restarts; without a
+        new id, such a series would be refused as a ``duplicate_id`` (its data lost) for as long as the old one
+        is remembered. A live id is kept as it is (a repeated start of the running series stays a duplicate).
+        Our own protocol's clients choose their ids and are not renamed.
+        """
+        def taken(candidate: str, live_counts: bool) -> bool:
+            with self._lock:
+                if self.registry.is_live(candidate):
+                    return live_counts
+                ran = self.registry.ran(candidate)
+            return ran or (self.used is not None and self.used(candidate))  # ``used`` outside our lock, as in start
+
+        if not taken(series_id, live_counts=False):
+            return series_id
+        k = 1
+        while taken(f"{series_id}.{k}", live_counts=True):
+            k += 1
+        logger.warning("detector series %r was already used by a finished series; it runs as %r", series_id,
+                       f"{series_id}.{k}")
+        return f"{series_id}.{k}"
+
     @staticmethod
     def _note_scan(state: SeriesState | None, decision: ScanDecision | None) -> None:
         if state is not None and decision is not None:

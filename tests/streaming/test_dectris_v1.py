@@ -225,3 +225,53 @@ def test_through_the_ingest_workers_get_the_same_frames_as_with_ptylive_stream_v
     parts = [part for message in messages for part in message]
     assert list(read_parts(recording)) == parts and read_counts(recording) == [1] * len(parts)
     assert snapshot["recording"]["parts"] == len(parts) and snapshot["decoder"]["dimage-1.0"] == ROWS * COLS + 1
+
+
+def test_a_detector_number_used_again_after_a_controller_restart_runs_under_a_fresh_id() -> None:
+    """DECTRIS controllers number series from 1 again after a restart. The second series 7 (the first has
+    finished) must not be refused as a duplicate (its data lost): the ingest names it ``7.1``; the workers get
+    every frame of both, and each end closes its own series."""
+    pixels = images()
+    context = zmq.Context()
+    ingest = Ingest(IngestSockets(LOOPBACK, (LOOPBACK, LOOPBACK)), lambda start: Router(halves, 2), context=context,
+                    decoder=DectrisV1Decoder(template()))
+    inboxes = [WorkerInbox(endpoint, context) for endpoint in ingest.worker_endpoints]
+    push = context.socket(zmq.PUSH)
+    try:
+        ingest.start()
+        push.connect(ingest.endpoint)
+        frames: dict[str, list[int]] = {}
+        for message in series(pixels) + series(pixels) + series(pixels, series_id=8):
+            push.send_multipart(message)
+        for inbox in inboxes:
+            deadline, ends = time.monotonic() + 10, 0
+            while ends < 3:
+                for m in inbox.poll(50):
+                    if isinstance(m, Frame):
+                        frames.setdefault(m.series_id, []).append(m.frame_index)
+                    ends += isinstance(m, SeriesEnd)
+                assert time.monotonic() < deadline, "not every series end reached the worker"
+        ingest.join(5)
+        snapshot = ingest.snapshot()
+    finally:
+        push.close(0)
+        ingest.close()
+        for inbox in inboxes:
+            inbox.close()
+        context.term()
+    assert {k: sorted(v) for k, v in frames.items()} == {s: list(range(ROWS * COLS)) for s in ("7", "7.1", "8")}
+    registry = snapshot["registry"]
+    assert registry["starts"]["duplicate_id"] == 0
+    assert [(s["series_id"], s["received"]) for s in registry["finished"]] == [
+        ("7", ROWS * COLS), ("7.1", ROWS * COLS), ("8", ROWS * COLS)]
+
+
+def test_the_decoder_names_a_series_by_its_fresh_id_and_matches_images_and_end_by_the_detectors_number() -> None:
+    decoder = DectrisV1Decoder(template())
+    decoder.fresh_id = lambda number: f"{number}.2"
+    decoded, errors = feed(decoder, series(images(3), series_id=4))
+    headless, _ = feed(decoder, [v1.image_message(5, 0, images(1)[0]), v1.end_message(5)])
+    assert not errors
+    assert [(type(m).__name__, m.series_id) for m, _ in decoded + headless] == (
+        [("SeriesStart", "4.2")] + [("Frame", "4.2")] * 3 + [("SeriesEnd", "4.2")]
+        + [("SeriesStart", "5.2"), ("Frame", "5.2"), ("SeriesEnd", "5.2")])

@@ -114,3 +114,17 @@ def _settings() -> Any:
     from ptylive.daemon.service.config import ScanConfig
 
     return ScanConfig(rows=2, cols=3)
+
+
+def test_the_decoder_names_a_series_by_its_fresh_id_and_matches_images_and_end_by_the_detectors_number() -> None:
+    """The ingest gives a reused series number a fresh id (``SeriesBook.fresh_id``); images and the end, which
+    carry the detector's number, belong to that series, and their forwarded parts carry the fresh id."""
+    decoder = DectrisV2Decoder(TEMPLATE)
+    decoder.fresh_id = lambda number: f"{number}.1"
+    data = [channels(np.uint16, seed) for seed in range(6)]
+    messages = ([v2.start_message(11, ["threshold_1", "threshold_2"], SHAPE, 6)]
+                + [v2.image_message(11, k, data[k], "bslz4") for k in range(6)] + [v2.end_message(11)])
+    decoded, errors = run(decoder, messages)
+    assert not errors
+    assert decoded[0][0].series_id == "11.1" and decoded[-1][0] == SeriesEnd("11.1", 6)
+    assert {decode(parts).series_id for message, parts in decoded if isinstance(message, Frame)} == {"11.1"}
