@@ -269,24 +269,29 @@ class WorkersConfig(_Section):
 
 @dataclass(frozen=True)
 class ReconstructionConfig(_Section):
-    """``[reconstruction]``: engine settings; a series may override them (:func:`apply_overrides`)."""
+    """``[reconstruction]``: engine settings; a series may override them (:func:`apply_overrides`).
+
+    Every number has an upper bound too, so that a series' override (input from a client) cannot ask for a
+    reconstruction that never ends or sizes nothing sensible (issue 12); the memory plan then refuses what
+    does not fit the budget.
+    """
 
     SECTION: ClassVar[str] = "reconstruction"
-    n_slices: int = _option(1, ge=1)
+    n_slices: int = _option(1, ge=1, le=10_000)
     slice_thickness_A: float = _option(0.0, ge=0)
-    upsampling: int = _option(1, ge=1)
+    upsampling: int = _option(1, ge=1, le=16)
     loss: Literal["auto", "amplitude", "poisson"] = "auto"  # auto: from the data (daemon.engine.loss_choice)
-    batch_size: int = _option(32, ge=1)
+    batch_size: int = _option(32, ge=1, le=65536)
     step_size: float | None = _option(None, gt=0)
-    updates_per_iteration: int = _option(DEFAULT_UPDATES_PER_ITERATION, ge=1)
-    max_staleness: int = _option(4, ge=1)
+    updates_per_iteration: int = _option(DEFAULT_UPDATES_PER_ITERATION, ge=1, le=65536)
+    max_staleness: int = _option(4, ge=1, le=10_000)
     illumination_floor: float = _option(0.05, gt=0)
     max_amplitude: float = _option(1.0, gt=0)
-    final_iterations: int = _option(30, ge=0)
-    final_seconds: float = _option(0.0, ge=0)
+    final_iterations: int = _option(30, ge=0, le=10_000_000)
+    final_seconds: float = _option(0.0, ge=0, le=7 * 86400.0)  # a week
     refine_probe: bool = False
     correct_positions: bool = True  # offline and streaming: docs/physics.md, Position correction
-    probe_modes: int = _option(1, ge=1)
+    probe_modes: int = _option(1, ge=1, le=64)
     depth_regularisation: float = _option(0.0, ge=0)
     missing_cone: float = _option(1.0, ge=0)  # strength of the missing-cone filter; 0: off (docs/physics.md)
 

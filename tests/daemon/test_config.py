@@ -169,6 +169,11 @@ def test_wrong_types_name_key_value_and_expectation(tmp_path: Path, section: str
     ("reconstruction", "final_iterations", -1), ("reconstruction", "final_seconds", -0.5),
     ("preview", "rate_hz", 0), ("preview", "max_px", 7), ("http", "port", -1), ("http", "port", 65536),
     ("service", "watchdog_s", -1.0), ("service", "heartbeat_timeout_s", 0.0),
+    # upper bounds (a series' overrides come from clients): nothing that never ends or sizes nothing sensible
+    ("reconstruction", "n_slices", 10_001), ("reconstruction", "upsampling", 17),
+    ("reconstruction", "batch_size", 10**12), ("reconstruction", "updates_per_iteration", 65537),
+    ("reconstruction", "max_staleness", 10_001), ("reconstruction", "final_iterations", 10**12),
+    ("reconstruction", "final_seconds", 1e9), ("reconstruction", "probe_modes", 65),
 ])
 def test_out_of_range_values_are_rejected(section: str, key: str, value: Any) -> None:
     with pytest.raises(ConfigError, match=rf"invalid value {value!r} for '{section}\.{key}'; expected"):
@@ -271,7 +276,8 @@ def valid_configs(draw: st.DrawFn) -> DaemonConfig:
         "reconstruction": {"n_slices": n_slices, "slice_thickness_A": thickness,
                            "loss": draw(st.sampled_from(["amplitude", "poisson"])),
                            "step_size": draw(st.none() | positive), "batch_size": draw(st.integers(1, 4096)),
-                           "illumination_floor": draw(positive), "final_seconds": draw(non_negative)},
+                           "illumination_floor": draw(positive),
+                           "final_seconds": draw(st.floats(0.0, 7 * 86400.0, allow_nan=False))},
         "preview": {"endpoint": draw(text), "rate_hz": draw(positive), "max_px": draw(st.integers(8, 4096))},
         "http": {"host": draw(text), "port": draw(st.integers(0, 65535)), "control": draw(st.booleans()),
                  "control_token_file": draw(st.text(st.characters(codec="utf-8"), min_size=1, max_size=20)),
