@@ -161,8 +161,9 @@ def halves(positions_A: np.ndarray) -> np.ndarray:
 
 
 def run_ingest(decoder: StreamDecoder, messages: list[list[Any]], record_to: Any = None,
-               single_parts: bool = False) -> tuple[list[list[Frame]], dict[str, Any]]:
-    """Send ``messages`` through an Ingest with ``decoder`` to two WorkerInboxes; their frames and the snapshot."""
+               single_parts: bool = False, n_series: int = 1) -> tuple[list[list[Frame]], dict[str, Any]]:
+    """Send ``messages`` through an Ingest with ``decoder`` to two WorkerInboxes; their frames (once each worker
+    has seen ``n_series`` series ends) and the snapshot."""
     context = zmq.Context()
     ingest = Ingest(IngestSockets(LOOPBACK, (LOOPBACK, LOOPBACK)), lambda start: Router(halves, 2), context=context,
                     decoder=decoder, recorder=Recorder.open(record_to))
@@ -176,13 +177,12 @@ def run_ingest(decoder: StreamDecoder, messages: list[list[Any]], record_to: Any
                 push.send_multipart(chunk)
         received: list[list[Frame]] = [[], []]
         for worker, inbox in enumerate(inboxes):
-            deadline = time.monotonic() + 10
-            while True:
+            deadline, ends = time.monotonic() + 10, 0
+            while ends < n_series:
                 batch = inbox.poll(50)
                 received[worker] += [m for m in batch if isinstance(m, Frame)]
-                if any(isinstance(m, SeriesEnd) for m in batch):
-                    break
-                assert time.monotonic() < deadline, "no series end reached the worker"
+                ends += sum(isinstance(m, SeriesEnd) for m in batch)
+                assert time.monotonic() < deadline, "not every series end reached the worker"
         ingest.join(5)
         return received, ingest.snapshot()
     finally:
@@ -232,33 +232,11 @@ def test_a_detector_number_used_again_after_a_controller_restart_runs_under_a_fr
     finished) must not be refused as a duplicate (its data lost): the ingest names it ``7.1``; the workers get
     every frame of both, and each end closes its own series."""
     pixels = images()
-    context = zmq.Context()
-    ingest = Ingest(IngestSockets(LOOPBACK, (LOOPBACK, LOOPBACK)), lambda start: Router(halves, 2), context=context,
-                    decoder=DectrisV1Decoder(template()))
-    inboxes = [WorkerInbox(endpoint, context) for endpoint in ingest.worker_endpoints]
-    push = context.socket(zmq.PUSH)
-    try:
-        ingest.start()
-        push.connect(ingest.endpoint)
-        frames: dict[str, list[int]] = {}
-        for message in series(pixels) + series(pixels) + series(pixels, series_id=8):
-            push.send_multipart(message)
-        for inbox in inboxes:
-            deadline, ends = time.monotonic() + 10, 0
-            while ends < 3:
-                for m in inbox.poll(50):
-                    if isinstance(m, Frame):
-                        frames.setdefault(m.series_id, []).append(m.frame_index)
-                    ends += isinstance(m, SeriesEnd)
-                assert time.monotonic() < deadline, "not every series end reached the worker"
-        ingest.join(5)
-        snapshot = ingest.snapshot()
-    finally:
-        push.close(0)
-        ingest.close()
-        for inbox in inboxes:
-            inbox.close()
-        context.term()
+    received, snapshot = run_ingest(DectrisV1Decoder(template()),
+                                    series(pixels) + series(pixels) + series(pixels, series_id=8), n_series=3)
+    frames: dict[str, list[int]] = {}
+    for frame in received[0] + received[1]:
+        frames.setdefault(frame.series_id, []).append(frame.frame_index)
     assert {k: sorted(v) for k, v in frames.items()} == {s: list(range(ROWS * COLS)) for s in ("7", "7.1", "8")}
     registry = snapshot["registry"]
     assert registry["starts"]["duplicate_id"] == 0
