@@ -66,6 +66,12 @@ def final(geometry: SeriesGeometry, worker: int, indices: list[int]) -> rank_mes
     return message
 
 
+def final_of(geometry: SeriesGeometry, series_id: str, worker: int) -> rank_messages.FinalMessage:
+    """:func:`final` of ``worker`` (no frames) for series ``series_id``."""
+    message = final(geometry, worker, [])
+    return dataclasses.replace(message, header={**message.header, "series_id": series_id})
+
+
 def views_for(geometry: SeriesGeometry) -> SeriesViews:
     return SeriesViews(lambda series_id: (START, geometry) if series_id == "p-1" else None, n_workers=2)
 
@@ -284,18 +290,14 @@ def test_finished_views_are_released_and_the_history_is_bounded(geometry: Series
     views = SeriesViews(lambda series_id: (starts[series_id], geometry) if series_id in starts else None,
                         n_workers=2, history=4)
 
-    def final_of(series_id: str, worker: int) -> rank_messages.FinalMessage:
-        message = final(geometry, worker, [])
-        return dataclasses.replace(message, header={**message.header, "series_id": series_id})
-
     for series_id in starts:
-        views.handle(final_of(series_id, 0))
-        job = views.handle(final_of(series_id, 1)).final_job
+        views.handle(final_of(geometry, series_id, 0))
+        job = views.handle(final_of(geometry, series_id, 1)).final_job
         assert job is not None
         views.finished(FinalOutcome(job, Path(f"/results/{series_id}.h5")))
         assert len(views._views) == 1  # the latest only
     assert [entry["series_id"] for entry in views.status()["finished"]] == ["s-16", "s-17", "s-18", "s-19"]
-    late = views.handle(final_of("s-18", 0))
+    late = views.handle(final_of(geometry, "s-18", 0))
     assert late.final_job is None and late.started is None and set(views._views) == {"s-19"}
 
 
@@ -319,22 +321,18 @@ def test_views_hold_a_series_id_from_its_first_message_until_the_history_forgets
     views = SeriesViews(lambda series_id: (starts[series_id], geometry) if series_id in starts else None,
                         n_workers=2, history=1)
 
-    def final_of(series_id: str, worker: int) -> rank_messages.FinalMessage:
-        message = final(geometry, worker, [])
-        return dataclasses.replace(message, header={**message.header, "series_id": series_id})
-
     assert not views.holds("s-0")
-    views.handle(final_of("s-0", 0))
+    views.handle(final_of(geometry, "s-0", 0))
     assert views.holds("s-0")  # a view, no file yet
-    job = views.handle(final_of("s-0", 1)).final_job
+    job = views.handle(final_of(geometry, "s-0", 1)).final_job
     assert job is not None
     views.finished(FinalOutcome(job, Path("/results/s-0.h5")))
-    views.handle(final_of("s-1", 0))  # the next series: s-0's view is released, its file is remembered
+    views.handle(final_of(geometry, "s-1", 0))  # the next series: s-0's view is released, its file is remembered
     assert "s-0" not in views._views and views.holds("s-0")
     views.expect_again("s-0")
     assert not views.holds("s-0")  # resumed from the recording: its messages are the new run's
-    job = views.handle(final_of("s-1", 1)).final_job
+    job = views.handle(final_of(geometry, "s-1", 1)).final_job
     assert job is not None
     views.finished(FinalOutcome(job, Path("/results/s-1.h5")))
-    views.handle(final_of("s-2", 0))
+    views.handle(final_of(geometry, "s-2", 0))
     assert views.holds("s-1") and not views.holds("stranger")

@@ -62,6 +62,19 @@ def kill_one_worker(process: ServeProcess, worker: int) -> int:
         raise
 
 
+def recovered_file(second: ServeProcess, series_id: str) -> dict[str, Any]:
+    """The file the second start wrote for ``series_id``, once ``/status`` lists it: ``recovered``, in
+    ``<series_id>.h5``, no worker missing."""
+    http = second.endpoints["http"]
+    [entry] = wait_for(lambda: [e for e in get_json(http + "status")["finished"] if e["series_id"] == series_id],
+                       60, "the recovered series in /status")
+    assert entry["status"] == "recovered" and entry["file"] == f"{series_id}.h5", entry
+    written = read_final(entry["path"])
+    assert written["attrs"]["status"] == "recovered" and written["attrs"]["series_id"] == series_id
+    assert written["attrs"]["missing_workers"].tolist() == []
+    return written
+
+
 def test_a_series_cut_by_sigkill_is_written_as_recovered_at_the_next_start(tmp_path: Path, dosed_scan: Path) -> None:
     results, state = tmp_path / "results", tmp_path / "state"
     results.mkdir()
@@ -78,13 +91,7 @@ def test_a_series_cut_by_sigkill_is_written_as_recovered_at_the_next_start(tmp_p
     assert not list(results.glob("*.h5")), "a killed daemon wrote a file"
 
     with serving(config, tmp_path / "second") as (second, _):
-        http = second.endpoints["http"]
-        [entry] = wait_for(lambda: [e for e in get_json(http + "status")["finished"] if e["series_id"] == "cut"],
-                           60, "the recovered series in /status")
-        assert entry["status"] == "recovered" and entry["file"] == "cut.h5", entry
-        written = read_final(entry["path"])
-        assert written["attrs"]["status"] == "recovered" and written["attrs"]["series_id"] == "cut"
-        assert written["attrs"]["missing_workers"].tolist() == []
+        written = recovered_file(second, "cut")
         assert min(written["attrs"]["checkpoint_iterations"]) >= 1
         assert np.isfinite(written["object"]).all() and np.abs(written["object"] - 1).max() > 1e-3  # not vacuum
         assert written["received"].all()
@@ -116,13 +123,7 @@ def test_one_worker_killed_mid_series_ends_the_job_and_its_tile_is_recovered_at_
     last = [read_checkpoint(checkpoint_path(state, "cut", w)) for w in (0, 1)]  # what the second start finds
 
     with serving(config, tmp_path / "second") as (second, _):
-        http = second.endpoints["http"]
-        [entry] = wait_for(lambda: [e for e in get_json(http + "status")["finished"] if e["series_id"] == "cut"],
-                           60, "the recovered series in /status")
-        assert entry["status"] == "recovered" and entry["file"] == "cut.h5", entry
-        written = read_final(entry["path"])
-        assert written["attrs"]["status"] == "recovered" and written["attrs"]["series_id"] == "cut"
-        assert written["attrs"]["missing_workers"].tolist() == []
+        written = recovered_file(second, "cut")
         assert written["attrs"]["recovered_workers"].tolist() == [0, 1]
         assert min(written["attrs"]["checkpoint_iterations"]) >= 1
         assert written["attrs"]["checkpoint_iterations"].tolist() == [c.final.header["iterations"] for c in last]
