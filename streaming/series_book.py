@@ -145,17 +145,17 @@ class SeriesBook:
         is remembered. A live id is kept as it is (a repeated start of the running series stays a duplicate).
         Our own protocol's clients choose their ids and are not renamed.
         """
-        def taken(candidate: str, live_counts: bool) -> bool:
+        def duplicate(candidate: str) -> bool:  # the registry's rule, as :meth:`start` applies it
+            used = self.used is not None and self.used(candidate)  # outside our lock, as in start
             with self._lock:
-                if self.registry.is_live(candidate):
-                    return live_counts
-                ran = self.registry.ran(candidate)
-            return ran or (self.used is not None and self.used(candidate))  # ``used`` outside our lock, as in start
+                return self.registry.dropped_start(candidate, used) == "duplicate_id"
 
-        if not taken(series_id, live_counts=False):
+        with self._lock:
+            live = self.registry.is_live(series_id)
+        if live or not duplicate(series_id):
             return series_id
         k = 1
-        while taken(f"{series_id}.{k}", live_counts=True):
+        while duplicate(f"{series_id}.{k}"):
             k += 1
         logger.warning("detector series %r was already used by a finished series; it runs as %r", series_id,
                        f"{series_id}.{k}")
