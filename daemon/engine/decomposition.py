@@ -74,6 +74,14 @@ class Box:
         return starts - np.array([self.row0, self.col0], dtype=np.int64), shifts
 
 
+def windows_box(starts: np.ndarray, window_px: int) -> Box | None:
+    """Bounding box of the windows starting at ``starts`` (P, 2) (None for none), in the same coordinates."""
+    if len(starts) == 0:
+        return None
+    low, high = np.min(starts, axis=0), np.max(starts, axis=0) + window_px
+    return Box(int(low[0]), int(high[0]), int(low[1]), int(high[1]))
+
+
 @dataclass(frozen=True)
 class RankDomain:
     """What one rank owns.
@@ -173,18 +181,13 @@ def decompose(
         r, c = divmod(rank, grid_cols)
         tile = Box(int(row_edges[r]), int(row_edges[r + 1]), int(col_edges[c]), int(col_edges[c + 1]))
         group = np.flatnonzero(owner == rank)
-        box = tile
-        if group.size:
-            s = starts[group]
-            box = box.union(Box(int(s[:, 0].min()), int(s[:, 0].max()) + window_px,
-                                int(s[:, 1].min()), int(s[:, 1].max()) + window_px))
+        windows = windows_box(starts[group], window_px)
+        box = tile if windows is None else tile.union(windows)
         tiles.append(tile)
         extended.append(box.grown(margin_px).intersect(whole) or tile)
         groups.append(group)
-    field = None
-    if len(starts):
-        field = Box(int(starts[:, 0].min()), int(starts[:, 0].max()) + window_px, int(starts[:, 1].min()),
-                    int(starts[:, 1].max()) + window_px).grown(margin_px).intersect(whole)
+    scanned = windows_box(starts, window_px)
+    field = None if scanned is None else scanned.grown(margin_px).intersect(whole)
     domains = []
     for rank in range(n_ranks):
         neighbours = tuple(

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from ptylive.daemon.engine.cone import remove_missing_cone
-from ptylive.daemon.engine.decomposition import Box
+from ptylive.daemon.engine.decomposition import Box, windows_box
 from ptylive.daemon.engine.exchange.protocols import AsyncExchange, SyncExchange
 from ptylive.daemon.engine.options import EngineOptions
 from ptylive.daemon.engine.positions import PositionCorrection, residual_noise
@@ -49,7 +49,6 @@ from ptylive.daemon.engine.sweep import (
     disjoint_cover,
     exchange_boxes,
     regions_max,
-    windows_box,
 )
 from ptylive.daemon.engine.tile import TileState, batch_positions
 from ptylive.gpu.backend import get_array_module, to_numpy

@@ -27,21 +27,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
 from ptylive.daemon.engine.decomposition import Box, RankDomain
 from ptylive.gpu.backend import get_array_module
 
 Region = tuple[slice, slice]
 WHOLE: list[Region] = [(slice(None), slice(None))]
-
-
-def windows_box(starts: np.ndarray, window_px: int) -> Box | None:
-    """Bounding box of the windows starting at ``starts`` (P, 2) (None for none), in the same coordinates."""
-    if len(starts) == 0:
-        return None
-    low, high = np.min(starts, axis=0), np.max(starts, axis=0) + window_px
-    return Box(int(low[0]), int(high[0]), int(low[1]), int(high[1]))
 
 
 def exchange_boxes(domain: RankDomain) -> list[Box]:

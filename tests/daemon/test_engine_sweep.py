@@ -8,11 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ptylive.daemon.engine.iteration as iteration
-from ptylive.daemon.engine.decomposition import Box, decompose
+from ptylive.daemon.engine.decomposition import Box, decompose, windows_box
 from ptylive.daemon.engine.exchange.protocols import NullExchanger
 from ptylive.daemon.engine.iteration import fit_scale, run_async, run_sync
 from ptylive.daemon.engine.options import EngineOptions
-from ptylive.daemon.engine.sweep import WHOLE, GradientWorkspace, disjoint_cover, windows_box
+from ptylive.daemon.engine.sweep import WHOLE, GradientWorkspace, disjoint_cover
 from ptylive.daemon.engine.tile import TileOptics, TileState, set_up_tile
 from ptylive.gpu.patches import window_starts
 from ptylive.gpu.simulate import SimulationSpec, simulate
