@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -94,7 +94,7 @@ class PositionOptions:
         with its defocus and astigmatism, and on abTEM's SrTiO3 with an unknown probe (``srtio3_aberrated``:
         30 Å of defocus error, C12 = 30 Å, C30 = 5 µm) the full affine took them up (a 3.7 % shear of exact
         positions, correlation 0.870) where the rotation kept 0.963; the perturbed scan, whose true positions
-        are 1.5 % larger and 1° rotated, gave 0.968 with the rotation and 0.963 with the full affine.
+        are 1.5 % larger and 1° rotated, gave 0.963 with either (BENCHMARKS.md, "An unknown probe").
     adaptive_gain : bool
         False: ``γ = 1`` (the plain half-Newton step).
     """
@@ -102,7 +102,7 @@ class PositionOptions:
     max_move_px: float = MAX_MOVE_PX
     newton_fraction: float = NEWTON_FRACTION
     curvature_floor: float = CURVATURE_FLOOR
-    affine: str = "rotation"
+    affine: Literal["rotation", "full", "none"] = "rotation"
     adaptive_gain: bool = True
 
     def __post_init__(self) -> None:
