@@ -16,6 +16,7 @@ from ptylive.daemon.cli.launcher import relaunch, under_mpi
 logger = logging.getLogger(__name__)
 
 EXIT_USAGE = 2
+PEER_DEATH_GRACE_S = 1.0  # how long a rank whose MPI call failed waits before MPI_Abort
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
@@ -204,8 +205,12 @@ def serve(args: argparse.Namespace, argv: list[str]) -> int:
     comm = MPI.COMM_WORLD
     try:
         return run_serve(config, comm)
-    except Exception:  # a bug on one rank must not leave the others running
+    except Exception as exc:  # a bug on one rank must not leave the others running
         logger.exception("rank %d failed; aborting the job", comm.Get_rank())
+        if isinstance(exc, MPI.Exception):
+            # Most likely a peer died (MPI_Test's "process_vm_readv failed"): give its guard the time to name it
+            # before our MPI_Abort tears the job down (daemon/cli/rank_guard.py).
+            time.sleep(PEER_DEATH_GRACE_S)
         comm.Abort(1)
         return 1
 

@@ -179,9 +179,11 @@ class NamespacedServe:
 
 
 def worker_pids(spaces: Namespaces) -> list[int]:
-    """The ranks of ptylive running in namespace B."""
+    """The ranks of ptylive running in namespace B (their guards left out)."""
     pids = [int(pid) for pid in ip("netns", "pids", spaces.names[1]).stdout.split()]
-    return [pid for pid in pids if b"ptylive.daemon.cli.main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    commands = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in pids}
+    return [pid for pid, argv in commands.items()
+            if b"ptylive.daemon.cli.main" in argv and b"ptylive.daemon.cli.rank_guard" not in argv]
 
 
 def test_a_series_streamed_to_rank_0_in_one_namespace_reconstructs_on_a_worker_in_another_exactly_as_on_one_host(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +44,10 @@ def kill_everything(process: ServeProcess) -> None:
     wait_for(lambda: not any(map(process_alive, ranks)), 30, "every rank to be gone")
 
 
-def kill_one_worker(process: ServeProcess, worker: int) -> int:
+def kill_one_worker(process: ServeProcess, worker: int) -> tuple[int, int]:
     """SIGKILL to one worker rank alone; every process of the job (launcher, mpiexec, its proxy, the three ranks)
-    must be gone within 10 s. The launcher's exit code; whatever happens, none of the job is left running."""
+    must be gone within 10 s. The launcher's exit code and the killed pid; whatever happens, none of the job is
+    left running."""
     assert process.process is not None
     launcher = process.process
     worker_pids = get_json(process.endpoints["http"] + "status")["worker_pids"]
@@ -53,13 +55,25 @@ def kill_one_worker(process: ServeProcess, worker: int) -> int:
     assert len(worker_pids) == 2 and {int(process.endpoints["pid"]), *map(int, worker_pids.values())} <= job, (
         job, worker_pids)
     try:
-        os.kill(int(worker_pids[str(worker)]), signal.SIGKILL)
+        killed = int(worker_pids[str(worker)])
+        os.kill(killed, signal.SIGKILL)
         wait_for(lambda: not any(map(process_alive, job)), 10, "every process of the job to be gone")  # 0.2-0.6 s
-        return launcher.wait(5)
+        return launcher.wait(5), killed
     except BaseException:  # no orphan may keep running or hold the ports
         for pid in filter(process_alive, job | (descendants(launcher.pid) if launcher.poll() is None else set())):
             os.kill(pid, signal.SIGKILL)
         raise
+
+
+def received_datagrams(receiver: socket.socket) -> list[str]:
+    """Every datagram waiting on ``receiver``, in order."""
+    receiver.setblocking(False)
+    received = []
+    while True:
+        try:
+            received.append(receiver.recv(65536).decode())
+        except BlockingIOError:
+            return received
 
 
 def recovered_file(second: ServeProcess, series_id: str) -> dict[str, Any]:
@@ -101,24 +115,30 @@ def test_a_series_cut_by_sigkill_is_written_as_recovered_at_the_next_start(tmp_p
 @pytest.mark.slow
 def test_one_worker_killed_mid_series_ends_the_job_and_its_tile_is_recovered_at_the_next_start(
         tmp_path: Path, dosed_scan: Path) -> None:
-    """SIGKILL of worker 1 alone: mpiexec ends rank 0, worker 0 and itself (no process of the job is left), and
-    the next start writes the series as ``recovered`` with both tiles, worker 1's from its last checkpoint."""
+    """SIGKILL of worker 1 alone: the launcher logs which rank died (MPI rank 2, its pid, SIGKILL) and tells
+    systemd STOPPING=1; mpiexec ends rank 0, worker 0 and itself (no process of the job is left); the next start
+    writes the series as ``recovered`` with both tiles, worker 1's from its last checkpoint."""
     results, state = tmp_path / "results", tmp_path / "state"
     results.mkdir()
     config = daemon_config(results, final_iterations=100_000)  # still refining when the worker is killed
     config = dataclasses.replace(config, service=ServiceConfig(state_folder=str(state), checkpoint_interval_s=0.3))
-    first = ServeProcess(config, tmp_path / "first")
-    try:
-        first.start()
-        source = ScanSource.from_file(dosed_scan)
-        stream(first, source, series_id="cut", dtype="uint16")
-        wait_for(lambda: len(list(state.glob("*.ckpt.npz"))) == 2, 120, "both workers' checkpoints")
-        code = kill_one_worker(first, 1)
-    finally:
-        first.stop()
-    # The launcher fails, so systemd restarts the unit. What mpiexec prints is not asserted: the survivors race
-    # (worker 0's MPI_Test may fail first and call MPI_Abort), and BAD TERMINATION's PID may be rank 0's.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
+        systemd.bind(str(tmp_path / "n.sock"))
+        first = ServeProcess(config, tmp_path / "first", env={"NOTIFY_SOCKET": str(tmp_path / "n.sock")})
+        try:
+            first.start()
+            source = ScanSource.from_file(dosed_scan)
+            stream(first, source, series_id="cut", dtype="uint16")
+            wait_for(lambda: len(list(state.glob("*.ckpt.npz"))) == 2, 120, "both workers' checkpoints")
+            code, killed = kill_one_worker(first, 1)
+        finally:
+            first.stop()
+        states = received_datagrams(systemd)
+    # The launcher fails, so systemd restarts the unit; first it names the dead rank, from the rank's guard.
     assert code != 0, first.log_tail()
+    death = f"MPI rank 2 (pid {killed} on {socket.gethostname()}) was killed by SIGKILL"
+    assert f"ERROR {death}; mpiexec ends the job" in first.log_tail(400), first.log_tail(400)
+    assert f"STOPPING=1\nSTATUS={death}" in states, states
     assert not list(results.glob("*.h5")), "the job wrote a file after a worker died"
     last = [read_checkpoint(checkpoint_path(state, "cut", w)) for w in (0, 1)]  # what the second start finds
 
