@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from ptylive.gpu.backend import get_array_module
+from ptylive.gpu.fft import fft_axes
 
 #: The low-pass kernel's radius in σ: its weight beyond is below 3e-11 of the centre's (exact to float64 rounding).
 TRUNCATION_SIGMAS = 7.0
@@ -96,7 +97,7 @@ def lateral_lowpass(plane: Any, sigma_px: float, radius: int) -> Any:
 
     Returns
     -------
-    (H, W) complex, a new array.
+    (H, W) complex: a new array, or a view of one (the padded plane's middle).
     """
     xp = get_array_module(plane)
     if radius == 0 or sigma_px == 0:
@@ -104,27 +105,38 @@ def lateral_lowpass(plane: Any, sigma_px: float, radius: int) -> Any:
     padded = xp.pad(plane, radius, mode="edge")
     rows = _kernel_transfer(xp, sigma_px, radius, padded.shape[0], plane.dtype)
     cols = _kernel_transfer(xp, sigma_px, radius, padded.shape[1], plane.dtype)
-    smooth = xp.fft.ifft2(xp.fft.fft2(padded) * rows[:, None] * cols[None, :])
-    return smooth[radius:radius + plane.shape[0], radius:radius + plane.shape[1]].astype(plane.dtype, copy=False)
+    fft_axes(padded, (0, 1))  # in place: one padded plane in all
+    padded *= rows[:, None]
+    padded *= cols[None, :]
+    smooth = fft_axes(padded, (0, 1), inverse=True)
+    return smooth[radius:radius + plane.shape[0], radius:radius + plane.shape[1]]
 
 
-def log_transmission(volume: Any) -> Any:
+def log_transmission(volume: Any, out: Any = None) -> Any:
     """``ln|O| + i·φ`` with φ on ``(PHASE_CUT_RAD, PHASE_CUT_RAD + 2π]`` and ``|O|`` floored at :data:`AMPLITUDE_FLOOR`.
 
     Parameters
     ----------
     volume : (..., H, W) complex
+    out : complex array of ``volume``'s shape, or None
+        Where to write it (any strides; must not overlap ``volume``); None: a new array.
 
     Returns
     -------
-    Complex array of ``volume``'s shape and dtype.
+    Complex array of ``volume``'s shape and dtype (``out``); besides it, two real arrays of that shape are used.
     """
     xp = get_array_module(volume)
     real_t = volume.real.dtype.type
-    amplitude = xp.maximum(xp.abs(volume), real_t(AMPLITUDE_FLOOR))
-    turn = volume.dtype.type(np.exp(-1j * (PHASE_CUT_RAD + math.pi)))  # the cut moved from −π to PHASE_CUT_RAD
-    phase = xp.angle(volume * turn) + real_t(PHASE_CUT_RAD + math.pi)
-    return (xp.log(amplitude) + volume.dtype.type(1j) * phase).astype(volume.dtype, copy=False)
+    out = xp.empty(volume.shape, volume.dtype) if out is None else out
+    amplitude = xp.abs(volume)
+    xp.maximum(amplitude, real_t(AMPLITUDE_FLOOR), out=amplitude)
+    xp.log(amplitude, out=amplitude)
+    xp.multiply(volume, volume.dtype.type(np.exp(-1j * (PHASE_CUT_RAD + math.pi))), out=out)  # the cut moved
+    phase = xp.angle(out)  # from −π to PHASE_CUT_RAD
+    phase += real_t(PHASE_CUT_RAD + math.pi)
+    out.real[...] = amplitude
+    out.imag[...] = phase
+    return out
 
 
 def cone_correction(volume: Any, cone: ConeFilter, out: Any = None) -> Any:
@@ -154,16 +166,19 @@ def cone_correction(volume: Any, cone: ConeFilter, out: Any = None) -> Any:
     if out is not None and out.shape != volume.shape:
         raise ValueError(f"out has shape {out.shape}, volume {volume.shape}")
     spectrum = xp.empty_like(volume) if out is None else out
-    for first in range(0, width, COLUMN_CHUNK):  # FFT along the slices, a block of columns at a time
+    for first in range(0, width, COLUMN_CHUNK):  # FFT along the slices, a block of columns at a time, in place
         block = slice(first, first + COLUMN_CHUNK)
-        spectrum[:, :, block] = xp.fft.fft(log_transmission(volume[:, :, block]), axis=0)
+        fft_axes(log_transmission(volume[:, :, block], out=spectrum[:, :, block]), (0,))
     for k, sigma in enumerate(cone.sigmas_px):
         if sigma == 0:  # the depth mean is measured: kept
             spectrum[k] = 0
         else:  # the change is minus the low-pass (what lies inside the cone's blind part)
-            spectrum[k] = -lateral_lowpass(spectrum[k], sigma, int(math.ceil(TRUNCATION_SIGMAS * sigma)))
+            xp.negative(lateral_lowpass(spectrum[k], sigma, int(math.ceil(TRUNCATION_SIGMAS * sigma))),
+                        out=spectrum[k])
     for first in range(0, width, COLUMN_CHUNK):
         block = slice(first, first + COLUMN_CHUNK)
-        change = xp.fft.ifft(spectrum[:, :, block], axis=0)
-        spectrum[:, :, block] = volume[:, :, block] * (xp.exp(change) - 1)
+        change = fft_axes(spectrum[:, :, block], (0,), inverse=True)
+        xp.exp(change, out=change)
+        change -= 1
+        change *= volume[:, :, block]
     return spectrum

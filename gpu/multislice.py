@@ -23,10 +23,20 @@ and back-propagates as one probe's does::
 
 A (1, N, N) probe runs the one-probe code path (the results are the same arrays, with
 the mode axis kept), so K = 1 is bit for bit today's model.
+
+**Recomputed waves** (``wave_segment``, gradient checkpointing): the backward pass needs every ψ_s.
+Stored, they take S·B·N² complex, most of a batch's memory at many slices. With segments of
+``g`` slices, the forward pass keeps only ψ at every g-th slice (and the last segment whole);
+the backward pass recomputes each earlier segment's ψ_s from its first before back-propagating
+through it: (⌈S/g⌉ − 1 + g)·B·N² (least at g ≈ √S, :func:`wave_segment_slices`) for one more
+transmission and propagation per slice, about 1.5× the slice FFTs. The same operations on the
+same inputs, so every result is the stored waves' to the last bit.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any
@@ -120,10 +130,55 @@ def _check_probe(probe: Any) -> None:
         raise ValueError(f"probe must be (N, N) or (K, N, N) with K >= 1, got shape {probe.shape}")
 
 
+def wave_segment_slices(n_slices: int) -> int:
+    """The segment length that holds the fewest waves when they are recomputed: ⌈√S⌉ (1 for one slice)."""
+    return max(1, math.isqrt(n_slices - 1) + 1) if n_slices > 1 else 1
+
+
+def held_waves(n_slices: int, wave_segment: int) -> int:
+    """How many ψ_s (each B·N² complex per mode) a batch holds: S when stored, ⌈S/g⌉ − 1 + g with segments of g."""
+    if not 0 < wave_segment < n_slices:
+        return n_slices
+    return -(-n_slices // wave_segment) - 1 + wave_segment
+
+
+class _Waves:
+    """ψ_s of a batch for the backward pass: every slice's, or every g-th slice's plus one segment's.
+
+    ``slot(s)`` is where the forward pass writes ψ_s (for most slices of a segmented store, scratch);
+    ``at(s, rewave)``, called for s = S−1 … 0, returns ψ_s, first recomputing its segment with
+    ``rewave(ψ_start, slices, out)`` when it is not held.
+    """
+
+    def __init__(self, xp: ModuleType, n_slices: int, wave_segment: int, wave_shape: tuple[int, ...],
+                 dtype: Any) -> None:
+        self.segment = wave_segment if 0 < wave_segment < n_slices else n_slices
+        self.n_slices = n_slices
+        self.held_from = (n_slices - 1) // self.segment * self.segment  # the slices held now: held_from …
+        self.held = empty_aligned(xp, (self.segment, *wave_shape), dtype)
+        n_marks = -(-n_slices // self.segment) - 1  # ψ at the start of every segment but the last
+        self.marks = empty_aligned(xp, (n_marks, *wave_shape), dtype) if n_marks else None
+
+    def slot(self, s: int) -> Any:
+        if s >= self.held_from:
+            return self.held[s - self.held_from]
+        if s % self.segment == 0:
+            assert self.marks is not None
+            return self.marks[s // self.segment]
+        return self.held[s % self.segment]  # scratch: overwritten before it is read
+
+    def at(self, s: int, rewave: Callable[[Any, range, Any], None]) -> Any:
+        if s < self.held_from:
+            assert self.marks is not None
+            self.held_from = s // self.segment * self.segment
+            rewave(self.marks[s // self.segment], range(self.held_from, self.held_from + self.segment), self.held)
+        return self.held[s - self.held_from]
+
+
 def loss_and_gradient(
     probe: Any, shifts_px: Any, patches: Any, propagator: Any, measured: Any,
     loss: str = "amplitude", want_probe_gradient: bool = False, want_position_gradient: bool = False,
-    sink: TileSink | None = None,
+    sink: TileSink | None = None, wave_segment: int = 0,
 ) -> BatchGradient:
     """Loss of one batch and its gradient with respect to object, probe and positions.
 
@@ -147,6 +202,9 @@ def loss_and_gradient(
         Where each slice's object gradient and illumination go as soon as they are known
         (scatter-added into the tile); the result then holds None for both, and the batch's workspace
         is the stored waves ψ_s (S, B, N, N) plus a few (B, N, N) arrays. None: returned as arrays.
+    wave_segment : int
+        0 (or ≥ S): every ψ_s is stored. g in 1 … S−1: ψ_s is recomputed in segments of g slices
+        (the module docstring), for which a ``sink`` is needed; the same results.
 
     Returns
     -------
@@ -156,21 +214,30 @@ def loss_and_gradient(
     _check_probe(probe)
     if probe.ndim == 3 and probe.shape[0] == 1:  # one mode: the one-probe path, the mode axis kept
         result = loss_and_gradient(probe[0], shifts_px, patches, propagator, measured, loss, want_probe_gradient,
-                                   want_position_gradient, sink)
+                                   want_position_gradient, sink, wave_segment)
         if result.probe_gradient is None:
             return result
         return replace(result, probe_gradient=result.probe_gradient[None])
     if probe.ndim == 3:
         return _loss_and_gradient_modes(probe, shifts_px, patches, propagator, measured, loss, want_probe_gradient,
-                                        want_position_gradient, sink)
+                                        want_position_gradient, sink, wave_segment)
     xp = get_array_module(probe)
     n_slices, batch, n, _ = patches.shape
-    waves = empty_aligned(xp, patches.shape, patches.dtype)  # ψ_s, later the gradients
+    if sink is None and 0 < wave_segment < n_slices:
+        raise ValueError("recomputed waves (wave_segment) need a sink: the stored waves are the returned gradient")
+    waves = _Waves(xp, n_slices, wave_segment, patches.shape[1:], patches.dtype)  # ψ_s, later the gradients
     illumination = _illumination_out(xp, patches, sink)
     curvature = xp.zeros((batch, 2), dtype=np.float64) if want_position_gradient else None
+
+    def rewave(wave: Any, slices: range, out: Any) -> None:  # ψ_s of a segment again, from its first
+        for i, s in enumerate(slices):
+            transmit(wave, patches[s], out[i])
+            if i < len(slices) - 1:
+                propagate(wave, propagator)
+
     wave = fourier_shift(probe, shifts_px)
     for s in range(n_slices):
-        transmit(wave, patches[s], waves[s])  # waves[s] = ψ_s; wave = φ_s
+        transmit(wave, patches[s], waves.slot(s))  # ψ_s kept (or scratch); wave = φ_s
         if s < n_slices - 1:
             propagate(wave, propagator)
     if loss == "amplitude" and xp is np:  # one pass from the exit wave's spectrum to the gradient's
@@ -182,18 +249,19 @@ def loss_and_gradient(
     backward = propagator.conj()
     for s in range(n_slices - 1, -1, -1):
         # |ψ_s|², ∂L/∂O_s[window] = conj(ψ_s) ∂L/∂φ_s (into waves[s]), ∂L/∂ψ_s = conj(O_s) ∂L/∂φ_s
+        psi = waves.at(s, rewave)
         patch, lit = patches[s], illumination[0 if sink is not None else s]
-        backward_slice(waves[s], gradient, patch, lit)
+        backward_slice(psi, gradient, patch, lit)
         if curvature is not None:
             add_slice_curvature(patch, lit, curvature)
         if sink is not None:
-            sink.add(s, waves[s], lit)
+            sink.add(s, psi, lit)
         if s > 0:
             propagate(gradient, backward)  # ∂L/∂φ_{s-1}
     probe_gradient = None
     if want_probe_gradient:  # adjoint of broadcast-and-shift: shift back, sum over positions
         probe_gradient = fourier_shift(gradient, -xp.asarray(shifts_px)).sum(axis=0)
-    object_gradient, illumination = (None, None) if sink is not None else (waves, illumination)
+    object_gradient, illumination = (None, None) if sink is not None else (waves.held, illumination)
     if curvature is None:
         return BatchGradient(value, object_gradient, illumination, probe_gradient)
     positions = position_gradient(probe, shifts_px, gradient)  # overwrites gradient (no longer needed)
@@ -209,21 +277,32 @@ def _illumination_out(xp: ModuleType, patches: Any, sink: TileSink | None) -> An
 
 def _loss_and_gradient_modes(
     probe: Any, shifts_px: Any, patches: Any, propagator: Any, measured: Any, loss: str,
-    want_probe_gradient: bool, want_position_gradient: bool, sink: TileSink | None,
+    want_probe_gradient: bool, want_position_gradient: bool, sink: TileSink | None, wave_segment: int,
 ) -> BatchGradient:
     """:func:`loss_and_gradient` for K > 1 modes: the modes ride along the batch, (K, B, N, N).
 
-    Scratch: ψ_{k,s} of every mode and slice (K, S, B, N, N), about K times one probe's memory
+    Scratch: ψ_{k,s} of every mode and slice (S, K, B, N, N), about K times one probe's memory
     and time; the fused amplitude pass is one probe's, so the loss runs on the far fields.
     """
     xp = get_array_module(probe)
     n_slices, batch, n, _ = patches.shape
     n_modes = probe.shape[0]
-    waves = empty_aligned(xp, (n_modes, *patches.shape), patches.dtype)  # ψ_{k,s}, later the gradients
+    if sink is None and 0 < wave_segment < n_slices:
+        raise ValueError("recomputed waves (wave_segment) need a sink: the stored waves are the returned gradient")
+    waves = _Waves(xp, n_slices, wave_segment, (n_modes, *patches.shape[1:]), patches.dtype)  # later the gradients
+
+    def rewave(wave: Any, slices: range, out: Any) -> None:
+        for i, s in enumerate(slices):
+            for k in range(n_modes):
+                transmit(wave[k], patches[s], out[i, k])
+            if i < len(slices) - 1:
+                propagate(wave, propagator)
+
     wave = shifted_modes(probe, shifts_px)
     for s in range(n_slices):
+        slot = waves.slot(s)
         for k in range(n_modes):
-            transmit(wave[k], patches[s], waves[k, s])
+            transmit(wave[k], patches[s], slot[k])
         if s < n_slices - 1:
             propagate(wave, propagator)
     value, field_gradient = loss_function(loss)(farfield(wave, measured.shape[-1]), measured)
@@ -233,23 +312,25 @@ def _loss_and_gradient_modes(
     curvature = xp.zeros((batch, 2), dtype=np.float64) if want_position_gradient else None
     backward = propagator.conj()
     for s in range(n_slices - 1, -1, -1):
+        psi = waves.at(s, rewave)  # (K, B, N, N)
         patch, lit = patches[s], illumination[0 if sink is not None else s]
-        backward_slice(waves[0, s], gradient[0], patch, lit)
+        backward_slice(psi[0], gradient[0], patch, lit)
         for k in range(1, n_modes):  # sums over modes into mode 0's arrays
-            backward_slice(waves[k, s], gradient[k], patch, mode_illumination)
+            backward_slice(psi[k], gradient[k], patch, mode_illumination)
             lit += mode_illumination
-            waves[0, s] += waves[k, s]
+            psi[0] += psi[k]
         if curvature is not None:
             add_slice_curvature(patch, lit, curvature)
         if sink is not None:
-            sink.add(s, waves[0, s], lit)
+            sink.add(s, psi[0], lit)
         if s > 0:
             propagate(gradient, backward)
     probe_gradient = None
     if want_probe_gradient:
         back = -xp.asarray(shifts_px)
         probe_gradient = xp.stack([fourier_shift(gradient[k], back).sum(axis=0) for k in range(n_modes)])
-    object_gradient, illumination = (None, None) if sink is not None else (waves[0], illumination)
+    object_gradient = None if sink is not None else xp.ascontiguousarray(waves.held[:, 0])
+    illumination = None if sink is not None else illumination
     if curvature is None:
         return BatchGradient(value, object_gradient, illumination, probe_gradient)
     positions = position_gradient(probe[0], shifts_px, gradient[0])

@@ -83,7 +83,7 @@ def _validate(args: argparse.Namespace) -> Any:
                                     probe_modes=args.probe_modes, max_staleness=args.max_staleness,
                                     updates_per_iteration=args.updates_per_iteration,
                                     depth_regularisation=args.depth_regularisation,
-                                    missing_cone=args.missing_cone)
+                                    missing_cone=args.missing_cone, recompute_waves=args.recompute_waves)
     return validate(args.scan, args.out, args.ranks, args.slices, args.slice_thickness_A, args.upsampling,
                     args.precision, args.backend, settings.engine_options(args.mode, args.iterations), args.quiet,
                     probe_refinement_chosen=args.refine_probe is not None)
@@ -159,7 +159,8 @@ def plan(args: argparse.Namespace, argv: list[str]) -> int:
         positions = synthetic_positions(shape, args.positions, window)
         slices = args.slices or 1
     result = plan_memory(shape, np.asarray(positions), args.ranks, slices, window, detector,
-                         args.batch_size, args.precision, args.mode, args.updates_per_iteration, args.probe_modes)
+                         args.batch_size, args.precision, args.mode, args.updates_per_iteration, args.probe_modes,
+                         recompute_waves=args.recompute_waves)
     if args.json:
         print(json.dumps({"object_shape": list(shape), "n_slices": slices, "window_px": window,
                           "detector_px": detector, "ranks": [m.as_dict() for m in result]}, default=list))

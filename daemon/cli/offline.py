@@ -299,7 +299,8 @@ def run_rank(job: ReconstructionJob, comm: Any | None, signals: StopSignals | No
     predicted = rank_memory(domain, job.n_slices, job.window_px, job.metadata.detector_px,
                             job.options.batch_size, job.precision, job.options.mode,
                             job.options.updates_per_iteration, job.options.probe_modes,
-                            total_positions=len(positions), round_slices=rounds).total
+                            total_positions=len(positions), round_slices=rounds,
+                            recompute_waves=job.options.recompute_waves).total
     measured = {"compute_s": report.compute_s, "exchange_wait_s": exchanger.stats.wait_s, "consensus_wait_s": 0.0,
                 "bytes_sent": exchanger.stats.bytes_sent, "staleness_mean": _mean(exchanger.stats.staleness),
                 "staleness_max": max(exchanger.stats.staleness, default=0),
@@ -381,6 +382,7 @@ def _write(job: ReconstructionJob, volume: np.ndarray, probe: np.ndarray, nomina
     attrs["positions_corrected"] = job.options.correct_positions
     attrs["depth_regularisation"] = job.options.depth_regularisation
     attrs["missing_cone"] = job.options.missing_cone
+    attrs["recompute_waves"] = job.options.recompute_waves
     if stopped is not None:
         attrs["stop_signal"] = stopped
     write_result(job.out_path, {"object": volume, "probe": probe, "loss": np.asarray(report.loss_history),

@@ -54,7 +54,7 @@ from ptylive.daemon.engine.tile import TileState, batch_positions
 from ptylive.gpu.backend import get_array_module, to_numpy
 from ptylive.gpu.depth import add_depth_gradient, depth_weight
 from ptylive.gpu.loss import fit_intensity_scale, measured_target
-from ptylive.gpu.multislice import forward, loss_and_gradient
+from ptylive.gpu.multislice import forward, loss_and_gradient, wave_segment_slices
 from ptylive.gpu.patches import SliceWindows, TileSink
 from ptylive.gpu.probe_modes import orthogonalise_modes
 from ptylive.gpu.update import constrain, object_update
@@ -167,6 +167,7 @@ def local_gradient(
     probe_gradient = xp.zeros_like(state.probe) if options.refine_probe else None
     total = subset_total = 0.0
     size = batch_positions(state, options.batch_size)
+    segment = wave_segment_slices(state.volume.shape[0]) if options.recompute_waves else 0
     first = _chunks(members[:n_first], size)
     chunks, n_first_chunks = first + _chunks(members[n_first:], size), len(first)
     for i, b in enumerate(chunks):
@@ -174,7 +175,7 @@ def local_gradient(
                                    SliceWindows(state.volume, state.starts[b], window), state.propagator,
                                    state.targets[b], options.loss, options.refine_probe,
                                    want_position_gradient=positions is not None,
-                                   sink=TileSink(gradient, illumination, state.starts[b]))
+                                   sink=TileSink(gradient, illumination, state.starts[b]), wave_segment=segment)
         if positions is not None:
             positions.gradient[b] = to_numpy(result.position_gradient)
             positions.curvature[b] = to_numpy(result.position_curvature)

@@ -14,11 +14,12 @@ The model counts the arrays the engine allocates (see :mod:`.iteration`, :mod:`.
   each neighbour's latest illumination per mini-batch (and, with several mini-batches, that of the
   blocking first iteration) over the whole depth, and the staged own illumination once over the tile;
 * frames: the rank's measured patterns, real;
-* batch workspace: the stored waves of a batch, ``K·S·B·N²`` complex, with ``B`` from
-  :func:`~.tile.batch_limit` (the workspace shrinks with the tile), a few (B, N, N) and (B, D, D)
+* batch workspace: the stored waves of a batch, ``K·S·B·N²`` complex (with ``recompute_waves``,
+  ``K·(⌈S/g⌉ − 1 + g)·B·N²``, g = ⌈√S⌉: :func:`ptylive.gpu.multislice.held_waves`), with ``B`` from
+  :func:`~.tile.batch_limit` (the workspace shrinks with the tile; the same B either way), a few (B, N, N) and (B, D, D)
   arrays, and one scratch array per planned FFT shape (kept by :mod:`ptylive.gpu.fft`'s plan cache);
   or, where larger, the missing-cone filter's scratch at an iteration's end (:func:`cone_scratch`: it writes into
-  the gradient array, between updates, so the two never coexist).
+  the gradient array, between updates, so the two never coexist; one column block of the slices).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from ptylive.daemon.engine.exchange.sync import common_round_slices
 from ptylive.daemon.engine.options import DEFAULT_UPDATES_PER_ITERATION, EngineOptions
 from ptylive.daemon.engine.tile import batch_limit
 from ptylive.gpu.backend import PRECISIONS
+from ptylive.gpu.multislice import held_waves, wave_segment_slices
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,8 @@ class RankMemory:
 def rank_memory(domain: RankDomain, n_slices: int, window_px: int, detector_px: int,
                 batch_size: int, precision: str, mode: str,
                 updates_per_iteration: int = DEFAULT_UPDATES_PER_ITERATION, probe_modes: int = 1,
-                total_positions: int | None = None, *, round_slices: int) -> RankMemory:
+                total_positions: int | None = None, *, round_slices: int,
+                recompute_waves: bool = False) -> RankMemory:
     """Predict one rank's peak array memory in bytes.
 
     Batches are chunks of at most :func:`~.tile.batch_limit` (``batch_size`` the cap) of the rank's
@@ -106,7 +109,8 @@ def rank_memory(domain: RankDomain, n_slices: int, window_px: int, detector_px: 
     illumination_copies = 2 if (mode == "async" and domain.neighbours) else 1
     window = window_px * window_px
     fft_scratch = sum(chunk_sizes) * probe_modes * window * c + (window * c if batch else 0)
-    waves = probe_modes * n_slices * batch * window * c
+    held = held_waves(n_slices, wave_segment_slices(n_slices)) if recompute_waves else n_slices
+    waves = probe_modes * held * batch * window * c
     # besides the waves: the shifted probe(s), the windows of one slice and the probe gradient's shift, (B, N, N)
     # complex; one slice of illumination and the mode scratch, real; the far field of the unfused losses.
     workspace = waves + (2 + probe_modes) * batch * window * c + 2 * batch * window * r \
@@ -123,25 +127,27 @@ def rank_memory(domain: RankDomain, n_slices: int, window_px: int, detector_px: 
 
 def cone_scratch(n_slices: int, extended_shape: tuple[int, int], complex_itemsize: int) -> int:
     """Bytes the missing-cone correction (:func:`~ptylive.gpu.missing_cone.cone_correction`) allocates besides the
-    gradient array it writes into: two column blocks of the transform along z and about five padded planes of the
-    lateral low-pass (the kernel's few pixels of padding not counted); 0 for one slice."""
+    gradient array it writes into (its transforms run in place there): the log-amplitude and phase of one column
+    block (two reals, one complex's bytes), or, later, the lateral low-pass's padded plane (bounded by two
+    planes); 0 for one slice. Measured with tracemalloc: one block exactly (40 × 253 × 64)."""
     if n_slices < 2:
         return 0
     from ptylive.gpu.missing_cone import COLUMN_CHUNK
 
     height, width = extended_shape
-    return (2 * n_slices * height * min(COLUMN_CHUNK, width) + 5 * height * width) * complex_itemsize
+    return max(n_slices * height * min(COLUMN_CHUNK, width), 2 * height * width) * complex_itemsize
 
 
 def plan_memory(object_shape: tuple[int, int], positions_px: np.ndarray, n_ranks: int, n_slices: int,
                 window_px: int, detector_px: int, batch_size: int = EngineOptions.batch_size, precision: str = "single",
                 mode: str = "sync", updates_per_iteration: int = DEFAULT_UPDATES_PER_ITERATION,
-                probe_modes: int = 1) -> list[RankMemory]:
+                probe_modes: int = 1, recompute_waves: bool = False) -> list[RankMemory]:
     """Predicted memory of every rank of a decomposition."""
     domains = decompose(object_shape, positions_px, window_px, n_ranks)
     rounds = common_round_slices(domains, n_slices, precision)
     return [rank_memory(d, n_slices, window_px, detector_px, batch_size, precision, mode, updates_per_iteration,
-                        probe_modes, total_positions=len(positions_px), round_slices=rounds) for d in domains]
+                        probe_modes, total_positions=len(positions_px), round_slices=rounds,
+                        recompute_waves=recompute_waves) for d in domains]
 
 
 def synthetic_positions(object_shape: tuple[int, int], n_positions: int, window_px: int) -> np.ndarray:

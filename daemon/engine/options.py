@@ -46,6 +46,10 @@ class EngineOptions:
     # Strength s of the missing-cone filter (ptylive.gpu.missing_cone: the cone's edge k_r = s |k_z| / alpha at
     # half weight), applied once per iteration; 0: off. On by default: docs/physics.md, "Missing cone".
     missing_cone: float = 1.0
+    # Recompute each batch's waves ψ_s from every ⌈√S⌉-th slice in the backward pass instead of storing all S
+    # (ptylive.gpu.multislice, "Recomputed waves"): the same batches and results, (⌈S/g⌉ − 1 + g)/S of the
+    # waves' memory (19 of 100 at 100 slices), about 1.5× the slice FFTs. Off by default.
+    recompute_waves: bool = False
 
     def __post_init__(self) -> None:
         if self.iterations < 1:

@@ -294,6 +294,7 @@ class ReconstructionConfig(_Section):
     probe_modes: int = _option(1, ge=1, le=64)
     depth_regularisation: float = _option(0.0, ge=0)
     missing_cone: float = _option(1.0, ge=0)  # strength of the missing-cone filter; 0: off (docs/physics.md)
+    recompute_waves: bool = False  # recompute ψ_s in the backward pass: less memory, ~1.5x slice FFTs
 
     def engine_options(self, mode: Literal["sync", "async"], iterations: int) -> EngineOptions:
         """The engine's iteration settings from this section: the one translation, offline and streaming."""
@@ -302,7 +303,8 @@ class ReconstructionConfig(_Section):
                              refine_probe=self.refine_probe, correct_positions=self.correct_positions,
                              probe_modes=self.probe_modes, max_staleness=self.max_staleness,
                              max_amplitude=self.max_amplitude, updates_per_iteration=self.updates_per_iteration,
-                             depth_regularisation=self.depth_regularisation, missing_cone=self.missing_cone)
+                             depth_regularisation=self.depth_regularisation, missing_cone=self.missing_cone,
+                             recompute_waves=self.recompute_waves)
 
     def __post_init__(self) -> None:
         super().__post_init__()

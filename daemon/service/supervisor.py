@@ -102,7 +102,8 @@ class Admission:
             return str(exc)
         rounds = common_round_slices(geometry.domains, r.n_slices, c.workers.precision)
         plans = [rank_memory(d, r.n_slices, geometry.window_px, geometry.detector_px, r.batch_size,
-                             c.workers.precision, "async", r.updates_per_iteration, r.probe_modes, round_slices=rounds)
+                             c.workers.precision, "async", r.updates_per_iteration, r.probe_modes, round_slices=rounds,
+                             recompute_waves=r.recompute_waves)
                  for d in geometry.domains]
         largest = max(plans, key=lambda m: m.total)
         if largest.total > c.workers.memory_budget_bytes:

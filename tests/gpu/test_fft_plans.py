@@ -30,3 +30,22 @@ def test_the_planner_comes_from_the_environment_and_an_unknown_one_is_refused() 
     assert fft.planner_flags({fft.PLANNER_ENV: "FFTW_ESTIMATE"}) == ("FFTW_ESTIMATE",)
     with pytest.raises(ValueError, match="FFTW_FAST"):
         fft.planner_flags({fft.PLANNER_ENV: "FFTW_FAST"})
+
+
+@pytest.mark.parametrize("dtype, rtol", [(np.complex64, 2e-6), (np.complex128, 1e-13)])
+@pytest.mark.parametrize("axes", [(0,), (0, 1)])
+def test_fft_axes_is_numpys_fft_in_place_on_strided_views(dtype: type, rtol: float, axes: tuple[int, ...]) -> None:
+    """The missing-cone filter's transforms: numpy's unscaled forward and 1/n inverse, written into the given view
+    (a column block of a larger volume); the inverse undoes the forward. Tolerance: FFT rounding, ~eps·log2 n."""
+    rng = np.random.default_rng(3)
+    volume = (rng.standard_normal((12, 20, 30)) + 1j * rng.standard_normal((12, 20, 30))).astype(dtype)
+    original = volume.copy()
+    block = volume[:, :, 8:24]
+    expected = np.fft.fftn(original[:, :, 8:24], axes=axes)
+    assert fft.fft_axes(block, axes) is block
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(block, expected, rtol=0, atol=rtol * scale)
+    assert np.array_equal(volume[:, :, :8], original[:, :, :8]) and np.array_equal(volume[:, :, 24:],
+                                                                                   original[:, :, 24:])
+    fft.fft_axes(block, axes, inverse=True)
+    np.testing.assert_allclose(volume, original, rtol=0, atol=rtol * np.abs(original).max())
