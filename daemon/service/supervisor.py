@@ -101,15 +101,21 @@ class Admission:
         except ValueError as exc:
             return str(exc)
         rounds = common_round_slices(geometry.domains, r.n_slices, c.workers.precision)
-        plans = [rank_memory(d, r.n_slices, geometry.window_px, geometry.detector_px, r.batch_size,
-                             c.workers.precision, "async", r.updates_per_iteration, r.probe_modes, round_slices=rounds,
-                             recompute_waves=r.recompute_waves)
-                 for d in geometry.domains]
-        largest = max(plans, key=lambda m: m.total)
+
+        def largest_plan(recompute_waves: bool) -> Any:
+            return max((rank_memory(d, r.n_slices, geometry.window_px, geometry.detector_px, r.batch_size,
+                                    c.workers.precision, "async", r.updates_per_iteration, r.probe_modes,
+                                    round_slices=rounds, recompute_waves=recompute_waves)
+                        for d in geometry.domains), key=lambda m: m.total)
+
+        largest = largest_plan(r.recompute_waves)
         if largest.total > c.workers.memory_budget_bytes:
+            hint = ""
+            if not r.recompute_waves and (smaller := largest_plan(True).total) < largest.total:
+                hint = f" (with recompute_waves = true: {smaller / 2**30:.2f} GiB)"
             return (f"series {start.series_id!r} needs {largest.total / 2**30:.2f} GiB on worker {largest.rank} "
                     f"(object {largest.extended_shape} px × {r.n_slices} slices, {largest.n_positions} frames); "
-                    f"the budget is {c.workers.memory_budget_bytes / 2**30:.2f} GiB per worker")
+                    f"the budget is {c.workers.memory_budget_bytes / 2**30:.2f} GiB per worker{hint}")
         with self._lock:
             self._series[start.series_id] = (start, geometry)
             while len(self._series) > self.capacity:  # bounded: no dict keyed by client input grows for ever

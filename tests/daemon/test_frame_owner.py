@@ -197,3 +197,29 @@ def test_a_header_position_reaches_the_running_tile_and_its_correction(geometry:
     state.starts[row] += 1  # position correction moved the window: a later pass must not take it back
     take_new_windows(run, usable)
     np.testing.assert_array_equal(state.starts[row], store.starts[row] + 1)
+
+
+def test_a_start_over_the_budget_is_told_what_recomputed_waves_would_need_and_admitted_with_them(
+        tmp_path: Path) -> None:
+    """A 40-slice series between its two plans (stored waves, recomputed waves): the refusal gives the need with
+    ``recompute_waves = true`` too, and the same start asking for it in its overrides is admitted."""
+    import dataclasses
+
+    from ptylive.daemon.engine.exchange.sync import common_round_slices
+    from ptylive.daemon.engine.memory_plan import rank_memory
+
+    deep = ReconstructionConfig(n_slices=40, slice_thickness_A=1.0)
+    config = loopback_config(tmp_path, 2, deep)
+    start = dataclasses.replace(START, scan_shape=(16, 16), detector_shape=(64, 64))
+    geometry = series_geometry(start, 2, 1)
+    rounds = common_round_slices(geometry.domains, 40, "single")
+    stored, recomputed = (max(rank_memory(d, 40, geometry.window_px, geometry.detector_px, deep.batch_size, "single",
+                                          "async", deep.updates_per_iteration, 1, round_slices=rounds,
+                                          recompute_waves=recompute).total for d in geometry.domains)
+                          for recompute in (False, True))
+    assert recomputed < 0.8 * stored  # the waves are most of it
+    workers = dataclasses.replace(config.workers, memory_budget_bytes=(stored + recomputed) // 2)
+    admission = Admission(dataclasses.replace(config, workers=workers))
+    refusal = admission(dataclasses.replace(start, series_id="stored"))
+    assert refusal is not None and f"(with recompute_waves = true: {recomputed / 2**30:.2f} GiB)" in refusal
+    assert admission(dataclasses.replace(start, series_id="recomputed", overrides={"recompute_waves": True})) is None
