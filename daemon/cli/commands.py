@@ -160,7 +160,7 @@ def plan(args: argparse.Namespace, argv: list[str]) -> int:
         slices = args.slices or 1
     result = plan_memory(shape, np.asarray(positions), args.ranks, slices, window, detector,
                          args.batch_size, args.precision, args.mode, args.updates_per_iteration, args.probe_modes,
-                         recompute_waves=args.recompute_waves)
+                         recompute_waves=args.recompute_waves, missing_cone=args.missing_cone > 0)
     if args.json:
         print(json.dumps({"object_shape": list(shape), "n_slices": slices, "window_px": window,
                           "detector_px": detector, "ranks": [m.as_dict() for m in result]}, default=list))

@@ -139,6 +139,9 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
                    help=f"global mini-batches per iteration (default: {DEFAULT_UPDATES_PER_ITERATION})")
     p.add_argument("--probe-modes", type=int, default=1,
                    help="incoherent probe modes K; each stores its own waves (default: %(default)s)")
+    p.add_argument("--missing-cone", type=float, default=1.0, metavar="S",
+                   help="plan for reconstruct --missing-cone S: 0 leaves the filter's scratch out (default: "
+                        "%(default)s, on)")
     p.add_argument("--recompute-waves", action="store_true",
                    help="plan for reconstruct --recompute-waves: a batch holds ceil(S/g) - 1 + g of its S slice "
                         "waves, g = ceil(sqrt(S))")

@@ -300,7 +300,8 @@ def run_rank(job: ReconstructionJob, comm: Any | None, signals: StopSignals | No
                             job.options.batch_size, job.precision, job.options.mode,
                             job.options.updates_per_iteration, job.options.probe_modes,
                             total_positions=len(positions), round_slices=rounds,
-                            recompute_waves=job.options.recompute_waves).total
+                            recompute_waves=job.options.recompute_waves,
+                            missing_cone=job.options.missing_cone > 0).total
     measured = {"compute_s": report.compute_s, "exchange_wait_s": exchanger.stats.wait_s, "consensus_wait_s": 0.0,
                 "bytes_sent": exchanger.stats.bytes_sent, "staleness_mean": _mean(exchanger.stats.staleness),
                 "staleness_max": max(exchanger.stats.staleness, default=0),

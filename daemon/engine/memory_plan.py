@@ -68,7 +68,7 @@ def rank_memory(domain: RankDomain, n_slices: int, window_px: int, detector_px: 
                 batch_size: int, precision: str, mode: str,
                 updates_per_iteration: int = DEFAULT_UPDATES_PER_ITERATION, probe_modes: int = 1,
                 total_positions: int | None = None, *, round_slices: int,
-                recompute_waves: bool = False) -> RankMemory:
+                recompute_waves: bool = False, missing_cone: bool = True) -> RankMemory:
     """Predict one rank's peak array memory in bytes.
 
     Batches are chunks of at most :func:`~.tile.batch_limit` (``batch_size`` the cap) of the rank's
@@ -77,7 +77,8 @@ def rank_memory(domain: RankDomain, n_slices: int, window_px: int, detector_px: 
     (``total_positions`` of the scan give it), async runs by the rank's own members (also the fallback
     when ``total_positions`` is None). A rank with no positions holds its tile and buffers only.
     ``round_slices``: the exchange's slices per round, :func:`~.exchange.sync.common_round_slices` of the
-    whole decomposition (:func:`plan_memory` computes it).
+    whole decomposition (:func:`plan_memory` computes it). ``missing_cone``: whether the filter runs (its scratch is
+    counted only then).
     """
     real_t, complex_t = (np.dtype(t) for t in PRECISIONS[precision])
     r, c = real_t.itemsize, complex_t.itemsize
@@ -115,7 +116,7 @@ def rank_memory(domain: RankDomain, n_slices: int, window_px: int, detector_px: 
     # complex; one slice of illumination and the mode scratch, real; the far field of the unfused losses.
     workspace = waves + (2 + probe_modes) * batch * window * c + 2 * batch * window * r \
         + batch * detector_px**2 * c + fft_scratch
-    field = field_in_tile(domain)  # the filter works within the field of view only (a bound on its crop)
+    field = field_in_tile(domain) if missing_cone else None  # the filter works within the field of view only
     workspace = max(workspace, cone_scratch(n_slices, field.shape, c) if field is not None else 0)
     return RankMemory(
         rank=domain.rank, extended_shape=domain.extended.shape, n_positions=len(domain.positions),
@@ -141,13 +142,13 @@ def cone_scratch(n_slices: int, extended_shape: tuple[int, int], complex_itemsiz
 def plan_memory(object_shape: tuple[int, int], positions_px: np.ndarray, n_ranks: int, n_slices: int,
                 window_px: int, detector_px: int, batch_size: int = EngineOptions.batch_size, precision: str = "single",
                 mode: str = "sync", updates_per_iteration: int = DEFAULT_UPDATES_PER_ITERATION,
-                probe_modes: int = 1, recompute_waves: bool = False) -> list[RankMemory]:
+                probe_modes: int = 1, recompute_waves: bool = False, missing_cone: bool = True) -> list[RankMemory]:
     """Predicted memory of every rank of a decomposition."""
     domains = decompose(object_shape, positions_px, window_px, n_ranks)
     rounds = common_round_slices(domains, n_slices, precision)
     return [rank_memory(d, n_slices, window_px, detector_px, batch_size, precision, mode, updates_per_iteration,
                         probe_modes, total_positions=len(positions_px), round_slices=rounds,
-                        recompute_waves=recompute_waves) for d in domains]
+                        recompute_waves=recompute_waves, missing_cone=missing_cone) for d in domains]
 
 
 def synthetic_positions(object_shape: tuple[int, int], n_positions: int, window_px: int) -> np.ndarray:

@@ -105,7 +105,8 @@ class Admission:
         def largest_plan(recompute_waves: bool) -> Any:
             return max((rank_memory(d, r.n_slices, geometry.window_px, geometry.detector_px, r.batch_size,
                                     c.workers.precision, "async", r.updates_per_iteration, r.probe_modes,
-                                    round_slices=rounds, recompute_waves=recompute_waves)
+                                    round_slices=rounds, recompute_waves=recompute_waves,
+                                    missing_cone=r.missing_cone > 0)
                         for d in geometry.domains), key=lambda m: m.total)
 
         largest = largest_plan(r.recompute_waves)

@@ -52,3 +52,17 @@ def test_object_and_gradient_per_rank_shrink_below_40_percent_at_4_ranks() -> No
     one = plan_memory(shape, positions, 1, 4, window, window)[0]
     for rank in plan_memory(shape, positions, 4, 4, window, window):
         assert (rank.object + rank.gradient) < 0.4 * (one.object + one.gradient)
+
+
+def test_the_plan_counts_the_missing_cone_scratch_only_where_the_filter_runs() -> None:
+    """64 slices, one position per batch with recomputed waves: the filter's column block (64 × 256 × 64
+    complex64, 8 MiB) is the workspace with the filter and absent without it."""
+    window = 64
+    shape = (4 * window, 4 * window + 16)
+    positions = synthetic_positions(shape, 100, window)
+    args = (shape, positions, 1, 64, window, window, 1)
+    on = plan_memory(*args, recompute_waves=True)[0]
+    off = plan_memory(*args, recompute_waves=True, missing_cone=False)[0]
+    assert on.batch_workspace == 64 * shape[0] * 64 * 8
+    assert off.batch_workspace < 0.5 * on.batch_workspace
+    assert off.total == on.total - (on.batch_workspace - off.batch_workspace)
