@@ -90,7 +90,7 @@ def relaunch(n_ranks: int, argv: list[str], module: str = "ptylive.daemon.cli.ma
     added; return its exit code. A rank that dies is logged (rank, PID, signal) the moment its guard reports it,
     within ``poll_s``."""
     command = mpiexec_command(n_ranks, argv, module, hostfile)
-    reports = Path(tempfile.mkdtemp(prefix="ptylive-ranks-", dir=os.environ.get("RUNTIME_DIRECTORY") or None))
+    reports = Path(tempfile.mkdtemp(prefix="rank-reports-", dir=os.environ.get("RUNTIME_DIRECTORY") or None))
     env = {**os.environ, **(env or {}), REPORTS_ENV: str(reports)}
     # One compute thread per rank: ranks carry the parallelism (docs/architecture.md, performance notes).
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):

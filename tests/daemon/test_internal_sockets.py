@@ -132,3 +132,4 @@ def test_serve_binds_workers_in_the_runtime_folder_and_publishes_no_internal_end
         assert stat.S_IMODE(os.stat(process.ready_file).st_mode) == 0o600
         assert process.stop() == 0
     assert not private.exists()
+    assert not list(runtime_folder.iterdir())  # the launcher's rank-reports folder is gone too
