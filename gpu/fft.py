@@ -72,9 +72,13 @@ def _plans(shape: tuple[int, ...], dtype: np.dtype) -> tuple[Any, Any, Any]:
     return entry
 
 
-def _cpu_inplace(x: np.ndarray, direction: str, normalise: bool) -> np.ndarray:
+def _require_fftw_dtype(x: np.ndarray) -> None:
     if pyfftw is None or x.dtype not in (np.complex64, np.complex128):
         raise TypeError(f"FFT needs a complex64/complex128 array, got {x.dtype}")
+
+
+def _cpu_inplace(x: np.ndarray, direction: str, normalise: bool) -> np.ndarray:
+    _require_fftw_dtype(x)
     target = x if is_aligned(x) else pyfftw.byte_align(np.ascontiguousarray(x))
     forward, backward, scratch = _plans(target.shape, target.dtype)
     plan = forward if direction == "FFTW_FORWARD" else backward
@@ -132,8 +136,7 @@ def fft_axes(x: Any, axes: tuple[int, ...], inverse: bool = False) -> Any:
     """
     xp = get_array_module(x)
     if xp is np:
-        if pyfftw is None or x.dtype not in (np.complex64, np.complex128):
-            raise TypeError(f"FFT needs a complex64/complex128 array, got {x.dtype}")
+        _require_fftw_dtype(x)
         direction = "FFTW_BACKWARD" if inverse else "FFTW_FORWARD"
         pyfftw.FFTW(x, x, axes=axes, direction=direction, flags=("FFTW_ESTIMATE",), threads=1).execute()
         if inverse:

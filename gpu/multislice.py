@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from types import ModuleType
 from typing import Any
 
@@ -153,10 +154,9 @@ class _Waves:
     def __init__(self, xp: ModuleType, n_slices: int, wave_segment: int, wave_shape: tuple[int, ...],
                  dtype: Any) -> None:
         self.segment = wave_segment if 0 < wave_segment < n_slices else n_slices
-        self.n_slices = n_slices
         self.held_from = (n_slices - 1) // self.segment * self.segment  # the slices held now: held_from …
         self.held = empty_aligned(xp, (self.segment, *wave_shape), dtype)
-        n_marks = -(-n_slices // self.segment) - 1  # ψ at the start of every segment but the last
+        n_marks = held_waves(n_slices, self.segment) - self.segment  # ψ at the start of every segment but the last
         self.marks = empty_aligned(xp, (n_marks, *wave_shape), dtype) if n_marks else None
 
     def slot(self, s: int) -> Any:
@@ -173,6 +173,23 @@ class _Waves:
             self.held_from = s // self.segment * self.segment
             rewave(self.marks[s // self.segment], range(self.held_from, self.held_from + self.segment), self.held)
         return self.held[s - self.held_from]
+
+
+def _transmit_modes(wave: Any, patch: Any, stored: Any) -> None:
+    """:func:`~ptylive.gpu.fused.transmit` of one wave (B, N, N), or of each mode of (K, B, N, N)."""
+    if wave.ndim == patch.ndim:
+        transmit(wave, patch, stored)
+        return
+    for k in range(wave.shape[0]):
+        transmit(wave[k], patch, stored[k])
+
+
+def _rewave(patches: Any, propagator: Any, wave: Any, slices: range, out: Any) -> None:
+    """ψ_s of one segment again, from ``wave`` = ψ at its first slice (overwritten): into ``out[0 …]``."""
+    for i, s in enumerate(slices):
+        _transmit_modes(wave, patches[s], out[i])
+        if i < len(slices) - 1:
+            propagate(wave, propagator)
 
 
 def loss_and_gradient(
@@ -212,6 +229,8 @@ def loss_and_gradient(
         ``probe_gradient`` has the probe's shape.
     """
     _check_probe(probe)
+    if sink is None and 0 < wave_segment < patches.shape[0]:
+        raise ValueError("recomputed waves (wave_segment) need a sink: the stored waves are the returned gradient")
     if probe.ndim == 3 and probe.shape[0] == 1:  # one mode: the one-probe path, the mode axis kept
         result = loss_and_gradient(probe[0], shifts_px, patches, propagator, measured, loss, want_probe_gradient,
                                    want_position_gradient, sink, wave_segment)
@@ -223,18 +242,10 @@ def loss_and_gradient(
                                         want_position_gradient, sink, wave_segment)
     xp = get_array_module(probe)
     n_slices, batch, n, _ = patches.shape
-    if sink is None and 0 < wave_segment < n_slices:
-        raise ValueError("recomputed waves (wave_segment) need a sink: the stored waves are the returned gradient")
     waves = _Waves(xp, n_slices, wave_segment, patches.shape[1:], patches.dtype)  # ψ_s, later the gradients
     illumination = _illumination_out(xp, patches, sink)
     curvature = xp.zeros((batch, 2), dtype=np.float64) if want_position_gradient else None
-
-    def rewave(wave: Any, slices: range, out: Any) -> None:  # ψ_s of a segment again, from its first
-        for i, s in enumerate(slices):
-            transmit(wave, patches[s], out[i])
-            if i < len(slices) - 1:
-                propagate(wave, propagator)
-
+    rewave = partial(_rewave, patches, propagator)
     wave = fourier_shift(probe, shifts_px)
     for s in range(n_slices):
         transmit(wave, patches[s], waves.slot(s))  # ψ_s kept (or scratch); wave = φ_s
@@ -287,22 +298,11 @@ def _loss_and_gradient_modes(
     xp = get_array_module(probe)
     n_slices, batch, n, _ = patches.shape
     n_modes = probe.shape[0]
-    if sink is None and 0 < wave_segment < n_slices:
-        raise ValueError("recomputed waves (wave_segment) need a sink: the stored waves are the returned gradient")
     waves = _Waves(xp, n_slices, wave_segment, (n_modes, *patches.shape[1:]), patches.dtype)  # later the gradients
-
-    def rewave(wave: Any, slices: range, out: Any) -> None:
-        for i, s in enumerate(slices):
-            for k in range(n_modes):
-                transmit(wave[k], patches[s], out[i, k])
-            if i < len(slices) - 1:
-                propagate(wave, propagator)
-
+    rewave = partial(_rewave, patches, propagator)
     wave = shifted_modes(probe, shifts_px)
     for s in range(n_slices):
-        slot = waves.slot(s)
-        for k in range(n_modes):
-            transmit(wave[k], patches[s], slot[k])
+        _transmit_modes(wave, patches[s], waves.slot(s))
         if s < n_slices - 1:
             propagate(wave, propagator)
     value, field_gradient = loss_function(loss)(farfield(wave, measured.shape[-1]), measured)

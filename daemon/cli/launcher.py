@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ptylive.daemon.cli.rank_guard import REPORTS_ENV, read_reports
+from ptylive.daemon.cli.rank_guard import REPORTS_ENV, die_with_parent, read_reports
 from ptylive.daemon.service.notify import notify
 
 logger = logging.getLogger(__name__)
@@ -49,18 +49,10 @@ def find_mpiexec() -> str:
     return found
 
 
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
 def _terminate_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the parent dies (Linux ``prctl``), so that a launcher killed with
-    SIGKILL does not leave mpiexec and its ranks running with their ports bound. A no-op elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    """In the child, before exec: SIGTERM when the parent dies, so that a launcher killed with SIGKILL does not
+    leave mpiexec and its ranks running with their ports bound (Linux; a no-op elsewhere)."""
+    die_with_parent(signal.SIGTERM)
 
 
 def mpiexec_command(n_ranks: int, argv: list[str], module: str, hostfile: Path | None = None) -> list[str]:

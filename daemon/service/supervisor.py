@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from ptylive.daemon.engine.exchange.sync import common_round_slices
 from ptylive.daemon.engine.geometry import SeriesGeometry, series_geometry
-from ptylive.daemon.engine.memory_plan import rank_memory
+from ptylive.daemon.engine.memory_plan import RankMemory, rank_memory
 from ptylive.daemon.http.access import ControlAccess
 from ptylive.daemon.http.server import Providers, StatusServer
 from ptylive.daemon.service.checkpoints import CheckpointFolder, checkpoint_status, state_folder
@@ -102,7 +102,7 @@ class Admission:
             return str(exc)
         rounds = common_round_slices(geometry.domains, r.n_slices, c.workers.precision)
 
-        def largest_plan(recompute_waves: bool) -> Any:
+        def largest_plan(recompute_waves: bool) -> RankMemory:
             return max((rank_memory(d, r.n_slices, geometry.window_px, geometry.detector_px, r.batch_size,
                                     c.workers.precision, "async", r.updates_per_iteration, r.probe_modes,
                                     round_slices=rounds, recompute_waves=recompute_waves,

@@ -16,6 +16,7 @@ import pytest
 
 from ptylive.daemon.cli import launcher
 from ptylive.daemon.cli.rank_guard import REPORTS_ENV, Death, read_reports
+from ptylive.daemon.service.roster import process_alive
 
 GUARD = [sys.executable, "-P", "-m", "ptylive.daemon.cli.rank_guard"]
 
@@ -76,7 +77,7 @@ def test_a_guard_killed_with_sigkill_takes_its_rank_along(tmp_path: Path) -> Non
     process.kill()
     process.communicate(timeout=30)
     deadline = time.monotonic() + 30
-    while Path(f"/proc/{rank}").exists() and Path(f"/proc/{rank}/stat").read_text().split(")")[-1].split()[0] != "Z":
+    while process_alive(rank):
         assert time.monotonic() < deadline, "the rank outlived its guard"
         time.sleep(0.05)
 
